@@ -1,0 +1,5 @@
+import sys
+
+from fedleak.cli import main
+
+sys.exit(main())

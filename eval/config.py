@@ -1,0 +1,228 @@
+"""The run configuration: a TOML file checked up front, so nothing runs on an invalid config.
+
+Every error is one line naming the file, the key and the fix. Tables map onto the settings
+dataclasses of the backbone (whose `__post_init__` checks values); `[matrix]` lists defenses and
+attacks, each a registered name or an inline table `{name = "...", param = value}`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedleak.federated.adapters import LoraSettings
+from fedleak.federated.datasource import DataSettings
+from fedleak.federated.errors import FedleakError
+from fedleak.federated.fedit import FederationSettings
+from fedleak.federated.model import EmbeddedModelConfig
+from fedleak.federated.registry import did_you_mean
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    name: str = "embedded"  # "embedded", a Hugging Face model id, or a local folder
+    allow_download: bool = False  # offline unless asked: hub downloads fail on air-gapped machines
+    embedded: EmbeddedModelConfig = field(default_factory=EmbeddedModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+    def __post_init__(self):
+        if not self.name:
+            raise FedleakError("model.name is empty: use 'embedded', a Hugging Face id or a local folder")
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """A registered component and its keyword arguments, as written in the matrix."""
+
+    name: str
+    params: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.params)
+
+    @property
+    def label(self) -> str:
+        if not self.params:
+            return self.name
+        return self.name + "(" + ",".join(f"{k}={v}" for k, v in self.params) + ")"
+
+
+@dataclass(frozen=True)
+class MatrixSettings:
+    defenses: tuple[ComponentSpec, ...] = (ComponentSpec("none"),)
+    attacks: tuple[ComponentSpec, ...] = (ComponentSpec("loss"),)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int = 0
+    out: str = ""  # output folder; `fedleak run --out` overrides; relative to the working directory
+    model: ModelSettings = field(default_factory=ModelSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    federation: FederationSettings = field(default_factory=FederationSettings)
+    matrix: MatrixSettings = field(default_factory=MatrixSettings)
+
+    def to_dict(self) -> dict:
+        return _plain(self)
+
+    def hash(self, *parts: str) -> str:
+        """sha256 of the named top-level parts (all if none): what produced a checkpoint."""
+        d = self.to_dict()
+        chosen = {k: d[k] for k in parts} if parts else d
+        return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _plain(obj):
+    if isinstance(obj, ComponentSpec):
+        return {"name": obj.name, **obj.kwargs}
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
+
+
+def _describe(value) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "text", list: "a list",
+            dict: "a table"}.get(type(value), type(value).__name__)
+
+
+def _expected(annotation) -> str:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_expected(a) for a in typing.get_args(annotation))
+    if origin is tuple:
+        return f"a list of {_expected(typing.get_args(annotation)[0])}"
+    return _TYPE_WORDS.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _coerce(value, annotation, key: str, where: str):
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(annotation):
+            try:
+                return _coerce(value, option, key, where)
+            except _Mismatch:
+                continue
+        raise _Mismatch
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise _Mismatch
+        item = typing.get_args(annotation)[0]
+        return tuple(_checked(v, item, f"{key}[{i}]", where) for i, v in enumerate(value))
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise _Mismatch
+        return _build(annotation, value, key, where)
+    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if annotation is int and isinstance(value, bool):
+        raise _Mismatch
+    if isinstance(value, annotation):
+        return value
+    raise _Mismatch
+
+
+def _checked(value, annotation, key: str, where: str):
+    try:
+        return _coerce(value, annotation, key, where)
+    except _Mismatch:
+        raise FedleakError(f"{where}: {key} = {value!r} is {_describe(value)}, expected {_expected(annotation)}") from None
+
+
+def _build(cls, table: dict, prefix: str, where: str):
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls) if f.init]
+    kwargs = {}
+    for key, value in table.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in known:
+            raise FedleakError(f"{where}: unknown key {full!r}: {did_you_mean(key, known)}"
+                               f"known keys{' in [' + prefix + ']' if prefix else ''}: {', '.join(known)}")
+        if cls is MatrixSettings:
+            kwargs[key] = _components(value, full, where, kind=key)
+        else:
+            kwargs[key] = _checked(value, hints[key], full, where)
+    try:
+        return cls(**kwargs)
+    except FedleakError as exc:
+        raise FedleakError(f"{where}: {exc}") from None
+
+
+def _components(value, key: str, where: str, *, kind: str) -> tuple[ComponentSpec, ...]:
+    from fedleak.attacks.base import ATTACKS
+    from fedleak.defenses.base import DEFENSES
+
+    registry = DEFENSES if kind == "defenses" else ATTACKS
+    if not isinstance(value, list) or not value:
+        raise FedleakError(f"{where}: {key} must be a non-empty list of names or {{name = ...}} tables")
+    specs = []
+    for i, entry in enumerate(value):
+        item = f"{key}[{i}]"
+        if isinstance(entry, str):
+            entry = {"name": entry}
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise FedleakError(f"{where}: {item} = {entry!r}: give a name or a table with a 'name' key")
+        params = {k: v for k, v in entry.items() if k != "name"}
+        try:
+            cls = registry.get(entry["name"])
+        except FedleakError as exc:
+            raise FedleakError(f"{where}: {item}: {exc}") from None
+        instantiate(cls, params, f"{where}: {item}")
+        spec = ComponentSpec(entry["name"], tuple(sorted(params.items())))
+        if spec in specs:
+            raise FedleakError(f"{where}: {item}: {spec.label} is listed twice: remove one")
+        specs.append(spec)
+    return tuple(specs)
+
+
+def instantiate(cls, params: dict, where: str):
+    """Build a component, turning a wrong keyword into a one-line error that lists the right ones."""
+    accepted = [p.name for p in inspect.signature(cls.__init__).parameters.values()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    for key in params:
+        if key not in accepted:
+            raise FedleakError(f"{where}: {cls.name} has no parameter {key!r}: {did_you_mean(key, accepted)}"
+                               f"its parameters: {', '.join(accepted) or 'none'}")
+    try:
+        return cls(**params)
+    except FedleakError as exc:
+        raise FedleakError(f"{where}: {exc}") from None
+    except TypeError as exc:
+        raise FedleakError(f"{where}: {cls.name}: {exc}") from None
+
+
+def parse_config(table: dict, where: str = "<config>") -> RunConfig:
+    return _build(RunConfig, table, "", where)
+
+
+def load_config(path: str | Path) -> RunConfig:
+    path = Path(path)
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FedleakError(f"{path}: config file not found: give the path of a TOML file such as configs/quick.toml") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise FedleakError(f"{path}: invalid TOML ({exc}): fix the syntax") from None
+    return parse_config(table, str(path))

@@ -1,0 +1,83 @@
+"""The results file: one typed schema for every run (provenance, trainings, cells).
+
+`results.json` holds the config, fedleak and library versions, the git commit, the seed, one record
+per training (utility, timings, per-round history) and one record per attack cell (metrics, ROC
+points, timings). `results.csv` flattens the cells for pandas and spreadsheets.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+from fedleak.federated.io import atomic_write_json, atomic_write_text
+
+SCHEMA = "fedleak-results/1"
+LIBRARIES = ("torch", "transformers", "tokenizers", "peft", "safetensors", "numpy", "scikit-learn", "matplotlib")
+CELL_KEYS = ("algorithm", "defense", "attack", "family", "observer", "client", "round", "seed",
+             "n_members", "n_nonmembers")
+
+
+def library_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in ("fedleak", *LIBRARIES):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_commit(path: Path = Path(__file__).resolve().parent) -> str | None:
+    """HEAD of the checkout fedleak runs from, with '-dirty' if it has uncommitted changes."""
+    try:
+        head = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("-dirty" if dirty else "")
+
+
+def _finite(obj):
+    """NaN/inf become null so results.json stays strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def metric_names(cells: list[dict]) -> list[str]:
+    names: list[str] = []
+    for cell in cells:
+        names += [m for m in cell["metrics"] if m not in names]
+    return names
+
+
+def cells_csv(cells: list[dict]) -> str:
+    metrics = metric_names(cells)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([*CELL_KEYS, *metrics, "attack_seconds"])
+    for cell in cells:
+        writer.writerow([("" if cell.get(k) is None else cell.get(k)) for k in CELL_KEYS]
+                        + [("" if cell["metrics"].get(m) is None else cell["metrics"][m]) for m in metrics]
+                        + [cell["timings"]["attack_seconds"]])
+    return buffer.getvalue()
+
+
+def write_results(out_dir: Path, results: dict) -> Path:
+    results = _finite(results)
+    out_dir = Path(out_dir)
+    atomic_write_text(out_dir / "results.csv", cells_csv(results["cells"]))
+    atomic_write_json(out_dir / "results.json", results)
+    return out_dir / "results.json"

@@ -1,0 +1,64 @@
+"""The places where a defense (or a malicious client) plugs into federated training.
+
+Each hook is the identity by default, so a component overrides only what it changes:
+client-side training (DP-SGD swaps the optimiser loop), the updates the server receives
+(clipping, poisoning), the aggregation rule (robust rules), and the aggregated model (server noise).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from fedleak.federated.adapters import AdapterState
+from fedleak.federated.aggregation import fedavg
+from fedleak.federated.training import Example, TrainSettings, train_adapter
+
+
+@dataclass
+class ClientJob:
+    """One client's local training in one round; `run()` is the plain (non-private) loop."""
+
+    client: int
+    round: int
+    model: torch.nn.Module
+    examples: Sequence[Example]
+    settings: TrainSettings
+    pad_id: int
+    generator: torch.Generator
+
+    def run(self) -> dict:
+        return train_adapter(self.model, self.examples, self.settings, pad_id=self.pad_id, generator=self.generator)
+
+
+@dataclass
+class ClientUpdate:
+    client: int
+    state: AdapterState
+    num_examples: int
+
+
+@dataclass
+class RoundInfo:
+    round: int
+    clients: list[int]
+    num_clients_total: int
+    generator: torch.Generator  # seeded per round: server-side randomness (noise) draws from it
+    metrics: dict = field(default_factory=dict)  # hooks record per-round facts here (epsilon, exclusions)
+
+
+class TrainingHooks:
+    def train_client(self, job: ClientJob) -> dict:
+        return job.run()
+
+    def before_aggregation(self, updates: list[ClientUpdate], *, global_state: AdapterState,
+                           info: RoundInfo) -> list[ClientUpdate]:
+        return updates
+
+    def aggregate(self, updates: list[ClientUpdate], *, info: RoundInfo) -> AdapterState:
+        return fedavg([(u.state, u.num_examples) for u in updates])
+
+    def after_aggregation(self, state: AdapterState, *, previous: AdapterState, info: RoundInfo) -> AdapterState:
+        return state

@@ -1,0 +1,180 @@
+"""Base models: the embedded tiny Llama built offline, or any Hugging Face id or local path.
+
+The embedded model is a byte-level BPE tokenizer (trained with `tokenizers`) and a small
+`LlamaConfig` model pretrained on the generator's public corpus (no patient identifiers). LoRA on
+a randomly initialised base learns nothing useful, hence the pretraining. The build is
+deterministic and cached under `FEDLEAK_CACHE` (default ~/.cache/fedleak) in a folder named by a
+hash of its settings, so later runs load it in well under a second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fedleak.federated.errors import FedleakError
+
+log = logging.getLogger(__name__)
+
+# Bump when the build procedure changes, so old caches are not reused.
+EMBEDDED_BUILD_VERSION = 1
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
+
+
+@dataclass(frozen=True)
+class EmbeddedModelConfig:
+    vocab_size: int = 2000
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 512
+    max_length: int = 256
+    public_records: int = 6000
+    pretrain_steps: int = 1000
+    pretrain_batch_size: int = 16
+    pretrain_seq_len: int = 128
+    pretrain_lr: float = 2e-3
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                     "max_length", "public_records", "pretrain_steps", "pretrain_batch_size",
+                     "pretrain_seq_len"):
+            if getattr(self, name) < 1:
+                raise FedleakError(f"model.embedded.{name} = {getattr(self, name)}: must be a positive integer")
+        if self.hidden_size % self.num_heads:
+            raise FedleakError(f"model.embedded.hidden_size = {self.hidden_size} is not divisible by "
+                               f"num_heads = {self.num_heads}: pick sizes that divide")
+        if not self.pretrain_lr > 0:
+            raise FedleakError(f"model.embedded.pretrain_lr = {self.pretrain_lr}: must be > 0")
+
+    def cache_key(self, corpus: list[str]) -> str:
+        """Settings, build version and the corpus itself: a generator change also rebuilds."""
+        h = hashlib.sha256(json.dumps({"build": EMBEDDED_BUILD_VERSION, **dataclasses.asdict(self)},
+                                      sort_keys=True).encode())
+        for text in corpus:
+            h.update(text.encode())
+        return h.hexdigest()[:16]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FEDLEAK_CACHE") or Path.home() / ".cache" / "fedleak")
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    # Digits one by one (as Llama does): every digit of an identifier or canary is its own token.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", model_max_length=100_000)
+
+
+def _pretrain_texts(cfg: EmbeddedModelConfig) -> list[str]:
+    from fedleak.federated.data import generate_records
+    from fedleak.federated.prompts import format_prompt
+
+    records = generate_records(cfg.public_records, seed=cfg.seed, purpose="public", private=False)
+    return [format_prompt(r.instruction, r.input) + r.output for r in records]
+
+
+def _pretrain(model, tokenizer, texts: list[str], cfg: EmbeddedModelConfig) -> float:
+    """Full fine-tune on packed blocks of the public corpus; returns the last 50 steps' mean loss."""
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text)["input_ids"] + [tokenizer.eos_token_id])
+    blocks = torch.tensor(ids[: len(ids) // cfg.pretrain_seq_len * cfg.pretrain_seq_len]).view(-1, cfg.pretrain_seq_len)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.pretrain_lr, total_steps=cfg.pretrain_steps,
+                                                pct_start=0.05)
+    model.train()
+    losses = []
+    for _ in range(cfg.pretrain_steps):
+        batch = blocks[torch.randint(len(blocks), (cfg.pretrain_batch_size,), generator=gen)]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.eval()
+    return float(sum(losses[-50:]) / len(losses[-50:]))
+
+
+def build_embedded(cfg: EmbeddedModelConfig, *, cache_dir: Path | None = None) -> Path:
+    """Return the folder of the embedded model for `cfg`, building it once if missing."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    texts = _pretrain_texts(cfg)
+    target = (cache_dir or cache_root()) / f"embedded-{cfg.cache_key(texts)}"
+    if (target / "fedleak_build.json").exists():
+        return target
+    log.info("building the embedded model once (about 1-2 minutes on 2 cores), cached at %s", target)
+    start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    tokenizer = train_tokenizer(texts, cfg.vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.max_length,
+        tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id)
+    model = LlamaForCausalLM(config)
+    final_loss = _pretrain(model, tokenizer, texts, cfg)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        info = {"settings": dataclasses.asdict(cfg), "build_version": EMBEDDED_BUILD_VERSION,
+                "parameters": sum(p.numel() for p in model.parameters()), "vocab": len(tokenizer),
+                "pretrain_final_loss": final_loss, "build_seconds": time.perf_counter() - start}
+        (tmp / "fedleak_build.json").write_text(json.dumps(info, indent=2))
+        try:
+            tmp.rename(target)  # atomic: a half-built model is never seen under the final name
+        except OSError:
+            if not (target / "fedleak_build.json").exists():  # lost a race to another builder
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("embedded model built in %.0f s (final pretraining loss %.3f)", info["build_seconds"], final_loss)
+    return target
+
+
+def load_base_model(name_or_path: str | os.PathLike, *, allow_download: bool = False):
+    """Load (model, tokenizer) in fp32 eval mode from a local folder or, if allowed, the Hub."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local_only = not allow_download
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), local_files_only=local_only)
+        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), local_files_only=local_only,
+                                                     dtype=torch.float32)
+    except OSError as exc:
+        hint = ("set model.allow_download = true to fetch it" if local_only
+                else "check the model id and your network")
+        raise FedleakError(f"model.name = {str(name_or_path)!r} could not be loaded ({str(exc).splitlines()[0]}): "
+                           f"give a local model folder or {hint}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,71 @@
+"""Name -> component registries (attacks, defenses, ...): duplicates refused, typos answered."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from typing import Callable, Generic, Iterable, TypeVar
+
+from fedleak.federated.errors import FedleakError
+
+T = TypeVar("T")
+
+
+class RegistryError(FedleakError):
+    pass
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f"did you mean {close[0]!r}? " if close else ""
+
+
+class Registry(Generic[T]):
+    """Components register with `@registry.register("name")`.
+
+    Built-in modules are imported on first lookup, so importing fedleak stays cheap and a heavy
+    backend is only loaded when its component is listed or used.
+    """
+
+    def __init__(self, kind: str, builtin_modules: Iterable[str] = ()):
+        self.kind = kind
+        self._builtin_modules = tuple(builtin_modules)
+        self._loaded = False
+        self._items: dict[str, T] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        def decorator(obj: T) -> T:
+            if name in self._items and self._items[name] is not obj:
+                raise RegistryError(f"{self.kind} {name!r} is already registered by "
+                                    f"{_where(self._items[name])}: pick another name")
+            self._items[name] = obj
+            setattr(obj, "name", name)
+            return obj
+
+        return decorator
+
+    def _load_builtins(self) -> None:
+        if not self._loaded:
+            self._loaded = True
+            for module in self._builtin_modules:
+                importlib.import_module(module)
+
+    def get(self, name: str) -> T:
+        self._load_builtins()
+        try:
+            return self._items[name]
+        except KeyError:
+            raise RegistryError(f"unknown {self.kind} {name!r}: {did_you_mean(name, self._items)}"
+                                f"available: {', '.join(sorted(self._items))}") from None
+
+    def names(self) -> list[str]:
+        self._load_builtins()
+        return sorted(self._items)
+
+    def __contains__(self, name: str) -> bool:
+        self._load_builtins()
+        return name in self._items
+
+
+def _where(obj) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', obj)}"

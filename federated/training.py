@@ -1,0 +1,110 @@
+"""Tokenising instruction records and training a LoRA adapter on them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+from fedleak.federated.data import Record
+from fedleak.federated.prompts import format_prompt
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Example:
+    input_ids: tuple[int, ...]
+    labels: tuple[int, ...]  # IGNORE where the loss does not look (prompt tokens if response-only)
+
+
+def encode(records: Sequence[Record], tokenizer, *, max_length: int, response_only: bool = True) -> list[Example]:
+    """Prompt + response + EOS, truncated to `max_length`; prompt tokens masked if `response_only`."""
+    prompts = [format_prompt(r.instruction, r.input) for r in records]
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer([r.output for r in records], add_special_tokens=False)["input_ids"]
+    examples = []
+    for p, r in zip(prompt_ids, response_ids):
+        ids = (list(p) + list(r) + [tokenizer.eos_token_id])[:max_length]
+        labels = ([IGNORE] * len(p) + list(r) + [tokenizer.eos_token_id])[:max_length] if response_only else list(ids)
+        examples.append(Example(tuple(ids), tuple(labels)))
+    return examples
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def batches(examples: Sequence[Example], *, batch_size: int, pad_id: int,
+            generator: torch.Generator | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches in a shuffled order if `generator` is given, else in order."""
+    order = torch.randperm(len(examples), generator=generator).tolist() if generator is not None else range(len(examples))
+    order = list(order)
+    for start in range(0, len(order), batch_size):
+        yield collate([examples[i] for i in order[start:start + batch_size]], pad_id)
+
+
+def token_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One forward pass: (log-probs of each target token [B, T-1], target mask [B, T-1], logits)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    targets = batch["labels"][:, 1:]
+    mask = targets != IGNORE
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return picked * mask, mask, logits
+
+
+def sequence_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-sequence mean token loss [B]; a batch loss is its mean (what per-sample DP clipping needs)."""
+    picked, mask, _ = token_logprobs(model, batch)
+    return -(picked.sum(1) / mask.sum(1).clamp(min=1))
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+
+
+def train_adapter(model, examples: Sequence[Example], settings: TrainSettings, *, pad_id: int,
+                  generator: torch.Generator, on_step=None) -> dict[str, float]:
+    """Train the trainable (LoRA) parameters of `model` in place; returns loss and step counts."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    model.train()
+    losses, steps = [], 0
+    for _ in range(settings.epochs):
+        for batch in batches(examples, batch_size=settings.batch_size, pad_id=pad_id, generator=generator):
+            loss = sequence_losses(model, batch).mean()
+            loss.backward()
+            if settings.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            steps += 1
+            if on_step is not None:
+                on_step()
+    model.eval()
+    tail = losses[-max(1, len(losses) // 4):]
+    return {"loss_last_quarter": float(sum(tail) / len(tail)), "steps": steps, "examples": len(examples)}
+
+
+@torch.no_grad()
+def mean_loss(model, examples: Sequence[Example], *, batch_size: int, pad_id: int) -> float:
+    model.eval()
+    total = [sequence_losses(model, b) for b in batches(examples, batch_size=batch_size, pad_id=pad_id)]
+    return float(torch.cat(total).mean()) if total else float("nan")
