@@ -1,0 +1,27 @@
+# `make demo`: create .venv, install, run the default attack matrix and write a report.
+# `make test`: install if needed, run the tests.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.fedleak-installed
+
+.PHONY: demo test install clean
+
+install: $(STAMP)
+
+# torch first and pinned: it is the CPU wheel on disk; an unpinned torch pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml .ci/constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -c .ci/constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/fedleak run configs/quick.toml --out runs/quick
+	@echo "report: runs/quick/report.html (also report.md, results.json, results.csv)"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf runs .pytest_cache

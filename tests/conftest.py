@@ -1,0 +1,30 @@
+import os
+from pathlib import Path
+
+import pytest
+
+# Hub downloads fail on these machines and in CI: everything must work offline.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A small embedded build: pretrained enough for LoRA to learn and memorise, built in about 25 s.
+SMALL_MODEL = {"pretrain_steps": 200, "public_records": 2000}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(request, tmp_path_factory):
+    """Embedded models are keyed by a hash of their settings and corpus, so a cache kept in
+    .pytest_cache between runs is safe; FEDLEAK_TEST_CACHE can point elsewhere."""
+    cache = os.environ.get("FEDLEAK_TEST_CACHE")
+    path = Path(cache) if cache else Path(request.config.cache.mkdir("fedleak-models"))
+    os.environ["FEDLEAK_CACHE"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_model_path(model_cache):
+    from fedleak.federated.model import EmbeddedModelConfig, build_embedded
+
+    return build_embedded(EmbeddedModelConfig(**SMALL_MODEL))

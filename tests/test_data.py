@@ -1,0 +1,63 @@
+import re
+from collections import Counter
+
+from fedleak.federated.data import (CANARY_CATEGORY, CATEGORIES, generate_records, make_canaries,
+                                    with_canaries)
+from fedleak.federated.datasource import DataSettings, EmbeddedDataSettings, prepare_data
+
+
+def test_generator_is_deterministic_and_seed_dependent():
+    a = generate_records(50, seed=3, purpose="private", private=True)
+    b = generate_records(50, seed=3, purpose="private", private=True)
+    c = generate_records(50, seed=4, purpose="private", private=True)
+    assert a == b
+    assert [r.output for r in a] != [r.output for r in c]
+
+
+def test_private_records_carry_their_identifiers_in_the_text():
+    records = generate_records(200, seed=0, purpose="private", private=True)
+    assert {r.category for r in records} == set(CATEGORIES) and len(CATEGORIES) >= 6
+    for r in records:
+        name, dob, mrn, phone = r.identifiers
+        text = " ".join((r.instruction, r.input, r.output))
+        assert name in text
+        assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", dob) and re.fullmatch(r"\d{8}", mrn)
+        assert re.fullmatch(r"555-\d{3}-\d{4}", phone)
+        assert sum(x in text for x in (dob, mrn, phone)) >= 1  # every record names at least one more identifier
+
+
+def test_public_records_name_no_patient():
+    private = generate_records(300, seed=0, purpose="private", private=True)
+    public = generate_records(300, seed=0, purpose="public", private=False)
+    assert all(r.identifiers == () for r in public)
+    public_text = " ".join(r.instruction + r.input + r.output for r in public)
+    assert not re.search(r"MRN \d|555-\d{3}-\d{4}|born \d{4}", public_text)
+    leaked = [ident for r in private for ident in r.identifiers[1:] if ident in public_text]
+    assert leaked == []
+
+
+def test_canaries_are_inserted_with_their_repetition_counts_and_references_never():
+    inserted, reference = make_canaries(seed=0, repetitions=(1, 4, 16), per_repetition=2, num_clients=3)
+    assert sorted(c.repetitions for c in inserted) == [1, 1, 4, 4, 16, 16]
+    assert len(reference) == len(inserted) and all(c.repetitions == 0 for c in reference)
+    assert len({c.secret for c in inserted + reference}) == 12
+    assert all(len(c.secret) == 6 and c.secret.isdigit() for c in inserted + reference)
+    clients = with_canaries([[], [], []], inserted, seed=0)
+    texts = Counter(r.output for client in clients for r in client)
+    for c in inserted:
+        assert texts[c.text_with(c.secret)] == c.repetitions
+        assert all(r.output != c.text_with(c.secret) for i, cl in enumerate(clients) if i != c.client for r in cl)
+    for c in reference:
+        assert all(c.secret not in r.output for client in clients for r in client)
+
+
+def test_prepare_data_splits_members_heldout_and_canaries():
+    settings = DataSettings(embedded=EmbeddedDataSettings(private_records=120, heldout_records=60,
+                                                          canary_repetitions=(2, 3), canaries_per_repetition=1))
+    data = prepare_data(settings, seed=0, num_clients=3, partition_method="dirichlet", alpha=1.0, min_records=5)
+    assert len(data.members) == 120 and len(data.heldout) == 60
+    assert sum(r.category == CANARY_CATEGORY for c in data.clients for r in c) == 5
+    member_ids = {r.record_id for r in data.members}
+    assert not member_ids & {r.record_id for r in data.heldout}
+    assert data == prepare_data(settings, seed=0, num_clients=3, partition_method="dirichlet", alpha=1.0,
+                                min_records=5)
