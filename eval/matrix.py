@@ -39,13 +39,13 @@ def resolve_model(config: RunConfig) -> tuple[str, dict]:
                        "pretrain_final_loss": build["pretrain_final_loss"]}
 
 
-def membership_split(data: FederatedData, *, seed: int) -> tuple[list[Record], list[Record]]:
-    """Equal numbers of members (records clients trained on) and held-out non-members."""
-    members, nonmembers = data.members, data.heldout
-    n = min(len(members), len(nonmembers))
+def membership_split(data: FederatedData, clients: set[int], *, seed: int) -> tuple[list[Record], list[Record]]:
+    """Equal numbers of members (records that the given clients trained on) and held-out non-members."""
+    members = data.members_of(clients)
+    n = min(len(members), len(data.heldout))
     rng = numpy_rng(seed, "membership-split")
     pick = lambda records: [records[int(i)] for i in sorted(rng.choice(len(records), size=n, replace=False))]
-    return pick(members), pick(nonmembers)
+    return pick(members), pick(data.heldout)
 
 
 def run_membership(attack: MembershipAttack, target: Target, members, nonmembers) -> dict:
@@ -66,7 +66,6 @@ def run_matrix(config: RunConfig, out_dir: Path, *, config_path: str | None = No
     data = prepare_data(config.data, seed=seed, num_clients=fed.clients, partition_method=fed.partition,
                         alpha=fed.alpha, min_records=fed.min_records_per_client, base_dir=base_dir)
     model_ref, model_info = resolve_model(config)
-    members, nonmembers = membership_split(data, seed=seed)
     training_hash = config.hash("seed", "model", "data", "federation")
     trainings, cells = [], []
     defenses = tqdm(config.matrix.defenses, desc="defenses", unit="training", disable=not progress)
@@ -90,6 +89,8 @@ def run_matrix(config: RunConfig, out_dir: Path, *, config_path: str | None = No
             "utility": {"heldout_loss": heldout_loss, "heldout_perplexity": math.exp(heldout_loss)},
             "rounds": [{k: v for k, v in r.items() if k != "client_metrics"} for r in run.history],
         })
+        trained = {c for r in run.history for c in r["clients"]}  # with client_fraction < 1 some may never train
+        members, nonmembers = membership_split(data, trained, seed=seed)
         target = Target(model=run.model, tokenizer=tokenizer, observer="global", round=run.final_round,
                         max_length=fed.max_length, response_only=fed.response_only_loss)
         for attack_spec in config.matrix.attacks:

@@ -311,10 +311,13 @@ class FederatedData:
     canaries: list[Canary] = field(default_factory=list)
     reference_canaries: list[Canary] = field(default_factory=list)
 
+    def members_of(self, clients) -> list[Record]:
+        """The non-canary records that the given clients train on."""
+        return [r for c in sorted(clients) for r in self.clients[c] if r.category != CANARY_CATEGORY]
+
     @property
     def members(self) -> list[Record]:
-        """Every distinct non-canary record some client trains on."""
-        return [r for c in self.clients for r in c if r.category != CANARY_CATEGORY]
+        return self.members_of(range(len(self.clients)))
 
     def summary(self) -> dict:
         return {

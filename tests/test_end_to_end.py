@@ -82,3 +82,49 @@ def test_report_command_rewrites_from_results_only(run_dir, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fedleak", "report", str(copy)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert (copy / "report.md").read_text() == (run_dir / "report.md").read_text()
+
+
+def test_local_model_folder_and_user_alpaca_file(tmp_path):
+    """The path a GPU user takes (a model folder or hub id, their own JSONL), on a tiny model."""
+    from fedleak.federated.data import generate_records
+    from fedleak.federated.model import EmbeddedModelConfig, build_embedded
+
+    model_dir = build_embedded(EmbeddedModelConfig(vocab_size=600, hidden_size=32, num_layers=1, num_heads=2,
+                                                   intermediate_size=64, public_records=300, pretrain_steps=5),
+                               cache_dir=tmp_path / "models")
+    rows = [{"instruction": r.instruction, "input": r.input, "answer": r.output, "category": r.category}
+            for r in generate_records(40, seed=0, purpose="user", private=True)]
+    (tmp_path / "mine.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "run.toml").write_text(f"""
+[model]
+name = "{model_dir}"
+[model.lora]
+r = 4
+alpha = 8
+target_modules = ["q_proj", "v_proj"]
+[data]
+source = "file"
+[data.file]
+path = "mine.jsonl"
+output_field = "answer"
+heldout_fraction = 0.25
+[federation]
+clients = 2
+rounds = 1
+local_epochs = 1
+partition = "iid"
+[matrix]
+defenses = ["none"]
+attacks = ["loss"]
+""")
+    proc = subprocess.run([sys.executable, "-m", "fedleak", "run", str(tmp_path / "run.toml"), "--out",
+                           str(tmp_path / "out"), "--quiet"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["model"] == {"name": str(model_dir)}
+    assert results["data"] == {"client_sizes": [15, 15], "heldout": 10, "canaries": 0, "reference_canaries": 0}
+    cell = results["cells"][0]
+    assert cell["n_members"] == cell["n_nonmembers"] == 10 and 0 <= cell["metrics"]["auc"] <= 1
+    upload = json.loads((tmp_path / "out" / results["trainings"][0]["checkpoint_dir"] / "round-0001" /
+                         "manifest.json").read_text())
+    assert set(upload["files"]) == {"global", "upload/0", "upload/1"}
