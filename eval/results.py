@@ -33,8 +33,9 @@ def library_versions() -> dict[str, str | None]:
     return versions
 
 
-def git_commit(path: Path = Path(__file__).resolve().parent) -> str | None:
+def git_commit() -> str | None:
     """HEAD of the checkout fedleak runs from, with '-dirty' if it has uncommitted changes."""
+    path = Path(__file__).resolve().parent
     try:
         head = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True,
                               text=True, timeout=10, check=True).stdout.strip()

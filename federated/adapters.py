@@ -6,7 +6,7 @@ ClientApp/ServerApp (or any other runtime) can wrap them without change.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -62,15 +62,3 @@ def set_adapter_state(model, state: AdapterState) -> None:
         raise FedleakError(f"adapter has {len(unexpected)} tensors this model lacks (first: {unexpected[0]}): "
                            f"it was trained for another base model or LoRA target_modules")
 
-
-def flatten(state: AdapterState) -> torch.Tensor:
-    return torch.cat([state[k].reshape(-1) for k in sorted(state)])
-
-
-def unflatten(vector: torch.Tensor, like: AdapterState) -> AdapterState:
-    out, offset = {}, 0
-    for k in sorted(like):
-        n = like[k].numel()
-        out[k] = vector[offset:offset + n].view_as(like[k]).to(like[k].dtype)
-        offset += n
-    return out

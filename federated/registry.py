@@ -39,7 +39,7 @@ class Registry(Generic[T]):
                 raise RegistryError(f"{self.kind} {name!r} is already registered by "
                                     f"{_where(self._items[name])}: pick another name")
             self._items[name] = obj
-            setattr(obj, "name", name)
+            obj.name = name
             return obj
 
         return decorator

@@ -48,8 +48,7 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
 def batches(examples: Sequence[Example], *, batch_size: int, pad_id: int,
             generator: torch.Generator | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """Batches in a shuffled order if `generator` is given, else in order."""
-    order = torch.randperm(len(examples), generator=generator).tolist() if generator is not None else range(len(examples))
-    order = list(order)
+    order = torch.randperm(len(examples), generator=generator).tolist() if generator is not None else list(range(len(examples)))
     for start in range(0, len(order), batch_size):
         yield collate([examples[i] for i in order[start:start + batch_size]], pad_id)
 

@@ -103,9 +103,12 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+INTRO = ("Membership inference: higher AUC and TPR at low FPR mean more leakage (0.5 AUC is chance). "
+         "With n non-members, a TPR at an FPR below 1/n is the TPR at zero false positives.")
+
+
 def render_markdown(results: dict, plots: dict[str, str]) -> str:
-    parts = ["# fedleak leakage report", "",
-             "Membership inference: higher AUC and TPR at low FPR mean more leakage (0.5 AUC is chance).", "",
+    parts = ["# fedleak leakage report", "", INTRO, "",
              "## Membership inference", "", _md_table(MEMBERSHIP_HEADER, _membership_rows(results["cells"])), ""]
     for attack, path in plots.items():
         parts += [f"![ROC of {attack}]({path})", ""]
@@ -133,7 +136,7 @@ def render_html(results: dict, plots: dict[str, bytes]) -> str:
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>fedleak leakage report</title><style>{STYLE}</style></head>
 <body><h1>fedleak leakage report</h1>
-<p class="note">Membership inference: higher AUC and TPR at low FPR mean more leakage (0.5 AUC is chance).</p>
+<p class="note">{html.escape(INTRO)}</p>
 <h2>Membership inference</h2>{_html_table(MEMBERSHIP_HEADER, _membership_rows(results["cells"]))}{images}
 <h2>Utility (final global model)</h2>{_html_table(UTILITY_HEADER, _utility_rows(results["trainings"]))}
 <h2>Provenance</h2>{_html_table(["what", "value"], [list(r) for r in _provenance(results)])}
