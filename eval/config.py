@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from fedleak.federated.adapters import LoraSettings
+from fedleak.federated.checkpoint import OBSERVERS
 from fedleak.federated.datasource import DataSettings
 from fedleak.federated.errors import FedleakError
-from fedleak.federated.fedit import FederationSettings
+from fedleak.federated.rounds import FederationSettings
 from fedleak.federated.model import EmbeddedModelConfig
 from fedleak.federated.registry import did_you_mean
 
@@ -49,6 +50,7 @@ class ComponentSpec:
 
     name: str
     params: tuple[tuple[str, Any], ...] = ()
+    observers: tuple[str, ...] = ()  # attacks only: which views to probe
 
     @property
     def kwargs(self) -> dict[str, Any]:
@@ -63,8 +65,21 @@ class ComponentSpec:
 
 @dataclass(frozen=True)
 class MatrixSettings:
+    algorithms: tuple[ComponentSpec, ...] = (ComponentSpec("fedit"),)
     defenses: tuple[ComponentSpec, ...] = (ComponentSpec("none"),)
-    attacks: tuple[ComponentSpec, ...] = (ComponentSpec("loss"),)
+    attacks: tuple[ComponentSpec, ...] = (ComponentSpec("loss", observers=("global",)),)
+
+
+@dataclass(frozen=True)
+class UtilitySettings:
+    records: int = 40  # held-out records each view is evaluated on
+    max_new_tokens: int = 64  # greedy answer length for ROUGE-L
+    batch_size: int = 16
+
+    def __post_init__(self):
+        for name in ("records", "max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise FedleakError(f"utility.{name} = {getattr(self, name)}: must be a positive integer")
 
 
 @dataclass(frozen=True)
@@ -75,6 +90,7 @@ class RunConfig:
     data: DataSettings = field(default_factory=DataSettings)
     federation: FederationSettings = field(default_factory=FederationSettings)
     matrix: MatrixSettings = field(default_factory=MatrixSettings)
+    utility: UtilitySettings = field(default_factory=UtilitySettings)
 
     def to_dict(self) -> dict:
         return _plain(self)
@@ -88,7 +104,7 @@ class RunConfig:
 
 def _plain(obj):
     if isinstance(obj, ComponentSpec):
-        return {"name": obj.name, **obj.kwargs}
+        return {"name": obj.name, **obj.kwargs, **({"observers": list(obj.observers)} if obj.observers else {})}
     if dataclasses.is_dataclass(obj):
         return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, tuple):
@@ -173,8 +189,9 @@ def _build(cls, table: dict, prefix: str, where: str):
 def _components(value, key: str, where: str, *, kind: str) -> tuple[ComponentSpec, ...]:
     from fedleak.attacks.base import ATTACKS
     from fedleak.defenses.base import DEFENSES
+    from fedleak.federated.rounds import ALGORITHMS
 
-    registry = DEFENSES if kind == "defenses" else ATTACKS
+    registry = {"algorithms": ALGORITHMS, "defenses": DEFENSES, "attacks": ATTACKS}[kind]
     if not isinstance(value, list) or not value:
         raise FedleakError(f"{where}: {key} must be a non-empty list of names or {{name = ...}} tables")
     specs = []
@@ -184,17 +201,32 @@ def _components(value, key: str, where: str, *, kind: str) -> tuple[ComponentSpe
             entry = {"name": entry}
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise FedleakError(f"{where}: {item} = {entry!r}: give a name or a table with a 'name' key")
-        params = {k: v for k, v in entry.items() if k != "name"}
+        params = {k: v for k, v in entry.items() if k not in ("name", "observers")}
+        observers = ()
+        if kind == "attacks":
+            observers = _observers(entry.get("observers", ["global"]), f"{item}.observers", where)
+        elif "observers" in entry:
+            raise FedleakError(f"{where}: {item}.observers: only attacks take observers")
         try:
             cls = registry.get(entry["name"])
         except FedleakError as exc:
             raise FedleakError(f"{where}: {item}: {exc}") from None
         instantiate(cls, params, f"{where}: {item}")
-        spec = ComponentSpec(entry["name"], tuple(sorted(params.items())))
-        if spec in specs:
+        spec = ComponentSpec(entry["name"], tuple(sorted(params.items())), observers)
+        if any((s.name, s.params) == (spec.name, spec.params) for s in specs):
             raise FedleakError(f"{where}: {item}: {spec.label} is listed twice: remove one")
         specs.append(spec)
     return tuple(specs)
+
+
+def _observers(value, key: str, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise FedleakError(f"{where}: {key} = {value!r}: give a non-empty list of {', '.join(OBSERVERS)}")
+    for v in value:
+        if v not in OBSERVERS:
+            raise FedleakError(f"{where}: {key}: unknown observer {v!r}: {did_you_mean(v, OBSERVERS)}"
+                               f"use {', '.join(OBSERVERS)}")
+    return tuple(dict.fromkeys(value))
 
 
 def instantiate(cls, params: dict, where: str):

@@ -1,10 +1,10 @@
-"""Run the attack matrix: train each defense once, probe the final round with each attack."""
+"""Run the attack matrix: train each (algorithm, defense) once, then evaluate utility and run each
+attack on every requested observer's view of the final round."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-import math
 import time
 from pathlib import Path
 
@@ -13,19 +13,20 @@ from tqdm.auto import tqdm
 
 from fedleak.attacks.base import ATTACKS, MembershipAttack, Target
 from fedleak.defenses.base import DEFENSES
-from fedleak.eval.config import RunConfig, instantiate
+from fedleak.eval.config import ComponentSpec, RunConfig, instantiate
 from fedleak.eval.metrics import membership_metrics, roc_points
 from fedleak.eval.results import SCHEMA, git_commit, library_versions, write_results
+from fedleak.eval.utility import evaluate_utility
 from fedleak.federated import checkpoint
-from fedleak.federated.adapters import set_adapter_state
+from fedleak.federated.adapters import apply_view
 from fedleak.federated.data import FederatedData, Record
 from fedleak.federated.datasource import prepare_data
-from fedleak.federated.fedit import run_fedit
 from fedleak.federated.model import build_embedded, load_base_model
+from fedleak.federated.rounds import ALGORITHMS, TrainingRun, TrainingSetup, run_rounds
 from fedleak.federated.seeding import numpy_rng
-from fedleak.federated.training import encode, mean_loss
 
-ALGORITHM = "fedit"
+NO_DEFENSE = ComponentSpec("none")
+SYNTHETIC_EXAMPLES = 3  # synthetic records per training quoted in the results (and report)
 
 
 def resolve_model(config: RunConfig) -> tuple[str, dict]:
@@ -39,13 +40,13 @@ def resolve_model(config: RunConfig) -> tuple[str, dict]:
                        "pretrain_final_loss": build["pretrain_final_loss"]}
 
 
-def membership_split(data: FederatedData, clients: set[int], *, seed: int) -> tuple[list[Record], list[Record]]:
-    """Equal numbers of members (records that the given clients trained on) and held-out non-members."""
-    members = data.members_of(clients)
-    n = min(len(members), len(data.heldout))
-    rng = numpy_rng(seed, "membership-split")
+def membership_split(members: list[Record], heldout: list[Record], *, seed: int,
+                     purpose: str) -> tuple[list[Record], list[Record]]:
+    """Equal numbers of members and held-out non-members, drawn with the run's seed."""
+    n = min(len(members), len(heldout))
+    rng = numpy_rng(seed, "membership-split", purpose)
     pick = lambda records: [records[int(i)] for i in sorted(rng.choice(len(records), size=n, replace=False))]
-    return pick(members), pick(data.heldout)
+    return pick(members), pick(heldout)
 
 
 def run_membership(attack: MembershipAttack, target: Target, members, nonmembers) -> dict:
@@ -58,6 +59,68 @@ def run_membership(attack: MembershipAttack, target: Target, members, nonmembers
             "attack_seconds": time.perf_counter() - start}
 
 
+def trainings_of(config: RunConfig) -> list[tuple[ComponentSpec, ComponentSpec]]:
+    """(algorithm, defense) pairs: defenses hook into a federation, so non-federated baselines
+    (CENIT, LOCIT) train once, without one."""
+    pairs = []
+    for algorithm in config.matrix.algorithms:
+        if ALGORITHMS.get(algorithm.name).federated:
+            pairs += [(algorithm, defense) for defense in config.matrix.defenses]
+        else:
+            pairs.append((algorithm, NO_DEFENSE))
+    return pairs
+
+
+def _views_for(observer: str, keys: list[str]) -> list[tuple[str, int | None]]:
+    found = []
+    for key in keys:
+        name, _, client = key.partition("/")
+        if name == observer:
+            found.append((name, int(client) if client else None))
+    return found
+
+
+def _members_of_view(run: TrainingRun, data: FederatedData, observer: str, client: int | None) -> list[Record]:
+    return run.global_members if observer == "global" else data.members_of({client})
+
+
+def _utility(run: TrainingRun, config: RunConfig, data: FederatedData, tokenizer, final_dir: Path) -> dict:
+    records = data.heldout[: config.utility.records]
+    out: dict = {"records": len(records), "clients": {}}
+    for key in checkpoint.available_views(final_dir):
+        observer, client = _views_for(key.split("/")[0], [key])[0]
+        if observer == "upload":
+            continue
+        apply_view(run.model, checkpoint.load_view(final_dir, observer, client), config.model.lora)
+        scores = evaluate_utility(run.model, tokenizer, records, max_length=config.federation.max_length,
+                                  batch_size=config.utility.batch_size, max_new_tokens=config.utility.max_new_tokens)
+        if observer == "global":
+            out["global"] = scores
+        else:
+            out["clients"][str(client)] = scores
+    if out["clients"]:
+        out["client_mean"] = {m: float(np.mean([s[m] for s in out["clients"].values()]))
+                              for m in next(iter(out["clients"].values()))}
+    return out
+
+
+def _synthetic_summary(history: list[dict]) -> dict | None:
+    totals: dict[str, int] = {}
+    for entry in history:
+        for metrics in entry["client_metrics"].values():
+            for key, value in metrics.get("selfgen", {}).items():
+                totals[key] = totals.get(key, 0) + value
+    return totals or None
+
+
+def _synthetic_examples(training_dir: Path, final_round: int) -> list[dict]:
+    folder = checkpoint.round_dir(training_dir, final_round)
+    rows = []
+    for path in sorted(folder.glob("synthetic-client-*.jsonl")):
+        rows += [json.loads(line) for line in path.read_text().splitlines()[:SYNTHETIC_EXAMPLES]]
+    return rows[:SYNTHETIC_EXAMPLES]
+
+
 def run_matrix(config: RunConfig, out_dir: Path, *, config_path: str | None = None, progress: bool = True) -> dict:
     started = dt.datetime.now(dt.timezone.utc)
     out_dir = Path(out_dir)
@@ -68,43 +131,53 @@ def run_matrix(config: RunConfig, out_dir: Path, *, config_path: str | None = No
     model_ref, model_info = resolve_model(config)
     training_hash = config.hash("seed", "model", "data", "federation")
     trainings, cells = [], []
-    defenses = tqdm(config.matrix.defenses, desc="defenses", unit="training", disable=not progress)
-    for spec in defenses:
-        defense = instantiate(DEFENSES.get(spec.name), spec.kwargs, f"matrix.defenses: {spec.label}")
+    for algorithm_spec, defense_spec in tqdm(trainings_of(config), desc="trainings", unit="training",
+                                             disable=not progress):
+        algorithm = instantiate(ALGORITHMS.get(algorithm_spec.name), algorithm_spec.kwargs,
+                                f"matrix.algorithms: {algorithm_spec.label}")
+        defense = instantiate(DEFENSES.get(defense_spec.name), defense_spec.kwargs,
+                              f"matrix.defenses: {defense_spec.label}")
         base_model, tokenizer = load_base_model(model_ref, allow_download=config.model.allow_download)
-        training_dir = out_dir / "trainings" / f"{ALGORITHM}-{spec.label}-seed{seed}"
-        run = run_fedit(base_model=base_model, tokenizer=tokenizer, data=data, federation=fed,
-                        lora=config.model.lora, hooks=defense, seed=seed, out_dir=training_dir,
-                        config_hash=training_hash, progress=progress, label=spec.label)
-        # Attacks read the checkpoint, not the in-memory model: the path a third party would use.
+        training_dir = out_dir / "trainings" / f"{algorithm_spec.label}-{defense_spec.label}-seed{seed}"
+        label = f"{algorithm_spec.label}/{defense_spec.label}"
+        run = run_rounds(TrainingSetup(base_model=base_model, tokenizer=tokenizer, data=data, federation=fed,
+                                       lora=config.model.lora, hooks=defense, seed=seed, out_dir=training_dir,
+                                       config_hash=training_hash, progress=progress, label=label), algorithm)
+        # Everything below reads the checkpoints, not the in-memory state: the path a third party uses.
         final_dir = checkpoint.round_dir(training_dir, run.final_round)
-        set_adapter_state(run.model, checkpoint.load_view(final_dir, "global"))
-        heldout_loss = mean_loss(run.model, encode(data.heldout, tokenizer, max_length=fed.max_length,
-                                                   response_only=fed.response_only_loss),
-                                 batch_size=32, pad_id=tokenizer.pad_token_id)
-        key = {"algorithm": ALGORITHM, "defense": spec.label, "seed": seed}
+        key = {"algorithm": algorithm_spec.label, "defense": defense_spec.label, "seed": seed}
+        eval_start = time.perf_counter()
+        utility = _utility(run, config, data, tokenizer, final_dir)
         trainings.append({
-            **key, "defense_name": spec.name, "defense_params": spec.kwargs,
+            **key, "algorithm_name": algorithm_spec.name, "algorithm_params": algorithm_spec.kwargs,
+            "defense_name": defense_spec.name, "defense_params": defense_spec.kwargs,
             "checkpoint_dir": str(training_dir.relative_to(out_dir)), "train_seconds": run.train_seconds,
-            "utility": {"heldout_loss": heldout_loss, "heldout_perplexity": math.exp(heldout_loss)},
-            "rounds": [{k: v for k, v in r.items() if k != "client_metrics"} for r in run.history],
+            "utility_seconds": time.perf_counter() - eval_start, "utility": utility,
+            "views": checkpoint.available_views(final_dir), "synthetic": _synthetic_summary(run.history),
+            "synthetic_examples": _synthetic_examples(training_dir, run.final_round), "rounds": run.history,
         })
-        trained = {c for r in run.history for c in r["clients"]}  # with client_fraction < 1 some may never train
-        members, nonmembers = membership_split(data, trained, seed=seed)
-        target = Target(model=run.model, tokenizer=tokenizer, observer="global", round=run.final_round,
-                        max_length=fed.max_length, response_only=fed.response_only_loss)
+        view_keys = checkpoint.available_views(final_dir)
         for attack_spec in config.matrix.attacks:
             attack = instantiate(ATTACKS.get(attack_spec.name), attack_spec.kwargs,
                                  f"matrix.attacks: {attack_spec.label}")
-            outcome = run_membership(attack, target, members, nonmembers)
-            cells.append({
-                **key, "attack": attack_spec.label, "attack_name": attack_spec.name,
-                "attack_params": attack_spec.kwargs, "family": attack.family, "observer": target.observer,
-                "client": target.client, "round": target.round, "metrics": outcome["metrics"],
-                "n_members": outcome["n_members"], "n_nonmembers": outcome["n_nonmembers"],
-                "roc": outcome["roc"],
-                "timings": {"attack_seconds": outcome["attack_seconds"], "train_seconds": run.train_seconds},
-            })
+            for observer in attack_spec.observers:
+                for _, client in _views_for(observer, view_keys):
+                    apply_view(run.model, checkpoint.load_view(final_dir, observer, client), config.model.lora)
+                    members, nonmembers = membership_split(
+                        _members_of_view(run, data, observer, client), data.heldout, seed=seed,
+                        purpose=checkpoint.view_key(observer, client))
+                    target = Target(model=run.model, tokenizer=tokenizer, observer=observer, client=client,
+                                    round=run.final_round, max_length=fed.max_length,
+                                    response_only=fed.response_only_loss)
+                    outcome = run_membership(attack, target, members, nonmembers)
+                    cells.append({
+                        **key, "attack": attack_spec.label, "attack_name": attack_spec.name,
+                        "attack_params": attack_spec.kwargs, "family": attack.family, "observer": observer,
+                        "client": client, "round": run.final_round, "metrics": outcome["metrics"],
+                        "n_members": outcome["n_members"], "n_nonmembers": outcome["n_nonmembers"],
+                        "roc": outcome["roc"],
+                        "timings": {"attack_seconds": outcome["attack_seconds"], "train_seconds": run.train_seconds},
+                    })
         del run, base_model
     versions = library_versions()
     results = {

@@ -1,7 +1,8 @@
 """LoRA adapters as plain state dicts, in peft's saved-adapter key format.
 
 Client updates and aggregation work on `dict[str, torch.Tensor]` only, so a Flower
-ClientApp/ServerApp (or any other runtime) can wrap them without change.
+ClientApp/ServerApp (or any other runtime) can wrap them without change. A model may hold several
+named adapters (FEDPIT's global and local ones); `activate` picks which are on and which trains.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from fedleak.federated.errors import FedleakError
 
 AdapterState = dict[str, torch.Tensor]
+DEFAULT = "default"  # peft's name for the first adapter; fedleak's shared/global adapter
 
 
 @dataclass(frozen=True)
@@ -33,32 +35,58 @@ class LoraSettings:
         if not self.target_modules:
             raise FedleakError("model.lora.target_modules is empty: give module names or 'all-linear'")
 
+    def peft_config(self):
+        from peft import LoraConfig
+
+        targets = self.target_modules
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                          target_modules=targets if isinstance(targets, str) else list(targets),
+                          task_type="CAUSAL_LM")
+
 
 def add_lora(base_model, settings: LoraSettings, *, seed: int):
     """Wrap `base_model` with a freshly initialised LoRA adapter (seeded) and return the peft model."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    targets = settings.target_modules
-    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                        target_modules=targets if isinstance(targets, str) else list(targets),
-                        task_type="CAUSAL_LM")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return get_peft_model(base_model, config)
+        return get_peft_model(base_model, settings.peft_config())
 
 
-def get_adapter_state(model) -> AdapterState:
+def add_named_adapter(model, name: str, settings: LoraSettings, *, seed: int) -> None:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.add_adapter(name, settings.peft_config())
+
+
+def activate(model, names: list[str], *, trainable: str | None = None) -> None:
+    """Turn on exactly `names` (their outputs add up) and let only `trainable` learn."""
+    model.base_model.set_adapter(list(names))
+    for param_name, param in model.named_parameters():
+        param.requires_grad = trainable is not None and f".{trainable}." in param_name and "lora_" in param_name
+
+
+def get_adapter_state(model, adapter: str = DEFAULT) -> AdapterState:
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name=adapter).items()}
 
 
-def set_adapter_state(model, state: AdapterState) -> None:
+def set_adapter_state(model, state: AdapterState, adapter: str = DEFAULT) -> None:
     from peft import set_peft_model_state_dict
 
-    result = set_peft_model_state_dict(model, state)
+    result = set_peft_model_state_dict(model, state, adapter_name=adapter)
     unexpected = getattr(result, "unexpected_keys", None) or []
     if unexpected:
         raise FedleakError(f"adapter has {len(unexpected)} tensors this model lacks (first: {unexpected[0]}): "
                            f"it was trained for another base model or LoRA target_modules")
 
+
+def apply_view(model, view: dict[str, AdapterState], settings: LoraSettings) -> None:
+    """Load an observer's adapters into `model` (adding any it lacks) and turn on exactly those."""
+    for name, state in view.items():
+        if name not in model.peft_config:
+            add_named_adapter(model, name, settings, seed=0)  # overwritten by `state` right away
+        set_adapter_state(model, state, name)
+    activate(model, list(view))
+    model.eval()

@@ -1,10 +1,18 @@
 """Per-round checkpoints of what each observer sees: safetensors files plus a JSON manifest.
 
-Layout of one training folder::
+A *view* is the set of adapters stacked on the base model that one observer holds:
 
-    round-0001/global.safetensors          the aggregated adapter (server and every client see it)
-    round-0001/upload-client-00.safetensors each sampled client's upload (a curious server's view)
-    round-0001/manifest.json               round, clients, example counts, sha256 of every file
+    global      the aggregated adapter (the server and every client see it)
+    upload/i    client i's upload that round (a curious server's view)
+    client/i    client i's final model that round (only the client sees it)
+
+Each view maps peft adapter names to files; a file is stored once and shared by views (FEDPIT's
+client view is the global file plus the client's local adapter). Layout of one round::
+
+    round-0001/global.safetensors
+    round-0001/upload-client-00.safetensors
+    round-0001/local-client-00.safetensors
+    round-0001/manifest.json   round, clients, example counts, views, sha256 of every file
 
 Tensor files are written first, the manifest last, each atomically: a round folder whose manifest
 exists is complete. Loading checks every hash and never unpickles (safetensors only).
@@ -23,37 +31,38 @@ from fedleak.federated.adapters import AdapterState
 from fedleak.federated.errors import FedleakError
 from fedleak.federated.io import atomic_write_bytes, atomic_write_json, sha256_bytes
 
-FORMAT = "fedleak-checkpoint/1"
-OBSERVERS = ("global", "upload")
+FORMAT = "fedleak-checkpoint/2"
+OBSERVERS = ("global", "upload", "client")
+
+View = dict[str, AdapterState]  # peft adapter name -> its tensors
 
 
 def round_dir(training_dir: Path, round_number: int) -> Path:
     return Path(training_dir) / f"round-{round_number:04d}"
 
 
-def _file_name(observer: str, client: int | None) -> str:
-    return "global.safetensors" if observer == "global" else f"{observer}-client-{client:02d}.safetensors"
-
-
-def view_key(observer: str, client: int | None) -> str:
+def view_key(observer: str, client: int | None = None) -> str:
     return observer if client is None else f"{observer}/{client}"
 
 
-def write_round(training_dir: Path, round_number: int, *, global_state: AdapterState,
-                uploads: dict[int, AdapterState], num_examples: dict[int, int], config_hash: str,
+def write_round(training_dir: Path, round_number: int, *, files: dict[str, AdapterState],
+                views: dict[str, dict[str, str]], num_examples: dict[int, int], config_hash: str,
                 extra: dict | None = None) -> Path:
+    """`files`: file stem -> tensors; `views`: view key -> {adapter name: file stem}."""
     folder = round_dir(training_dir, round_number)
-    files = {}
-    views = [("global", None, global_state)] + [("upload", c, s) for c, s in sorted(uploads.items())]
-    for observer, client, state in views:
+    for key, adapters in views.items():
+        missing = [stem for stem in adapters.values() if stem not in files]
+        if missing:
+            raise ValueError(f"view {key!r} refers to unknown files {missing}")
+    entries = {}
+    for stem, state in files.items():
         data = save_safetensors({k: v.contiguous() for k, v in state.items()})
-        name = _file_name(observer, client)
-        atomic_write_bytes(folder / name, data)
-        files[view_key(observer, client)] = {"path": name, "sha256": sha256_bytes(data)}
+        atomic_write_bytes(folder / f"{stem}.safetensors", data)
+        entries[stem] = {"path": f"{stem}.safetensors", "sha256": sha256_bytes(data)}
     manifest = {
         "format": FORMAT, "round": round_number, "config_hash": config_hash,
-        "clients": sorted(uploads), "num_examples": {str(c): n for c, n in sorted(num_examples.items())},
-        "files": files, **(extra or {}),
+        "num_examples": {str(c): n for c, n in sorted(num_examples.items())},
+        "files": entries, "views": views, **(extra or {}),
     }
     atomic_write_json(folder / "manifest.json", manifest)
     return folder
@@ -73,15 +82,16 @@ def read_manifest(folder: Path) -> dict:
     return manifest
 
 
-def load_view(folder: Path, observer: str = "global", client: int | None = None) -> AdapterState:
-    """Load one observer's adapter from a round folder after checking its sha256."""
+def available_views(folder: Path) -> list[str]:
+    return list(read_manifest(folder)["views"])
+
+
+def load_file(folder: Path, stem: str, manifest: dict | None = None) -> AdapterState:
     folder = Path(folder)
-    manifest = read_manifest(folder)
-    key = view_key(observer, client)
-    entry = manifest["files"].get(key)
+    manifest = manifest or read_manifest(folder)
+    entry = manifest["files"].get(stem)
     if entry is None:
-        raise FedleakError(f"{folder / 'manifest.json'} has no view {key!r}: available views are "
-                           f"{', '.join(manifest['files'])}")
+        raise FedleakError(f"{folder / 'manifest.json'} lists no file {stem!r}")
     path = folder / entry["path"]
     try:
         data = path.read_bytes()
@@ -91,6 +101,18 @@ def load_view(folder: Path, observer: str = "global", client: int | None = None)
         raise FedleakError(f"{path}: sha256 does not match manifest.json (the file was changed or corrupted): "
                            f"restore it or rerun the training")
     return {k: v.to(torch.float32) for k, v in load_safetensors(data).items()}
+
+
+def load_view(folder: Path, observer: str = "global", client: int | None = None) -> View:
+    """Load one observer's adapters from a round folder after checking every file's sha256."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    key = view_key(observer, client)
+    adapters = manifest["views"].get(key)
+    if adapters is None:
+        raise FedleakError(f"{folder / 'manifest.json'} has no view {key!r}: available views are "
+                           f"{', '.join(manifest['views']) or 'none'}")
+    return {name: load_file(folder, stem, manifest) for name, stem in adapters.items()}
 
 
 def rounds(training_dir: Path) -> list[int]:

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from fedleak.federated.adapters import AdapterState
+from fedleak.federated.adapters import DEFAULT, AdapterState
 from fedleak.federated.aggregation import fedavg
 from fedleak.federated.training import Example, TrainSettings, train_adapter
 
@@ -28,6 +28,7 @@ class ClientJob:
     settings: TrainSettings
     pad_id: int
     generator: torch.Generator
+    adapter: str = DEFAULT  # the peft adapter being trained (the only one with requires_grad)
 
     def run(self) -> dict:
         return train_adapter(self.model, self.examples, self.settings, pad_id=self.pad_id, generator=self.generator)

@@ -38,7 +38,7 @@ class EmbeddedModelConfig:
     num_layers: int = 4
     num_heads: int = 4
     intermediate_size: int = 512
-    max_length: int = 256
+    max_length: int = 1024  # RoPE positions: room for FEDPIT's few-shot generation prompts
     public_records: int = 6000
     pretrain_steps: int = 1000
     pretrain_batch_size: int = 16

@@ -21,6 +21,8 @@ class Example:
 
 def encode(records: Sequence[Record], tokenizer, *, max_length: int, response_only: bool = True) -> list[Example]:
     """Prompt + response + EOS, truncated to `max_length`; prompt tokens masked if `response_only`."""
+    if not records:
+        return []
     prompts = [format_prompt(r.instruction, r.input) for r in records]
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     response_ids = tokenizer([r.output for r in records], add_special_tokens=False)["input_ids"]

@@ -1,4 +1,8 @@
-"""Leakage report (Markdown and self-contained HTML) rendered from a run's results.json only."""
+"""Leakage report (Markdown and self-contained HTML) rendered from a run's results.json only.
+
+Both renderings share one document model: a list of sections, each holding paragraphs, tables
+(header + rows of strings) and figures (PNG bytes), so they always carry the same numbers.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,21 @@ import base64
 import html
 import io
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from fedleak.federated.errors import FedleakError
 from fedleak.federated.io import atomic_write_bytes, atomic_write_text
 
 MEMBERSHIP_COLUMNS = (("auc", "AUC"), ("tpr@0.01fpr", "TPR@1%FPR"), ("tpr@0.001fpr", "TPR@0.1%FPR"))
+OBSERVER_ORDER = ("global", "upload", "client")
+INTRO = ("Membership inference: higher AUC and TPR at low FPR mean more leakage (0.5 AUC is chance). "
+         "With n non-members, a TPR at an FPR below 1/n is the TPR at zero false positives. Observers: "
+         "`global` is the aggregated adapter (server and every client), `upload` a client's upload (a curious "
+         "server), `client` a client's final model (the client itself); for `upload` and `client` the members "
+         "are that client's records.")
 
 
 def fmt(value, digits: int = 3) -> str:
@@ -21,6 +34,25 @@ def fmt(value, digits: int = 3) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return str(value)
+
+
+@dataclass
+class Table:
+    header: list[str]
+    rows: list[list[str]]
+
+
+@dataclass
+class Figure:
+    name: str  # file stem under plots/
+    caption: str
+    png: bytes
+
+
+@dataclass
+class Section:
+    title: str
+    blocks: list = field(default_factory=list)  # str paragraphs, Tables and Figures
 
 
 def load_results(run_dir: Path) -> dict:
@@ -43,18 +75,16 @@ def roc_plot_png(cells: list[dict], title: str) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.2, 4.4), dpi=110)
+    fig, ax = plt.subplots(figsize=(5.6, 4.6), dpi=110)
     floor = 1e-3
     for cell in cells:
         fpr = [max(f, floor) for f in cell["roc"]["fpr"] if f is not None]
         tpr = [max(t, floor) for t in cell["roc"]["tpr"] if t is not None]
-        auc = cell["metrics"].get("auc")
-        ax.plot(fpr, tpr, label=f"{cell['algorithm']}/{cell['defense']} {cell['observer']} r{cell['round']} "
-                                f"(AUC {fmt(auc)})")
+        ax.plot(fpr, tpr, linewidth=1.2, label=f"{_view_label(cell)} (AUC {fmt(cell['metrics'].get('auc'))})")
     ax.plot([floor, 1], [floor, 1], color="grey", linestyle="--", linewidth=1, label="chance")
     ax.set(xscale="log", yscale="log", xlim=(floor, 1), ylim=(floor, 1), xlabel="false positive rate",
            ylabel="true positive rate", title=title)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
@@ -62,97 +92,163 @@ def roc_plot_png(cells: list[dict], title: str) -> bytes:
     return buffer.getvalue()
 
 
-def _membership_rows(cells: list[dict]) -> list[list[str]]:
-    return [[c["algorithm"], c["defense"], c["attack"], c["observer"], fmt(c["round"]),
+def _view_label(cell: dict) -> str:
+    view = cell["observer"] if cell["client"] is None else f"{cell['observer']}/{cell['client']}"
+    return f"{cell['algorithm']}/{cell['defense']} {view} r{cell['round']}"
+
+
+def _mean_range(values: list[float | None]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return fmt(values[0])
+    return f"{fmt(float(np.mean(values)))} [{fmt(min(values))}-{fmt(max(values))}]"
+
+
+def _training_keys(results: dict) -> list[tuple[str, str]]:
+    return [(t["algorithm"], t["defense"]) for t in results["trainings"]]
+
+
+def leakage_table(results: dict) -> Table:
+    """Mean AUC over clients per observer, [min-max] when there are several."""
+    membership = [c for c in results["cells"] if c["family"] == "membership"]
+    attacks = list(dict.fromkeys(c["attack"] for c in membership))
+    rows = []
+    for algorithm, defense in _training_keys(results):
+        for attack in attacks:
+            mine = [c for c in membership if (c["algorithm"], c["defense"], c["attack"]) == (algorithm, defense, attack)]
+            if mine:
+                rows.append([algorithm, defense, attack] + [
+                    _mean_range([c["metrics"].get("auc") for c in mine if c["observer"] == o]) for o in OBSERVER_ORDER])
+    return Table(["algorithm", "defense", "attack", *[f"AUC {o}" for o in OBSERVER_ORDER]], rows)
+
+
+def utility_table(results: dict) -> Table:
+    rows = []
+    for t in results["trainings"]:
+        u = t["utility"]
+        g, c = u.get("global", {}), u.get("client_mean", {})
+        rows.append([t["algorithm"], t["defense"], fmt(g.get("loss")), fmt(g.get("perplexity")), fmt(g.get("rouge_l")),
+                     fmt(c.get("loss")), fmt(c.get("perplexity")), fmt(c.get("rouge_l")), fmt(t["train_seconds"], 1)])
+    return Table(["algorithm", "defense", "global loss", "global ppl", "global ROUGE-L", "client loss",
+                  "client ppl", "client ROUGE-L", "train s"], rows)
+
+
+def membership_table(results: dict) -> Table:
+    rows = [[c["algorithm"], c["defense"], c["attack"], c["observer"], fmt(c["client"]), fmt(c["round"]),
              *[fmt(c["metrics"].get(k)) for k, _ in MEMBERSHIP_COLUMNS], fmt(c["n_members"]), fmt(c["n_nonmembers"])]
-            for c in cells if c["family"] == "membership"]
+            for c in results["cells"] if c["family"] == "membership"]
+    return Table(["algorithm", "defense", "attack", "observer", "client", "round", *[h for _, h in MEMBERSHIP_COLUMNS],
+                  "members", "non-members"], rows)
 
 
-MEMBERSHIP_HEADER = ["algorithm", "defense", "attack", "observer", "round", *[h for _, h in MEMBERSHIP_COLUMNS],
-                     "members", "non-members"]
-UTILITY_HEADER = ["algorithm", "defense", "held-out loss", "perplexity", "train seconds"]
+def synthetic_section(results: dict) -> Section | None:
+    with_synthetic = [t for t in results["trainings"] if t.get("synthetic")]
+    if not with_synthetic:
+        return None
+    counts = ["candidates", "accepted", "near_duplicate", "truncated", "malformed", "length", "empty",
+              "response_dropped"]
+    section = Section("Self-generated data", [
+        "Counts over all clients and rounds: candidates generated by in-context learning, accepted records, "
+        "and what each filter dropped.",
+        Table(["algorithm", "defense", *counts],
+              [[t["algorithm"], t["defense"], *[fmt(t["synthetic"].get(k, 0)) for k in counts]] for t in with_synthetic])])
+    examples = [[t["algorithm"], t["defense"], e["instruction"], e["output"]]
+                for t in with_synthetic for e in t.get("synthetic_examples", [])]
+    if examples:
+        section.blocks += ["Examples from the final round:", Table(["algorithm", "defense", "instruction", "response"],
+                                                                    examples)]
+    return section
 
 
-def _utility_rows(trainings: list[dict]) -> list[list[str]]:
-    return [[t["algorithm"], t["defense"], fmt(t["utility"]["heldout_loss"]), fmt(t["utility"]["heldout_perplexity"]),
-             fmt(t["train_seconds"], 1)] for t in trainings]
-
-
-def _provenance(results: dict) -> list[tuple[str, str]]:
+def provenance_table(results: dict) -> Table:
     model = results.get("model", {})
-    rows = [("fedleak", str(results.get("fedleak_version"))), ("git commit", str(results.get("git_commit"))),
-            ("seed", str(results.get("seed"))), ("config", str(results.get("config_path"))),
-            ("started", str(results.get("started_at"))), ("finished", str(results.get("finished_at"))),
-            ("model", f"{model.get('name')} ({model.get('parameters', '?')} parameters)"),
-            ("data", json.dumps(results.get("data", {})))]
-    rows += [(name, str(version)) for name, version in results.get("versions", {}).items()]
-    return rows
+    rows = [["fedleak", str(results.get("fedleak_version"))], ["git commit", str(results.get("git_commit"))],
+            ["seed", str(results.get("seed"))], ["config", str(results.get("config_path"))],
+            ["started", str(results.get("started_at"))], ["finished", str(results.get("finished_at"))],
+            ["model", f"{model.get('name')} ({model.get('parameters', '?')} parameters)"],
+            ["data", json.dumps(results.get("data", {}))]]
+    rows += [[name, str(version)] for name, version in results.get("versions", {}).items()]
+    return Table(["what", "value"], rows)
 
 
-def _attack_groups(results: dict) -> dict[str, list[dict]]:
-    groups: dict[str, list[dict]] = {}
-    for cell in results["cells"]:
-        if cell["family"] == "membership":
-            groups.setdefault(cell["attack"], []).append(cell)
-    return groups
+def build_document(results: dict) -> list[Section]:
+    membership = [c for c in results["cells"] if c["family"] == "membership"]
+    figures = []
+    for attack in dict.fromkeys(c["attack"] for c in membership):
+        for observer in OBSERVER_ORDER:
+            cells = [c for c in membership if c["attack"] == attack and c["observer"] == observer]
+            if cells:
+                name = "roc-" + "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in f"{attack}-{observer}")
+                figures.append(Figure(name, f"ROC of {attack} on the {observer} view (log-log)",
+                                      roc_plot_png(cells, f"{attack}: {observer} view")))
+    sections = [
+        Section("Summary", [INTRO, leakage_table(results), utility_table(results),
+                            "Utility on held-out records: mean response-token loss, perplexity, and ROUGE-L F1 of "
+                            "greedy answers; `client` columns average the clients' final models."]),
+        Section("Membership inference", [membership_table(results), *figures]),
+    ]
+    synthetic = synthetic_section(results)
+    if synthetic:
+        sections.append(synthetic)
+    sections.append(Section("Provenance", [provenance_table(results)]))
+    return sections
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(sections: list[Section]) -> str:
+    lines = ["# fedleak leakage report", ""]
+    for section in sections:
+        lines += [f"## {section.title}", ""]
+        for block in section.blocks:
+            if isinstance(block, Table):
+                lines.append("| " + " | ".join(block.header) + " |")
+                lines.append("|" + "---|" * len(block.header))
+                lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in block.rows]
+            elif isinstance(block, Figure):
+                lines.append(f"![{block.caption}](plots/{block.name}.png)")
+            else:
+                lines.append(block)
+            lines.append("")
     return "\n".join(lines)
 
 
-INTRO = ("Membership inference: higher AUC and TPR at low FPR mean more leakage (0.5 AUC is chance). "
-         "With n non-members, a TPR at an FPR below 1/n is the TPR at zero false positives.")
+STYLE = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:13px}th,td{border:1px solid #ccc;padding:3px 7px;text-align:left;
+vertical-align:top}th{background:#f3f3f3}figure{display:inline-block;margin:.5em}img{max-width:100%;border:1px solid #eee}
+p{max-width:60em}"""
 
 
-def render_markdown(results: dict, plots: dict[str, str]) -> str:
-    parts = ["# fedleak leakage report", "", INTRO, "",
-             "## Membership inference", "", _md_table(MEMBERSHIP_HEADER, _membership_rows(results["cells"])), ""]
-    for attack, path in plots.items():
-        parts += [f"![ROC of {attack}]({path})", ""]
-    parts += ["## Utility (final global model)", "", _md_table(UTILITY_HEADER, _utility_rows(results["trainings"])), "",
-              "## Provenance", "", _md_table(["what", "value"], [list(r) for r in _provenance(results)]), ""]
-    return "\n".join(parts)
-
-
-def _html_table(header: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:1em 0;font-size:14px}th,td{border:1px solid #ccc;padding:4px 8px;text-align:left}
-th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}.note{color:#555}"""
-
-
-def render_html(results: dict, plots: dict[str, bytes]) -> str:
-    images = "".join(
-        f'<figure><img alt="ROC of {html.escape(attack)}" src="data:image/png;base64,'
-        f'{base64.b64encode(png).decode()}"><figcaption>ROC of {html.escape(attack)} (log-log)</figcaption></figure>'
-        for attack, png in plots.items())
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>fedleak leakage report</title><style>{STYLE}</style></head>
-<body><h1>fedleak leakage report</h1>
-<p class="note">{html.escape(INTRO)}</p>
-<h2>Membership inference</h2>{_html_table(MEMBERSHIP_HEADER, _membership_rows(results["cells"]))}{images}
-<h2>Utility (final global model)</h2>{_html_table(UTILITY_HEADER, _utility_rows(results["trainings"]))}
-<h2>Provenance</h2>{_html_table(["what", "value"], [list(r) for r in _provenance(results)])}
-</body></html>
-"""
+def render_html(sections: list[Section]) -> str:
+    body = []
+    for section in sections:
+        body.append(f"<h2>{html.escape(section.title)}</h2>")
+        for block in section.blocks:
+            if isinstance(block, Table):
+                head = "".join(f"<th>{html.escape(h)}</th>" for h in block.header)
+                rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in block.rows)
+                body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+            elif isinstance(block, Figure):
+                data = base64.b64encode(block.png).decode()
+                body.append(f'<figure><img alt="{html.escape(block.caption)}" src="data:image/png;base64,{data}">'
+                            f"<figcaption>{html.escape(block.caption)}</figcaption></figure>")
+            else:
+                body.append(f"<p>{html.escape(block)}</p>")
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>fedleak leakage report</title>"
+            f"<style>{STYLE}</style></head>\n<body><h1>fedleak leakage report</h1>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
 def write_report(run_dir: Path) -> tuple[Path, Path]:
     run_dir = Path(run_dir)
-    results = load_results(run_dir)
-    pngs = {attack: roc_plot_png(cells, f"ROC: {attack}") for attack, cells in _attack_groups(results).items()}
-    paths = {}
-    for attack, png in pngs.items():
-        name = "plots/roc-" + "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in attack) + ".png"
-        atomic_write_bytes(run_dir / name, png)
-        paths[attack] = name
-    atomic_write_text(run_dir / "report.md", render_markdown(results, paths))
-    atomic_write_text(run_dir / "report.html", render_html(results, pngs))
+    sections = build_document(load_results(run_dir))
+    for section in sections:
+        for block in section.blocks:
+            if isinstance(block, Figure):
+                atomic_write_bytes(run_dir / "plots" / f"{block.name}.png", block.png)
+    atomic_write_text(run_dir / "report.md", render_markdown(sections))
+    atomic_write_text(run_dir / "report.html", render_html(sections))
     return run_dir / "report.md", run_dir / "report.html"

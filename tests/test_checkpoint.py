@@ -13,21 +13,40 @@ def _state(value):
 
 
 def test_round_trip_of_every_view(tmp_path):
-    folder = checkpoint.write_round(tmp_path, 2, global_state=_state(1.0), uploads={0: _state(2.0), 3: _state(3.0)},
-                                    num_examples={0: 10, 3: 12}, config_hash="abc")
+    files = {"global": _state(1.0), "upload-client-00": _state(2.0), "local-client-00": _state(3.0)}
+    views = {"global": {"default": "global"}, "upload/0": {"default": "upload-client-00"},
+             "client/0": {"default": "global", "local": "local-client-00"}}
+    folder = checkpoint.write_round(tmp_path, 2, files=files, views=views, num_examples={0: 10},
+                                    config_hash="abc", extra={"clients": [0]})
     manifest = checkpoint.read_manifest(folder)
-    assert manifest["round"] == 2 and manifest["clients"] == [0, 3] and manifest["config_hash"] == "abc"
-    assert manifest["num_examples"] == {"0": 10, "3": 12}
-    for observer, client, value in (("global", None, 1.0), ("upload", 0, 2.0), ("upload", 3, 3.0)):
+    assert manifest["round"] == 2 and manifest["clients"] == [0] and manifest["config_hash"] == "abc"
+    assert manifest["num_examples"] == {"0": 10} and checkpoint.available_views(folder) == list(views)
+    expected = {("global", None): {"default": 1.0}, ("upload", 0): {"default": 2.0},
+                ("client", 0): {"default": 1.0, "local": 3.0}}
+    for (observer, client), adapters in expected.items():
         loaded = checkpoint.load_view(folder, observer, client)
-        for key, tensor in _state(value).items():
-            torch.testing.assert_close(loaded[key], tensor, rtol=0, atol=0)
+        assert list(loaded) == list(adapters)
+        for name, value in adapters.items():
+            for key, tensor in _state(value).items():
+                torch.testing.assert_close(loaded[name][key], tensor, rtol=0, atol=0)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([f"{stem}.safetensors" for stem in files] + ["manifest.json"])
     assert checkpoint.rounds(tmp_path) == [2]
     assert not list(tmp_path.rglob("*.tmp"))  # atomic writes leave no temp files
 
 
+def _global_only(tmp_path):
+    return checkpoint.write_round(tmp_path, 1, files={"global": _state(1.0)}, views={"global": {"default": "global"}},
+                                  num_examples={}, config_hash="h")
+
+
+def test_a_view_must_name_written_files(tmp_path):
+    with pytest.raises(ValueError, match="unknown files"):
+        checkpoint.write_round(tmp_path, 1, files={}, views={"global": {"default": "global"}}, num_examples={},
+                               config_hash="h")
+
+
 def test_tampered_file_is_detected(tmp_path):
-    folder = checkpoint.write_round(tmp_path, 1, global_state=_state(1.0), uploads={}, num_examples={}, config_hash="h")
+    folder = _global_only(tmp_path)
     from safetensors.torch import save_file
 
     save_file(_state(9.0), str(folder / "global.safetensors"))
@@ -36,8 +55,8 @@ def test_tampered_file_is_detected(tmp_path):
 
 
 def test_missing_manifest_view_and_format_errors(tmp_path):
-    folder = checkpoint.write_round(tmp_path, 1, global_state=_state(1.0), uploads={}, num_examples={}, config_hash="h")
-    with pytest.raises(FedleakError, match="no view 'upload/5'"):
+    folder = _global_only(tmp_path)
+    with pytest.raises(FedleakError, match="no view 'upload/5': available views are global"):
         checkpoint.load_view(folder, "upload", 5)
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["format"] = "something-else"

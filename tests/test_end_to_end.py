@@ -23,10 +23,15 @@ canaries_per_repetition = 1
 [federation]
 rounds = 5
 local_epochs = 5
+[utility]
+records = 12
+max_new_tokens = 32
 [matrix]
+algorithms = ["fedit", {name = "fedpit", synthetic_per_round = 4, max_attempts = 8, response_max_new_tokens = 48}, "cenit", "locit"]
 defenses = ["none", "median"]
-attacks = ["loss", {name = "loss", batch_size = 7}]
+attacks = [{name = "loss", observers = ["global", "upload", "client"]}, {name = "loss", batch_size = 7}]
 """
+FEDPIT = "fedpit(max_attempts=8,response_max_new_tokens=48,synthetic_per_round=4)"
 
 
 @pytest.fixture(scope="module")
@@ -44,17 +49,43 @@ def test_results_schema_and_memorisation(run_dir):
     assert results["schema"] == "fedleak-results/1" and results["seed"] == 1
     assert results["versions"]["torch"] and results["versions"]["fedleak"] == results["fedleak_version"]
     assert "git_commit" in results and results["config"]["federation"]["rounds"] == 5
-    assert [(t["defense"], t["seed"]) for t in results["trainings"]] == [("none", 1), ("median", 1)]
-    cells = {(c["defense"], c["attack"]): c for c in results["cells"]}
-    assert set(cells) == {(d, a) for d in ("none", "median") for a in ("loss", "loss(batch_size=7)")}
-    for cell in cells.values():
-        assert cell["observer"] == "global" and cell["round"] == 5
-        assert cell["n_members"] == cell["n_nonmembers"] == 90
+    # Defenses apply to federations; the baselines without one train once.
+    assert [(t["algorithm"], t["defense"]) for t in results["trainings"]] == [
+        ("fedit", "none"), ("fedit", "median"), (FEDPIT, "none"), (FEDPIT, "median"), ("cenit", "none"),
+        ("locit", "none")]
+    cells = {(c["algorithm"], c["defense"], c["attack"], c["observer"], c["client"]): c for c in results["cells"]}
+    views = {"fedit": ["global", "upload", "client"], FEDPIT: ["global", "upload", "client"], "cenit": ["global"],
+             "locit": ["client"]}
+    for (algorithm, defense), observers in ((k, v) for t in results["trainings"]
+                                            for k, v in [((t["algorithm"], t["defense"]), views[t["algorithm"]])]):
+        got = sorted({(o, c) for (a, d, attack, o, c) in cells if (a, d, attack) == (algorithm, defense, "loss")},
+                     key=str)
+        assert got == sorted({(o, None if o == "global" else i) for o in observers for i in range(3)}, key=str)
+        # the batch_size=7 variant probes the default observer only: the global view, where there is one
+        variant = [o for (a, d, attack, o, _) in cells if (a, d, attack) == (algorithm, defense, "loss(batch_size=7)")]
+        assert variant == (["global"] if "global" in observers else [])
+    for cell in results["cells"]:
+        assert cell["round"] == 5 and cell["n_members"] == cell["n_nonmembers"] > 0
+    auc = lambda algorithm, observer, client=None: cells[(algorithm, "none", "loss", observer, client)]["metrics"]["auc"]
     # Memorisation is real: members have clearly lower loss than held-out records.
-    assert cells[("none", "loss")]["metrics"]["auc"] > 0.6
+    assert auc("fedit", "global") > 0.6 and auc("cenit", "global") > 0.6
+    assert min(auc("locit", "client", i) for i in range(3)) > 0.6
+    # FEDPIT's shared views see only synthetic data: they leak less than FEDIT's.
+    assert auc(FEDPIT, "global") < auc("fedit", "global")
+    assert sum(auc(FEDPIT, "upload", i) for i in range(3)) < sum(auc("fedit", "upload", i) for i in range(3))
     # Batching does not change the scores.
-    assert cells[("none", "loss")]["metrics"] == pytest.approx(cells[("none", "loss(batch_size=7)")]["metrics"], abs=1e-6)
-    # The report's checkpoints hold every round.
+    assert cells[("fedit", "none", "loss", "global", None)]["metrics"] == pytest.approx(
+        cells[("fedit", "none", "loss(batch_size=7)", "global", None)]["metrics"], abs=1e-6)
+    for training in results["trainings"]:
+        utility = training["utility"]
+        assert utility["records"] == 12
+        assert ("global" in utility) == (training["algorithm"] != "locit")
+        assert ("client_mean" in utility) == (training["algorithm"] != "cenit")
+        for scores in [utility.get("global"), *utility["clients"].values()]:
+            if scores:
+                assert scores["loss"] > 0 and 0 <= scores["rouge_l"] <= 1
+    fedpit = next(t for t in results["trainings"] if t["algorithm"] == FEDPIT)
+    assert fedpit["synthetic"]["candidates"] >= fedpit["synthetic"]["accepted"] > 0
     training = run_dir / results["trainings"][0]["checkpoint_dir"]
     assert sorted(p.name for p in training.iterdir()) == [f"round-{i:04d}" for i in range(6)]
 
@@ -70,9 +101,13 @@ def test_csv_and_reports_carry_the_numbers_of_results_json(run_dir):
         for value in (cell["metrics"]["auc"], cell["metrics"]["tpr@0.01fpr"]):
             assert fmt(value) in markdown and fmt(value) in html
     for training in results["trainings"]:
-        assert fmt(training["utility"]["heldout_loss"]) in markdown
-    assert html.count('src="data:image/png;base64,') == 2  # one ROC plot per attack, embedded
-    assert "src=\"http" not in html and (run_dir / "plots" / "roc-loss.png").exists()
+        for scores in [training["utility"].get("global"), training["utility"].get("client_mean")]:
+            if scores:
+                assert fmt(scores["loss"]) in markdown and fmt(scores["rouge_l"]) in html
+    # one ROC plot per (attack, observer), embedded in the HTML and saved beside the Markdown
+    assert html.count('src="data:image/png;base64,') == 4
+    assert "src=\"http" not in html and (run_dir / "plots" / "roc-loss-client.png").exists()
+    assert "Self-generated data" in markdown and "synthetic" in markdown.lower()
 
 
 def test_report_command_rewrites_from_results_only(run_dir, tmp_path):
@@ -127,4 +162,4 @@ attacks = ["loss"]
     assert cell["n_members"] == cell["n_nonmembers"] == 10 and 0 <= cell["metrics"]["auc"] <= 1
     upload = json.loads((tmp_path / "out" / results["trainings"][0]["checkpoint_dir"] / "round-0001" /
                          "manifest.json").read_text())
-    assert set(upload["files"]) == {"global", "upload/0", "upload/1"}
+    assert set(upload["views"]) == {"global", "upload/0", "upload/1", "client/0", "client/1"}

@@ -2,9 +2,10 @@ import torch
 
 from fedleak.defenses.base import Defense
 from fedleak.federated import checkpoint
-from fedleak.federated.adapters import LoraSettings, add_lora, get_adapter_state
+from fedleak.federated.adapters import LoraSettings, add_lora
 from fedleak.federated.data import FederatedData, generate_records
-from fedleak.federated.fedit import FederationSettings, run_fedit
+from fedleak.federated.fedit import FedIT
+from fedleak.federated.rounds import FederationSettings, TrainingSetup, run_rounds
 from fedleak.federated.model import load_base_model
 from fedleak.federated.training import IGNORE, TrainSettings, encode, mean_loss, train_adapter
 
@@ -42,8 +43,9 @@ def test_lora_training_lowers_the_loss_on_its_data(small_model_path):
 
 def _run(tmp_path, small_model_path, hooks, name):
     base, tokenizer = load_base_model(small_model_path)
-    return run_fedit(base_model=base, tokenizer=tokenizer, data=_data(), federation=FED, lora=LoraSettings(r=4, alpha=8),
-                     hooks=hooks, seed=5, out_dir=tmp_path / name, config_hash="h", progress=False)
+    return run_rounds(TrainingSetup(base_model=base, tokenizer=tokenizer, data=_data(), federation=FED,
+                                    lora=LoraSettings(r=4, alpha=8), hooks=hooks, seed=5, out_dir=tmp_path / name,
+                                    config_hash="h", progress=False), FedIT())
 
 
 def test_fedit_is_deterministic_and_checkpoints_every_view(tmp_path, small_model_path):
@@ -53,13 +55,13 @@ def test_fedit_is_deterministic_and_checkpoints_every_view(tmp_path, small_model
     for rnd in (1, 2):
         ma, mb = (checkpoint.read_manifest(checkpoint.round_dir(r.training_dir, rnd)) for r in (a, b))
         assert ma["files"] == mb["files"]  # same sha256 for global and every upload
-        assert set(ma["files"]) == {"global", "upload/0", "upload/1"} and ma["num_examples"] == {"0": 5, "1": 7}
-    final = checkpoint.load_view(checkpoint.round_dir(a.training_dir, 2), "global")
-    for key, tensor in get_adapter_state(a.model).items():
-        torch.testing.assert_close(final[key], tensor, rtol=0, atol=0)
+        assert set(ma["views"]) == {"global", "upload/0", "upload/1", "client/0", "client/1"}
+        assert ma["views"]["client/0"] == ma["views"]["upload/0"]  # a FEDIT client keeps what it uploads
+        assert ma["num_examples"] == {"0": 5, "1": 7}
+    final = checkpoint.load_view(checkpoint.round_dir(a.training_dir, 2), "global")["default"]
     # FedAvg: the global adapter is the example-weighted mean of the round's uploads.
     folder = checkpoint.round_dir(a.training_dir, 2)
-    up0, up1 = (checkpoint.load_view(folder, "upload", c) for c in (0, 1))
+    up0, up1 = (checkpoint.load_view(folder, "upload", c)["default"] for c in (0, 1))
     for key in final:
         torch.testing.assert_close(final[key], (5 * up0[key] + 7 * up1[key]) / 12)
 
@@ -83,6 +85,6 @@ def test_hooks_are_called_and_replace_aggregation(tmp_path, small_model_path):
     run = _run(tmp_path, small_model_path, KeepInitial(), "k")
     assert calls == [("train", 1, 0), ("train", 1, 1), ("aggregate", 1, (0, 1)),
                      ("train", 2, 0), ("train", 2, 1), ("aggregate", 2, (0, 1))]
-    initial = checkpoint.load_view(checkpoint.round_dir(run.training_dir, 0), "global")
-    final = checkpoint.load_view(checkpoint.round_dir(run.training_dir, 2), "global")
+    initial = checkpoint.load_view(checkpoint.round_dir(run.training_dir, 0), "global")["default"]
+    final = checkpoint.load_view(checkpoint.round_dir(run.training_dir, 2), "global")["default"]
     assert all(torch.equal(initial[k], final[k]) for k in initial)

@@ -1,0 +1,262 @@
+"""The round loop every training algorithm runs in, and the interface an algorithm implements.
+
+An algorithm (FEDIT, FEDPIT, CENIT, LOCIT, or a user's own) says what one client does in one
+round (`client_round`) and whether a server aggregates uploads into a global adapter. The loop
+samples clients, calls the defense hooks around training and aggregation, and checkpoints every
+observer's view each round: `global`, `upload/i`, `client/i`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from fedleak.federated import checkpoint
+from fedleak.federated.adapters import DEFAULT, AdapterState, LoraSettings, add_lora, get_adapter_state
+from fedleak.federated.data import FederatedData, Record
+from fedleak.federated.errors import FedleakError
+from fedleak.federated.hooks import ClientJob, ClientUpdate, RoundInfo, TrainingHooks
+from fedleak.federated.io import atomic_write_text, sha256_bytes
+from fedleak.federated.registry import Registry
+from fedleak.federated.seeding import derive_seed, numpy_rng, torch_generator
+from fedleak.federated.training import Example, TrainSettings, encode
+
+ALGORITHMS: Registry[type["Algorithm"]] = Registry("algorithm", builtin_modules=(
+    "fedleak.federated.fedit",
+    "fedleak.federated.fedpit",
+    "fedleak.federated.baselines",
+))
+register_algorithm = ALGORITHMS.register
+
+GLOBAL = "<global>"  # in a client view: "the adapter the server aggregated this round"
+
+
+@dataclass(frozen=True)
+class FederationSettings:
+    clients: int = 3
+    rounds: int = 8
+    client_fraction: float = 1.0
+    local_epochs: int = 4
+    batch_size: int = 8
+    lr: float = 3e-3
+    max_grad_norm: float = 1.0
+    partition: str = "dirichlet"
+    alpha: float = 1.0
+    min_records_per_client: int = 8
+    response_only_loss: bool = True
+    max_length: int = 256
+
+    def __post_init__(self):
+        for name in ("clients", "rounds", "local_epochs", "batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise FedleakError(f"federation.{name} = {getattr(self, name)}: must be a positive integer")
+        if self.min_records_per_client < 1:
+            raise FedleakError(f"federation.min_records_per_client = {self.min_records_per_client}: must be >= 1")
+        if not 0 < self.client_fraction <= 1:
+            raise FedleakError(f"federation.client_fraction = {self.client_fraction}: must be in (0, 1]")
+        if not self.lr > 0:
+            raise FedleakError(f"federation.lr = {self.lr}: must be > 0")
+        if not self.alpha > 0:
+            raise FedleakError(f"federation.alpha = {self.alpha}: must be > 0")
+        if self.partition not in ("dirichlet", "iid"):
+            raise FedleakError(f"federation.partition = {self.partition!r}: use 'dirichlet' or 'iid'")
+
+    def train_settings(self) -> TrainSettings:
+        return TrainSettings(epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr,
+                             max_grad_norm=self.max_grad_norm)
+
+
+@dataclass
+class TrainingSetup:
+    base_model: torch.nn.Module
+    tokenizer: object
+    data: FederatedData
+    federation: FederationSettings
+    lora: LoraSettings
+    hooks: TrainingHooks
+    seed: int
+    out_dir: Path
+    config_hash: str
+    progress: bool = True
+    label: str = ""
+
+
+@dataclass
+class ClientContext:
+    """What a client has in one round; `memory` persists across that client's rounds."""
+
+    client: int
+    round: int
+    model: torch.nn.Module
+    records: list[Record]
+    examples: list[Example]
+    global_state: AdapterState | None  # the adapter received from the server (None without a server)
+    initial_state: AdapterState  # the seeded initial adapter every training starts from
+    memory: dict
+    setup: TrainingSetup
+
+    @property
+    def tokenizer(self):
+        return self.setup.tokenizer
+
+    def encode(self, records: list[Record]) -> list[Example]:
+        fed = self.setup.federation
+        return encode(records, self.tokenizer, max_length=fed.max_length, response_only=fed.response_only_loss)
+
+    def train(self, examples: list[Example], *, adapter: str = DEFAULT) -> dict:
+        """Train the active `adapter` through the defense's client hook (DP-SGD swaps the loop)."""
+        job = ClientJob(client=self.client, round=self.round, model=self.model, examples=examples,
+                        settings=self.setup.federation.train_settings(), pad_id=self.tokenizer.pad_token_id,
+                        generator=torch_generator(self.setup.seed, "client-batches", self.round, self.client, adapter),
+                        adapter=adapter)
+        torch.manual_seed(derive_seed(self.setup.seed, "client-train", self.round, self.client, adapter))  # dropout
+        return self.setup.hooks.train_client(job)
+
+
+@dataclass
+class ClientResult:
+    upload: AdapterState | None  # what the client sends to the server (None: nothing this round)
+    num_examples: int  # the weight of the upload in FedAvg
+    view: dict[str, AdapterState | str]  # the client's final model: adapter name -> tensors or GLOBAL
+    metrics: dict = field(default_factory=dict)
+    artifacts: dict[str, list[dict]] = field(default_factory=dict)  # saved as <name>-client-XX.jsonl
+
+
+@dataclass
+class TrainingRun:
+    model: torch.nn.Module  # peft model holding every adapter the algorithm used
+    history: list[dict]  # per round: sampled clients, losses, seconds, hook metrics
+    train_seconds: float
+    final_round: int
+    training_dir: Path
+    global_members: list[Record]  # the private records that shaped the global adapter
+
+
+class Algorithm:
+    """A training algorithm; hyperparameters are keyword-only `__init__` arguments."""
+
+    name: str = ""  # set by @register_algorithm
+    has_server: bool = True  # a server aggregates uploads into a global adapter
+    federated: bool = True  # clients exchange updates, so aggregation defenses apply
+    record_uploads: bool = True  # a curious server sees per-client uploads
+
+    def client_data(self, data: FederatedData) -> list[list[Record]]:
+        return data.clients
+
+    def global_members(self, data: FederatedData, contributors: set[int]) -> list[Record]:
+        """The private records behind the global adapter, given the clients that uploaded."""
+        return data.members_of(contributors) if self.has_server else []
+
+    def prepare(self, model, setup: TrainingSetup) -> None:
+        """Add adapters beyond the default one, once before the first round."""
+
+    def client_round(self, ctx: ClientContext) -> ClientResult:
+        raise NotImplementedError
+
+    def params(self) -> dict:
+        import inspect
+
+        return {p: getattr(self, p) for p in inspect.signature(type(self).__init__).parameters
+                if p != "self" and hasattr(self, p)}
+
+    @classmethod
+    def summary(cls) -> str:
+        import inspect
+
+        return (inspect.getdoc(cls) or "").splitlines()[0]
+
+
+def _round_files(global_state, results: dict[int, ClientResult], record_uploads: bool):
+    """File stems and views for one round, storing each distinct tensor dict once."""
+    files: dict[str, AdapterState] = {}
+    stem_of: dict[int, str] = {}
+
+    def stem(state: AdapterState, name: str) -> str:
+        if id(state) not in stem_of:
+            stem_of[id(state)] = name
+            files[name] = state
+        return stem_of[id(state)]
+
+    views: dict[str, dict[str, str]] = {}
+    if global_state is not None:
+        views["global"] = {DEFAULT: stem(global_state, "global")}
+    for client, result in sorted(results.items()):
+        if result.upload is not None and record_uploads:
+            views[checkpoint.view_key("upload", client)] = {DEFAULT: stem(result.upload, f"upload-client-{client:02d}")}
+        if result.view:
+            views[checkpoint.view_key("client", client)] = {
+                adapter: (stem(global_state, "global") if state == GLOBAL else stem(state, f"{adapter}-client-{client:02d}"))
+                for adapter, state in result.view.items()}
+    return files, views
+
+
+def _write_artifacts(folder: Path, results: dict[int, ClientResult]) -> dict:
+    import json
+
+    entries = {}
+    for client, result in sorted(results.items()):
+        for name, rows in result.artifacts.items():
+            path = folder / f"{name}-client-{client:02d}.jsonl"
+            text = "".join(json.dumps(row) + "\n" for row in rows)
+            atomic_write_text(path, text)
+            entries[path.stem] = {"path": path.name, "sha256": sha256_bytes(text.encode()), "records": len(rows)}
+    return entries
+
+
+def run_rounds(setup: TrainingSetup, algorithm: Algorithm) -> TrainingRun:
+    """Train, write one checkpoint folder per round (round 0 = the initial adapter)."""
+    fed, seed = setup.federation, setup.seed
+    client_records = algorithm.client_data(setup.data)
+    num_clients = len(client_records)
+    model = add_lora(setup.base_model, setup.lora, seed=derive_seed(seed, "lora-init"))
+    algorithm.prepare(model, setup)
+    initial = get_adapter_state(model)
+    examples = [encode(records, setup.tokenizer, max_length=fed.max_length, response_only=fed.response_only_loss)
+                for records in client_records]
+    global_state = initial if algorithm.has_server else None
+    files, views = _round_files(global_state, {}, False)
+    checkpoint.write_round(setup.out_dir, 0, files=files, views=views, num_examples={}, config_hash=setup.config_hash)
+    memory: dict[int, dict] = {c: {} for c in range(num_clients)}
+    per_round = max(1, round(fed.client_fraction * num_clients))
+    sampler = numpy_rng(seed, "client-sampling")
+    history, contributors = [], set()
+    start = time.perf_counter()
+    rounds_bar = tqdm(range(1, fed.rounds + 1), desc=f"{setup.label} rounds".strip(), unit="round",
+                      disable=not setup.progress, leave=False)
+    for rnd in rounds_bar:
+        round_start = time.perf_counter()
+        sampled = sorted(int(c) for c in sampler.choice(num_clients, size=per_round, replace=False))
+        info = RoundInfo(round=rnd, clients=sampled, num_clients_total=num_clients,
+                         generator=torch_generator(seed, "server", rnd))
+        results: dict[int, ClientResult] = {}
+        for client in tqdm(sampled, desc="clients", unit="client", disable=not setup.progress, leave=False):
+            ctx = ClientContext(client=client, round=rnd, model=model, records=client_records[client],
+                                examples=examples[client], global_state=global_state, initial_state=initial,
+                                memory=memory[client], setup=setup)
+            results[client] = algorithm.client_round(ctx)
+        updates = [ClientUpdate(client=c, state=r.upload, num_examples=r.num_examples)
+                   for c, r in results.items() if r.upload is not None]
+        if algorithm.has_server and updates:
+            received = setup.hooks.before_aggregation(updates, global_state=global_state, info=info)
+            new_state = setup.hooks.aggregate(received, info=info)
+            global_state = setup.hooks.after_aggregation(new_state, previous=global_state, info=info)
+            contributors |= {u.client for u in updates}
+        folder = checkpoint.round_dir(setup.out_dir, rnd)
+        artifacts = _write_artifacts(folder, results)
+        files, views = _round_files(global_state, results, algorithm.record_uploads)
+        checkpoint.write_round(setup.out_dir, rnd, files=files, views=views,
+                               num_examples={u.client: u.num_examples for u in updates},
+                               config_hash=setup.config_hash, extra={"clients": sampled, "data": artifacts})
+        losses = [r.metrics["loss_last_quarter"] for r in results.values() if "loss_last_quarter" in r.metrics]
+        history.append({"round": rnd, "clients": sampled, "seconds": time.perf_counter() - round_start,
+                        "client_metrics": {str(c): r.metrics for c, r in results.items()},
+                        "mean_train_loss": sum(losses) / len(losses) if losses else None, **info.metrics})
+        if losses:
+            rounds_bar.set_postfix(loss=f"{history[-1]['mean_train_loss']:.3f}")
+    return TrainingRun(model=model, history=history, train_seconds=time.perf_counter() - start,
+                       final_round=fed.rounds, training_dir=Path(setup.out_dir),
+                       global_members=algorithm.global_members(setup.data, contributors))

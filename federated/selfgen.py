@@ -1,0 +1,142 @@
+"""Self-generated synthetic instructions by in-context learning (FEDPIT, Zhang et al. 2024, after
+Self-Instruct, Wang et al. 2023).
+
+A client shows the shared model k of its own records as demonstrations and lets it continue with
+a new instruction; candidates are filtered (empty, truncated, malformed, out of length bounds,
+ROUGE-L >= threshold to any existing or already-accepted instruction), and the model then answers
+the accepted instructions greedily with a repetition penalty to curb repetitive low-quality text.
+
+Our choices where the paper is silent: the demonstrations are whole records in the training
+template, separated by EOS, followed by an open `### Instruction:` header (a base model continues
+that without any meta-prompt); "existing" instructions are the client's own plus those accepted
+this round; a candidate ends at its first newline.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from fedleak.federated.data import Record
+from fedleak.federated.errors import FedleakError
+from fedleak.federated.generation import generate
+from fedleak.federated.prompts import PROMPT_NO_INPUT, format_prompt
+from fedleak.federated.rouge import rouge_l, tokens
+from fedleak.federated.seeding import derive_seed, numpy_rng
+
+SYNTHETIC_CATEGORY = "synthetic"
+INSTRUCTION_HEADER = PROMPT_NO_INPUT.split("{instruction}")[0]  # "### Instruction:\n"
+
+
+@dataclass(frozen=True)
+class SelfGenSettings:
+    demos: int = 3
+    per_round: int = 8  # accepted synthetic records wanted per client per round
+    max_attempts: int = 24  # candidate instructions generated at most per client per round
+    rouge_threshold: float = 0.7
+    min_words: int = 4
+    max_words: int = 60
+    instruction_max_new_tokens: int = 48
+    response_max_new_tokens: int = 96
+    temperature: float = 1.0
+    top_p: float = 0.95
+    repetition_penalty: float = 1.2
+    no_repeat_ngram_size: int = 3
+
+    def __post_init__(self):
+        for name in ("demos", "per_round", "max_attempts", "min_words", "instruction_max_new_tokens",
+                     "response_max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise FedleakError(f"{name} = {getattr(self, name)}: must be a positive integer")
+        if self.max_words < self.min_words:
+            raise FedleakError(f"max_words = {self.max_words} is below min_words = {self.min_words}")
+        if not 0 < self.rouge_threshold <= 1:
+            raise FedleakError(f"rouge_threshold = {self.rouge_threshold}: must be in (0, 1]")
+        if not self.temperature > 0 or not 0 < self.top_p <= 1:
+            raise FedleakError(f"temperature = {self.temperature}, top_p = {self.top_p}: need temperature > 0 "
+                               f"and top_p in (0, 1]")
+        if self.repetition_penalty < 1 or self.no_repeat_ngram_size < 0:
+            raise FedleakError(f"repetition_penalty = {self.repetition_penalty} must be >= 1 and "
+                               f"no_repeat_ngram_size = {self.no_repeat_ngram_size} >= 0")
+
+
+def _demo_prompt(tokenizer, demos: list[Record], budget: int) -> list[int]:
+    """Demonstrations then an open instruction header; demos that would overflow `budget` are left out."""
+    header = tokenizer(INSTRUCTION_HEADER, add_special_tokens=False)["input_ids"]
+    ids: list[int] = []
+    for record in demos:
+        demo = tokenizer(format_prompt(record.instruction, record.input) + record.output,
+                         add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if ids and len(ids) + len(demo) + len(header) > budget:
+            break
+        ids += demo
+    return ids + header
+
+
+def context_length(model, default: int = 2048) -> int:
+    return int(getattr(model.config, "max_position_embeddings", None) or default)
+
+
+@functools.lru_cache(maxsize=4)
+def _newline_ids(tokenizer) -> list[int]:
+    """Tokens that contain a newline: an instruction candidate ends at the first one."""
+    return [i for tok, i in tokenizer.get_vocab().items() if "\n" in tokenizer.convert_tokens_to_string([tok])]
+
+
+def rejection(text: str, finished: bool, existing: list[str], settings: SelfGenSettings) -> str | None:
+    """Why a candidate instruction is dropped (a stats key), or None if it is kept."""
+    text = text.strip()
+    if not text:
+        return "empty"
+    if not finished:
+        return "truncated"
+    if "###" in text or not any(ch.isalpha() for ch in text):
+        return "malformed"
+    if not settings.min_words <= len(tokens(text)) <= settings.max_words:
+        return "length"
+    if any(rouge_l(text, other) >= settings.rouge_threshold for other in existing):
+        return "near_duplicate"
+    return None
+
+
+def self_generate(model, tokenizer, local: list[Record], settings: SelfGenSettings, *, seed: int,
+                  purpose: tuple, id_prefix: str) -> tuple[list[Record], dict]:
+    """Accepted synthetic records and counts of what the filters dropped."""
+    rng = numpy_rng(seed, "selfgen-demos", *purpose)
+    torch.manual_seed(derive_seed(seed, "selfgen-sampling", *purpose))
+    stats = {"candidates": 0, "empty": 0, "truncated": 0, "malformed": 0, "length": 0, "near_duplicate": 0,
+             "response_dropped": 0, "accepted": 0}
+    existing = [r.instruction for r in local]
+    accepted: list[str] = []
+    stop = _newline_ids(tokenizer) + [tokenizer.eos_token_id]
+    k = min(settings.demos, len(local))
+    while len(accepted) < settings.per_round and stats["candidates"] < settings.max_attempts:
+        n = min(settings.per_round, settings.max_attempts - stats["candidates"])
+        budget = context_length(model) - settings.instruction_max_new_tokens
+        prompts = [_demo_prompt(tokenizer, [local[int(i)] for i in rng.choice(len(local), size=k, replace=False)],
+                                budget) for _ in range(n)]
+        candidates = generate(model, tokenizer, prompts, max_new_tokens=settings.instruction_max_new_tokens,
+                              stop_ids=stop, do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
+        stats["candidates"] += n
+        for candidate in candidates:
+            reason = rejection(candidate.text, candidate.finished, existing + accepted, settings)
+            if reason:
+                stats[reason] += 1
+            elif len(accepted) < settings.per_round:
+                accepted.append(candidate.text.strip())
+    prompts = [tokenizer(format_prompt(instruction), add_special_tokens=False)["input_ids"] for instruction in accepted]
+    responses = generate(model, tokenizer, prompts, max_new_tokens=settings.response_max_new_tokens,
+                         repetition_penalty=settings.repetition_penalty,
+                         no_repeat_ngram_size=settings.no_repeat_ngram_size)
+    records = []
+    for instruction, response in zip(accepted, responses):
+        text = response.text.strip()
+        if not text or not response.finished or "###" in text:
+            stats["response_dropped"] += 1
+            continue
+        records.append(Record(instruction=instruction, input="", output=text, category=SYNTHETIC_CATEGORY,
+                              record_id=f"{id_prefix}-{len(records):03d}"))
+    stats["accepted"] = len(records)
+    return records, stats
