@@ -40,8 +40,9 @@ def cmd_run(args) -> int:
     md, html = write_report(Path(out))
     for cell in results["cells"]:
         m = cell["metrics"]
+        view = cell["observer"] if cell["client"] is None else f"{cell['observer']}/{cell['client']}"
         log.info("%s/%s %s on %s round %s: AUC %s", cell["algorithm"], cell["defense"], cell["attack"],
-                 cell["observer"], cell["round"], "n/a" if m["auc"] is None else f"{m['auc']:.3f}")
+                 view, cell["round"], "n/a" if m["auc"] is None else f"{m['auc']:.3f}")
     log.info("wrote %s, %s, %s and %s", Path(out) / "results.json", Path(out) / "results.csv", md, html)
     return 0
 
@@ -57,8 +58,9 @@ def cmd_report(args) -> int:
 def cmd_list(args) -> int:
     from fedleak.attacks.base import ATTACKS
     from fedleak.defenses.base import DEFENSES
+    from fedleak.federated.rounds import ALGORITHMS
 
-    for title, registry in (("defenses", DEFENSES), ("attacks", ATTACKS)):
+    for title, registry in (("algorithms", ALGORITHMS), ("defenses", DEFENSES), ("attacks", ATTACKS)):
         print(f"{title}:")
         for name in registry.names():
             print(f"  {name:<14} {registry.get(name).summary()}")
@@ -70,9 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fedleak", description="Privacy attacks and defenses for federated instruction tuning of LLMs.")
     parser.add_argument("--version", action="version", version=f"fedleak {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    run = sub.add_parser("run", help="train every defense of a config, run its attacks, write results and report",
-                         description="Train each defense of the matrix once, attack the final global model, "
-                                     "and write results.json, results.csv, report.md and report.html.")
+    run = sub.add_parser("run", help="train every (algorithm, defense) of a config, attack, write results and report",
+                         description="Train each (algorithm, defense) of the matrix once, evaluate utility, run "
+                                     "each attack on the observers' views of the final round, and write "
+                                     "results.json, results.csv, report.md and report.html.")
     run.add_argument("config", help="TOML matrix config, e.g. configs/quick.toml")
     run.add_argument("--out", help="output folder (default: the config's `out`)")
     run.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
@@ -80,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="(re)write report.md and report.html from a run's results.json")
     report.add_argument("run_dir", help="output folder of a finished run")
     report.set_defaults(func=cmd_report)
-    lst = sub.add_parser("list", help="list registered defenses and attacks")
+    lst = sub.add_parser("list", help="list registered algorithms, defenses and attacks")
     lst.set_defaults(func=cmd_list)
     return parser
 

@@ -7,14 +7,13 @@ keyword-only `__init__` arguments.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 from fedleak.federated.data import Record
-from fedleak.federated.registry import Registry
+from fedleak.federated.registry import Component, Registry
 
 ATTACKS: Registry[type["Attack"]] = Registry("attack", builtin_modules=(
     "fedleak.attacks.loss",
@@ -35,17 +34,8 @@ class Target:
     response_only: bool = True  # score the tokens training looked at
 
 
-class Attack:
-    name: str = ""  # set by @register_attack
+class Attack(Component):
     family: str = ""
-
-    def params(self) -> dict:
-        return {p: getattr(self, p) for p in inspect.signature(type(self).__init__).parameters
-                if p != "self" and hasattr(self, p)}
-
-    @classmethod
-    def summary(cls) -> str:
-        return (inspect.getdoc(cls) or "").splitlines()[0]
 
 
 class MembershipAttack(Attack):

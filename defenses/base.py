@@ -7,10 +7,8 @@ are explicit keyword-only `__init__` arguments, checked there with an error that
 
 from __future__ import annotations
 
-import inspect
-
 from fedleak.federated.hooks import TrainingHooks
-from fedleak.federated.registry import Registry
+from fedleak.federated.registry import Component, Registry
 
 DEFENSES: Registry[type["Defense"]] = Registry("defense", builtin_modules=(
     "fedleak.defenses.none",
@@ -19,14 +17,5 @@ DEFENSES: Registry[type["Defense"]] = Registry("defense", builtin_modules=(
 register_defense = DEFENSES.register
 
 
-class Defense(TrainingHooks):
-    name: str = ""  # set by @register_defense
-
-    def params(self) -> dict:
-        """The constructor's arguments, for results files (each subclass stores them as attributes)."""
-        return {p: getattr(self, p) for p in inspect.signature(type(self).__init__).parameters
-                if p != "self" and hasattr(self, p)}
-
-    @classmethod
-    def summary(cls) -> str:
-        return (inspect.getdoc(cls) or "").splitlines()[0]
+class Defense(TrainingHooks, Component):
+    """Base class: override the hooks the defense changes."""

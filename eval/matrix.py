@@ -130,6 +130,10 @@ def run_matrix(config: RunConfig, out_dir: Path, *, config_path: str | None = No
                         alpha=fed.alpha, min_records=fed.min_records_per_client, base_dir=base_dir)
     model_ref, model_info = resolve_model(config)
     training_hash = config.hash("seed", "model", "data", "federation")
+    base_model, tokenizer = load_base_model(model_ref, allow_download=config.model.allow_download)
+    base_utility = evaluate_utility(base_model, tokenizer, data.heldout[: config.utility.records],
+                                    max_length=fed.max_length, batch_size=config.utility.batch_size,
+                                    max_new_tokens=config.utility.max_new_tokens)
     trainings, cells = [], []
     for algorithm_spec, defense_spec in tqdm(trainings_of(config), desc="trainings", unit="training",
                                              disable=not progress):
@@ -149,8 +153,8 @@ def run_matrix(config: RunConfig, out_dir: Path, *, config_path: str | None = No
         eval_start = time.perf_counter()
         utility = _utility(run, config, data, tokenizer, final_dir)
         trainings.append({
-            **key, "algorithm_name": algorithm_spec.name, "algorithm_params": algorithm_spec.kwargs,
-            "defense_name": defense_spec.name, "defense_params": defense_spec.kwargs,
+            **key, "algorithm_name": algorithm_spec.name, "algorithm_params": algorithm.params(),
+            "defense_name": defense_spec.name, "defense_params": defense.params(),
             "checkpoint_dir": str(training_dir.relative_to(out_dir)), "train_seconds": run.train_seconds,
             "utility_seconds": time.perf_counter() - eval_start, "utility": utility,
             "views": checkpoint.available_views(final_dir), "synthetic": _synthetic_summary(run.history),
@@ -172,7 +176,7 @@ def run_matrix(config: RunConfig, out_dir: Path, *, config_path: str | None = No
                     outcome = run_membership(attack, target, members, nonmembers)
                     cells.append({
                         **key, "attack": attack_spec.label, "attack_name": attack_spec.name,
-                        "attack_params": attack_spec.kwargs, "family": attack.family, "observer": observer,
+                        "attack_params": attack.params(), "family": attack.family, "observer": observer,
                         "client": client, "round": run.final_round, "metrics": outcome["metrics"],
                         "n_members": outcome["n_members"], "n_nonmembers": outcome["n_nonmembers"],
                         "roc": outcome["roc"],
@@ -185,7 +189,8 @@ def run_matrix(config: RunConfig, out_dir: Path, *, config_path: str | None = No
         "git_commit": git_commit(), "seed": seed, "config_path": config_path, "config": config.to_dict(),
         "started_at": started.isoformat(timespec="seconds"),
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": model_info, "data": data.summary(), "trainings": trainings, "cells": cells,
+        "model": model_info, "data": data.summary(), "base_utility": base_utility, "trainings": trainings,
+        "cells": cells,
     }
     write_results(out_dir, results)
     return results

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 from typing import Callable, Generic, Iterable, TypeVar
 
 from fedleak.federated.errors import FedleakError
@@ -65,6 +66,21 @@ class Registry(Generic[T]):
     def __contains__(self, name: str) -> bool:
         self._load_builtins()
         return name in self._items
+
+
+class Component:
+    """What every registered component shares: its name and how it describes itself."""
+
+    name: str = ""  # set by the registry's decorator
+
+    def params(self) -> dict:
+        """The keyword arguments it was built with (each subclass stores them as attributes)."""
+        return {p: getattr(self, p) for p in inspect.signature(type(self).__init__).parameters
+                if p != "self" and hasattr(self, p)}
+
+    @classmethod
+    def summary(cls) -> str:
+        return (inspect.getdoc(cls) or "").splitlines()[0]
 
 
 def _where(obj) -> str:

@@ -21,7 +21,7 @@ from fedleak.federated.data import FederatedData, Record
 from fedleak.federated.errors import FedleakError
 from fedleak.federated.hooks import ClientJob, ClientUpdate, RoundInfo, TrainingHooks
 from fedleak.federated.io import atomic_write_text, sha256_bytes
-from fedleak.federated.registry import Registry
+from fedleak.federated.registry import Component, Registry
 from fedleak.federated.seeding import derive_seed, numpy_rng, torch_generator
 from fedleak.federated.training import Example, TrainSettings, encode
 
@@ -136,10 +136,9 @@ class TrainingRun:
     global_members: list[Record]  # the private records that shaped the global adapter
 
 
-class Algorithm:
+class Algorithm(Component):
     """A training algorithm; hyperparameters are keyword-only `__init__` arguments."""
 
-    name: str = ""  # set by @register_algorithm
     has_server: bool = True  # a server aggregates uploads into a global adapter
     federated: bool = True  # clients exchange updates, so aggregation defenses apply
     record_uploads: bool = True  # a curious server sees per-client uploads
@@ -156,18 +155,6 @@ class Algorithm:
 
     def client_round(self, ctx: ClientContext) -> ClientResult:
         raise NotImplementedError
-
-    def params(self) -> dict:
-        import inspect
-
-        return {p: getattr(self, p) for p in inspect.signature(type(self).__init__).parameters
-                if p != "self" and hasattr(self, p)}
-
-    @classmethod
-    def summary(cls) -> str:
-        import inspect
-
-        return (inspect.getdoc(cls) or "").splitlines()[0]
 
 
 def _round_files(global_state, results: dict[int, ClientResult], record_uploads: bool):

@@ -125,7 +125,9 @@ def leakage_table(results: dict) -> Table:
 
 
 def utility_table(results: dict) -> Table:
-    rows = []
+    base = results.get("base_utility")
+    rows = [["base model", "(no adapter)", fmt(base["loss"]), fmt(base["perplexity"]), fmt(base["rouge_l"]),
+             "n/a", "n/a", "n/a", "n/a"]] if base else []
     for t in results["trainings"]:
         u = t["utility"]
         g, c = u.get("global", {}), u.get("client_mean", {})

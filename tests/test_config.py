@@ -49,3 +49,13 @@ def test_cli_config_errors_exit_2_before_any_work(tmp_path, capsys):
     (tmp_path / "syntax.toml").write_text("seed = = 1\n")
     assert main(["run", str(tmp_path / "syntax.toml"), "--out", str(tmp_path / "out")]) == 2
     assert "invalid TOML" in capsys.readouterr().err
+
+
+def test_list_shows_every_registry(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for heading, names in (("algorithms:", ["fedit", "fedpit", "cenit", "locit", "locit_sa"]),
+                           ("defenses:", ["none", "median"]), ("attacks:", ["loss"])):
+        assert heading in out
+        for name in names:
+            assert f"  {name} " in out

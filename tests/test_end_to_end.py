@@ -46,6 +46,8 @@ def run_dir(tmp_path_factory, small_model_path):
 
 def test_results_schema_and_memorisation(run_dir):
     results = json.loads((run_dir / "results.json").read_text())
+    utility_of = lambda algorithm: next(t["utility"] for t in results["trainings"]
+                                        if (t["algorithm"], t["defense"]) == (algorithm, "none"))
     assert results["schema"] == "fedleak-results/1" and results["seed"] == 1
     assert results["versions"]["torch"] and results["versions"]["fedleak"] == results["fedleak_version"]
     assert "git_commit" in results and results["config"]["federation"]["rounds"] == 5
@@ -84,6 +86,8 @@ def test_results_schema_and_memorisation(run_dir):
         for scores in [utility.get("global"), *utility["clients"].values()]:
             if scores:
                 assert scores["loss"] > 0 and 0 <= scores["rouge_l"] <= 1
+    base = results["base_utility"]
+    assert base["loss"] > utility_of("fedit")["global"]["loss"]  # fine-tuning helps on the domain's records
     fedpit = next(t for t in results["trainings"] if t["algorithm"] == FEDPIT)
     assert fedpit["synthetic"]["candidates"] >= fedpit["synthetic"]["accepted"] > 0
     training = run_dir / results["trainings"][0]["checkpoint_dir"]
@@ -100,7 +104,7 @@ def test_csv_and_reports_carry_the_numbers_of_results_json(run_dir):
         assert float(row["auc"]) == cell["metrics"]["auc"]
         for value in (cell["metrics"]["auc"], cell["metrics"]["tpr@0.01fpr"]):
             assert fmt(value) in markdown and fmt(value) in html
-    for training in results["trainings"]:
+    for training in [*results["trainings"], {"utility": {"global": results["base_utility"]}}]:
         for scores in [training["utility"].get("global"), training["utility"].get("client_mean")]:
             if scores:
                 assert fmt(scores["loss"]) in markdown and fmt(scores["rouge_l"]) in html
