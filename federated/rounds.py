@@ -8,6 +8,7 @@ observer's view each round: `global`, `upload/i`, `client/i`.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,14 +177,12 @@ def _round_files(global_state, results: dict[int, ClientResult], record_uploads:
             views[checkpoint.view_key("upload", client)] = {DEFAULT: stem(result.upload, f"upload-client-{client:02d}")}
         if result.view:
             views[checkpoint.view_key("client", client)] = {
-                adapter: (stem(global_state, "global") if state == GLOBAL else stem(state, f"{adapter}-client-{client:02d}"))
+                adapter: (stem(global_state, "global") if state is GLOBAL else stem(state, f"{adapter}-client-{client:02d}"))
                 for adapter, state in result.view.items()}
     return files, views
 
 
 def _write_artifacts(folder: Path, results: dict[int, ClientResult]) -> dict:
-    import json
-
     entries = {}
     for client, result in sorted(results.items()):
         for name, rows in result.artifacts.items():
