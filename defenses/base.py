@@ -7,15 +7,79 @@ are explicit keyword-only `__init__` arguments, checked there with an error that
 
 from __future__ import annotations
 
+from fedleak.federated.errors import FedleakError
 from fedleak.federated.hooks import TrainingHooks
 from fedleak.federated.registry import Component, Registry
 
 DEFENSES: Registry[type["Defense"]] = Registry("defense", builtin_modules=(
     "fedleak.defenses.none",
     "fedleak.defenses.median",
+    "fedleak.defenses.trimmed_mean",
+    "fedleak.defenses.krum",
+    "fedleak.defenses.bulyan",
+    "fedleak.defenses.norm_bound",
+    "fedleak.defenses.geomedian",
+    "fedleak.defenses.secagg",
 ))
 register_defense = DEFENSES.register
 
 
 class Defense(TrainingHooks, Component):
     """Base class: override the hooks the defense changes."""
+
+    needs_individual_updates = False  # a rule over individual uploads (cannot run under secure aggregation)
+
+    def check(self, *, clients_per_round: int) -> None:
+        """Refuse, with a FedleakError naming the fix, a federation this defense cannot run in."""
+
+
+def _overrides(part: Defense, hook: str) -> bool:
+    return getattr(type(part), hook) is not getattr(Defense, hook)
+
+
+class Composition(Defense):
+    """Several defenses at once: update transforms chain in order; at most one replaces the client
+    training loop and at most one the aggregation rule."""
+
+    def __init__(self, parts: list[Defense]):
+        self.parts = list(parts)
+        names = [p.name for p in self.parts]
+        for hook in ("train_client", "aggregate"):
+            owners = [p.name for p in self.parts if _overrides(p, hook)]
+            if len(owners) > 1:
+                raise FedleakError(f"defenses {' + '.join(owners)} both replace {hook.replace('_', ' ')}: "
+                                   f"keep one of them")
+        hidden = [p.name for p in self.parts if p.hides_uploads]
+        individual = [p.name for p in self.parts if p.needs_individual_updates]
+        if hidden and individual:
+            raise FedleakError(f"{hidden[0]} hides individual uploads but {individual[0]} needs them: "
+                               f"they cannot be combined")
+        self.hides_uploads = bool(hidden)
+        self.needs_individual_updates = bool(individual)
+        self.name = "+".join(names)
+
+    def params(self) -> dict:
+        return {p.name: p.params() for p in self.parts}
+
+    def _owner(self, hook: str) -> Defense:
+        return next((p for p in self.parts if _overrides(p, hook)), Defense())
+
+    def check(self, *, clients_per_round: int) -> None:
+        for part in self.parts:
+            part.check(clients_per_round=clients_per_round)
+
+    def train_client(self, job):
+        return self._owner("train_client").train_client(job)
+
+    def before_aggregation(self, updates, *, global_state, info):
+        for part in self.parts:
+            updates = part.before_aggregation(updates, global_state=global_state, info=info)
+        return updates
+
+    def aggregate(self, updates, *, info):
+        return self._owner("aggregate").aggregate(updates, info=info)
+
+    def after_aggregation(self, state, *, previous, info):
+        for part in self.parts:
+            state = part.after_aggregation(state, previous=previous, info=info)
+        return state

@@ -16,21 +16,24 @@ from fedleak.federated.adapters import AdapterState
 from fedleak.federated.hooks import ClientUpdate, RoundInfo
 
 
+def stacked_median(stacked: torch.Tensor) -> torch.Tensor:
+    """Median over dim 0; torch.median keeps the lower middle for even counts, the median proper
+    (and numpy) averages the two middles."""
+    ordered, n = stacked.sort(dim=0).values, stacked.shape[0]
+    return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+
+
 def coordinate_median(results: Sequence[tuple[AdapterState, int]]) -> AdapterState:
     if not results:
         raise ValueError("coordinate_median needs at least one client update")
-    out = {}
-    for key in results[0][0]:
-        ordered = torch.stack([s[key].to(torch.float64) for s, _ in results]).sort(dim=0).values
-        n = len(results)
-        # torch.median keeps the lower middle for even n; the median proper averages the two middles.
-        middle = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
-        out[key] = middle.to(results[0][0][key].dtype)
-    return out
+    return {key: stacked_median(torch.stack([s[key].to(torch.float64) for s, _ in results])).to(results[0][0][key].dtype)
+            for key in results[0][0]}
 
 @register_defense("median")
 class Median(Defense):
     """Coordinate-wise median of client adapters instead of FedAvg (Yin et al. 2018)."""
+
+    needs_individual_updates = True
 
     def aggregate(self, updates: list[ClientUpdate], *, info: RoundInfo) -> AdapterState:
         return coordinate_median([(u.state, u.num_examples) for u in updates])

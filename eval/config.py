@@ -51,6 +51,7 @@ class ComponentSpec:
     name: str
     params: tuple[tuple[str, Any], ...] = ()
     observers: tuple[str, ...] = ()  # attacks only: which views to probe
+    parts: tuple["ComponentSpec", ...] = ()  # defenses only: a composition of several
 
     @property
     def kwargs(self) -> dict[str, Any]:
@@ -58,6 +59,8 @@ class ComponentSpec:
 
     @property
     def label(self) -> str:
+        if self.parts:
+            return "+".join(p.label for p in self.parts)
         if not self.params:
             return self.name
         return self.name + "(" + ",".join(f"{k}={v}" for k, v in self.params) + ")"
@@ -103,6 +106,8 @@ class RunConfig:
 
 
 def _plain(obj):
+    if isinstance(obj, ComponentSpec) and obj.parts:
+        return [_plain(p) for p in obj.parts]
     if isinstance(obj, ComponentSpec):
         return {"name": obj.name, **obj.kwargs, **({"observers": list(obj.observers)} if obj.observers else {})}
     if dataclasses.is_dataclass(obj):
@@ -197,6 +202,12 @@ def _components(value, key: str, where: str, *, kind: str) -> tuple[ComponentSpe
     specs = []
     for i, entry in enumerate(value):
         item = f"{key}[{i}]"
+        if kind == "defenses" and isinstance(entry, list):
+            spec = _composition(entry, item, where)
+            if spec in specs:
+                raise FedleakError(f"{where}: {item}: {spec.label} is listed twice: remove one")
+            specs.append(spec)
+            continue
         if isinstance(entry, str):
             entry = {"name": entry}
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
@@ -217,6 +228,29 @@ def _components(value, key: str, where: str, *, kind: str) -> tuple[ComponentSpe
             raise FedleakError(f"{where}: {item}: {spec.label} is listed twice: remove one")
         specs.append(spec)
     return tuple(specs)
+
+
+def _composition(entries: list, key: str, where: str) -> ComponentSpec:
+    """A list inside the defenses list: defenses applied together (e.g. ["dp_sgd", "median"])."""
+    if len(entries) < 2 or any(isinstance(e, list) for e in entries):
+        raise FedleakError(f"{where}: {key}: a composition lists two or more defenses (names or tables), not nested lists")
+    parts = _components(entries, key, where, kind="defenses")
+    spec = ComponentSpec("+".join(p.name for p in parts), parts=parts)
+    build_defense(spec, f"{where}: {key}")
+    return spec
+
+
+def build_defense(spec: ComponentSpec, where: str):
+    """The defense a spec names: one registered defense, or a Composition of several."""
+    from fedleak.defenses.base import DEFENSES, Composition
+
+    if not spec.parts:
+        return instantiate(DEFENSES.get(spec.name), spec.kwargs, where)
+    parts = [build_defense(p, where) for p in spec.parts]
+    try:
+        return Composition(parts)
+    except FedleakError as exc:
+        raise FedleakError(f"{where}: {exc}") from None
 
 
 def _observers(value, key: str, where: str) -> tuple[str, ...]:
@@ -246,7 +280,23 @@ def instantiate(cls, params: dict, where: str):
 
 
 def parse_config(table: dict, where: str = "<config>") -> RunConfig:
-    return _build(RunConfig, table, "", where)
+    config = _build(RunConfig, table, "", where)
+    _check_combinations(config, where)
+    return config
+
+
+def _check_combinations(config: RunConfig, where: str) -> None:
+    """Checks across tables: each defense against the federation it would run in."""
+    from fedleak.federated.rounds import ALGORITHMS
+
+    if not any(ALGORITHMS.get(a.name).federated for a in config.matrix.algorithms):
+        return
+    for i, spec in enumerate(config.matrix.defenses):
+        item = f"{where}: matrix.defenses[{i}]"
+        try:
+            build_defense(spec, item).check(clients_per_round=config.federation.clients_per_round)
+        except FedleakError as exc:
+            raise FedleakError(exc if str(exc).startswith(item) else f"{item}: {exc}") from None
 
 
 def load_config(path: str | Path) -> RunConfig:

@@ -12,8 +12,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fedleak.attacks.base import ATTACKS, MembershipAttack, Target
-from fedleak.defenses.base import DEFENSES
-from fedleak.eval.config import ComponentSpec, RunConfig, instantiate
+from fedleak.eval.config import ComponentSpec, RunConfig, build_defense, instantiate
 from fedleak.eval.metrics import membership_metrics, roc_points
 from fedleak.eval.results import SCHEMA, git_commit, library_versions, write_results
 from fedleak.eval.utility import evaluate_utility
@@ -139,8 +138,7 @@ def run_matrix(config: RunConfig, out_dir: Path, *, config_path: str | None = No
                                              disable=not progress):
         algorithm = instantiate(ALGORITHMS.get(algorithm_spec.name), algorithm_spec.kwargs,
                                 f"matrix.algorithms: {algorithm_spec.label}")
-        defense = instantiate(DEFENSES.get(defense_spec.name), defense_spec.kwargs,
-                              f"matrix.defenses: {defense_spec.label}")
+        defense = build_defense(defense_spec, f"matrix.defenses: {defense_spec.label}")
         base_model, tokenizer = load_base_model(model_ref, allow_download=config.model.allow_download)
         training_dir = out_dir / "trainings" / f"{algorithm_spec.label}-{defense_spec.label}-seed{seed}"
         label = f"{algorithm_spec.label}/{defense_spec.label}"

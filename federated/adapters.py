@@ -90,3 +90,17 @@ def apply_view(model, view: dict[str, AdapterState], settings: LoraSettings) -> 
         set_adapter_state(model, state, name)
     activate(model, list(view))
     model.eval()
+
+
+def flatten(state: AdapterState) -> torch.Tensor:
+    """One float64 vector of every tensor, in sorted key order (what distance-based rules compare)."""
+    return torch.cat([state[k].reshape(-1).to(torch.float64) for k in sorted(state)])
+
+
+def unflatten(vector: torch.Tensor, like: AdapterState) -> AdapterState:
+    out, offset = {}, 0
+    for k in sorted(like):
+        n = like[k].numel()
+        out[k] = vector[offset:offset + n].view(like[k].shape).to(like[k].dtype)
+        offset += n
+    return out

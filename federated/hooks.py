@@ -51,6 +51,8 @@ class RoundInfo:
 
 
 class TrainingHooks:
+    hides_uploads = False  # the server never sees individual uploads (secure aggregation)
+
     def train_client(self, job: ClientJob) -> dict:
         return job.run()
 

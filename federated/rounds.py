@@ -66,6 +66,10 @@ class FederationSettings:
         if self.partition not in ("dirichlet", "iid"):
             raise FedleakError(f"federation.partition = {self.partition!r}: use 'dirichlet' or 'iid'")
 
+    @property
+    def clients_per_round(self) -> int:
+        return max(1, round(self.client_fraction * self.clients))
+
     def train_settings(self) -> TrainSettings:
         return TrainSettings(epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr,
                              max_grad_norm=self.max_grad_norm)
@@ -233,7 +237,7 @@ def run_rounds(setup: TrainingSetup, algorithm: Algorithm) -> TrainingRun:
             contributors |= {u.client for u in updates}
         folder = checkpoint.round_dir(setup.out_dir, rnd)
         artifacts = _write_artifacts(folder, results)
-        files, views = _round_files(global_state, results, algorithm.record_uploads)
+        files, views = _round_files(global_state, results, algorithm.record_uploads and not setup.hooks.hides_uploads)
         checkpoint.write_round(setup.out_dir, rnd, files=files, views=views,
                                num_examples={u.client: u.num_examples for u in updates},
                                config_hash=setup.config_hash, extra={"clients": sampled, "data": artifacts})

@@ -88,3 +88,17 @@ def test_hooks_are_called_and_replace_aggregation(tmp_path, small_model_path):
     initial = checkpoint.load_view(checkpoint.round_dir(run.training_dir, 0), "global")["default"]
     final = checkpoint.load_view(checkpoint.round_dir(run.training_dir, 2), "global")["default"]
     assert all(torch.equal(initial[k], final[k]) for k in initial)
+
+
+def test_secure_aggregation_leaves_no_upload_view(tmp_path, small_model_path):
+    from fedleak.defenses.secagg import SecAgg
+
+    run = _run(tmp_path, small_model_path, SecAgg(), "s")
+    plain = _run(tmp_path, small_model_path, Defense(), "p")
+    for rnd in (1, 2):
+        views = checkpoint.available_views(checkpoint.round_dir(run.training_dir, rnd))
+        assert views == ["global", "client/0", "client/1"]
+        assert not list(checkpoint.round_dir(run.training_dir, rnd).glob("upload-*"))
+        # The aggregate is the same as without it: only what the server sees changes.
+        same = [checkpoint.read_manifest(checkpoint.round_dir(r.training_dir, rnd))["files"]["global"] for r in (run, plain)]
+        assert same[0] == same[1]

@@ -1,0 +1,56 @@
+"""Geometric median aggregation, RFA (Pillutla, Kakade and Harchaoui 2022, "Robust Aggregation for
+Federated Learning").
+
+The smoothed Weiszfeld algorithm: starting from the weighted mean, repeatedly re-weight each
+client by alpha_i / max(nu, |v - w_i|) (alpha_i its share of examples) and take the weighted mean,
+for at most `max_iter` iterations or until the objective stops improving by more than `ftol`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from fedleak.defenses.base import Defense, register_defense
+from fedleak.federated.adapters import AdapterState, flatten, unflatten
+from fedleak.federated.errors import FedleakError
+from fedleak.federated.hooks import ClientUpdate, RoundInfo
+
+
+def geometric_median(results: Sequence[tuple[AdapterState, int]], *, max_iter: int = 10, nu: float = 1e-6,
+                     ftol: float = 1e-6) -> tuple[AdapterState, int]:
+    """The smoothed Weiszfeld estimate and the number of iterations it took."""
+    points = torch.stack([flatten(state) for state, _ in results])
+    alphas = torch.tensor([float(n) for _, n in results], dtype=torch.float64)
+    alphas = alphas / alphas.sum()
+    median = (alphas[:, None] * points).sum(0)
+    objective = float((alphas * (points - median).norm(dim=1)).sum())
+    iterations = 0
+    for iterations in range(1, max_iter + 1):
+        weights = alphas / (points - median).norm(dim=1).clamp(min=nu)
+        median = (weights[:, None] * points).sum(0) / weights.sum()
+        new_objective = float((alphas * (points - median).norm(dim=1)).sum())
+        if abs(objective - new_objective) <= ftol * new_objective:
+            break
+        objective = new_objective
+    return unflatten(median, results[0][0]), iterations
+
+
+@register_defense("geomedian")
+class GeoMedian(Defense):
+    """Geometric median of the uploads by smoothed Weiszfeld iterations, RFA (Pillutla et al. 2022)."""
+
+    needs_individual_updates = True
+
+    def __init__(self, *, max_iter: int = 10, nu: float = 1e-6, ftol: float = 1e-6):
+        if max_iter < 1 or not nu > 0 or not ftol >= 0:
+            raise FedleakError(f"geomedian: max_iter = {max_iter}, nu = {nu}, ftol = {ftol}: need max_iter >= 1, "
+                               f"nu > 0 and ftol >= 0")
+        self.max_iter, self.nu, self.ftol = max_iter, nu, ftol
+
+    def aggregate(self, updates: list[ClientUpdate], *, info: RoundInfo) -> AdapterState:
+        state, iterations = geometric_median([(u.state, u.num_examples) for u in updates], max_iter=self.max_iter,
+                                             nu=self.nu, ftol=self.ftol)
+        info.metrics["weiszfeld_iterations"] = iterations
+        return state

@@ -1,0 +1,84 @@
+"""Krum and Multi-Krum (Blanchard, El Mhamdi, Guerraoui and Stainer 2017, "Machine Learning with
+Adversaries: Byzantine Tolerant Gradient Descent").
+
+Each client's score is the sum of squared distances to its n - f - 2 nearest other clients; Krum
+keeps the lowest-scoring upload, Multi-Krum averages the m lowest (weighted by example counts, as
+Flower does). Needs n > 2f + 2 clients per round.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from fedleak.defenses.base import Defense, register_defense
+from fedleak.federated.adapters import AdapterState, flatten
+from fedleak.federated.aggregation import fedavg
+from fedleak.federated.errors import FedleakError
+from fedleak.federated.hooks import ClientUpdate, RoundInfo
+
+
+def krum_scores(vectors: torch.Tensor, *, f: int) -> torch.Tensor:
+    distances = torch.cdist(vectors, vectors) ** 2
+    closest = max(1, len(vectors) - f - 2)
+    # Row i sorted ascending starts with its zero distance to itself: skip it.
+    return distances.sort(dim=1).values[:, 1:closest + 1].sum(dim=1)
+
+
+def krum_select(results: Sequence[tuple[AdapterState, int]], *, f: int, m: int = 1) -> list[int]:
+    """Indices of the m uploads with the lowest Krum scores."""
+    vectors = torch.stack([flatten(state) for state, _ in results])
+    return torch.argsort(krum_scores(vectors, f=f), stable=True)[:m].tolist()
+
+
+def krum_precondition(n: int, f: int, name: str) -> None:
+    if n <= 2 * f + 2:
+        raise FedleakError(f"{name}: f = {f} needs more than 2f + 2 = {2 * f + 2} clients per round, got {n}: "
+                           f"lower f or sample more clients (federation.clients, federation.client_fraction)")
+
+
+@register_defense("krum")
+class Krum(Defense):
+    """Krum: keep the one upload closest to its n - f - 2 neighbours (Blanchard et al. 2017)."""
+
+    needs_individual_updates = True
+
+    def __init__(self, *, f: int = 0):
+        if f < 0:
+            raise FedleakError(f"krum: f = {f}: must be >= 0")
+        self.f = f
+
+    def check(self, *, clients_per_round: int) -> None:
+        krum_precondition(clients_per_round, self.f, "krum")
+
+    def aggregate(self, updates: list[ClientUpdate], *, info: RoundInfo) -> AdapterState:
+        krum_precondition(len(updates), self.f, "krum")
+        results = [(u.state, u.num_examples) for u in updates]
+        chosen = krum_select(results, f=self.f)[0]
+        info.metrics["excluded_clients"] = [u.client for i, u in enumerate(updates) if i != chosen]
+        return dict(results[chosen][0])
+
+
+@register_defense("multikrum")
+class MultiKrum(Defense):
+    """Multi-Krum: average the m uploads with the best Krum scores (Blanchard et al. 2017)."""
+
+    needs_individual_updates = True
+
+    def __init__(self, *, f: int = 0, m: int = 1):
+        if f < 0 or m < 1:
+            raise FedleakError(f"multikrum: f = {f}, m = {m}: need f >= 0 and m >= 1")
+        self.f, self.m = f, m
+
+    def check(self, *, clients_per_round: int) -> None:
+        krum_precondition(clients_per_round, self.f, "multikrum")
+        if self.m > clients_per_round:
+            raise FedleakError(f"multikrum: m = {self.m} exceeds the {clients_per_round} clients per round")
+
+    def aggregate(self, updates: list[ClientUpdate], *, info: RoundInfo) -> AdapterState:
+        krum_precondition(len(updates), self.f, "multikrum")
+        results = [(u.state, u.num_examples) for u in updates]
+        chosen = set(krum_select(results, f=self.f, m=min(self.m, len(updates))))
+        info.metrics["excluded_clients"] = [u.client for i, u in enumerate(updates) if i not in chosen]
+        return fedavg([results[i] for i in sorted(chosen)])

@@ -1,0 +1,50 @@
+"""Coordinate-wise trimmed mean (Yin, Chen, Ramchandran and Bartlett 2018, "Byzantine-Robust
+Distributed Learning: Towards Optimal Statistical Rates").
+
+For each coordinate the server drops the floor(beta * n) largest and smallest client values and
+averages the rest, unweighted. Needs 0 <= beta < 0.5 and at least one value left.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from fedleak.defenses.base import Defense, register_defense
+from fedleak.federated.adapters import AdapterState
+from fedleak.federated.errors import FedleakError
+from fedleak.federated.hooks import ClientUpdate, RoundInfo
+
+
+def trimmed_mean(results: Sequence[tuple[AdapterState, int]], *, beta: float) -> AdapterState:
+    n = len(results)
+    cut = math.floor(beta * n)
+    if not 0 <= beta < 0.5 or n - 2 * cut < 1:
+        raise ValueError(f"trimmed_mean with beta = {beta} leaves no value of {n}")
+    out = {}
+    for key in results[0][0]:
+        ordered = torch.stack([s[key].to(torch.float64) for s, _ in results]).sort(dim=0).values
+        out[key] = ordered[cut:n - cut].mean(dim=0).to(results[0][0][key].dtype)
+    return out
+
+
+@register_defense("trimmed_mean")
+class TrimmedMean(Defense):
+    """Coordinate-wise trimmed mean: drop the beta fraction of extreme values at each end (Yin et al. 2018)."""
+
+    needs_individual_updates = True
+
+    def __init__(self, *, beta: float = 0.1):
+        if not 0 <= beta < 0.5:
+            raise FedleakError(f"trimmed_mean: beta = {beta}: must be in [0, 0.5)")
+        self.beta = beta
+
+    def check(self, *, clients_per_round: int) -> None:
+        if clients_per_round - 2 * math.floor(self.beta * clients_per_round) < 1:
+            raise FedleakError(f"trimmed_mean: beta = {self.beta} trims every one of {clients_per_round} clients "
+                               f"per round: lower beta or sample more clients")
+
+    def aggregate(self, updates: list[ClientUpdate], *, info: RoundInfo) -> AdapterState:
+        return trimmed_mean([(u.state, u.num_examples) for u in updates], beta=self.beta)
