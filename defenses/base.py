@@ -20,6 +20,8 @@ DEFENSES: Registry[type["Defense"]] = Registry("defense", builtin_modules=(
     "fedleak.defenses.norm_bound",
     "fedleak.defenses.geomedian",
     "fedleak.defenses.secagg",
+    "fedleak.defenses.dp_sgd",
+    "fedleak.defenses.dp_fedavg",
 ))
 register_defense = DEFENSES.register
 

@@ -112,6 +112,25 @@ def _synthetic_summary(history: list[dict]) -> dict | None:
     return totals or None
 
 
+def _privacy(history: list[dict]) -> dict | None:
+    """The accountants' final epsilons: user-level from the server (DP-FedAvg), record-level from the
+    clients (DP-SGD; the largest over clients, each client's last report)."""
+    out = {}
+    server = [(r["epsilon"], r["delta"]) for r in history if "epsilon" in r]
+    if server:
+        out["user_level_epsilon"], out["user_level_delta"] = server[-1]
+    clients = {}
+    for r in history:
+        for client, metrics in r["client_metrics"].items():
+            if "epsilon" in metrics:
+                clients[client] = (metrics["epsilon"], metrics["delta"])
+    if clients:
+        out["record_level_epsilon"] = max(e for e, _ in clients.values())
+        out["record_level_delta"] = next(iter(clients.values()))[1]
+        out["record_level_epsilon_per_client"] = {c: e for c, (e, _) in sorted(clients.items())}
+    return out or None
+
+
 def _synthetic_examples(training_dir: Path, final_round: int) -> list[dict]:
     folder = checkpoint.round_dir(training_dir, final_round)
     rows = []
@@ -156,6 +175,7 @@ def run_matrix(config: RunConfig, out_dir: Path, *, config_path: str | None = No
             "checkpoint_dir": str(training_dir.relative_to(out_dir)), "train_seconds": run.train_seconds,
             "utility_seconds": time.perf_counter() - eval_start, "utility": utility,
             "views": checkpoint.available_views(final_dir), "synthetic": _synthetic_summary(run.history),
+            "privacy": _privacy(run.history),
             "synthetic_examples": _synthetic_examples(training_dir, run.final_round), "rounds": run.history,
         })
         view_keys = checkpoint.available_views(final_dir)

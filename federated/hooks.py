@@ -29,6 +29,7 @@ class ClientJob:
     pad_id: int
     generator: torch.Generator
     adapter: str = DEFAULT  # the peft adapter being trained (the only one with requires_grad)
+    planned_rounds: int = 1  # rounds in the whole training (for privacy budgets planned up front)
 
     def run(self) -> dict:
         return train_adapter(self.model, self.examples, self.settings, pad_id=self.pad_id, generator=self.generator)

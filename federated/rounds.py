@@ -117,7 +117,7 @@ class ClientContext:
         job = ClientJob(client=self.client, round=self.round, model=self.model, examples=examples,
                         settings=self.setup.federation.train_settings(), pad_id=self.tokenizer.pad_token_id,
                         generator=torch_generator(self.setup.seed, "client-batches", self.round, self.client, adapter),
-                        adapter=adapter)
+                        adapter=adapter, planned_rounds=self.setup.federation.rounds)
         torch.manual_seed(derive_seed(self.setup.seed, "client-train", self.round, self.client, adapter))  # dropout
         return self.setup.hooks.train_client(job)
 

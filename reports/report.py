@@ -127,14 +127,27 @@ def leakage_table(results: dict) -> Table:
 def utility_table(results: dict) -> Table:
     base = results.get("base_utility")
     rows = [["base model", "(no adapter)", fmt(base["loss"]), fmt(base["perplexity"]), fmt(base["rouge_l"]),
-             "n/a", "n/a", "n/a", "n/a"]] if base else []
+             "n/a", "n/a", "n/a", "n/a", "n/a"]] if base else []
     for t in results["trainings"]:
         u = t["utility"]
         g, c = u.get("global", {}), u.get("client_mean", {})
         rows.append([t["algorithm"], t["defense"], fmt(g.get("loss")), fmt(g.get("perplexity")), fmt(g.get("rouge_l")),
-                     fmt(c.get("loss")), fmt(c.get("perplexity")), fmt(c.get("rouge_l")), fmt(t["train_seconds"], 1)])
+                     fmt(c.get("loss")), fmt(c.get("perplexity")), fmt(c.get("rouge_l")), _epsilon(t.get("privacy")),
+                     fmt(t["train_seconds"], 1)])
     return Table(["algorithm", "defense", "global loss", "global ppl", "global ROUGE-L", "client loss",
-                  "client ppl", "client ROUGE-L", "train s"], rows)
+                  "client ppl", "client ROUGE-L", "epsilon (accountant)", "train s"], rows)
+
+
+def _epsilon(privacy: dict | None) -> str:
+    """The accountant's epsilon: record-level (DP-SGD, worst client) and/or user-level (DP-FedAvg)."""
+    if not privacy:
+        return "n/a"
+    parts = []
+    if "record_level_epsilon" in privacy:
+        parts.append(f"record {fmt(privacy['record_level_epsilon'], 2)} (delta {privacy['record_level_delta']:g})")
+    if "user_level_epsilon" in privacy:
+        parts.append(f"user {fmt(privacy['user_level_epsilon'], 2)} (delta {privacy['user_level_delta']:g})")
+    return "; ".join(parts)
 
 
 def membership_table(results: dict) -> Table:

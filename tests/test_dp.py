@@ -1,0 +1,126 @@
+"""DP-SGD through Opacus on peft LoRA: correctness guards (Opacus issue 820 reports silently
+corrupted LoRA weights with some peft versions) and accounting."""
+
+import copy
+
+import pytest
+import torch
+from opacus import GradSampleModule
+
+from fedleak.defenses.dp_sgd import DPSGD
+from fedleak.federated.adapters import LoraSettings, add_lora, get_adapter_state
+from fedleak.federated.data import generate_records
+from fedleak.federated.errors import FedleakError
+from fedleak.federated.hooks import ClientJob
+from fedleak.federated.model import load_base_model
+from fedleak.federated.training import TrainSettings, collate, encode, sequence_losses, train_adapter
+
+
+@pytest.fixture()
+def lora_model(small_model_path):
+    base, tokenizer = load_base_model(small_model_path)
+    model = add_lora(base, LoraSettings(r=4, alpha=8), seed=0)
+    with torch.no_grad():  # B starts at zero: make every LoRA gradient non-trivial
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
+    examples = encode(generate_records(6, seed=0, purpose="dp", private=True), tokenizer, max_length=256)
+    return model, tokenizer, examples
+
+
+def test_opacus_per_sample_gradients_equal_per_example_autograd(lora_model):
+    model, tokenizer, examples = lora_model
+    model.train()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    expected = []
+    for example in examples:
+        model.zero_grad()
+        sequence_losses(model, collate([example], tokenizer.pad_token_id)).mean().backward()
+        expected.append({n: p.grad.clone() for n, p in params.items()})
+    model.zero_grad()
+    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    sequence_losses(wrapped, collate(examples, tokenizer.pad_token_id)).mean().backward()
+    try:
+        assert len(params) > 0
+        for name, p in params.items():
+            assert p.grad_sample.shape == (len(examples), *p.shape)
+            for i in range(len(examples)):
+                torch.testing.assert_close(p.grad_sample[i], expected[i][name], rtol=1e-4, atol=1e-6)
+    finally:
+        wrapped._close()
+
+
+def test_dp_step_without_noise_or_clipping_equals_the_plain_step(lora_model):
+    model, tokenizer, examples = lora_model
+    settings = TrainSettings(epochs=2, batch_size=len(examples), lr=1e-3, max_grad_norm=None)
+    twin = copy.deepcopy(model)
+    train_adapter(twin, examples, settings, pad_id=tokenizer.pad_token_id, generator=torch.Generator().manual_seed(0))
+    # batch_size = n gives Poisson rate 1: every example in every batch, as in the plain full-batch step.
+    job = ClientJob(client=0, round=1, model=model, examples=examples, settings=settings,
+                    pad_id=tokenizer.pad_token_id, generator=torch.Generator().manual_seed(0))
+    metrics = DPSGD(noise_multiplier=0.0, max_grad_norm=1e9).train_client(job)
+    assert metrics["steps"] == 2 and metrics["sample_rate"] == 1.0
+    dp, plain = get_adapter_state(model), get_adapter_state(twin)
+    for key in plain:
+        torch.testing.assert_close(dp[key], plain[key], rtol=1e-4, atol=1e-6)
+    assert not any(len(m._forward_hooks) or len(m._backward_hooks) for m in model.modules())  # hooks removed
+
+
+def test_epsilon_accumulates_per_client_and_target_epsilon_is_met(lora_model):
+    model, tokenizer, examples = lora_model
+    defense = DPSGD(target_epsilon=3.0, max_grad_norm=1.0, delta=1e-5)
+    settings = TrainSettings(epochs=1, batch_size=2, lr=1e-3)
+    epsilons = []
+    for rnd in (1, 2):
+        job = ClientJob(client=0, round=rnd, model=model, examples=examples, settings=settings,
+                        pad_id=tokenizer.pad_token_id, generator=torch.Generator().manual_seed(rnd), planned_rounds=2)
+        torch.manual_seed(rnd)
+        epsilons.append(DPSGD.train_client(defense, job)["epsilon"])
+    assert 0 < epsilons[0] < epsilons[1] <= 3.0 * 1.01  # the budget is spent over the planned rounds
+    assert epsilons[1] > 2.0
+    other = ClientJob(client=1, round=1, model=model, examples=examples, settings=settings,
+                      pad_id=tokenizer.pad_token_id, generator=torch.Generator().manual_seed(5), planned_rounds=2)
+    assert defense.train_client(other)["epsilon"] == pytest.approx(epsilons[0])  # its own accountant
+
+
+def test_dp_sgd_parameters_are_checked():
+    with pytest.raises(FedleakError, match="exactly one of noise_multiplier and target_epsilon"):
+        DPSGD()
+    with pytest.raises(FedleakError, match="max_grad_norm"):
+        DPSGD(noise_multiplier=1.0, max_grad_norm=0)
+
+
+def _state(values):
+    return {"w": torch.tensor(values, dtype=torch.float64)}
+
+
+def test_dp_fedavg_clips_adds_seeded_noise_and_accounts_per_round():
+    from fedleak.defenses.dp_fedavg import DPFedAvg
+    from fedleak.federated.hooks import ClientUpdate, RoundInfo
+
+    reference = _state([0.0, 0.0])
+    updates = [ClientUpdate(0, _state([3.0, 4.0]), 10), ClientUpdate(1, _state([0.3, 0.4]), 1)]
+
+    def round_of(defense, number, seed=0):
+        info = RoundInfo(round=number, clients=[0, 1], num_clients_total=4,
+                         generator=torch.Generator().manual_seed(seed))
+        received = defense.before_aggregation(updates, global_state=reference, info=info)
+        return defense.aggregate(received, info=info), info
+
+    # No noise: the unweighted mean of the clipped updates ([0.6, 0.8] and [0.3, 0.4]).
+    out, info = round_of(DPFedAvg(noise_multiplier=0.0, clip_norm=1.0), 1)
+    torch.testing.assert_close(out["w"], torch.tensor([0.45, 0.6], dtype=torch.float64))
+    # With noise: std sigma * C / expected clients around that mean, the same for the same seed.
+    defense = DPFedAvg(noise_multiplier=1.0, clip_norm=1.0)
+    a, info1 = round_of(defense, 1)
+    b, _ = round_of(DPFedAvg(noise_multiplier=1.0, clip_norm=1.0), 1)
+    torch.testing.assert_close(a["w"], b["w"])
+    assert not torch.allclose(a["w"], out["w"])
+    _, info2 = round_of(defense, 2, seed=1)
+    assert 0 < info1.metrics["epsilon"] < info2.metrics["epsilon"]
+    from opacus.accountants import RDPAccountant
+
+    reference_accountant = RDPAccountant()
+    for _ in range(2):
+        reference_accountant.step(noise_multiplier=1.0, sample_rate=0.5)
+    assert info2.metrics["epsilon"] == pytest.approx(reference_accountant.get_epsilon(1e-5))
