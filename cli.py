@@ -20,6 +20,11 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*only one class.*")
+    # Opacus's hooks on a frozen base trip torch's full-backward-hook notice; RDP order hints are advice.
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    warnings.filterwarnings("ignore", message="Optimal order is the")
+    # fedleak measures leakage; reproducible (seeded) noise is the point, not a secure RNG.
+    warnings.filterwarnings("ignore", message="Secure RNG turned off")
     import transformers
 
     transformers.utils.logging.set_verbosity_error()

@@ -17,7 +17,7 @@ from fedleak.federated.registry import Component, Registry
 
 ATTACKS: Registry[type["Attack"]] = Registry("attack", builtin_modules=(
     "fedleak.attacks.loss",
-))
+), entry_point_group="fedleak.attacks")
 register_attack = ATTACKS.register
 
 

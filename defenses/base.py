@@ -22,7 +22,7 @@ DEFENSES: Registry[type["Defense"]] = Registry("defense", builtin_modules=(
     "fedleak.defenses.secagg",
     "fedleak.defenses.dp_sgd",
     "fedleak.defenses.dp_fedavg",
-))
+), entry_point_group="fedleak.defenses")
 register_defense = DEFENSES.register
 
 

@@ -8,6 +8,7 @@ attacks, each a registered name or an inline table `{name = "...", param = value
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import hashlib
 import inspect
 import json
@@ -67,7 +68,27 @@ class ComponentSpec:
 
 
 @dataclass(frozen=True)
+class ExcludeRule:
+    """Skip the (algorithm, defense) trainings matching both glob patterns (on name or label);
+    a leading "!" negates: {algorithm = "fedpit", defense = "!none"} keeps FEDPIT with no defense only."""
+
+    algorithm: str = "*"
+    defense: str = "*"
+
+    def matches(self, algorithm: "ComponentSpec", defense: "ComponentSpec") -> bool:
+        return _glob(self.algorithm, algorithm) and _glob(self.defense, defense)
+
+
+def _glob(pattern: str, spec: "ComponentSpec") -> bool:
+    negate = pattern.startswith("!")
+    pattern = pattern[1:] if negate else pattern
+    hit = fnmatch.fnmatchcase(spec.name, pattern) or fnmatch.fnmatchcase(spec.label, pattern)
+    return hit != negate
+
+
+@dataclass(frozen=True)
 class MatrixSettings:
+    exclude: tuple[ExcludeRule, ...] = ()
     algorithms: tuple[ComponentSpec, ...] = (ComponentSpec("fedit"),)
     defenses: tuple[ComponentSpec, ...] = (ComponentSpec("none"),)
     attacks: tuple[ComponentSpec, ...] = (ComponentSpec("loss", observers=("global",)),)
@@ -87,6 +108,7 @@ class UtilitySettings:
 
 @dataclass(frozen=True)
 class RunConfig:
+    plugins: tuple[str, ...] = ()  # modules imported first; they register components with the decorators
     seed: int = 0
     out: str = ""  # output folder; `fedleak run --out` overrides; relative to the working directory
     model: ModelSettings = field(default_factory=ModelSettings)
@@ -181,7 +203,7 @@ def _build(cls, table: dict, prefix: str, where: str):
         if key not in known:
             raise FedleakError(f"{where}: unknown key {full!r}: {did_you_mean(key, known)}"
                                f"known keys{' in [' + prefix + ']' if prefix else ''}: {', '.join(known)}")
-        if cls is MatrixSettings:
+        if cls is MatrixSettings and key != "exclude":
             kwargs[key] = _components(value, full, where, kind=key)
         else:
             kwargs[key] = _checked(value, hints[key], full, where)
@@ -279,7 +301,9 @@ def instantiate(cls, params: dict, where: str):
         raise FedleakError(f"{where}: {cls.name}: {exc}") from None
 
 
-def parse_config(table: dict, where: str = "<config>") -> RunConfig:
+def parse_config(table: dict, where: str = "<config>", base_dir: Path | None = None) -> RunConfig:
+    plugins = table.get("plugins", [])
+    load_plugins(_checked(plugins, tuple[str, ...], "plugins", where), where, base_dir)
     config = _build(RunConfig, table, "", where)
     _check_combinations(config, where)
     return config
@@ -299,6 +323,22 @@ def _check_combinations(config: RunConfig, where: str) -> None:
             raise FedleakError(exc if str(exc).startswith(item) else f"{item}: {exc}") from None
 
 
+def load_plugins(modules: tuple[str, ...], where: str, base_dir: Path | None = None) -> None:
+    """Import plug-in modules (the config's folder first on the path, so a my_defense.py beside it works)."""
+    import importlib
+
+    if base_dir is not None and str(base_dir.resolve()) not in sys.path:
+        sys.path.insert(0, str(base_dir.resolve()))
+    for i, module in enumerate(modules):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            raise FedleakError(f"{where}: plugins[{i}] = {module!r}: no module named {exc.name!r}: install the "
+                               f"plug-in or put {module}.py beside the config") from None
+        except FedleakError as exc:
+            raise FedleakError(f"{where}: plugins[{i}] = {module!r}: {exc}") from None
+
+
 def load_config(path: str | Path) -> RunConfig:
     path = Path(path)
     try:
@@ -307,4 +347,4 @@ def load_config(path: str | Path) -> RunConfig:
         raise FedleakError(f"{path}: config file not found: give the path of a TOML file such as configs/quick.toml") from None
     except tomllib.TOMLDecodeError as exc:
         raise FedleakError(f"{path}: invalid TOML ({exc}): fix the syntax") from None
-    return parse_config(table, str(path))
+    return parse_config(table, str(path), base_dir=path.parent)

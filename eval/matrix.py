@@ -60,14 +60,14 @@ def run_membership(attack: MembershipAttack, target: Target, members, nonmembers
 
 def trainings_of(config: RunConfig) -> list[tuple[ComponentSpec, ComponentSpec]]:
     """(algorithm, defense) pairs: defenses hook into a federation, so non-federated baselines
-    (CENIT, LOCIT) train once, without one."""
+    (CENIT, LOCIT) train once, without one; `matrix.exclude` rules drop pairs."""
     pairs = []
     for algorithm in config.matrix.algorithms:
         if ALGORITHMS.get(algorithm.name).federated:
             pairs += [(algorithm, defense) for defense in config.matrix.defenses]
         else:
             pairs.append((algorithm, NO_DEFENSE))
-    return pairs
+    return [(a, d) for a, d in pairs if not any(rule.matches(a, d) for rule in config.matrix.exclude)]
 
 
 def _views_for(observer: str, keys: list[str]) -> list[tuple[str, int | None]]:

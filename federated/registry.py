@@ -28,9 +28,10 @@ class Registry(Generic[T]):
     backend is only loaded when its component is listed or used.
     """
 
-    def __init__(self, kind: str, builtin_modules: Iterable[str] = ()):
+    def __init__(self, kind: str, builtin_modules: Iterable[str] = (), entry_point_group: str | None = None):
         self.kind = kind
         self._builtin_modules = tuple(builtin_modules)
+        self._entry_point_group = entry_point_group
         self._loaded = False
         self._items: dict[str, T] = {}
 
@@ -50,6 +51,21 @@ class Registry(Generic[T]):
             self._loaded = True
             for module in self._builtin_modules:
                 importlib.import_module(module)
+            if self._entry_point_group:
+                self._load_entry_points(self._entry_point_group)
+
+    def _load_entry_points(self, group: str) -> None:
+        """Third-party components: `[project.entry-points."GROUP"] name = "module:Class"`."""
+        from importlib.metadata import entry_points
+
+        for entry_point in entry_points(group=group):
+            try:
+                obj = entry_point.load()
+            except Exception as exc:  # a broken plug-in names itself instead of a traceback
+                raise RegistryError(f"plug-in {entry_point.name!r} ({entry_point.value}) in entry-point group "
+                                    f"{group!r} failed to load: {type(exc).__name__}: {exc}") from None
+            if self._items.get(entry_point.name) is not obj:
+                self.register(entry_point.name)(obj)
 
     def get(self, name: str) -> T:
         self._load_builtins()

@@ -30,7 +30,7 @@ ALGORITHMS: Registry[type["Algorithm"]] = Registry("algorithm", builtin_modules=
     "fedleak.federated.fedit",
     "fedleak.federated.fedpit",
     "fedleak.federated.baselines",
-))
+), entry_point_group="fedleak.algorithms")
 register_algorithm = ALGORITHMS.register
 
 GLOBAL = "<global>"  # in a client view: "the adapter the server aggregated this round"

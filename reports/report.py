@@ -106,22 +106,20 @@ def _mean_range(values: list[float | None]) -> str:
     return f"{fmt(float(np.mean(values)))} [{fmt(min(values))}-{fmt(max(values))}]"
 
 
-def _training_keys(results: dict) -> list[tuple[str, str]]:
-    return [(t["algorithm"], t["defense"]) for t in results["trainings"]]
-
-
 def leakage_table(results: dict) -> Table:
     """Mean AUC over clients per observer, [min-max] when there are several."""
     membership = [c for c in results["cells"] if c["family"] == "membership"]
     attacks = list(dict.fromkeys(c["attack"] for c in membership))
     rows = []
-    for algorithm, defense in _training_keys(results):
+    for training in results["trainings"]:
+        algorithm, defense = training["algorithm"], training["defense"]
         for attack in attacks:
             mine = [c for c in membership if (c["algorithm"], c["defense"], c["attack"]) == (algorithm, defense, attack)]
             if mine:
                 rows.append([algorithm, defense, attack] + [
-                    _mean_range([c["metrics"].get("auc") for c in mine if c["observer"] == o]) for o in OBSERVER_ORDER])
-    return Table(["algorithm", "defense", "attack", *[f"AUC {o}" for o in OBSERVER_ORDER]], rows)
+                    _mean_range([c["metrics"].get("auc") for c in mine if c["observer"] == o]) for o in OBSERVER_ORDER]
+                    + [_epsilon(training.get("privacy"))])
+    return Table(["algorithm", "defense", "attack", *[f"AUC {o}" for o in OBSERVER_ORDER], "epsilon (accountant)"], rows)
 
 
 def utility_table(results: dict) -> Table:

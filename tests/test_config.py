@@ -59,3 +59,31 @@ def test_list_shows_every_registry(capsys):
         assert heading in out
         for name in names:
             assert f"  {name} " in out
+
+
+def test_exclude_rules_drop_pairs_by_glob_and_negation():
+    from fedleak.eval.matrix import trainings_of
+
+    config = parse_config({"matrix": {
+        "algorithms": ["fedit", "fedpit", "locit"],
+        "defenses": ["none", "median", {"name": "krum", "f": 0}],
+        "exclude": [{"algorithm": "fedpit", "defense": "!none"}, {"defense": "krum(f=0)", "algorithm": "fedit"}]}})
+    pairs = [(a.label, d.label) for a, d in trainings_of(config)]
+    assert pairs == [("fedit", "none"), ("fedit", "median"), ("fedpit", "none"), ("locit", "none")]
+    with pytest.raises(FedleakError, match="unknown key 'matrix.exclude\\[0\\].algo'"):
+        parse_config({"matrix": {"exclude": [{"algo": "x"}]}}, "x.toml")
+
+
+def test_defense_compositions_and_preconditions_are_checked_up_front():
+    config = parse_config({"matrix": {"defenses": [["norm_bound", "median"]]}})
+    assert config.matrix.defenses[0].label == "norm_bound+median"
+    for table, expected in [
+        ({"matrix": {"defenses": [["secagg", "median"]]}}, "secagg hides individual uploads but median needs them"),
+        ({"matrix": {"defenses": [["krum", "median"]]}}, "krum \\+ median both replace aggregate"),
+        ({"matrix": {"defenses": ["none", {"name": "krum", "f": 1}]}}, r"defenses\[1\]: krum: f = 1 needs more than"),
+        ({"federation": {"clients": 6}, "matrix": {"defenses": [{"name": "bulyan", "f": 1}]}}, "at least 4f \\+ 3 = 7"),
+    ]:
+        with pytest.raises(FedleakError, match=expected):
+            parse_config(table, "x.toml")
+    # Baselines without a federation do not run defenses, so no federation check applies.
+    parse_config({"matrix": {"algorithms": ["locit"], "defenses": [{"name": "krum", "f": 1}]}})
