@@ -14,6 +14,7 @@ ceil(n / batch_size) Poisson batches.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -24,6 +25,15 @@ from fedleak.defenses.base import Defense, register_defense
 from fedleak.federated.errors import FedleakError
 from fedleak.federated.hooks import ClientJob
 from fedleak.federated.training import collate, sequence_losses
+
+
+@functools.lru_cache(maxsize=64)
+def _noise_for_budget(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """Opacus's search for sigma (about a second each): the same for every round of a client."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+                                      steps=steps, accountant="rdp"))
 
 
 @register_defense("dp_sgd")
@@ -49,10 +59,7 @@ class DPSGD(Defense):
     def sigma(self, *, sample_rate: float, steps: int) -> float:
         if self.noise_multiplier is not None:
             return self.noise_multiplier
-        from opacus.accountants.utils import get_noise_multiplier
-
-        return float(get_noise_multiplier(target_epsilon=self.target_epsilon, target_delta=self.delta,
-                                          sample_rate=sample_rate, steps=steps, accountant="rdp"))
+        return _noise_for_budget(self.target_epsilon, self.delta, sample_rate, steps)
 
     def train_client(self, job: ClientJob) -> dict:
         from opacus import PrivacyEngine

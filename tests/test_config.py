@@ -9,7 +9,8 @@ from fedleak.federated.errors import FedleakError
 
 def test_quick_config_parses():
     config = load_config(Path(__file__).resolve().parent.parent / "configs" / "quick.toml")
-    assert [d.name for d in config.matrix.defenses] == ["none", "median"]
+    assert [d.name for d in config.matrix.defenses] == ["none", "trimmed_mean", "krum", "dp_sgd", "dp_sgd", "dp_fedavg"]
+    assert [a.name for a in config.matrix.algorithms] == ["fedit", "fedpit", "cenit", "locit"]
     assert [a.name for a in config.matrix.attacks] == ["loss"]
     assert config.model.name == "embedded" and config.federation.clients == 3 and config.federation.alpha == 1.0
 

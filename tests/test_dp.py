@@ -124,3 +124,46 @@ def test_dp_fedavg_clips_adds_seeded_noise_and_accounts_per_round():
     for _ in range(2):
         reference_accountant.step(noise_multiplier=1.0, sample_rate=0.5)
     assert info2.metrics["epsilon"] == pytest.approx(reference_accountant.get_epsilon(1e-5))
+
+
+def test_epsilons_reach_results_and_report(tmp_path, small_model_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from fedleak.reports.report import fmt
+
+    (tmp_path / "run.toml").write_text("""
+[model.embedded]
+pretrain_steps = 200
+public_records = 2000
+[data.embedded]
+private_records = 30
+heldout_records = 12
+canaries_per_repetition = 0
+[federation]
+rounds = 2
+local_epochs = 1
+min_records_per_client = 2
+[utility]
+records = 4
+max_new_tokens = 8
+[matrix]
+defenses = [{ name = "dp_sgd", target_epsilon = 4.0 }, [{ name = "dp_fedavg", noise_multiplier = 1.0 }, "norm_bound"]]
+""")
+    proc = subprocess.run([sys.executable, "-m", "fedleak", "run", str(tmp_path / "run.toml"), "--out",
+                           str(tmp_path / "out"), "--quiet"], capture_output=True, text=True, env=os.environ.copy())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Warning" not in proc.stderr  # library notices are silenced, not dumped on the user
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    dp_sgd, dp_fedavg = results["trainings"]
+    per_client = dp_sgd["privacy"]["record_level_epsilon_per_client"]
+    assert set(per_client) == {"0", "1", "2"} and max(per_client.values()) <= 4.0 * 1.01
+    rounds = [r["client_metrics"]["0"]["epsilon"] for r in dp_sgd["rounds"]]
+    assert rounds[0] < rounds[1] == per_client["0"]
+    assert dp_fedavg["defense"] == "dp_fedavg(noise_multiplier=1.0)+norm_bound"
+    assert [r["epsilon"] for r in dp_fedavg["rounds"]][-1] == dp_fedavg["privacy"]["user_level_epsilon"]
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert fmt(dp_sgd["privacy"]["record_level_epsilon"], 2) in report
+    assert fmt(dp_fedavg["privacy"]["user_level_epsilon"], 2) in report
