@@ -28,3 +28,24 @@ def small_model_path(model_cache):
     from fedleak.federated.model import EmbeddedModelConfig, build_embedded
 
     return build_embedded(EmbeddedModelConfig(**SMALL_MODEL))
+
+
+@pytest.fixture(scope="session")
+def tiny_run_config(small_model_path) -> str:
+    """The head of a config for a matrix that runs in seconds; tests append a [matrix] table."""
+    return """
+[model.embedded]
+pretrain_steps = 200
+public_records = 2000
+[data.embedded]
+private_records = 30
+heldout_records = 12
+canaries_per_repetition = 0
+[federation]
+rounds = 2
+local_epochs = 1
+min_records_per_client = 2
+[utility]
+records = 4
+max_new_tokens = 8
+"""

@@ -126,7 +126,7 @@ def test_dp_fedavg_clips_adds_seeded_noise_and_accounts_per_round():
     assert info2.metrics["epsilon"] == pytest.approx(reference_accountant.get_epsilon(1e-5))
 
 
-def test_epsilons_reach_results_and_report(tmp_path, small_model_path):
+def test_epsilons_reach_results_and_report(tmp_path, tiny_run_config):
     import json
     import os
     import subprocess
@@ -134,21 +134,7 @@ def test_epsilons_reach_results_and_report(tmp_path, small_model_path):
 
     from fedleak.reports.report import fmt
 
-    (tmp_path / "run.toml").write_text("""
-[model.embedded]
-pretrain_steps = 200
-public_records = 2000
-[data.embedded]
-private_records = 30
-heldout_records = 12
-canaries_per_repetition = 0
-[federation]
-rounds = 2
-local_epochs = 1
-min_records_per_client = 2
-[utility]
-records = 4
-max_new_tokens = 8
+    (tmp_path / "run.toml").write_text(tiny_run_config + """
 [matrix]
 defenses = [{ name = "dp_sgd", target_epsilon = 4.0 }, [{ name = "dp_fedavg", noise_multiplier = 1.0 }, "norm_bound"]]
 """)

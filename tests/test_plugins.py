@@ -7,28 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "plugin_pkg"
 
-SMALL = """
-[model.embedded]
-pretrain_steps = 200
-public_records = 2000
-[data.embedded]
-private_records = 30
-heldout_records = 12
-canaries_per_repetition = 0
-[federation]
-rounds = 2
-local_epochs = 1
-min_records_per_client = 2
-[utility]
-records = 4
-max_new_tokens = 8
-[matrix]
-"""
 
 
 def _fedleak(*args, env_extra=None, cwd=None):
@@ -36,11 +18,11 @@ def _fedleak(*args, env_extra=None, cwd=None):
     return subprocess.run([sys.executable, "-m", "fedleak", *args], capture_output=True, text=True, env=env, cwd=cwd)
 
 
-def test_entry_point_plugin_is_listed_and_runs_in_a_matrix(tmp_path, small_model_path):
+def test_entry_point_plugin_is_listed_and_runs_in_a_matrix(tmp_path, tiny_run_config):
     env = {"PYTHONPATH": os.pathsep.join([str(FIXTURE), os.environ.get("PYTHONPATH", "")])}
     listed = _fedleak("list", env_extra=env)
     assert listed.returncode == 0 and re.search(r"^  freeze_half +Freeze half", listed.stdout, re.M)
-    (tmp_path / "run.toml").write_text(SMALL + 'defenses = ["none", {name = "freeze_half", keep = "lora_A"}]\n')
+    (tmp_path / "run.toml").write_text(tiny_run_config + '[matrix]\ndefenses = ["none", {name = "freeze_half", keep = "lora_A"}]\n')
     proc = _fedleak("run", str(tmp_path / "run.toml"), "--out", str(tmp_path / "out"), "--quiet", env_extra=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -51,13 +33,13 @@ def test_entry_point_plugin_is_listed_and_runs_in_a_matrix(tmp_path, small_model
     assert proc.returncode == 2 and "unknown defense 'freeze_half'" in proc.stderr
 
 
-def test_readme_plugin_example_runs_from_the_config(tmp_path, small_model_path):
+def test_readme_plugin_example_runs_from_the_config(tmp_path, tiny_run_config):
     readme = (REPO / "README.md").read_text()
     code = re.search(r"<!-- plugin-example -->\s*```python\n(.*?)```", readme, re.S).group(1)
     assert len(code.strip().splitlines()) < 40
     (tmp_path / "my_defenses.py").write_text(code)
-    (tmp_path / "run.toml").write_text('plugins = ["my_defenses"]\n' + SMALL
-                                       + 'defenses = [{ name = "server_lr", rate = 0.5 }]\n')
+    (tmp_path / "run.toml").write_text('plugins = ["my_defenses"]\n' + tiny_run_config
+                                       + '[matrix]\ndefenses = [{ name = "server_lr", rate = 0.5 }]\n')
     proc = _fedleak("run", "run.toml", "--out", "out", "--quiet", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
