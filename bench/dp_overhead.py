@@ -16,10 +16,9 @@ import warnings
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedleak.federated.adapters import LoraSettings, add_lora
-from fedleak.federated.data import generate_records
-from fedleak.federated.model import EmbeddedModelConfig, build_embedded, load_base_model
-from fedleak.federated.training import collate, encode, sequence_losses
+from fedleak.federated.training import collate, sequence_losses
+
+from common import embedded_lora  # bench/ runs as scripts: its folder is on sys.path
 
 
 def plain_pass(model, batches, lr):
@@ -63,10 +62,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    base, tokenizer = load_base_model(build_embedded(EmbeddedModelConfig(pretrain_steps=600)))
-    model = add_lora(base, LoraSettings(), seed=0)
-    records = generate_records(args.steps * args.batch_size, seed=0, purpose="bench", private=True)
-    examples = encode(records, tokenizer, max_length=256)
+    model, tokenizer, examples = embedded_lora(args.steps * args.batch_size)
     # One width for every batch, so both loops see identical tensors.
     full = collate(examples, tokenizer.pad_token_id)
     batches = [{k: v[i:i + args.batch_size] for k, v in full.items()} for i in range(0, len(examples), args.batch_size)]

@@ -14,10 +14,9 @@ import time
 
 import torch
 
-from fedleak.federated.adapters import LoraSettings, add_lora
-from fedleak.federated.data import generate_records
-from fedleak.federated.model import EmbeddedModelConfig, build_embedded, load_base_model
-from fedleak.federated.training import TrainSettings, batches, encode, train_adapter
+from fedleak.federated.training import TrainSettings, batches, train_adapter
+
+from common import embedded_lora  # bench/ runs as scripts: its folder is on sys.path
 
 
 def bare_loop(model, batch_list, lr):
@@ -38,10 +37,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    base, tokenizer = load_base_model(build_embedded(EmbeddedModelConfig(pretrain_steps=600)))
-    model = add_lora(base, LoraSettings(), seed=0)
-    records = generate_records(args.steps * args.batch_size, seed=0, purpose="bench", private=True)
-    examples = encode(records, tokenizer, max_length=256)
+    model, tokenizer, examples = embedded_lora(args.steps * args.batch_size)
     batch_list = list(batches(examples, batch_size=args.batch_size, pad_id=tokenizer.pad_token_id))
     settings = TrainSettings(epochs=1, batch_size=args.batch_size, lr=1e-4)
     timings = {"fedleak": [], "bare": []}

@@ -22,7 +22,7 @@ from typing import Any
 from fedleak.federated.adapters import LoraSettings
 from fedleak.federated.checkpoint import OBSERVERS
 from fedleak.federated.datasource import DataSettings
-from fedleak.federated.errors import FedleakError
+from fedleak.federated.errors import FedleakError, require_positive
 from fedleak.federated.rounds import FederationSettings
 from fedleak.federated.model import EmbeddedModelConfig
 from fedleak.federated.registry import did_you_mean
@@ -101,9 +101,7 @@ class UtilitySettings:
     batch_size: int = 16
 
     def __post_init__(self):
-        for name in ("records", "max_new_tokens", "batch_size"):
-            if getattr(self, name) < 1:
-                raise FedleakError(f"utility.{name} = {getattr(self, name)}: must be a positive integer")
+        require_positive(self, ("records", "max_new_tokens", "batch_size"), "utility.")
 
 
 @dataclass(frozen=True)

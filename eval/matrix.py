@@ -71,12 +71,7 @@ def trainings_of(config: RunConfig) -> list[tuple[ComponentSpec, ComponentSpec]]
 
 
 def _views_for(observer: str, keys: list[str]) -> list[tuple[str, int | None]]:
-    found = []
-    for key in keys:
-        name, _, client = key.partition("/")
-        if name == observer:
-            found.append((name, int(client) if client else None))
-    return found
+    return [view for view in map(checkpoint.parse_view_key, keys) if view[0] == observer]
 
 
 def _members_of_view(run: TrainingRun, data: FederatedData, observer: str, client: int | None) -> list[Record]:
@@ -87,7 +82,7 @@ def _utility(run: TrainingRun, config: RunConfig, data: FederatedData, tokenizer
     records = data.heldout[: config.utility.records]
     out: dict = {"records": len(records), "clients": {}}
     for key in checkpoint.available_views(final_dir):
-        observer, client = _views_for(key.split("/")[0], [key])[0]
+        observer, client = checkpoint.parse_view_key(key)
         if observer == "upload":
             continue
         apply_view(run.model, checkpoint.load_view(final_dir, observer, client), config.model.lora)

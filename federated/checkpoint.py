@@ -45,6 +45,11 @@ def view_key(observer: str, client: int | None = None) -> str:
     return observer if client is None else f"{observer}/{client}"
 
 
+def parse_view_key(key: str) -> tuple[str, int | None]:
+    observer, _, client = key.partition("/")
+    return observer, int(client) if client else None
+
+
 def write_round(training_dir: Path, round_number: int, *, files: dict[str, AdapterState],
                 views: dict[str, dict[str, str]], num_examples: dict[int, int], config_hash: str,
                 extra: dict | None = None) -> Path:

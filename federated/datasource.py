@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedleak.federated.data import FederatedData, generate_records, make_canaries, with_canaries
-from fedleak.federated.errors import FedleakError
+from fedleak.federated.errors import FedleakError, require_positive
 from fedleak.federated.loader import FieldNames, load_alpaca
 from fedleak.federated.partition import partition
 from fedleak.federated.seeding import numpy_rng
@@ -20,9 +20,7 @@ class EmbeddedDataSettings:
     canaries_per_repetition: int = 2
 
     def __post_init__(self):
-        for name in ("private_records", "heldout_records"):
-            if getattr(self, name) < 1:
-                raise FedleakError(f"data.embedded.{name} = {getattr(self, name)}: must be a positive integer")
+        require_positive(self, ("private_records", "heldout_records"), "data.embedded.")
         if self.canaries_per_repetition < 0:
             raise FedleakError(f"data.embedded.canaries_per_repetition = {self.canaries_per_repetition}: must be >= 0")
         if any(r < 1 for r in self.canary_repetitions):

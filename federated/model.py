@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from fedleak.federated.errors import FedleakError
+from fedleak.federated.errors import FedleakError, require_positive
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +47,9 @@ class EmbeddedModelConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
-                     "max_length", "public_records", "pretrain_steps", "pretrain_batch_size",
-                     "pretrain_seq_len"):
-            if getattr(self, name) < 1:
-                raise FedleakError(f"model.embedded.{name} = {getattr(self, name)}: must be a positive integer")
+        require_positive(self, ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                                "max_length", "public_records", "pretrain_steps", "pretrain_batch_size",
+                                "pretrain_seq_len"), "model.embedded.")
         if self.hidden_size % self.num_heads:
             raise FedleakError(f"model.embedded.hidden_size = {self.hidden_size} is not divisible by "
                                f"num_heads = {self.num_heads}: pick sizes that divide")

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from fedleak.federated import checkpoint
 from fedleak.federated.adapters import DEFAULT, AdapterState, LoraSettings, add_lora, get_adapter_state
 from fedleak.federated.data import FederatedData, Record
-from fedleak.federated.errors import FedleakError
+from fedleak.federated.errors import FedleakError, require_positive
 from fedleak.federated.hooks import ClientJob, ClientUpdate, RoundInfo, TrainingHooks
 from fedleak.federated.io import atomic_write_text, sha256_bytes
 from fedleak.federated.registry import Component, Registry
@@ -52,11 +52,8 @@ class FederationSettings:
     max_length: int = 256
 
     def __post_init__(self):
-        for name in ("clients", "rounds", "local_epochs", "batch_size", "max_length"):
-            if getattr(self, name) < 1:
-                raise FedleakError(f"federation.{name} = {getattr(self, name)}: must be a positive integer")
-        if self.min_records_per_client < 1:
-            raise FedleakError(f"federation.min_records_per_client = {self.min_records_per_client}: must be >= 1")
+        require_positive(self, ("clients", "rounds", "local_epochs", "batch_size", "max_length",
+                                "min_records_per_client"), "federation.")
         if not 0 < self.client_fraction <= 1:
             raise FedleakError(f"federation.client_fraction = {self.client_fraction}: must be in (0, 1]")
         if not self.lr > 0:

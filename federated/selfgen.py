@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from fedleak.federated.data import Record
-from fedleak.federated.errors import FedleakError
+from fedleak.federated.errors import FedleakError, require_positive
 from fedleak.federated.generation import generate
 from fedleak.federated.prompts import PROMPT_NO_INPUT, format_prompt
 from fedleak.federated.rouge import rouge_l, tokens
@@ -46,10 +46,8 @@ class SelfGenSettings:
     no_repeat_ngram_size: int = 3
 
     def __post_init__(self):
-        for name in ("demos", "per_round", "max_attempts", "min_words", "instruction_max_new_tokens",
-                     "response_max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise FedleakError(f"{name} = {getattr(self, name)}: must be a positive integer")
+        require_positive(self, ("demos", "per_round", "max_attempts", "min_words", "instruction_max_new_tokens",
+                                "response_max_new_tokens"), "")
         if self.max_words < self.min_words:
             raise FedleakError(f"max_words = {self.max_words} is below min_words = {self.min_words}")
         if not 0 < self.rouge_threshold <= 1:
