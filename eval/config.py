@@ -335,6 +335,9 @@ def load_plugins(modules: tuple[str, ...], where: str, base_dir: Path | None = N
                                f"plug-in or put {module}.py beside the config") from None
         except FedleakError as exc:
             raise FedleakError(f"{where}: plugins[{i}] = {module!r}: {exc}") from None
+        except Exception as exc:  # the plug-in's own bug: name it in one line, not a traceback
+            raise FedleakError(f"{where}: plugins[{i}] = {module!r} failed to import: "
+                               f"{type(exc).__name__}: {exc}: fix the plug-in") from None
 
 
 def load_config(path: str | Path) -> RunConfig:

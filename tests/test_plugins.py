@@ -50,3 +50,12 @@ def test_missing_plugin_module_is_a_config_error(tmp_path):
     (tmp_path / "run.toml").write_text('plugins = ["no_such_plugin_module"]\n')
     proc = _fedleak("run", str(tmp_path / "run.toml"), "--out", str(tmp_path / "out"))
     assert proc.returncode == 2 and "plugins[0] = 'no_such_plugin_module': no module named" in proc.stderr
+
+
+def test_broken_plugin_module_is_a_one_line_error(tmp_path):
+    (tmp_path / "broken_plugin.py").write_text("raise RuntimeError('boom')\n")
+    (tmp_path / "run.toml").write_text('plugins = ["broken_plugin"]\n')
+    proc = _fedleak("run", str(tmp_path / "run.toml"), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "plugins[0] = 'broken_plugin' failed to import: RuntimeError: boom" in proc.stderr
+    assert not (tmp_path / "out").exists()
