@@ -10,6 +10,7 @@ import base64
 import html
 import io
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -249,8 +250,8 @@ def render_html(sections: list[Section]) -> str:
                 data = base64.b64encode(block.png).decode()
                 body.append(f'<figure><img alt="{html.escape(block.caption)}" src="data:image/png;base64,{data}">'
                             f"<figcaption>{html.escape(block.caption)}</figcaption></figure>")
-            else:
-                body.append(f"<p>{html.escape(block)}</p>")
+            else:  # paragraphs carry Markdown `code` spans; escape first, then mark them up
+                body.append("<p>" + re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(block)) + "</p>")
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>fedleak leakage report</title>"
             f"<style>{STYLE}</style></head>\n<body><h1>fedleak leakage report</h1>\n" + "\n".join(body) + "\n</body></html>\n")
 
