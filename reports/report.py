@@ -76,16 +76,22 @@ def roc_plot_png(cells: list[dict], title: str) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.6, 4.6), dpi=110)
+    fig, ax = plt.subplots(figsize=(9.0, 4.8), dpi=110)
     floor = 1e-3
+    # One colour per training, one line style per client, legend beside the axes: many curves stay legible.
+    trainings = list(dict.fromkeys((c["algorithm"], c["defense"]) for c in cells))
+    colours = plt.get_cmap("tab10" if len(trainings) <= 10 else "tab20")
+    styles = ("-", "--", ":", "-.")
     for cell in cells:
         fpr = [max(f, floor) for f in cell["roc"]["fpr"] if f is not None]
         tpr = [max(t, floor) for t in cell["roc"]["tpr"] if t is not None]
-        ax.plot(fpr, tpr, linewidth=1.2, label=f"{_view_label(cell)} (AUC {fmt(cell['metrics'].get('auc'))})")
+        ax.plot(fpr, tpr, linewidth=1.2, color=colours(trainings.index((cell["algorithm"], cell["defense"]))),
+                linestyle=styles[(cell["client"] or 0) % len(styles)],
+                label=f"{_view_label(cell)} (AUC {fmt(cell['metrics'].get('auc'))})")
     ax.plot([floor, 1], [floor, 1], color="grey", linestyle="--", linewidth=1, label="chance")
     ax.set(xscale="log", yscale="log", xlim=(floor, 1), ylim=(floor, 1), xlabel="false positive rate",
            ylabel="true positive rate", title=title)
-    ax.legend(fontsize=6, loc="lower right")
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
