@@ -78,10 +78,11 @@ def _members_of_view(run: TrainingRun, data: FederatedData, observer: str, clien
     return run.global_members if observer == "global" else data.members_of({client})
 
 
-def _utility(run: TrainingRun, config: RunConfig, data: FederatedData, tokenizer, final_dir: Path) -> dict:
+def _utility(run: TrainingRun, config: RunConfig, data: FederatedData, tokenizer, final_dir: Path,
+             view_keys: list[str]) -> dict:
     records = data.heldout[: config.utility.records]
     out: dict = {"records": len(records), "clients": {}}
-    for key in checkpoint.available_views(final_dir):
+    for key in view_keys:
         observer, client = checkpoint.parse_view_key(key)
         if observer == "upload":
             continue
@@ -161,19 +162,19 @@ def run_matrix(config: RunConfig, out_dir: Path, *, config_path: str | None = No
                                        config_hash=training_hash, progress=progress, label=label), algorithm)
         # Everything below reads the checkpoints, not the in-memory state: the path a third party uses.
         final_dir = checkpoint.round_dir(training_dir, run.final_round)
+        view_keys = checkpoint.available_views(final_dir)
         key = {"algorithm": algorithm_spec.label, "defense": defense_spec.label, "seed": seed}
         eval_start = time.perf_counter()
-        utility = _utility(run, config, data, tokenizer, final_dir)
+        utility = _utility(run, config, data, tokenizer, final_dir, view_keys)
         trainings.append({
             **key, "algorithm_name": algorithm_spec.name, "algorithm_params": algorithm.params(),
             "defense_name": defense_spec.name, "defense_params": defense.params(),
             "checkpoint_dir": str(training_dir.relative_to(out_dir)), "train_seconds": run.train_seconds,
             "utility_seconds": time.perf_counter() - eval_start, "utility": utility,
-            "views": checkpoint.available_views(final_dir), "synthetic": _synthetic_summary(run.history),
+            "views": view_keys, "synthetic": _synthetic_summary(run.history),
             "privacy": _privacy(run.history),
             "synthetic_examples": _synthetic_examples(training_dir, run.final_round), "rounds": run.history,
         })
-        view_keys = checkpoint.available_views(final_dir)
         for attack_spec in config.matrix.attacks:
             attack = instantiate(ATTACKS.get(attack_spec.name), attack_spec.kwargs,
                                  f"matrix.attacks: {attack_spec.label}")
