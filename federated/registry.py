@@ -79,10 +79,6 @@ class Registry(Generic[T]):
         self._load_builtins()
         return sorted(self._items)
 
-    def __contains__(self, name: str) -> bool:
-        self._load_builtins()
-        return name in self._items
-
 
 class Component:
     """What every registered component shares: its name and how it describes itself."""
