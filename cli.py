@@ -34,7 +34,7 @@ def _quiet_libraries() -> None:
 def cmd_run(args) -> int:
     from fedleak.eval.config import load_config
     from fedleak.eval.matrix import run_matrix
-    from fedleak.reports.report import write_report
+    from fedleak.reports.report import leakage_table, write_report
 
     config = load_config(args.config)
     out = args.out or config.out
@@ -43,11 +43,9 @@ def cmd_run(args) -> int:
     _quiet_libraries()
     results = run_matrix(config, Path(out), config_path=str(args.config), progress=not args.quiet)
     md, html = write_report(Path(out))
-    for cell in results["cells"]:
-        m = cell["metrics"]
-        view = cell["observer"] if cell["client"] is None else f"{cell['observer']}/{cell['client']}"
-        log.info("%s/%s %s on %s round %s: AUC %s", cell["algorithm"], cell["defense"], cell["attack"],
-                 view, cell["round"], "n/a" if m["auc"] is None else f"{m['auc']:.3f}")
+    summary = leakage_table(results)  # the report's headline table, one line per training
+    for row in summary.rows:
+        log.info("%s", "; ".join(f"{h}: {v}" for h, v in zip(summary.header, row) if v != "n/a"))
     log.info("wrote %s, %s, %s and %s", Path(out) / "results.json", Path(out) / "results.csv", md, html)
     return 0
 

@@ -52,6 +52,7 @@ class ComponentSpec:
     name: str
     params: tuple[tuple[str, Any], ...] = ()
     observers: tuple[str, ...] = ()  # attacks only: which views to probe
+    rounds: str | tuple[int, ...] = "final"  # attacks only: "final", "all" (0 = before training) or round numbers
     parts: tuple["ComponentSpec", ...] = ()  # defenses only: a composition of several
 
     @property
@@ -105,6 +106,25 @@ class UtilitySettings:
 
 
 @dataclass(frozen=True)
+class AttackSettings:
+    """Settings every attack cell shares: scoring batches, bootstrap and audit."""
+
+    batch_size: int = 32  # records per forward pass when scoring
+    bootstrap: int = 1000  # resamples for the AUC confidence interval (0 = none)
+    confidence: float = 0.95  # of the AUC interval and of the audit's Clopper-Pearson bounds
+    delta: float = 1e-5  # of the empirical epsilon when the training has no accountant
+
+    def __post_init__(self):
+        require_positive(self, ("batch_size",), "attack.")
+        if self.bootstrap < 0:
+            raise FedleakError(f"attack.bootstrap = {self.bootstrap}: must be >= 0 (0 skips the interval)")
+        if not 0 < self.confidence < 1:
+            raise FedleakError(f"attack.confidence = {self.confidence}: must be in (0, 1), e.g. 0.95")
+        if not 0 <= self.delta < 1:
+            raise FedleakError(f"attack.delta = {self.delta}: must be in [0, 1), e.g. 1e-5")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     plugins: tuple[str, ...] = ()  # modules imported first; they register components with the decorators
     seed: int = 0
@@ -114,6 +134,7 @@ class RunConfig:
     federation: FederationSettings = field(default_factory=FederationSettings)
     matrix: MatrixSettings = field(default_factory=MatrixSettings)
     utility: UtilitySettings = field(default_factory=UtilitySettings)
+    attack: AttackSettings = field(default_factory=AttackSettings)
 
     def to_dict(self) -> dict:
         return _plain(self)
@@ -129,7 +150,10 @@ def _plain(obj):
     if isinstance(obj, ComponentSpec) and obj.parts:
         return [_plain(p) for p in obj.parts]
     if isinstance(obj, ComponentSpec):
-        return {"name": obj.name, **obj.kwargs, **({"observers": list(obj.observers)} if obj.observers else {})}
+        extra = {"observers": list(obj.observers)} if obj.observers else {}
+        if obj.observers:
+            extra["rounds"] = obj.rounds if isinstance(obj.rounds, str) else list(obj.rounds)
+        return {"name": obj.name, **obj.kwargs, **extra}
     if dataclasses.is_dataclass(obj):
         return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, tuple):
@@ -232,20 +256,26 @@ def _components(value, key: str, where: str, *, kind: str) -> tuple[ComponentSpe
             entry = {"name": entry}
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise FedleakError(f"{where}: {item} = {entry!r}: give a name or a table with a 'name' key")
-        params = {k: v for k, v in entry.items() if k not in ("name", "observers")}
-        observers = ()
+        params = {k: v for k, v in entry.items() if k not in ("name", "observers", "rounds")}
+        observers, rounds = (), "final"
         if kind == "attacks":
             observers = _observers(entry.get("observers", ["global"]), f"{item}.observers", where)
-        elif "observers" in entry:
-            raise FedleakError(f"{where}: {item}.observers: only attacks take observers")
+            rounds = _rounds(entry.get("rounds", "final"), f"{item}.rounds", where)
+        else:
+            for key_ in ("observers", "rounds"):
+                if key_ in entry:
+                    raise FedleakError(f"{where}: {item}.{key_}: only attacks take {key_}")
         try:
             cls = registry.get(entry["name"])
         except FedleakError as exc:
             raise FedleakError(f"{where}: {item}: {exc}") from None
         instantiate(cls, params, f"{where}: {item}")
-        spec = ComponentSpec(entry["name"], tuple(sorted(params.items())), observers)
-        if any((s.name, s.params) == (spec.name, spec.params) for s in specs):
-            raise FedleakError(f"{where}: {item}: {spec.label} is listed twice: remove one")
+        spec = ComponentSpec(entry["name"], tuple(sorted(params.items())), observers, rounds)
+        # The same attack may be listed twice for disjoint observers (e.g. every round on `global` only).
+        if any((s.name, s.params) == (spec.name, spec.params) and (not observers or set(s.observers) & set(observers))
+               for s in specs):
+            raise FedleakError(f"{where}: {item}: {spec.label} is listed twice"
+                               f"{' for the same observer' if observers else ''}: remove one")
         specs.append(spec)
     return tuple(specs)
 
@@ -283,6 +313,16 @@ def _observers(value, key: str, where: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(value))
 
 
+def _rounds(value, key: str, where: str) -> str | tuple[int, ...]:
+    if value in ("final", "all"):
+        return value
+    if (isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                   for v in value)):
+        return tuple(sorted(set(value)))
+    raise FedleakError(f"{where}: {key} = {value!r}: use \"final\", \"all\" or a list of round numbers "
+                       f"(0 = before training)")
+
+
 def instantiate(cls, params: dict, where: str):
     """Build a component, turning a wrong keyword into a one-line error that lists the right ones."""
     accepted = [p.name for p in inspect.signature(cls.__init__).parameters.values()
@@ -311,6 +351,11 @@ def _check_combinations(config: RunConfig, where: str) -> None:
     """Checks across tables: each defense against the federation it would run in."""
     from fedleak.federated.rounds import ALGORITHMS
 
+    for i, spec in enumerate(config.matrix.attacks):
+        late = [r for r in (() if isinstance(spec.rounds, str) else spec.rounds) if r > config.federation.rounds]
+        if late:
+            raise FedleakError(f"{where}: matrix.attacks[{i}].rounds: round {late[0]} is after the last round "
+                               f"(federation.rounds = {config.federation.rounds}): remove it")
     if not any(ALGORITHMS.get(a.name).federated for a in config.matrix.algorithms):
         return
     for i, spec in enumerate(config.matrix.defenses):

@@ -1,28 +1,34 @@
 """Run the attack matrix: train each (algorithm, defense) once, then evaluate utility and run each
-attack on every requested observer's view of the final round."""
+attack on every requested observer's view of every requested round (final by default).
+
+The attacks on one view run back to back on one loaded view, so the logit-based membership
+scores share their forward passes (`attacks/membership/stats.py`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from fedleak.attacks.base import ATTACKS, MembershipAttack, Target
-from fedleak.eval.config import ComponentSpec, RunConfig, build_defense, instantiate
+from fedleak.attacks.base import ATTACKS, AttackEnvironment, MembershipAttack, Secrets, Target
+from fedleak.eval.audit import empirical_epsilon, one_run_epsilon
+from fedleak.eval.config import AttackSettings, ComponentSpec, RunConfig, build_defense, instantiate
 from fedleak.eval.metrics import membership_metrics, roc_points
 from fedleak.eval.results import SCHEMA, git_commit, library_versions, write_results
 from fedleak.eval.utility import evaluate_utility
 from fedleak.federated import checkpoint
 from fedleak.federated.adapters import apply_view
-from fedleak.federated.data import FederatedData, Record
+from fedleak.federated.data import Canary, FederatedData, Record
 from fedleak.federated.datasource import prepare_data
 from fedleak.federated.model import build_embedded, load_base_model
 from fedleak.federated.rounds import ALGORITHMS, TrainingRun, TrainingSetup, run_rounds
-from fedleak.federated.seeding import numpy_rng
+from fedleak.federated.seeding import derive_seed, numpy_rng
 
 NO_DEFENSE = ComponentSpec("none")
 SYNTHETIC_EXAMPLES = 3  # synthetic records per training quoted in the results (and report)
@@ -48,14 +54,34 @@ def membership_split(members: list[Record], heldout: list[Record], *, seed: int,
     return pick(members), pick(heldout)
 
 
-def run_membership(attack: MembershipAttack, target: Target, members, nonmembers) -> dict:
+def _balanced_candidates(members, nonmembers):
+    return list(members) + list(nonmembers), np.r_[np.ones(len(members), int), np.zeros(len(nonmembers), int)]
+
+
+def run_membership(attack: MembershipAttack, target: Target, members, nonmembers, *, settings: AttackSettings,
+                   delta: float, seed: int, audit: list[Canary] = ()) -> dict:
+    """Score members and non-members in one call (so the attacks on a view share one forward pass),
+    then the metrics, the empirical epsilon and, with audit canaries, the one-run audit."""
     start = time.perf_counter()
-    scores = np.concatenate([attack.score(target, members), attack.score(target, nonmembers)])
-    y_true = np.concatenate([np.ones(len(members), dtype=int), np.zeros(len(nonmembers), dtype=int)])
+    records, y_true = _balanced_candidates(members, nonmembers)
+    scores = attack.score(target, records)
+    metrics = membership_metrics(y_true, scores, n_bootstrap=settings.bootstrap, confidence=settings.confidence,
+                                 seed=derive_seed(seed, "bootstrap"))
+    empirical = empirical_epsilon(y_true, scores, delta=delta, confidence=settings.confidence)
+    metrics["epsilon_lb"] = empirical["epsilon_lb"]
+    outcome = {"metrics": metrics, "n_members": len(members), "n_nonmembers": len(nonmembers),
+               "audit": {"empirical": empirical}}
+    if audit:
+        included = np.array([c.repetitions > 0 for c in audit])
+        audit_scores = attack.score(target, [c.record(0) for c in audit])
+        if included.any() and not included.all():
+            one_run = one_run_epsilon(included, audit_scores, delta=delta, confidence=settings.confidence)
+            metrics["one_run_epsilon_lb"] = one_run["epsilon_lb"]
+            outcome["audit"]["one_run"] = one_run
     fpr, tpr = roc_points(y_true, scores)
-    return {"metrics": membership_metrics(y_true, scores), "n_members": len(members),
-            "n_nonmembers": len(nonmembers), "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()},
-            "attack_seconds": time.perf_counter() - start}
+    outcome["roc"] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
+    outcome["attack_seconds"] = time.perf_counter() - start
+    return outcome
 
 
 def trainings_of(config: RunConfig) -> list[tuple[ComponentSpec, ComponentSpec]]:
@@ -70,12 +96,38 @@ def trainings_of(config: RunConfig) -> list[tuple[ComponentSpec, ComponentSpec]]
     return [(a, d) for a, d in pairs if not any(rule.matches(a, d) for rule in config.matrix.exclude)]
 
 
-def _views_for(observer: str, keys: list[str]) -> list[tuple[str, int | None]]:
-    return [view for view in map(checkpoint.parse_view_key, keys) if view[0] == observer]
+def _rounds_of(spec: ComponentSpec, final_round: int) -> list[int]:
+    if spec.rounds == "final":
+        return [final_round]
+    if spec.rounds == "all":
+        return list(range(final_round + 1))
+    return [r for r in spec.rounds if r <= final_round]
 
 
-def _members_of_view(run: TrainingRun, data: FederatedData, observer: str, client: int | None) -> list[Record]:
-    return run.global_members if observer == "global" else data.members_of({client})
+@dataclass
+class _ViewTruth:
+    """What one view of one round trained on: the ground truth its attacks are scored against."""
+
+    members: list[Record]
+    secrets: Secrets
+    audit: list[Canary]
+
+
+def _view_truth(algorithm, run: TrainingRun, data: FederatedData, observer: str, client: int | None,
+                rnd: int) -> _ViewTruth:
+    if observer == "global":
+        # Round 0 is the initial adapter: scored against the final members, it is the pre-training baseline.
+        upto = run.history if rnd == 0 else run.history[:rnd]
+        contributors = {c for entry in upto for c in entry["clients"]}
+        clients = algorithm.global_clients(data, contributors)
+        others = data.heldout
+    else:
+        clients = {client}
+        others = data.members_of(set(range(len(data.clients))) - clients) or data.heldout
+    members = data.members_of(clients)
+    secrets = Secrets(records=members, canaries=[c for c in data.canaries if c.client in clients],
+                      reference_canaries=list(data.reference_canaries), other_records=list(others))
+    return _ViewTruth(members, secrets, [c for c in data.audit_canaries if c.client in clients])
 
 
 def _utility(run: TrainingRun, config: RunConfig, data: FederatedData, tokenizer, final_dir: Path,
@@ -148,6 +200,12 @@ def run_matrix(config: RunConfig, out_dir: Path, *, config_path: str | None = No
     base_utility = evaluate_utility(base_model, tokenizer, data.heldout[: config.utility.records],
                                     max_length=fed.max_length, batch_size=config.utility.batch_size,
                                     max_new_tokens=config.utility.max_new_tokens)
+    env = AttackEnvironment(
+        tokenizer=tokenizer, seed=seed, max_length=fed.max_length, response_only=fed.response_only_loss,
+        batch_size=config.attack.batch_size, base_model_ref=model_ref, lora=config.model.lora,
+        # The attacker's pool: every candidate it scores (members, held-out records, audit canaries).
+        population=data.members + data.heldout + [c.record(0) for c in data.audit_canaries],
+        train=dataclasses.replace(fed.train_settings(), epochs=fed.rounds * fed.local_epochs))
     trainings, cells = [], []
     for algorithm_spec, defense_spec in tqdm(trainings_of(config), desc="trainings", unit="training",
                                              disable=not progress):
@@ -175,27 +233,42 @@ def run_matrix(config: RunConfig, out_dir: Path, *, config_path: str | None = No
             "privacy": _privacy(run.history),
             "synthetic_examples": _synthetic_examples(training_dir, run.final_round), "rounds": run.history,
         })
-        for attack_spec in config.matrix.attacks:
-            attack = instantiate(ATTACKS.get(attack_spec.name), attack_spec.kwargs,
-                                 f"matrix.attacks: {attack_spec.label}")
-            for observer in attack_spec.observers:
-                for _, client in _views_for(observer, view_keys):
-                    apply_view(run.model, checkpoint.load_view(final_dir, observer, client), config.model.lora)
-                    members, nonmembers = membership_split(
-                        _members_of_view(run, data, observer, client), data.heldout, seed=seed,
-                        purpose=checkpoint.view_key(observer, client))
-                    target = Target(model=run.model, tokenizer=tokenizer, observer=observer, client=client,
-                                    round=run.final_round, max_length=fed.max_length,
-                                    response_only=fed.response_only_loss)
-                    outcome = run_membership(attack, target, members, nonmembers)
-                    cells.append({
-                        **key, "attack": attack_spec.label, "attack_name": attack_spec.name,
-                        "attack_params": attack.params(), "family": attack.family, "observer": observer,
-                        "client": client, "round": run.final_round, "metrics": outcome["metrics"],
-                        "n_members": outcome["n_members"], "n_nonmembers": outcome["n_nonmembers"],
-                        "roc": outcome["roc"],
-                        "timings": {"attack_seconds": outcome["attack_seconds"], "train_seconds": run.train_seconds},
-                    })
+        attacks = [(spec, instantiate(ATTACKS.get(spec.name), spec.kwargs, f"matrix.attacks: {spec.label}"))
+                   for spec in config.matrix.attacks]
+        privacy = trainings[-1]["privacy"] or {}
+        # The empirical epsilon is a bound at the accountant's delta when there is one.
+        delta = privacy.get("record_level_delta", privacy.get("user_level_delta", config.attack.delta))
+        for rnd in sorted({r for spec, _ in attacks for r in _rounds_of(spec, run.final_round)}):
+            folder = checkpoint.round_dir(training_dir, rnd)
+            for view in checkpoint.available_views(folder):
+                observer, client = checkpoint.parse_view_key(view)
+                wanted = [(spec, attack) for spec, attack in attacks
+                          if observer in spec.observers and rnd in _rounds_of(spec, run.final_round)]
+                if not wanted:
+                    continue
+                apply_view(run.model, checkpoint.load_view(folder, observer, client), config.model.lora)
+                truth = _view_truth(algorithm, run, data, observer, client, rnd)
+                target = Target(model=run.model, tokenizer=tokenizer, observer=observer, client=client, round=rnd,
+                                max_length=fed.max_length, response_only=fed.response_only_loss, env=env)
+                for spec, attack in wanted:
+                    cell = {**key, "attack": spec.label, "attack_name": spec.name, "attack_params": attack.params(),
+                            "family": attack.family, "observer": observer, "client": client, "round": rnd}
+                    start = time.perf_counter()
+                    if isinstance(attack, MembershipAttack):
+                        if not truth.members:
+                            continue
+                        members, nonmembers = membership_split(truth.members, data.heldout, seed=seed,
+                                                               purpose=view)
+                        outcome = run_membership(attack, target, members, nonmembers, settings=config.attack,
+                                                 delta=delta, seed=derive_seed(seed, label, view, rnd, spec.label),
+                                                 audit=truth.audit)
+                        cell.update({k: outcome[k] for k in ("metrics", "n_members", "n_nonmembers", "roc", "audit")})
+                    else:
+                        outcome = attack.run(target, truth.secrets)
+                        cell.update({"metrics": outcome["metrics"], "details": outcome.get("details", {})})
+                    cell["timings"] = {"attack_seconds": time.perf_counter() - start,
+                                       "train_seconds": run.train_seconds}
+                    cells.append(cell)
         del run, base_model
     versions = library_versions()
     results = {

@@ -9,6 +9,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score, roc_curve
 
 
@@ -25,6 +26,27 @@ def _check(y_true, y_score) -> tuple[np.ndarray, np.ndarray] | None:
                       UndefinedMetricWarning, stacklevel=3)
         return None
     return y_true, y_score
+
+
+def _split_by_class(y_true, y_score) -> tuple[np.ndarray, np.ndarray] | None:
+    """(member scores, non-member scores), or None (after a warning) with one class.
+
+    The member label is the greater of the two, as roc_auc_score takes it for {0, 1} or bools.
+    """
+    checked = _check(y_true, y_score)
+    if checked is None:
+        return None
+    y_true, y_score = checked
+    classes = np.unique(y_true)
+    if len(classes) != 2:
+        raise ValueError(f"y_true has {len(classes)} classes {classes[:5]}: pass binary labels (1 = member)")
+    is_member = y_true == classes[1]
+    return y_score[is_member], y_score[~is_member]
+
+
+def _check_confidence(confidence: float) -> None:
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence = {confidence}: must be in (0, 1), e.g. 0.95")
 
 
 def roc_auc(y_true, y_score) -> float:
@@ -52,8 +74,68 @@ def tpr_at_fpr(y_true, y_score, *, fpr: float) -> float:
     return float(tprs[fprs <= fpr].max())
 
 
-def membership_metrics(y_true, y_score, *, fprs: tuple[float, ...] = (0.01, 0.001)) -> dict[str, float]:
+def _rank_auc(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+    """ROC AUC of each row: pos (B, n1) member scores against neg (B, n0) non-member scores.
+
+    Hand-written because roc_auc_score takes one sample at a time; the Mann-Whitney form
+    AUC = (sum of member ranks - n1(n1+1)/2) / (n1 n0), with tied scores given their average rank,
+    equals roc_auc_score and ranks every row in a single rankdata call.
+    """
+    n1, n0 = pos.shape[1], neg.shape[1]
+    ranks = rankdata(np.concatenate([pos, neg], axis=1), axis=1)  # method="average" handles ties
+    return (ranks[:, :n1].sum(axis=1) - n1 * (n1 + 1) / 2) / (n1 * n0)
+
+
+def auc_confidence_interval(y_true, y_score, *, n_bootstrap: int = 1000, confidence: float = 0.95,
+                            seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the ROC AUC.
+
+    Members and non-members are resampled separately (stratified), so every resample has both
+    classes and the class sizes stay fixed, as they are by design in a membership experiment.
+    """
+    if isinstance(n_bootstrap, bool) or not isinstance(n_bootstrap, (int, np.integer)) or n_bootstrap < 1:
+        raise ValueError(f"n_bootstrap = {n_bootstrap!r}: must be a positive integer, e.g. 1000")
+    _check_confidence(confidence)
+    split = _split_by_class(y_true, y_score)
+    if split is None:
+        return float("nan"), float("nan")
+    pos, neg = split
+    rng = np.random.default_rng(seed)
+    # Blocks of resamples keep the (B, n1 + n0) rank matrix near 32 MB however large the sample.
+    block = max(1, 4_000_000 // (len(pos) + len(neg)))
+    aucs = []
+    for start in range(0, n_bootstrap, block):
+        b = min(block, n_bootstrap - start)
+        aucs.append(_rank_auc(pos[rng.integers(0, len(pos), size=(b, len(pos)))],
+                              neg[rng.integers(0, len(neg), size=(b, len(neg)))]))
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(np.concatenate(aucs), [tail, 1 - tail])
+    return float(low), float(high)
+
+
+def balanced_accuracy_best(y_true, y_score) -> float:
+    """The best balanced accuracy (TPR + 1 - FPR) / 2 over all thresholds of the ROC."""
+    checked = _check(y_true, y_score)
+    if checked is None:
+        return float("nan")
+    fpr, tpr, _ = roc_curve(*checked, drop_intermediate=False)
+    return float(((tpr + 1 - fpr) / 2).max())
+
+
+def membership_metrics(y_true, y_score, *, fprs: tuple[float, ...] = (0.01, 0.001), n_bootstrap: int = 1000,
+                       confidence: float = 0.95, seed: int = 0) -> dict[str, float]:
+    """AUC with its bootstrap interval, TPR at each FPR in `fprs`, best balanced accuracy.
+
+    n_bootstrap=0 skips the interval (auc_low and auc_high are NaN).
+    """
     metrics = {"auc": roc_auc(y_true, y_score)}
+    if n_bootstrap == 0:
+        _check_confidence(confidence)
+        metrics["auc_low"] = metrics["auc_high"] = float("nan")
+    else:
+        metrics["auc_low"], metrics["auc_high"] = auc_confidence_interval(
+            y_true, y_score, n_bootstrap=n_bootstrap, confidence=confidence, seed=seed)
     for f in fprs:
         metrics[f"tpr@{f:g}fpr"] = tpr_at_fpr(y_true, y_score, fpr=f)
+    metrics["balanced_accuracy"] = balanced_accuracy_best(y_true, y_score)
     return metrics

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from fedleak.federated.io import atomic_write_json, atomic_write_text
 
-SCHEMA = "fedleak-results/1"
+SCHEMA = "fedleak-results/2"  # 2: cells carry rounds, audit bounds and extraction details
 LIBRARIES = ("torch", "transformers", "tokenizers", "peft", "safetensors", "numpy", "scikit-learn", "matplotlib")
 CELL_KEYS = ("algorithm", "defense", "attack", "family", "observer", "client", "round", "seed",
              "n_members", "n_nonmembers")

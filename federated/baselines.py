@@ -27,8 +27,8 @@ class CenIT(Algorithm):
     def client_data(self, data: FederatedData) -> list[list[Record]]:
         return [[r for client in data.clients for r in client]]
 
-    def global_members(self, data: FederatedData, contributors: set[int]) -> list[Record]:
-        return data.members
+    def global_clients(self, data: FederatedData, contributors: set[int]) -> set[int]:
+        return set(range(len(data.clients)))  # one pooled "client" holds everyone's data
 
     def client_round(self, ctx: ClientContext) -> ClientResult:
         state, metrics = train_on_own_data(ctx, ctx.global_state)

@@ -299,6 +299,20 @@ def make_canaries(*, seed: int, repetitions: Sequence[int], per_repetition: int,
     return inserted, reference
 
 
+def make_audit_canaries(n: int, *, seed: int, num_clients: int) -> list[Canary]:
+    """Canaries for the one-run audit (Steinke, Nasr and Jagielski 2023): each is inserted once,
+    independently with probability 1/2 (`repetitions` 1 or 0), into a client drawn uniformly; a
+    separate random stream keeps the exposure canaries unchanged when `n` changes."""
+    rng = numpy_rng(seed, "audit-canaries")
+    secrets: list[str] = []
+    while len(secrets) < n:
+        secret = _digits(rng, Canary.SECRET_DIGITS)
+        if secret not in secrets:
+            secrets.append(secret)
+    return [Canary(patient_name=make_patient(rng).name, secret=secret, repetitions=int(rng.integers(2)),
+                   client=int(rng.integers(num_clients))) for secret in secrets]
+
+
 @dataclass
 class FederatedData:
     """Everything a run trains and attacks on; `clients[i]` already includes its canary copies.
@@ -310,6 +324,7 @@ class FederatedData:
     heldout: list[Record]
     canaries: list[Canary] = field(default_factory=list)
     reference_canaries: list[Canary] = field(default_factory=list)
+    audit_canaries: list[Canary] = field(default_factory=list)  # repetitions 1 = inserted, 0 = not
 
     def members_of(self, clients) -> list[Record]:
         """The non-canary records that the given clients train on."""
@@ -325,6 +340,8 @@ class FederatedData:
             "heldout": len(self.heldout),
             "canaries": len(self.canaries),
             "reference_canaries": len(self.reference_canaries),
+            "audit_canaries": len(self.audit_canaries),
+            "audit_canaries_inserted": sum(c.repetitions for c in self.audit_canaries),
         }
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedleak.federated.data import FederatedData, generate_records, make_canaries, with_canaries
+from fedleak.federated.data import (FederatedData, generate_records, make_audit_canaries, make_canaries,
+                                   with_canaries)
 from fedleak.federated.errors import FedleakError, require_positive
 from fedleak.federated.loader import FieldNames, load_alpaca
 from fedleak.federated.partition import partition
@@ -18,9 +19,12 @@ class EmbeddedDataSettings:
     heldout_records: int = 150  # same distribution, never trained on: the non-members
     canary_repetitions: tuple[int, ...] = (1, 4, 16)
     canaries_per_repetition: int = 2
+    audit_canaries: int = 0  # one-run audit canaries, each inserted once with probability 1/2
 
     def __post_init__(self):
         require_positive(self, ("private_records", "heldout_records"), "data.embedded.")
+        if self.audit_canaries < 0:
+            raise FedleakError(f"data.embedded.audit_canaries = {self.audit_canaries}: must be >= 0")
         if self.canaries_per_repetition < 0:
             raise FedleakError(f"data.embedded.canaries_per_repetition = {self.canaries_per_repetition}: must be >= 0")
         if any(r < 1 for r in self.canary_repetitions):
@@ -76,10 +80,14 @@ def prepare_data(settings: DataSettings, *, seed: int, num_clients: int, partiti
         pool = [records[int(i)] for i in order[n_heldout:]]
     clients = partition(pool, [r.category for r in pool], method=partition_method, num_clients=num_clients,
                         alpha=alpha, min_records=min_records, rng=numpy_rng(seed, "partition"))
-    canaries, reference = [], []
-    if settings.source == "embedded" and settings.embedded.canaries_per_repetition:
-        canaries, reference = make_canaries(seed=seed, repetitions=settings.embedded.canary_repetitions,
-                                            per_repetition=settings.embedded.canaries_per_repetition,
-                                            num_clients=num_clients)
-        clients = with_canaries(clients, canaries, seed=seed)
-    return FederatedData(clients=clients, heldout=heldout, canaries=canaries, reference_canaries=reference)
+    canaries, reference, audit = [], [], []
+    if settings.source == "embedded":
+        s = settings.embedded
+        if s.canaries_per_repetition:
+            canaries, reference = make_canaries(seed=seed, repetitions=s.canary_repetitions,
+                                                per_repetition=s.canaries_per_repetition, num_clients=num_clients)
+        audit = make_audit_canaries(s.audit_canaries, seed=seed, num_clients=num_clients)
+        if canaries or audit:
+            clients = with_canaries(clients, canaries + [c for c in audit if c.repetitions], seed=seed)
+    return FederatedData(clients=clients, heldout=heldout, canaries=canaries, reference_canaries=reference,
+                         audit_canaries=audit)

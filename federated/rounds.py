@@ -148,9 +148,13 @@ class Algorithm(Component):
     def client_data(self, data: FederatedData) -> list[list[Record]]:
         return data.clients
 
+    def global_clients(self, data: FederatedData, contributors: set[int]) -> set[int]:
+        """The clients whose private data is behind the global adapter, given those that uploaded."""
+        return set(contributors) if self.has_server else set()
+
     def global_members(self, data: FederatedData, contributors: set[int]) -> list[Record]:
-        """The private records behind the global adapter, given the clients that uploaded."""
-        return data.members_of(contributors) if self.has_server else []
+        """The private records behind the global adapter (canary copies excluded)."""
+        return data.members_of(self.global_clients(data, contributors))
 
     def prepare(self, model, setup: TrainingSetup) -> None:
         """Add adapters beyond the default one, once before the first round."""

@@ -19,13 +19,20 @@ import numpy as np
 from fedleak.federated.errors import FedleakError
 from fedleak.federated.io import atomic_write_bytes, atomic_write_text
 
-MEMBERSHIP_COLUMNS = (("auc", "AUC"), ("tpr@0.01fpr", "TPR@1%FPR"), ("tpr@0.001fpr", "TPR@0.1%FPR"))
+MEMBERSHIP_COLUMNS = (("tpr@0.01fpr", "TPR@1%FPR"), ("tpr@0.001fpr", "TPR@0.1%FPR"),
+                      ("balanced_accuracy", "balanced acc."), ("epsilon_lb", "empirical eps"),
+                      ("one_run_epsilon_lb", "one-run eps"))
 OBSERVER_ORDER = ("global", "upload", "client")
 INTRO = ("Membership inference: higher AUC and TPR at low FPR mean more leakage (0.5 AUC is chance). "
          "With n non-members, a TPR at an FPR below 1/n is the TPR at zero false positives. Observers: "
          "`global` is the aggregated adapter (server and every client), `upload` a client's upload (a curious "
          "server), `client` a client's final model (the client itself); for `upload` and `client` the members "
-         "are that client's records.")
+         "are that client's records. Tables show the final round unless they say otherwise; AUC intervals are "
+         "bootstrap confidence intervals. The empirical epsilon is a lower bound on the epsilon of any "
+         "differential-privacy guarantee the view could have (Clopper-Pearson bounds on the attack's FPR and FNR at "
+         "its best threshold); the one-run epsilon comes from audit canaries inserted with probability 1/2 "
+         "(Steinke, Nasr and Jagielski 2023). Both sit next to the accountant's epsilon for DP defenses: a lower "
+         "bound above the accountant's epsilon would mean a broken implementation.")
 
 
 def fmt(value, digits: int = 3) -> str:
@@ -92,11 +99,7 @@ def roc_plot_png(cells: list[dict], title: str) -> bytes:
     ax.set(xscale="log", yscale="log", xlim=(floor, 1), ylim=(floor, 1), xlabel="false positive rate",
            ylabel="true positive rate", title=title)
     ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    return _png(fig)
 
 
 def _view_label(cell: dict) -> str:
@@ -113,20 +116,54 @@ def _mean_range(values: list[float | None]) -> str:
     return f"{fmt(float(np.mean(values)))} [{fmt(min(values))}-{fmt(max(values))}]"
 
 
+def _final(results: dict) -> list[dict]:
+    """Cells of each training's final round (other rounds feed the over-rounds plots)."""
+    final: dict[tuple, int] = {}
+    for c in results["cells"]:
+        key = (c["algorithm"], c["defense"], c.get("seed"))
+        final[key] = max(final.get(key, c["round"]), c["round"])
+    return [c for c in results["cells"] if c["round"] == final[(c["algorithm"], c["defense"], c.get("seed"))]]
+
+
+def _best(cells: list[dict], metric: str) -> tuple[float | None, str]:
+    scored = [(c["metrics"].get(metric), c) for c in cells if c["metrics"].get(metric) is not None]
+    if not scored:
+        return None, ""
+    value, cell = max(scored, key=lambda x: x[0])
+    return value, cell["attack"]
+
+
 def leakage_table(results: dict) -> Table:
-    """Mean AUC over clients per observer, [min-max] when there are several."""
-    membership = [c for c in results["cells"] if c["family"] == "membership"]
-    attacks = list(dict.fromkeys(c["attack"] for c in membership))
+    """One row per training: the strongest membership attack per observer (mean over clients), the
+    audit bounds next to the accountant's epsilon, and headline extraction numbers."""
+    cells = _final(results)
     rows = []
     for training in results["trainings"]:
-        algorithm, defense = training["algorithm"], training["defense"]
-        for attack in attacks:
-            mine = [c for c in membership if (c["algorithm"], c["defense"], c["attack"]) == (algorithm, defense, attack)]
-            if mine:
-                rows.append([algorithm, defense, attack] + [
-                    _mean_range([c["metrics"].get("auc") for c in mine if c["observer"] == o]) for o in OBSERVER_ORDER]
-                    + [_epsilon(training.get("privacy"))])
-    return Table(["algorithm", "defense", "attack", *[f"AUC {o}" for o in OBSERVER_ORDER], "epsilon (accountant)"], rows)
+        mine = [c for c in cells if (c["algorithm"], c["defense"]) == (training["algorithm"], training["defense"])]
+        membership = [c for c in mine if c["family"] == "membership"]
+        row = [training["algorithm"], training["defense"]]
+        for observer in OBSERVER_ORDER:
+            per_attack = {}
+            for c in membership:
+                if c["observer"] == observer and c["metrics"].get("auc") is not None:
+                    per_attack.setdefault(c["attack"], []).append(c["metrics"]["auc"])
+            if per_attack:
+                attack, aucs = max(per_attack.items(), key=lambda kv: np.mean(kv[1]))
+                row.append(f"{_mean_range(aucs)} ({attack})")
+            else:
+                row.append("n/a")
+        eps, eps_attack = _best(membership, "epsilon_lb")
+        one_run, _ = _best(membership, "one_run_epsilon_lb")
+        row += [f"{fmt(eps, 2)} ({eps_attack})" if eps is not None else "n/a", fmt(one_run, 2),
+                _epsilon(training.get("privacy"))]
+        extraction = {c["attack_name"]: c for c in mine if c["family"] == "extraction" and c["observer"] == "global"}
+        row += [fmt(extraction["discoverable"]["metrics"].get("exact_rate")) if "discoverable" in extraction else "n/a",
+                fmt(extraction["pii"]["metrics"].get("own_fraction")) if "pii" in extraction else "n/a",
+                fmt(extraction["exposure"]["metrics"].get("exposure_max"), 1) if "exposure" in extraction else "n/a"]
+        rows.append(row)
+    return Table(["algorithm", "defense", *[f"best AUC {o}" for o in OBSERVER_ORDER], "empirical eps (max)",
+                  "one-run eps (max)", "epsilon (accountant)", "discoverable exact (global)",
+                  "PII own (global)", "max exposure (global)"], rows)
 
 
 def utility_table(results: dict) -> Table:
@@ -155,12 +192,117 @@ def _epsilon(privacy: dict | None) -> str:
     return "; ".join(parts)
 
 
+def _auc_with_interval(metrics: dict) -> str:
+    auc, low, high = metrics.get("auc"), metrics.get("auc_low"), metrics.get("auc_high")
+    return fmt(auc) if low is None or high is None else f"{fmt(auc)} [{fmt(low)}-{fmt(high)}]"
+
+
 def membership_table(results: dict) -> Table:
     rows = [[c["algorithm"], c["defense"], c["attack"], c["observer"], fmt(c["client"]), fmt(c["round"]),
-             *[fmt(c["metrics"].get(k)) for k, _ in MEMBERSHIP_COLUMNS], fmt(c["n_members"]), fmt(c["n_nonmembers"])]
-            for c in results["cells"] if c["family"] == "membership"]
-    return Table(["algorithm", "defense", "attack", "observer", "client", "round", *[h for _, h in MEMBERSHIP_COLUMNS],
-                  "members", "non-members"], rows)
+             _auc_with_interval(c["metrics"]), *[fmt(c["metrics"].get(k)) for k, _ in MEMBERSHIP_COLUMNS],
+             fmt(c["n_members"]), fmt(c["n_nonmembers"])]
+            for c in _final(results) if c["family"] == "membership"]
+    return Table(["algorithm", "defense", "attack", "observer", "client", "round", "AUC [95% CI]",
+                  *[h for _, h in MEMBERSHIP_COLUMNS], "members", "non-members"], rows)
+
+
+def extraction_section(results: dict) -> Section | None:
+    cells = [c for c in _final(results) if c["family"] == "extraction"]
+    if not cells:
+        return None
+    section = Section("Training-data extraction", [
+        "Extraction attacks against each view's own training data (for `upload` and `client` views, that client's "
+        "records). `discoverable`: greedy answers to the training prompts that reproduce the private response "
+        "exactly or at ROUGE-L >= tau, and the prefix/suffix protocol; `pii`: private identifiers that appear "
+        "verbatim in answers to prompts that do not contain them; `exposure`: log2(candidates) - log2(rank) of each "
+        "canary's secret; `generate_rank`: precision at k of sampled generations ranked by perplexity, zlib and "
+        "reference ratios."])
+    for attack in dict.fromkeys(c["attack"] for c in cells):
+        mine = [c for c in cells if c["attack"] == attack]
+        metrics = list(dict.fromkeys(m for c in mine for m in c["metrics"]))
+        section.blocks.append(Table(
+            ["algorithm", "defense", "attack", "view", *metrics],
+            [[c["algorithm"], c["defense"], c["attack"], _view(c), *[fmt(c["metrics"].get(m)) for m in metrics]]
+             for c in mine]))
+        notes = sorted({c["details"].get("note") for c in mine if c.get("details", {}).get("note")})
+        section.blocks += [f"{attack}: {note}" for note in notes]
+    exposure = [c for c in cells if c["attack_name"] == "exposure" and c["details"].get("canaries")]
+    if exposure:
+        section.blocks.append(Figure("exposure-vs-repetitions", "Canary exposure against repetition count "
+                                     "(0 = reference canaries never inserted)", exposure_plot_png(exposure)))
+    return section
+
+
+def _view(cell: dict) -> str:
+    return cell["observer"] if cell["client"] is None else f"{cell['observer']}/{cell['client']}"
+
+
+def exposure_plot_png(cells: list[dict]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=110)
+    for cell in cells:
+        by_reps: dict[int, list[float]] = {}
+        for canary in cell["details"]["canaries"]:
+            if canary.get("exposure") is not None:
+                by_reps.setdefault(int(canary["repetitions"]), []).append(canary["exposure"])
+        reps = sorted(by_reps)
+        ax.plot(reps, [np.mean(by_reps[r]) for r in reps], marker="o", linewidth=1.2,
+                label=f"{cell['algorithm']}/{cell['defense']} {_view(cell)}")
+    ax.set(xscale="symlog", xlabel="repetitions of the canary in training data", ylabel="exposure (bits)",
+           title="Canary exposure")
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    return _png(fig)
+
+
+def rounds_plot_png(cells: list[dict], title: str) -> bytes:
+    """AUC over rounds, one line per training and view (the FEDPIT paper's view of leakage over training)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=110)
+    lines: dict[str, list[tuple[int, float]]] = {}
+    for c in cells:
+        if c["metrics"].get("auc") is not None:
+            lines.setdefault(f"{c['algorithm']}/{c['defense']} {_view(c)}", []).append((c["round"], c["metrics"]["auc"]))
+    for label, points in lines.items():
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", linewidth=1.2, label=label)
+    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    ax.set(xlabel="round (0 = before training)", ylabel="AUC", title=title)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    return _png(fig)
+
+
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def rounds_section(results: dict) -> Section | None:
+    membership = [c for c in results["cells"] if c["family"] == "membership"]
+    figures = []
+    for attack in dict.fromkeys(c["attack"] for c in membership):
+        for observer in OBSERVER_ORDER:
+            cells = [c for c in membership if c["attack"] == attack and c["observer"] == observer]
+            if len({c["round"] for c in cells}) > 1:
+                figures.append(Figure(_slug(f"rounds-{attack}-{observer}"), f"AUC of {attack} on the {observer} "
+                                      f"view over rounds", rounds_plot_png(cells, f"{attack}: {observer} view")))
+    return Section("Leakage over rounds", figures) if figures else None
+
+
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in text)
 
 
 def synthetic_section(results: dict) -> Section | None:
@@ -194,24 +336,23 @@ def provenance_table(results: dict) -> Table:
 
 
 def build_document(results: dict) -> list[Section]:
-    membership = [c for c in results["cells"] if c["family"] == "membership"]
+    membership = [c for c in _final(results) if c["family"] == "membership"]
     figures = []
     for attack in dict.fromkeys(c["attack"] for c in membership):
         for observer in OBSERVER_ORDER:
             cells = [c for c in membership if c["attack"] == attack and c["observer"] == observer]
             if cells:
-                name = "roc-" + "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in f"{attack}-{observer}")
-                figures.append(Figure(name, f"ROC of {attack} on the {observer} view (log-log)",
-                                      roc_plot_png(cells, f"{attack}: {observer} view")))
+                figures.append(Figure(_slug(f"roc-{attack}-{observer}"), f"ROC of {attack} on the {observer} view "
+                                      f"(log-log)", roc_plot_png(cells, f"{attack}: {observer} view")))
     sections = [
         Section("Summary", [INTRO, leakage_table(results), utility_table(results),
                             "Utility on held-out records: mean response-token loss, perplexity, and ROUGE-L F1 of "
                             "greedy answers; `client` columns average the clients' final models."]),
         Section("Membership inference", [membership_table(results), *figures]),
     ]
-    synthetic = synthetic_section(results)
-    if synthetic:
-        sections.append(synthetic)
+    for optional in (rounds_section(results), extraction_section(results), synthetic_section(results)):
+        if optional:
+            sections.append(optional)
     sections.append(Section("Provenance", [provenance_table(results)]))
     return sections
 

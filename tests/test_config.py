@@ -7,12 +7,23 @@ from fedleak.eval.config import load_config, parse_config
 from fedleak.federated.errors import FedleakError
 
 
-def test_quick_config_parses():
-    config = load_config(Path(__file__).resolve().parent.parent / "configs" / "quick.toml")
-    assert [d.name for d in config.matrix.defenses] == ["none", "trimmed_mean", "krum", "dp_sgd", "dp_sgd", "dp_fedavg"]
-    assert [a.name for a in config.matrix.algorithms] == ["fedit", "fedpit", "cenit", "locit"]
-    assert [a.name for a in config.matrix.attacks] == ["loss"]
-    assert config.model.name == "embedded" and config.federation.clients == 3 and config.federation.alpha == 1.0
+@pytest.mark.parametrize("name", ["quick", "full"])
+def test_shipped_configs_run_every_attack_on_global_and_membership_on_every_view(name):
+    from fedleak.attacks.base import ATTACKS
+
+    config = load_config(Path(__file__).resolve().parent.parent / "configs" / f"{name}.toml")
+    builtin = {n for n in ATTACKS.names() if ATTACKS.get(n).__module__.startswith("fedleak.attacks.")}
+    observers = {}
+    for spec in config.matrix.attacks:
+        observers.setdefault(spec.name, set()).update(spec.observers)
+    assert set(observers) == builtin and all("global" in o for o in observers.values())
+    for attack, seen in observers.items():
+        if ATTACKS.get(attack).family == "membership":
+            assert seen == {"global", "upload", "client"}, attack
+    assert [a.name for a in config.matrix.algorithms][:4] == ["fedit", "fedpit", "cenit", "locit"]
+    assert {"none", "dp_sgd", "dp_fedavg"} <= {d.name for d in config.matrix.defenses}
+    assert config.data.embedded.audit_canaries > 0
+    assert config.model.name == "embedded" and config.federation.alpha == 1.0
 
 
 @pytest.mark.parametrize("table, expected", [
@@ -24,8 +35,14 @@ def test_quick_config_parses():
     ({"model": {"lora": {"r": 0}}}, "model.lora.r = 0: must be a positive integer"),
     ({"data": {"source": "file"}}, "data.file.path is not set"),
     ({"matrix": {"defenses": ["medain"]}}, r"matrix.defenses\[0\]: unknown defense 'medain': did you mean 'median'"),
-    ({"matrix": {"attacks": [{"name": "loss", "batchsize": 4}]}}, "loss has no parameter 'batchsize': did you mean 'batch_size'"),
-    ({"matrix": {"attacks": [{"name": "loss", "batch_size": 0}]}}, "batch_size = 0"),
+    ({"matrix": {"attacks": [{"name": "min_k", "kk": 0.1}]}}, "min_k has no parameter 'kk': did you mean 'k'"),
+    ({"matrix": {"attacks": [{"name": "min_k", "k": 0}]}}, "k = 0"),
+    ({"matrix": {"attacks": [{"name": "loss", "rounds": "last"}]}}, r"matrix.attacks\[0\].rounds = 'last': use \"final\""),
+    ({"matrix": {"attacks": [{"name": "loss", "rounds": [1, 99]}]}}, "round 99 is after the last round"),
+    ({"matrix": {"defenses": [{"name": "none", "rounds": "all"}]}}, "only attacks take rounds"),
+    ({"matrix": {"attacks": ["loss", {"name": "loss", "observers": ["client", "global"]}]}},
+     "loss is listed twice for the same observer"),
+    ({"attack": {"confidence": 1.0}}, r"attack.confidence = 1.0: must be in \(0, 1\)"),
     ({"matrix": {"defenses": ["none", "none"]}}, "listed twice"),
 ])
 def test_config_errors_name_the_key(table, expected):
@@ -35,9 +52,14 @@ def test_config_errors_name_the_key(table, expected):
 
 
 def test_component_parameters_become_keyword_arguments():
-    config = parse_config({"matrix": {"attacks": [{"name": "loss", "batch_size": 4}]}})
-    assert config.matrix.attacks[0].kwargs == {"batch_size": 4}
-    assert config.matrix.attacks[0].label == "loss(batch_size=4)"
+    config = parse_config({"matrix": {"attacks": [{"name": "min_k", "k": 0.5, "rounds": [2, 1, 2]}]}})
+    assert config.matrix.attacks[0].kwargs == {"k": 0.5}
+    assert config.matrix.attacks[0].label == "min_k(k=0.5)"
+    assert config.matrix.attacks[0].rounds == (1, 2) and config.matrix.attacks[0].observers == ("global",)
+    assert config.to_dict()["matrix"]["attacks"][0] == {"name": "min_k", "k": 0.5, "observers": ["global"],
+                                                         "rounds": [1, 2]}
+    both = parse_config({"matrix": {"attacks": [{"name": "loss", "rounds": "all"}, {"name": "loss", "observers": ["client"]}]}})
+    assert [(a.observers, a.rounds) for a in both.matrix.attacks] == [(("global",), "all"), (("client",), "final")]
 
 
 def test_cli_config_errors_exit_2_before_any_work(tmp_path, capsys):

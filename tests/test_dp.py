@@ -134,9 +134,11 @@ def test_epsilons_reach_results_and_report(tmp_path, tiny_run_config):
 
     from fedleak.reports.report import fmt
 
-    (tmp_path / "run.toml").write_text(tiny_run_config + """
+    config = tiny_run_config.replace("canaries_per_repetition = 0", "canaries_per_repetition = 0\naudit_canaries = 24")
+    (tmp_path / "run.toml").write_text(config + """
 [matrix]
 defenses = [{ name = "dp_sgd", target_epsilon = 4.0 }, [{ name = "dp_fedavg", noise_multiplier = 1.0 }, "norm_bound"]]
+attacks = [{ name = "loss", observers = ["global", "upload", "client"] }, "reference"]
 """)
     proc = subprocess.run([sys.executable, "-m", "fedleak", "run", str(tmp_path / "run.toml"), "--out",
                            str(tmp_path / "out"), "--quiet"], capture_output=True, text=True, env=os.environ.copy())
@@ -150,6 +152,18 @@ defenses = [{ name = "dp_sgd", target_epsilon = 4.0 }, [{ name = "dp_fedavg", no
     assert rounds[0] < rounds[1] == per_client["0"]
     assert dp_fedavg["defense"] == "dp_fedavg(noise_multiplier=1.0)+norm_bound"
     assert [r["epsilon"] for r in dp_fedavg["rounds"]][-1] == dp_fedavg["privacy"]["user_level_epsilon"]
+    # The audit's lower bounds never exceed the accountant's epsilon (that would mean a broken DP).
+    assert results["data"]["audit_canaries"] == 24
+    for training, epsilon in ((dp_sgd, dp_sgd["privacy"]["record_level_epsilon"]),
+                              (dp_fedavg, dp_fedavg["privacy"]["user_level_epsilon"])):
+        cells = [c for c in results["cells"] if c["defense"] == training["defense"]]
+        assert len(cells) == 1 + 3 + 3 + 1 or training is dp_fedavg
+        for cell in cells:
+            assert 0 <= cell["metrics"]["epsilon_lb"] <= epsilon
+            assert cell["audit"]["empirical"]["delta"] == training["privacy"].get("record_level_delta", 1e-5)
+            if "one_run" in cell["audit"]:
+                assert 0 <= cell["metrics"]["one_run_epsilon_lb"] <= epsilon
+        assert "one_run" in next(c for c in cells if c["observer"] == "global")["audit"]
     report = (tmp_path / "out" / "report.md").read_text()
     assert fmt(dp_sgd["privacy"]["record_level_epsilon"], 2) in report
     assert fmt(dp_fedavg["privacy"]["user_level_epsilon"], 2) in report

@@ -29,7 +29,9 @@ max_new_tokens = 32
 [matrix]
 algorithms = ["fedit", {name = "fedpit", synthetic_per_round = 4, max_attempts = 8, response_max_new_tokens = 48}, "cenit", "locit"]
 defenses = ["none", "median"]
-attacks = [{name = "loss", observers = ["global", "upload", "client"]}, {name = "loss", batch_size = 7}]
+attacks = [{name = "loss", rounds = "all"}, {name = "loss", observers = ["upload", "client"], rounds = [3, 5]},
+           {name = "min_k", k = 0.5},
+           "reference", {name = "exposure", samples = 200}, {name = "discoverable", max_records = 6}]
 """
 FEDPIT = "fedpit(max_attempts=8,response_max_new_tokens=48,synthetic_per_round=4)"
 
@@ -48,7 +50,7 @@ def test_results_schema_and_memorisation(run_dir):
     results = json.loads((run_dir / "results.json").read_text())
     utility_of = lambda algorithm: next(t["utility"] for t in results["trainings"]
                                         if (t["algorithm"], t["defense"]) == (algorithm, "none"))
-    assert results["schema"] == "fedleak-results/1" and results["seed"] == 1
+    assert results["schema"] == "fedleak-results/2" and results["seed"] == 1
     assert results["versions"]["torch"] and results["versions"]["fedleak"] == results["fedleak_version"]
     assert "git_commit" in results and results["config"]["federation"]["rounds"] == 5
     # Defenses apply to federations; the baselines without one train once.
@@ -63,11 +65,21 @@ def test_results_schema_and_memorisation(run_dir):
         got = sorted({(o, c) for (a, d, attack, o, c) in cells if (a, d, attack) == (algorithm, defense, "loss")},
                      key=str)
         assert got == sorted({(o, None if o == "global" else i) for o in observers for i in range(3)}, key=str)
-        # the batch_size=7 variant probes the default observer only: the global view, where there is one
-        variant = [o for (a, d, attack, o, _) in cells if (a, d, attack) == (algorithm, defense, "loss(batch_size=7)")]
+        # min_k probes the default observer only: the global view, where there is one
+        variant = [o for (a, d, attack, o, _) in cells if (a, d, attack) == (algorithm, defense, "min_k(k=0.5)")]
         assert variant == (["global"] if "global" in observers else [])
     for cell in results["cells"]:
-        assert cell["round"] == 5 and cell["n_members"] == cell["n_nonmembers"] > 0
+        assert (cell["round"] == 5 or cell["attack"] == "loss") and cell.get("n_members", 1) == cell.get("n_nonmembers", 1)
+        if cell["family"] == "membership":
+            assert cell["n_members"] > 0 and cell["metrics"]["auc_low"] <= cell["metrics"]["auc"] <= cell["metrics"]["auc_high"]
+            assert cell["metrics"]["epsilon_lb"] >= 0 and "empirical" in cell["audit"]
+    # loss runs on every recorded round of the global view (round 0: the initial adapter), on rounds 3
+    # and 5 of the others
+    rounds = lambda algorithm, observer, client=None: sorted(
+        c["round"] for c in results["cells"] if (c["algorithm"], c["defense"], c["attack"], c["observer"], c["client"])
+        == (algorithm, "none", "loss", observer, client))
+    assert rounds("fedit", "global") == [0, 1, 2, 3, 4, 5] and rounds("fedit", "client", 1) == [3, 5]
+    cells = {k: v for k, v in cells.items() if v["round"] == 5}
     auc = lambda algorithm, observer, client=None: cells[(algorithm, "none", "loss", observer, client)]["metrics"]["auc"]
     # Memorisation is real: members have clearly lower loss than held-out records.
     assert auc("fedit", "global") > 0.6 and auc("cenit", "global") > 0.6
@@ -75,9 +87,16 @@ def test_results_schema_and_memorisation(run_dir):
     # FEDPIT's shared views see only synthetic data: they leak less than FEDIT's.
     assert auc(FEDPIT, "global") < auc("fedit", "global")
     assert sum(auc(FEDPIT, "upload", i) for i in range(3)) < sum(auc("fedit", "upload", i) for i in range(3))
-    # Batching does not change the scores.
-    assert cells[("fedit", "none", "loss", "global", None)]["metrics"] == pytest.approx(
-        cells[("fedit", "none", "loss(batch_size=7)", "global", None)]["metrics"], abs=1e-6)
+    # The sanity checks of extraction on the embedded default with no defense: a canary repeated 8 times
+    # is more exposed than one seen once, and greedy decoding of its prompt reproduces it.
+    exposure = cells[("fedit", "none", "exposure(samples=200)", "global", None)]["metrics"]
+    assert exposure["exposure_rep8"] > exposure["exposure_rep1"] and exposure["exposure_rep8"] > 5
+    assert cells[("cenit", "none", "exposure(samples=200)", "global", None)]["metrics"]["exposure_rep8"] > 5
+    discoverable = [cells[(a, "none", "discoverable(max_records=6)", "global", None)]["metrics"]
+                    for a in ("fedit", "cenit")]
+    assert max(d["canary_exact_rate"] for d in discoverable) > 0
+    # FEDPIT's global adapter never trains on the canaries
+    assert cells[(FEDPIT, "none", "exposure(samples=200)", "global", None)]["metrics"]["exposure_rep8"] < exposure["exposure_rep8"]
     for training in results["trainings"]:
         utility = training["utility"]
         assert utility["records"] == 12
@@ -100,17 +119,24 @@ def test_csv_and_reports_carry_the_numbers_of_results_json(run_dir):
     assert len(rows) == len(results["cells"])
     markdown = (run_dir / "report.md").read_text()
     html = (run_dir / "report.html").read_text()
+    final = [c for c in results["cells"] if c["round"] == 5]
     for row, cell in zip(rows, results["cells"]):
-        assert float(row["auc"]) == cell["metrics"]["auc"]
-        for value in (cell["metrics"]["auc"], cell["metrics"]["tpr@0.01fpr"]):
+        assert (row["auc"] == "") if cell["family"] == "extraction" else float(row["auc"]) == cell["metrics"]["auc"]
+    for cell in final:
+        keys = ("auc", "tpr@0.01fpr", "balanced_accuracy") if cell["family"] == "membership" else list(cell["metrics"])
+        for value in (cell["metrics"][k] for k in keys):
             assert fmt(value) in markdown and fmt(value) in html
     for training in [*results["trainings"], {"utility": {"global": results["base_utility"]}}]:
         for scores in [training["utility"].get("global"), training["utility"].get("client_mean")]:
             if scores:
                 assert fmt(scores["loss"]) in markdown and fmt(scores["rouge_l"]) in html
-    # one ROC plot per (attack, observer), embedded in the HTML and saved beside the Markdown
-    assert html.count('src="data:image/png;base64,') == 4
-    assert "src=\"http" not in html and (run_dir / "plots" / "roc-loss-client.png").exists()
+    # ROC plots per (attack, observer) of the final round: loss on 3 observers, min_k and reference on
+    # global; loss over rounds on 3 observers; exposure against repetitions. Embedded and saved.
+    assert html.count('src="data:image/png;base64,') == 5 + 3 + 1
+    assert "src=\"http" not in html
+    for name in ("roc-loss-client", "rounds-loss-global", "exposure-vs-repetitions"):
+        assert (run_dir / "plots" / f"{name}.png").exists()
+    assert "Training-data extraction" in markdown and "Leakage over rounds" in markdown
     assert "Self-generated data" in markdown and "synthetic" in markdown.lower()
 
 
@@ -154,16 +180,20 @@ local_epochs = 1
 partition = "iid"
 [matrix]
 defenses = ["none"]
-attacks = ["loss"]
+attacks = ["loss", "pii", "exposure"]
 """)
     proc = subprocess.run([sys.executable, "-m", "fedleak", "run", str(tmp_path / "run.toml"), "--out",
                            str(tmp_path / "out"), "--quiet"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["model"] == {"name": str(model_dir)}
-    assert results["data"] == {"client_sizes": [15, 15], "heldout": 10, "canaries": 0, "reference_canaries": 0}
-    cell = results["cells"][0]
+    assert results["data"] == {"client_sizes": [15, 15], "heldout": 10, "canaries": 0, "reference_canaries": 0,
+                               "audit_canaries": 0, "audit_canaries_inserted": 0}
+    cell, pii, exposure = results["cells"]
     assert cell["n_members"] == cell["n_nonmembers"] == 10 and 0 <= cell["metrics"]["auc"] <= 1
+    # User data has no planted identifiers or canaries: those attacks say so instead of reporting 0.
+    assert pii["details"]["note"] and exposure["details"]["note"]
+    assert all(v is None for v in exposure["metrics"].values())
     upload = json.loads((tmp_path / "out" / results["trainings"][0]["checkpoint_dir"] / "round-0001" /
                          "manifest.json").read_text())
     assert set(upload["views"]) == {"global", "upload/0", "upload/1", "client/0", "client/1"}

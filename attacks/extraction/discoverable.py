@@ -1,0 +1,181 @@
+"""Discoverable memorisation (Carlini et al. 2022, "Quantifying Memorization Across Neural Language
+Models"): prompt the model with what preceded a training example and check whether greedy decoding
+reproduces the rest.
+
+(a) Instruction prompts: for each private record x = (instruction, input, response), decode
+    g = greedy(format_prompt(instruction, input)) and count exact = [g.strip() == response.strip()]
+    and approximate = [ROUGE-L(g, response) >= tau].
+(b) Prefix/suffix (the paper's protocol): with t = the training token sequence (prompt + response +
+    EOS, as `encode` builds it) and |t| >= p + s, x is extractable iff greedy(t[:p]) == t[p:p+s]
+    token for token. Rates are over the eligible sequences (|t| >= p + s).
+
+The private records are the view's records plus one record per inserted canary. The helpers below
+(seeding, record sampling, batched greedy decoding) are shared by the other extraction attacks.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from fedleak.attacks.base import ExtractionAttack, Secrets, Target, register_attack
+from fedleak.federated.data import Record
+from fedleak.federated.errors import FedleakError
+from fedleak.federated.generation import generate
+from fedleak.federated.prompts import format_prompt
+from fedleak.federated.rouge import rouge_l
+from fedleak.federated.seeding import numpy_rng
+from fedleak.federated.training import encode
+
+EXAMPLES = 5  # cap on example lists in details
+
+
+def run_seed(target: Target, attack: str) -> int:
+    if target.env is None:
+        raise FedleakError(f"attack {attack}: the target has no AttackEnvironment: its seed drives the sampling")
+    return target.env.seed
+
+
+def view_key(target: Target) -> str:
+    """Observer (and client), not the round: every round of one view draws the same samples, so rounds
+    compare on the same records."""
+    return f"{target.observer}/{target.client}"
+
+
+def check_optional_positive(attack: str, name: str, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise FedleakError(f"attack {attack}: {name} = {value!r}: must be a positive integer or None (all)")
+
+
+def check_positive(attack: str, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise FedleakError(f"attack {attack}: {name} = {value!r}: must be a positive integer")
+
+
+def check_fraction(attack: str, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise FedleakError(f"attack {attack}: {name} = {value!r}: must be in (0, 1]")
+
+
+def sample(items: Sequence, limit: int | None, rng: np.random.Generator) -> list:
+    """At most `limit` items drawn without replacement, kept in their original order."""
+    if limit is None or len(items) <= limit:
+        return list(items)
+    keep = np.sort(rng.choice(len(items), size=limit, replace=False))
+    return [items[int(i)] for i in keep]
+
+
+def canary_records(secrets: Secrets) -> list[Record]:
+    """One record per inserted canary (its copies are identical)."""
+    return [c.record(0) for c in secrets.canaries if c.repetitions > 0]
+
+
+def private_records(secrets: Secrets, limit: int | None, rng: np.random.Generator) -> list[Record]:
+    """A seeded sample of the view's records, then every inserted canary once."""
+    return sample(secrets.records, limit, rng) + canary_records(secrets)
+
+
+def greedy_texts(target: Target, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy completions of training-template prompts, cut at EOS. Prompts are batched by length so
+    left padding stays short; results come back in the input order."""
+    if not prompts:
+        return []
+    ids = target.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]  # as `encode` tokenises
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out = generate(target.model, target.tokenizer, [ids[i] for i in order], max_new_tokens=max_new_tokens,
+                   batch_size=batch_size)
+    texts = [""] * len(ids)
+    for i, g in zip(order, out):
+        texts[i] = g.text
+    return texts
+
+
+@torch.no_grad()
+def greedy_suffixes(model, tokenizer, prefixes: Sequence[Sequence[int]], *, length: int,
+                    batch_size: int) -> list[list[int]]:
+    """Greedy continuations (token ids, at most `length`) of equal-length prefixes: no padding needed."""
+    out: list[list[int]] = []
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    model.eval()
+    for start in range(0, len(prefixes), batch_size):
+        ids = torch.tensor([list(p) for p in prefixes[start:start + batch_size]])
+        new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=length,
+                             do_sample=False, eos_token_id=eos, pad_token_id=pad)[:, ids.shape[1]:].tolist()
+        for row in new:
+            cut = row.index(eos) + 1 if eos in row else len(row)  # keep EOS: a suffix may end with it
+            out.append(row[:cut])
+    return out
+
+
+@register_attack("discoverable")
+class DiscoverableAttack(ExtractionAttack):
+    """discoverable: greedy decoding from training prompts / prefixes reproduces the record (Carlini et al. 2022)."""
+
+    def __init__(self, *, max_records: int | None = None, max_new_tokens: int = 64, rouge_threshold: float = 0.7,
+                 prefix_tokens: int = 32, suffix_tokens: int = 16, batch_size: int = 16):
+        check_optional_positive(self.name, "max_records", max_records)
+        for name, value in (("max_new_tokens", max_new_tokens), ("prefix_tokens", prefix_tokens),
+                            ("suffix_tokens", suffix_tokens), ("batch_size", batch_size)):
+            check_positive(self.name, name, value)
+        check_fraction(self.name, "rouge_threshold", rouge_threshold)
+        self.max_records = max_records
+        self.max_new_tokens = max_new_tokens
+        self.rouge_threshold = rouge_threshold
+        self.prefix_tokens = prefix_tokens
+        self.suffix_tokens = suffix_tokens
+        self.batch_size = batch_size
+
+    def run(self, target: Target, secrets: Secrets) -> dict:
+        rng = numpy_rng(run_seed(target, self.name), "attack", self.name, view_key(target))
+        records = private_records(secrets, self.max_records, rng)
+        if not records:
+            nan = float("nan")
+            return {"metrics": {k: nan for k in ("exact_rate", "rouge_rate", "mean_rouge", "canary_exact_rate",
+                                                 "prefix_suffix_rate", "prefix_suffix_eligible")},
+                    "details": {"note": "the view trained on no private records"}}
+        metrics, details = self._prompted(target, records)
+        suffix_metrics, suffix_details = self._prefix_suffix(target, records)
+        return {"metrics": {**metrics, **suffix_metrics}, "details": {**details, **suffix_details}}
+
+    def _prompted(self, target: Target, records: list[Record]) -> tuple[dict, dict]:
+        texts = greedy_texts(target, [format_prompt(r.instruction, r.input) for r in records],
+                             max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
+        exact = np.array([t.strip() == r.output.strip() for t, r in zip(texts, records)])
+        rouge = np.array([rouge_l(t, r.output) for t, r in zip(texts, records)])
+        is_canary = np.array([r.category == "canary" for r in records])
+        close = rouge >= self.rouge_threshold
+        order = np.argsort(-(exact * 2 + rouge), kind="stable")  # exact matches first, then by ROUGE-L
+        examples = [{"record_id": records[i].record_id, "exact": bool(exact[i]), "rouge": float(rouge[i]),
+                     "generated": texts[i]} for i in order[:EXAMPLES] if close[i]]
+        metrics = {
+            "exact_rate": float(exact.mean()),
+            "rouge_rate": float(close.mean()),
+            "mean_rouge": float(rouge.mean()),
+            "canary_exact_rate": float(exact[is_canary].mean()) if is_canary.any() else float("nan"),
+        }
+        details = {"records": len(records), "canary_records": int(is_canary.sum()), "exact": int(exact.sum()),
+                   "rouge_matches": int(close.sum()), "canary_exact": int(exact[is_canary].sum()),
+                   "examples": examples}
+        if not is_canary.any():
+            details["canary_note"] = "no inserted canary in this view: canary_exact_rate is undefined"
+        return metrics, details
+
+    def _prefix_suffix(self, target: Target, records: list[Record]) -> tuple[dict, dict]:
+        p, s = self.prefix_tokens, self.suffix_tokens
+        examples = encode(records, target.tokenizer, max_length=target.max_length, response_only=target.response_only)
+        eligible = [(r, e.input_ids) for r, e in zip(records, examples) if len(e.input_ids) >= p + s]
+        details: dict = {"prefix_suffix_eligible": len(eligible)}
+        if not eligible:
+            details["prefix_suffix_note"] = (f"no training sequence has prefix_tokens + suffix_tokens = {p + s} "
+                                             f"tokens: prefix_suffix_rate is undefined")
+            return {"prefix_suffix_rate": float("nan"), "prefix_suffix_eligible": 0.0}, details
+        generated = greedy_suffixes(target.model, target.tokenizer, [ids[:p] for _, ids in eligible], length=s,
+                                    batch_size=self.batch_size)
+        hits = [list(ids[p:p + s]) == g for (_, ids), g in zip(eligible, generated)]
+        details["prefix_suffix_extracted"] = int(sum(hits))
+        details["prefix_suffix_examples"] = [
+            {"record_id": r.record_id, "suffix": target.tokenizer.decode(g, skip_special_tokens=True)}
+            for (r, _), g, hit in zip(eligible, generated, hits) if hit][:EXAMPLES]
+        return {"prefix_suffix_rate": float(np.mean(hits)), "prefix_suffix_eligible": float(len(eligible))}, details

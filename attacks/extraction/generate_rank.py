@@ -1,0 +1,218 @@
+"""Generate-then-rank extraction (Carlini et al. 2021, "Extracting Training Data from Large Language
+Models"): sample many generations, then rank them by how much more likely the target finds them than
+it should, and check the top of each ranking for training data.
+
+For a generation x of n tokens (continuation of the prompt), log-perplexity L(x) = -(1/n) sum_t log p(x_t | x_<t).
+Three rankings, lowest first (low = suspicious):
+    perplexity:  L_target(x)
+    zlib:        L_target(x) / zlib_bytes(x)
+    reference:   L_target(x) / L_reference(x)   (reference = the base model: the adapters switched off)
+A generation is a hit if ROUGE-L(x, t) >= tau for a private text t (each private record's response
+and its whole training text, and each inserted canary's text) or if it contains a private identifier
+of at least `min_identifier_length` characters that is not in the prompt. precision@k = hits among
+the k lowest-ranked distinct generations / k; hit_rate = hits among all samples.
+
+Sampling is top-k (k = top_k) at temperature T, as in the paper. The shared generation helper offers
+top_p only, so this attack calls `model.generate` itself, under a seeded fork of torch's RNG.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from fedleak.attacks.base import ExtractionAttack, Secrets, Target, register_attack
+from fedleak.attacks.extraction.discoverable import (EXAMPLES, canary_records, check_fraction, check_positive,
+                                                     run_seed, view_key)
+from fedleak.attacks.membership.stats import BASE, _reference_context
+from fedleak.attacks.membership.zlib import zlib_bytes
+from fedleak.federated.errors import FedleakError
+from fedleak.federated.prompts import format_prompt
+from fedleak.federated.rouge import lcs_length, tokens
+from fedleak.federated.seeding import derive_seed
+from fedleak.federated.training import IGNORE, Example, collate, token_logprobs
+
+UNCONDITIONED, TEMPLATE = "", "template"
+RANKINGS = ("perplexity", "zlib", "reference")
+
+
+def start_text(prompt: str) -> str:
+    """The text a generation continues: "" (nothing), the template's instruction header, or `prompt`."""
+    if prompt == TEMPLATE:
+        marker = "\x00"
+        return format_prompt(marker).split(marker)[0]  # "### Instruction:\n": the model writes the rest
+    return prompt
+
+
+def start_ids(tokenizer, prompt: str) -> list[int]:
+    text = start_text(prompt)
+    if text:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]  # as training tokenised prompts
+    # Unconditioned: the token a document starts after. BOS where the tokenizer prepends one, else EOS
+    # (the separator of packed pretraining documents, and the end of every fine-tuning example).
+    probe = tokenizer("a")["input_ids"]
+    if tokenizer.bos_token_id is not None and probe and probe[0] == tokenizer.bos_token_id:
+        return [tokenizer.bos_token_id]
+    return [tokenizer.eos_token_id]
+
+
+def rankings(log_ppl: np.ndarray, reference_log_ppl: np.ndarray, texts: Sequence[str]) -> dict[str, np.ndarray]:
+    """The three scores of each generation, lower = more suspicious."""
+    log_ppl = np.asarray(log_ppl, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return {
+            "perplexity": log_ppl,
+            "zlib": log_ppl / np.array([max(zlib_bytes(t), 1) for t in texts], dtype=np.float64),
+            "reference": log_ppl / np.asarray(reference_log_ppl, dtype=np.float64),
+        }
+
+
+def top_indices(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k lowest scores (NaN last, ties in input order)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    order = np.lexsort((np.arange(len(scores)), np.nan_to_num(scores, nan=np.inf), np.isnan(scores)))
+    return order[:k]
+
+
+def precision_at(scores: np.ndarray, hits: np.ndarray, k: int) -> float:
+    """Fraction of hits among the k lowest-scored items (k capped at their number)."""
+    top = top_indices(scores, min(k, len(scores)))
+    return float(np.asarray(hits, dtype=bool)[top].mean()) if len(top) else float("nan")
+
+
+def rouge_at_least(candidate: list[str], reference: list[str], threshold: float, *,
+                   counts: tuple[Counter, Counter] | None = None) -> float:
+    """ROUGE-L F1 (= 2 LCS / (|c| + |r|)) if it can reach `threshold`, else 0.0: the bag-of-words overlap
+    bounds the LCS, which skips the dynamic programme for most pairs. `counts`: the two word Counters."""
+    if not candidate or not reference:
+        return 0.0
+    total = len(candidate) + len(reference)
+    a, b = counts or (Counter(candidate), Counter(reference))
+    if 2 * sum((a & b).values()) / total < threshold:
+        return 0.0
+    return 2 * lcs_length(candidate, reference) / total
+
+
+def hit_flags(texts: Sequence[str], references: Sequence[tuple[str, str]], identifiers: Sequence[str], *,
+              prompt: str, rouge_threshold: float, min_identifier_length: int) -> list[dict]:
+    """For each generation: {"hit": bool, "why": ...}. `references` are (source id, private text) pairs."""
+    refs = [(source, words, Counter(words)) for source, words in ((s, tokens(t)) for s, t in references)]
+    ids = [i for i in identifiers if len(i) >= min_identifier_length and i not in prompt]
+    out = []
+    for text in texts:
+        found = next((i for i in ids if i in text), None)
+        if found is not None:
+            out.append({"hit": True, "why": f"identifier {found}"})
+            continue
+        words = tokens(text)
+        bag = Counter(words)
+        best, source = max(((rouge_at_least(words, r, rouge_threshold, counts=(bag, c)), s) for s, r, c in refs),
+                           default=(0.0, None), key=lambda x: x[0])
+        hit = best >= rouge_threshold
+        out.append({"hit": hit, "why": f"rouge_l {best:.2f} with {source}" if hit else ""})
+    return out
+
+
+def private_texts(secrets: Secrets) -> list[tuple[str, str]]:
+    out = []
+    for record in list(secrets.records) + canary_records(secrets):
+        out.append((record.record_id, record.output))
+        out.append((record.record_id, format_prompt(record.instruction, record.input) + record.output))
+    return out
+
+
+@torch.no_grad()
+def sample_generations(model, tokenizer, prompt_ids: list[int], *, samples: int, max_new_tokens: int, top_k: int,
+                       temperature: float, batch_size: int, seed: int) -> list[list[int]]:
+    """`samples` top-k samples (token ids, cut before EOS), reproducible from `seed`."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    out: list[list[int]] = []
+    model.eval()
+    with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG as it was
+        torch.manual_seed(seed)
+        for start in range(0, samples, batch_size):
+            n = min(batch_size, samples - start)
+            ids = torch.tensor([prompt_ids] * n)
+            new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=top_k,
+                                 top_p=1.0, temperature=temperature, max_new_tokens=max_new_tokens,
+                                 eos_token_id=eos, pad_token_id=pad)[:, ids.shape[1]:].tolist()
+            out += [row[:row.index(eos)] if eos in row else row for row in new]
+    return out
+
+
+@torch.no_grad()
+def log_perplexities(model, tokenizer, prompt_ids: list[int], generations: Sequence[list[int]], *,
+                     batch_size: int) -> np.ndarray:
+    """Mean NLL of each generation's tokens given the prompt (NaN for an empty generation)."""
+    examples = [Example(tuple(prompt_ids) + tuple(g), (IGNORE,) * len(prompt_ids) + tuple(g)) for g in generations]
+    out = []
+    for start in range(0, len(examples), batch_size):
+        picked, mask, _ = token_logprobs(model, collate(examples[start:start + batch_size], tokenizer.pad_token_id))
+        n = mask.sum(1)
+        out.append(torch.where(n > 0, -picked.sum(1) / n.clamp(min=1), torch.nan).double().numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+@register_attack("generate_rank")
+class GenerateRankAttack(ExtractionAttack):
+    """generate_rank: sample, rank by perplexity, zlib and reference ratio, count private hits (Carlini et al. 2021)."""
+
+    def __init__(self, *, samples: int = 64, prompt: str = UNCONDITIONED, top_k: int = 40, temperature: float = 1.0,
+                 max_new_tokens: int = 64, rouge_threshold: float = 0.7, precision_at: int = 10,
+                 min_identifier_length: int = 4, batch_size: int = 16):
+        for name, value in (("samples", samples), ("max_new_tokens", max_new_tokens), ("precision_at", precision_at),
+                            ("min_identifier_length", min_identifier_length), ("batch_size", batch_size)):
+            check_positive(self.name, name, value)
+        if not isinstance(prompt, str):
+            raise FedleakError(f"attack {self.name}: prompt = {prompt!r}: must be a string: '' (unconditioned), "
+                               f"'{TEMPLATE}' (the training template's instruction header) or a prompt text")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+            raise FedleakError(f"attack {self.name}: top_k = {top_k!r}: must be an integer >= 0 (0 = no top-k cut)")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise FedleakError(f"attack {self.name}: temperature = {temperature!r}: must be > 0")
+        check_fraction(self.name, "rouge_threshold", rouge_threshold)
+        self.samples = samples
+        self.prompt = prompt
+        self.top_k = top_k
+        self.temperature = temperature
+        self.max_new_tokens = max_new_tokens
+        self.rouge_threshold = rouge_threshold
+        self.precision_at = precision_at
+        self.min_identifier_length = min_identifier_length
+        self.batch_size = batch_size
+
+    def run(self, target: Target, secrets: Secrets) -> dict:
+        tokenizer = target.tokenizer
+        prompt_ids = start_ids(tokenizer, self.prompt)
+        seed = derive_seed(run_seed(target, self.name), "attack", self.name, view_key(target))
+        generations = sample_generations(target.model, tokenizer, prompt_ids, samples=self.samples,
+                                         max_new_tokens=self.max_new_tokens, top_k=self.top_k,
+                                         temperature=self.temperature, batch_size=self.batch_size, seed=seed)
+        texts = [tokenizer.decode(g, skip_special_tokens=True) for g in generations]
+        log_ppl = log_perplexities(target.model, tokenizer, prompt_ids, generations, batch_size=target.batch_size)
+        reference_model, context = _reference_context(target, BASE)
+        with context:
+            ref_log_ppl = log_perplexities(reference_model, tokenizer, prompt_ids, generations,
+                                           batch_size=target.batch_size)
+        flags = hit_flags(texts, private_texts(secrets), secrets.identifiers, prompt=start_text(self.prompt),
+                          rouge_threshold=self.rouge_threshold, min_identifier_length=self.min_identifier_length)
+        hits = np.array([f["hit"] for f in flags], dtype=bool)
+        # Rank distinct generations: a memorised text sampled many times would otherwise fill the top k alone.
+        first = list({t.strip(): i for i, t in reversed(list(enumerate(texts)))}.values())
+        distinct = np.array(sorted(first))
+        scores = rankings(log_ppl[distinct], ref_log_ppl[distinct], [texts[i] for i in distinct])
+        metrics = {f"precision@k_{name}": precision_at(scores[name], hits[distinct], self.precision_at)
+                   for name in RANKINGS}
+        metrics["hit_rate"] = float(hits.mean())
+        top = {name: [{"text": texts[distinct[j]], "score": float(scores[name][j]), "hit": bool(hits[distinct[j]]),
+                       "why": flags[distinct[j]]["why"]}
+                      for j in top_indices(scores[name], min(EXAMPLES, len(distinct)))]
+               for name in RANKINGS}
+        details = {"samples": len(texts), "distinct": len(distinct), "hits": int(hits.sum()),
+                   "k": min(self.precision_at, len(distinct)), "start": start_text(self.prompt), "top": top}
+        if not secrets.records and not secrets.canaries:
+            details["note"] = "the view trained on no private records: every generation is a miss"
+        return {"metrics": metrics, "details": details}

@@ -1,0 +1,31 @@
+"""Reference-model calibration (Carlini et al. 2021, "Extracting Training Data from Large Language
+Models", Section 5.1; Mireshghallah et al. 2022, "Quantifying Privacy Risks of Masked Language
+Models Using Membership Inference Attacks").
+
+score(x) = NLL_ref(x) - NLL_target(x): fine-tuning lowers the loss of what it trained on relative to
+a model that never saw it. The reference is the base model the adapters sit on (default), or
+any model id or folder (for example a model fine-tuned on public data).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedleak.attacks.base import register_attack
+from fedleak.attacks.membership.stats import BASE, ORIGINAL, TARGET, LogitAttack, TokenStats
+from fedleak.federated.errors import FedleakError
+
+
+@register_attack("reference")
+class ReferenceAttack(LogitAttack):
+    """reference: loss drop from a reference model (the base model by default) to the target."""
+
+    def __init__(self, *, model: str = BASE):
+        if not model:
+            raise FedleakError(f"attack reference: model is empty: use '{BASE}' or a model id or folder")
+        self.model = model
+        self.reference = model
+        self.needs = ((TARGET, ORIGINAL), ("reference", ORIGINAL))
+
+    def from_stats(self, stats: dict[tuple[str, str], TokenStats]) -> np.ndarray:
+        return stats["reference", ORIGINAL].loss - stats[TARGET, ORIGINAL].loss
