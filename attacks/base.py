@@ -54,6 +54,7 @@ class AttackEnvironment:
     batch_size: int = 32  # records per forward pass when scoring
     population: list[Record] = field(default_factory=list)
     base_model_ref: str = ""  # folder or id of the base model, for loading fresh copies (shadows)
+    allow_download: bool = False  # for a reference model named by a hub id (model.allow_download)
     lora: object = None  # LoraSettings of the target adapters
     train: object = None  # TrainSettings of one target fine-tune (epochs = total over rounds)
     cache: dict = field(default_factory=dict)
@@ -84,14 +85,18 @@ class Secrets:
 
     `records`: the private records the view trained on (canary copies excluded); `canaries`: the
     canaries inserted into that training data, `reference_canaries` same-format secrets never
-    inserted; `other_records`: records of the same distribution the view did not train on (other
-    clients' records, or held-out ones), for prompts an attacker builds from others' templates.
+    inserted; `other_records`: records that are not the view's own (other clients' records, or
+    held-out ones), for prompts an attacker builds from others' templates (under FEDIT a client's
+    model has seen other clients' records through the global adapter: they are not non-members);
+    `nonmembers`: records of the same distribution that no model of the run trained on (the
+    held-out split), the control that tells memorisation from what the domain's templates give.
     """
 
     records: list[Record]
     canaries: list[Canary] = field(default_factory=list)
     reference_canaries: list[Canary] = field(default_factory=list)
     other_records: list[Record] = field(default_factory=list)
+    nonmembers: list[Record] = field(default_factory=list)
 
     @property
     def identifiers(self) -> list[str]:

@@ -17,6 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fedleak.attacks.base import ATTACKS, AttackEnvironment, MembershipAttack, Secrets, Target
+from fedleak.attacks.membership.stats import scorable
 from fedleak.eval.audit import empirical_epsilon, one_run_epsilon
 from fedleak.eval.config import AttackSettings, ComponentSpec, RunConfig, build_defense, instantiate
 from fedleak.eval.metrics import membership_metrics, roc_points
@@ -62,7 +63,6 @@ def run_membership(attack: MembershipAttack, target: Target, members, nonmembers
                    delta: float, seed: int, audit: list[Canary] = ()) -> dict:
     """Score members and non-members in one call (so the attacks on a view share one forward pass),
     then the metrics, the empirical epsilon and, with audit canaries, the one-run audit."""
-    start = time.perf_counter()
     records, y_true = _balanced_candidates(members, nonmembers)
     scores = attack.score(target, records)
     metrics = membership_metrics(y_true, scores, n_bootstrap=settings.bootstrap, confidence=settings.confidence,
@@ -80,7 +80,6 @@ def run_membership(attack: MembershipAttack, target: Target, members, nonmembers
             outcome["audit"]["one_run"] = one_run
     fpr, tpr = roc_points(y_true, scores)
     outcome["roc"] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
-    outcome["attack_seconds"] = time.perf_counter() - start
     return outcome
 
 
@@ -126,7 +125,8 @@ def _view_truth(algorithm, run: TrainingRun, data: FederatedData, observer: str,
         others = data.members_of(set(range(len(data.clients))) - clients) or data.heldout
     members = data.members_of(clients)
     secrets = Secrets(records=members, canaries=[c for c in data.canaries if c.client in clients],
-                      reference_canaries=list(data.reference_canaries), other_records=list(others))
+                      reference_canaries=list(data.reference_canaries), other_records=list(others),
+                      nonmembers=list(data.heldout))
     return _ViewTruth(members, secrets, [c for c in data.audit_canaries if c.client in clients])
 
 
@@ -203,9 +203,20 @@ def run_matrix(config: RunConfig, out_dir: Path, *, config_path: str | None = No
     env = AttackEnvironment(
         tokenizer=tokenizer, seed=seed, max_length=fed.max_length, response_only=fed.response_only_loss,
         batch_size=config.attack.batch_size, base_model_ref=model_ref, lora=config.model.lora,
+        allow_download=config.model.allow_download,
         # The attacker's pool: every candidate it scores (members, held-out records, audit canaries).
         population=data.members + data.heldout + [c.record(0) for c in data.audit_canaries],
         train=dataclasses.replace(fed.train_settings(), epochs=fed.rounds * fed.local_epochs))
+    # Records with no scored token (a prompt filling max_length) have no loss: left out of every split.
+    scorable_cache: dict[tuple, list[Record]] = {}
+
+    def scorable_(records: list[Record]) -> list[Record]:
+        key = tuple(r.record_id for r in records)
+        if key not in scorable_cache:
+            scorable_cache[key] = scorable(records, tokenizer, max_length=fed.max_length,
+                                           response_only=fed.response_only_loss)
+        return scorable_cache[key]
+
     trainings, cells = [], []
     for algorithm_spec, defense_spec in tqdm(trainings_of(config), desc="trainings", unit="training",
                                              disable=not progress):
@@ -257,12 +268,13 @@ def run_matrix(config: RunConfig, out_dir: Path, *, config_path: str | None = No
                     if isinstance(attack, MembershipAttack):
                         if not truth.members:
                             continue
-                        members, nonmembers = membership_split(truth.members, data.heldout, seed=seed,
-                                                               purpose=view)
+                        members, nonmembers = membership_split(scorable_(truth.members), scorable_(data.heldout),
+                                                               seed=seed, purpose=view)
                         outcome = run_membership(attack, target, members, nonmembers, settings=config.attack,
                                                  delta=delta, seed=derive_seed(seed, label, view, rnd, spec.label),
                                                  audit=truth.audit)
                         cell.update({k: outcome[k] for k in ("metrics", "n_members", "n_nonmembers", "roc", "audit")})
+                        cell["unscorable_members"] = len(truth.members) - len(scorable_(truth.members))
                     else:
                         outcome = attack.run(target, truth.secrets)
                         cell.update({"metrics": outcome["metrics"], "details": outcome.get("details", {})})

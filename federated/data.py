@@ -299,18 +299,25 @@ def make_canaries(*, seed: int, repetitions: Sequence[int], per_repetition: int,
     return inserted, reference
 
 
-def make_audit_canaries(n: int, *, seed: int, num_clients: int) -> list[Canary]:
+def make_audit_canaries(n: int, *, seed: int, num_clients: int, taken: Sequence[Canary] = ()) -> list[Canary]:
     """Canaries for the one-run audit (Steinke, Nasr and Jagielski 2023): each is inserted once,
     independently with probability 1/2 (`repetitions` 1 or 0), into a client drawn uniformly; a
-    separate random stream keeps the exposure canaries unchanged when `n` changes."""
+    separate random stream keeps the exposure canaries unchanged when `n` changes. Names and secrets
+    are distinct from each other and from the `taken` canaries': a shared patient name would make one
+    canary a near-copy of another's prompt and blur both measurements."""
     rng = numpy_rng(seed, "audit-canaries")
-    secrets: list[str] = []
-    while len(secrets) < n:
-        secret = _digits(rng, Canary.SECRET_DIGITS)
-        if secret not in secrets:
-            secrets.append(secret)
-    return [Canary(patient_name=make_patient(rng).name, secret=secret, repetitions=int(rng.integers(2)),
-                   client=int(rng.integers(num_clients))) for secret in secrets]
+    names = {c.patient_name for c in taken}
+    secrets = {c.secret for c in taken}
+    out: list[Canary] = []
+    while len(out) < n:
+        name, secret = make_patient(rng).name, _digits(rng, Canary.SECRET_DIGITS)
+        if name in names or secret in secrets:
+            continue
+        names.add(name)
+        secrets.add(secret)
+        out.append(Canary(patient_name=name, secret=secret, repetitions=int(rng.integers(2)),
+                          client=int(rng.integers(num_clients))))
+    return out
 
 
 @dataclass

@@ -86,7 +86,8 @@ def prepare_data(settings: DataSettings, *, seed: int, num_clients: int, partiti
         if s.canaries_per_repetition:
             canaries, reference = make_canaries(seed=seed, repetitions=s.canary_repetitions,
                                                 per_repetition=s.canaries_per_repetition, num_clients=num_clients)
-        audit = make_audit_canaries(s.audit_canaries, seed=seed, num_clients=num_clients)
+        audit = make_audit_canaries(s.audit_canaries, seed=seed, num_clients=num_clients,
+                                    taken=canaries + reference)
         if canaries or audit:
             clients = with_canaries(clients, canaries + [c for c in audit if c.repetitions], seed=seed)
     return FederatedData(clients=clients, heldout=heldout, canaries=canaries, reference_canaries=reference,

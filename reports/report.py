@@ -31,8 +31,10 @@ INTRO = ("Membership inference: higher AUC and TPR at low FPR mean more leakage 
          "bootstrap confidence intervals. The empirical epsilon is a lower bound on the epsilon of any "
          "differential-privacy guarantee the view could have (Clopper-Pearson bounds on the attack's FPR and FNR at "
          "its best threshold); the one-run epsilon comes from audit canaries inserted with probability 1/2 "
-         "(Steinke, Nasr and Jagielski 2023). Both sit next to the accountant's epsilon for DP defenses: a lower "
-         "bound above the accountant's epsilon would mean a broken implementation.")
+         "(Steinke, Nasr and Jagielski 2023). Both sit next to the accountant's epsilon: a lower bound above it "
+         "would mean a broken implementation, for the views the guarantee covers (DP-SGD's record-level epsilon: "
+         "every view; DP-FedAvg's user-level epsilon: the global model only, the uploads and client models get "
+         "no server noise).")
 
 
 def fmt(value, digits: int = 3) -> str:
@@ -118,11 +120,13 @@ def _mean_range(values: list[float | None]) -> str:
 
 def _final(results: dict) -> list[dict]:
     """Cells of each training's final round (other rounds feed the over-rounds plots)."""
-    final: dict[tuple, int] = {}
-    for c in results["cells"]:
+    last = {(t["algorithm"], t["defense"], t.get("seed")): len(t["rounds"])
+            for t in results["trainings"] if t.get("rounds")}
+    for c in results["cells"]:  # results without round history: the latest round attacked
         key = (c["algorithm"], c["defense"], c.get("seed"))
-        final[key] = max(final.get(key, c["round"]), c["round"])
-    return [c for c in results["cells"] if c["round"] == final[(c["algorithm"], c["defense"], c.get("seed"))]]
+        if key not in last or c["round"] > last[key]:
+            last[key] = c["round"]
+    return [c for c in results["cells"] if c["round"] == last[(c["algorithm"], c["defense"], c.get("seed"))]]
 
 
 def _best(cells: list[dict], metric: str) -> tuple[float | None, str]:
@@ -152,16 +156,19 @@ def leakage_table(results: dict) -> Table:
                 row.append(f"{_mean_range(aucs)} ({attack})")
             else:
                 row.append("n/a")
+        eps_global, global_attack = _best([c for c in membership if c["observer"] == "global"], "epsilon_lb")
         eps, eps_attack = _best(membership, "epsilon_lb")
         one_run, _ = _best(membership, "one_run_epsilon_lb")
-        row += [f"{fmt(eps, 2)} ({eps_attack})" if eps is not None else "n/a", fmt(one_run, 2),
+        row += [f"{fmt(eps_global, 2)} ({global_attack})" if eps_global is not None else "n/a",
+                f"{fmt(eps, 2)} ({eps_attack})" if eps is not None else "n/a", fmt(one_run, 2),
                 _epsilon(training.get("privacy"))]
         extraction = {c["attack_name"]: c for c in mine if c["family"] == "extraction" and c["observer"] == "global"}
         row += [fmt(extraction["discoverable"]["metrics"].get("exact_rate")) if "discoverable" in extraction else "n/a",
                 fmt(extraction["pii"]["metrics"].get("own_fraction")) if "pii" in extraction else "n/a",
                 fmt(extraction["exposure"]["metrics"].get("exposure_max"), 1) if "exposure" in extraction else "n/a"]
         rows.append(row)
-    return Table(["algorithm", "defense", *[f"best AUC {o}" for o in OBSERVER_ORDER], "empirical eps (max)",
+    return Table(["algorithm", "defense", *[f"best AUC {o}" for o in OBSERVER_ORDER], "empirical eps global",
+                  "empirical eps (max over views)",
                   "one-run eps (max)", "epsilon (accountant)", "discoverable exact (global)",
                   "PII own (global)", "max exposure (global)"], rows)
 
@@ -244,15 +251,18 @@ def exposure_plot_png(cells: list[dict]) -> bytes:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=110)
+    ticks: set[int] = set()
     for cell in cells:
         by_reps: dict[int, list[float]] = {}
-        for canary in cell["details"]["canaries"]:
+        for canary in cell["details"]["canaries"] + cell["details"].get("reference_canaries", []):
             if canary.get("exposure") is not None:
                 by_reps.setdefault(int(canary["repetitions"]), []).append(canary["exposure"])
         reps = sorted(by_reps)
+        ticks.update(reps)
         ax.plot(reps, [np.mean(by_reps[r]) for r in reps], marker="o", linewidth=1.2,
                 label=f"{cell['algorithm']}/{cell['defense']} {_view(cell)}")
-    ax.set(xscale="symlog", xlabel="repetitions of the canary in training data", ylabel="exposure (bits)",
+    ax.set(xscale="symlog", xlabel="repetitions of the canary in training data (0: never inserted)",
+           ylabel="exposure (bits)", xticks=sorted(ticks), xticklabels=[str(t) for t in sorted(ticks)],
            title="Canary exposure")
     ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     return _png(fig)

@@ -1,3 +1,5 @@
+import dataclasses
+
 import re
 from collections import Counter
 
@@ -61,3 +63,26 @@ def test_prepare_data_splits_members_heldout_and_canaries():
     assert not member_ids & {r.record_id for r in data.heldout}
     assert data == prepare_data(settings, seed=0, num_clients=3, partition_method="dirichlet", alpha=1.0,
                                 min_records=5)
+
+
+def test_audit_canaries_are_inserted_once_with_probability_one_half_and_clash_with_nothing():
+    settings = DataSettings(embedded=EmbeddedDataSettings(private_records=60, heldout_records=20,
+                                                          canary_repetitions=(1, 4), canaries_per_repetition=2,
+                                                          audit_canaries=400))
+    data = prepare_data(settings, seed=0, num_clients=3, partition_method="iid", alpha=1.0, min_records=5)
+    audit = data.audit_canaries
+    assert len(audit) == 400 and {c.repetitions for c in audit} == {0, 1}
+    assert 160 < sum(c.repetitions for c in audit) < 240  # Binomial(400, 1/2): 200 +- 2 standard deviations
+    trained = {r.record_id for c in data.clients for r in c}
+    for canary in audit:  # each inserted canary's one copy sits in its client's data, the others nowhere
+        assert (canary.record(0).record_id in trained) == bool(canary.repetitions)
+        assert (canary.record(0).record_id in {r.record_id for r in data.clients[canary.client]}) == bool(canary.repetitions)
+    others = data.canaries + data.reference_canaries
+    names = [c.patient_name for c in audit + others]
+    secrets = [c.secret for c in audit + others]
+    assert len(set(names)) == len(names) and len(set(secrets)) == len(secrets)
+    assert not {r.record_id for r in data.members} & {c.record(0).record_id for c in audit}
+    # The exposure canaries do not move when audit canaries are added.
+    plain = prepare_data(DataSettings(embedded=dataclasses.replace(settings.embedded, audit_canaries=0)), seed=0,
+                         num_clients=3, partition_method="iid", alpha=1.0, min_records=5)
+    assert plain.canaries == data.canaries and plain.audit_canaries == []

@@ -48,8 +48,9 @@ def memorised(one_thread, small_model_path):
     examples = encode(records + [CANARY.record(k) for k in range(CANARY.repetitions)], tokenizer, max_length=256)
     train_adapter(model, examples, TrainSettings(epochs=40, batch_size=5, lr=5e-3), pad_id=tokenizer.pad_token_id,
                   generator=torch.Generator().manual_seed(0))
-    secrets = Secrets(records=records, canaries=[CANARY], reference_canaries=[REFERENCE],
-                      other_records=generate_records(6, seed=0, purpose="other", private=True))
+    heldout = generate_records(6, seed=0, purpose="other", private=True)
+    secrets = Secrets(records=records, canaries=[CANARY], reference_canaries=[REFERENCE], other_records=heldout,
+                      nonmembers=heldout)
     return model, tokenizer, secrets
 
 
@@ -118,6 +119,8 @@ def test_discoverable_extracts_memorised_records_and_not_from_the_base(memorised
     m = out["metrics"]
     assert m["exact_rate"] > 0 and m["rouge_rate"] >= m["exact_rate"] and m["canary_exact_rate"] == 1.0
     assert m["prefix_suffix_rate"] > 0 and m["prefix_suffix_eligible"] == 7
+    # Records it never saw are not reproduced: the control is what the template alone gives.
+    assert m["control_exact_rate"] == 0 and m["control_rouge_rate"] < m["rouge_rate"]
     assert out["details"]["records"] == 7 and out["details"]["exact"] == round(m["exact_rate"] * 7)
     example = out["details"]["examples"][0]
     record = {r.record_id: r for r in secrets.records + [CANARY.record(0)]}[example["record_id"]]
@@ -173,7 +176,7 @@ def test_pii_counts_only_identifiers_missing_from_the_prompt(monkeypatch):
     out = PiiAttack().run(_target(None, None), secrets)
     m, d = out["metrics"], out["details"]
     assert d["own_countable"] == {"phone": 2, "secret": 1} and d["own_leaked"] == {"phone": 1, "secret": 1}
-    assert m["own_fraction"] == pytest.approx(2 / 3) and m["own_fraction_phone"] == 0.5
+    assert m["own_fraction"] == 0.5 == m["own_fraction_phone"]  # the records' identifiers, secrets apart
     assert m["own_fraction_secret"] == 1.0 and math.isnan(m["own_fraction_mrn"]) and math.isnan(m["own_fraction_dob"])
     assert m["canary_fraction"] == 1.0 and d["canary_prompts"] == 1  # the 3-digit secret is too short to count
     # Countable across: 4 names less Amara's (in the only cross prompt), 2 DOBs, 2 MRNs, 2 phones and
@@ -235,6 +238,14 @@ def test_hit_flags_rouge_and_identifiers():
     a, b = tokens(texts[0]), tokens(private[0][1])
     assert rouge_at_least(a, b, 0.7) == pytest.approx(rouge_l(texts[0], private[0][1]))
     assert rouge_at_least(tokens(texts[4]), b, 0.7) == 0.0
+    # A text that follows the template as closely for a non-member is not memorised training data.
+    controls = [("h1", "Amara Dubois should rest at home and monitor the symptoms.")]
+    flags = hit_flags(texts[:1], private, [], prompt="", rouge_threshold=0.7, min_identifier_length=4,
+                      controls=controls)
+    assert not flags[0]["hit"] and "non-member" in flags[0]["why"]
+    flags = hit_flags(texts[:1], private, [], prompt="", rouge_threshold=0.7, min_identifier_length=4,
+                      controls=[("h2", "The patient should book a same-day appointment.")])
+    assert flags[0]["hit"]
 
 
 def test_generate_rank_runs_seeded_and_leaves_the_global_rng_alone(memorised):

@@ -148,3 +148,30 @@ def test_scores_separate_members_after_memorisation(small_model_path):
     y = np.r_[np.ones(12), np.zeros(12)]
     for name in LOGIT_ATTACKS:
         assert roc_auc(y, ATTACKS.get(name)().score(target, members + nonmembers)) > 0.7, name
+
+
+def test_records_without_scored_tokens_are_left_out(small_model_path):
+    from fedleak.attacks.membership.stats import scorable
+
+    _, tokenizer = load_base_model(small_model_path)
+    records = generate_records(3, seed=0, purpose="s", private=True)
+    long_prompt = records[0].__class__(instruction="word " * 400, input="", output="answer", category="triage",
+                                       record_id="long")
+    kept = scorable(records + [long_prompt], tokenizer, max_length=200, response_only=True)
+    assert [r.record_id for r in kept] == [r.record_id for r in records]
+    assert len(scorable([long_prompt], tokenizer, max_length=200, response_only=False)) == 1
+
+
+def test_a_named_reference_model_uses_its_own_tokenizer_and_refuses_a_plain_target(small_model_path):
+    base, tokenizer = load_base_model(small_model_path)
+    records = generate_records(4, seed=0, purpose="r", private=True)
+    env = AttackEnvironment(tokenizer=tokenizer, seed=0, max_length=128)
+    plain = Target(model=base, tokenizer=tokenizer, observer="global", round=1, max_length=128, env=env)
+    with pytest.raises(FedleakError, match="disable_adapter"):
+        ATTACKS.get("reference")().score(plain, records)
+    # The same model named by its folder: loaded once per run, scores equal the base model's (no adapter).
+    peft = add_lora(base, LoraSettings(), seed=0)  # LoRA B starts at zero: the view equals the base
+    target = Target(model=peft, tokenizer=tokenizer, observer="global", round=1, max_length=128, env=env)
+    named = ATTACKS.get("reference")(model=str(small_model_path)).score(target, records)
+    assert named == pytest.approx(np.zeros(len(records)), abs=1e-5)
+    assert len(env.cache["reference-models"]) == 1

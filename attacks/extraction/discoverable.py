@@ -4,10 +4,14 @@ reproduces the rest.
 
 (a) Instruction prompts: for each private record x = (instruction, input, response), decode
     g = greedy(format_prompt(instruction, input)) and count exact = [g.strip() == response.strip()]
-    and approximate = [ROUGE-L(g, response) >= tau].
+    and approximate = [ROUGE-L(g, response) >= tau]; rates over the records, and separately over
+    the inserted canaries (canary_exact_rate).
 (b) Prefix/suffix (the paper's protocol): with t = the training token sequence (prompt + response +
     EOS, as `encode` builds it) and |t| >= p + s, x is extractable iff greedy(t[:p]) == t[p:p+s]
     token for token. Rates are over the eligible sequences (|t| >= p + s).
+(c) Control: (a) on as many records of the same distribution that the view did not train on
+    (`secrets.nonmembers`): on templated data part of a response is predictable from the template
+    alone, so rouge_rate means memorisation only above control_rouge_rate.
 
 The private records are the view's records plus one record per inserted canary. The helpers below
 (seeding, record sampling, batched greedy decoding) are shared by the other extraction attacks.
@@ -133,11 +137,27 @@ class DiscoverableAttack(ExtractionAttack):
         if not records:
             nan = float("nan")
             return {"metrics": {k: nan for k in ("exact_rate", "rouge_rate", "mean_rouge", "canary_exact_rate",
-                                                 "prefix_suffix_rate", "prefix_suffix_eligible")},
+                                                 "prefix_suffix_rate", "prefix_suffix_eligible",
+                                                 "control_exact_rate", "control_rouge_rate")},
                     "details": {"note": "the view trained on no private records"}}
         metrics, details = self._prompted(target, records)
         suffix_metrics, suffix_details = self._prefix_suffix(target, records)
-        return {"metrics": {**metrics, **suffix_metrics}, "details": {**details, **suffix_details}}
+        metrics.update(suffix_metrics)
+        metrics.update(self._control(target, secrets, n=len(records) - details["canary_records"]))
+        return {"metrics": metrics, "details": {**details, **suffix_details}}
+
+    def _control(self, target: Target, secrets: Secrets, *, n: int) -> dict:
+        """The same measurement on as many records the view did not train on: what the domain's templates
+        alone reproduce (a matching private response only counts as memorised above this rate)."""
+        rng = numpy_rng(run_seed(target, self.name), "attack", self.name, "control", view_key(target))
+        records = sample(secrets.nonmembers, n, rng)
+        if not records:
+            return {"control_exact_rate": float("nan"), "control_rouge_rate": float("nan")}
+        texts = greedy_texts(target, [format_prompt(r.instruction, r.input) for r in records],
+                             max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
+        rouge = np.array([rouge_l(t, r.output) for t, r in zip(texts, records)])
+        return {"control_exact_rate": float(np.mean([t.strip() == r.output.strip() for t, r in zip(texts, records)])),
+                "control_rouge_rate": float((rouge >= self.rouge_threshold).mean())}
 
     def _prompted(self, target: Target, records: list[Record]) -> tuple[dict, dict]:
         texts = greedy_texts(target, [format_prompt(r.instruction, r.input) for r in records],
@@ -149,11 +169,15 @@ class DiscoverableAttack(ExtractionAttack):
         order = np.argsort(-(exact * 2 + rouge), kind="stable")  # exact matches first, then by ROUGE-L
         examples = [{"record_id": records[i].record_id, "exact": bool(exact[i]), "rouge": float(rouge[i]),
                      "generated": texts[i]} for i in order[:EXAMPLES] if close[i]]
+        # The record rates leave the canaries out (repeated up to dozens of times, they would dominate):
+        # they have their own rate.
+        private = ~is_canary
+        rate = lambda values, rows: float(values[rows].mean()) if rows.any() else float("nan")
         metrics = {
-            "exact_rate": float(exact.mean()),
-            "rouge_rate": float(close.mean()),
-            "mean_rouge": float(rouge.mean()),
-            "canary_exact_rate": float(exact[is_canary].mean()) if is_canary.any() else float("nan"),
+            "exact_rate": rate(exact, private),
+            "rouge_rate": rate(close, private),
+            "mean_rouge": rate(rouge, private),
+            "canary_exact_rate": rate(exact, is_canary),
         }
         details = {"records": len(records), "canary_records": int(is_canary.sum()), "exact": int(exact.sum()),
                    "rouge_matches": int(close.sum()), "canary_exact": int(exact[is_canary].sum()),

@@ -7,9 +7,11 @@ Three rankings, lowest first (low = suspicious):
     perplexity:  L_target(x)
     zlib:        L_target(x) / zlib_bytes(x)
     reference:   L_target(x) / L_reference(x)   (reference = the base model: the adapters switched off)
-A generation is a hit if ROUGE-L(x, t) >= tau for a private text t (each private record's response
-and its whole training text, and each inserted canary's text) or if it contains a private identifier
-of at least `min_identifier_length` characters that is not in the prompt. precision@k = hits among
+A generation is a hit if it contains a private identifier of at least `min_identifier_length`
+characters that is not in the prompt, or if ROUGE-L(x, t) >= tau for a private text t (each private
+record's response and its whole training text, and each inserted canary's text) and x is closer to t
+than to every held-out record no model trained on (`secrets.nonmembers`): on templated data a
+generic answer matches some private record by its template alone. precision@k = hits among
 the k lowest-ranked distinct generations / k; hit_rate = hits among all samples.
 
 Sampling is top-k (k = top_k) at temperature T, as in the paper. The shared generation helper offers
@@ -27,7 +29,7 @@ import torch
 from fedleak.attacks.base import ExtractionAttack, Secrets, Target, register_attack
 from fedleak.attacks.extraction.discoverable import (EXAMPLES, canary_records, check_fraction, check_positive,
                                                      run_seed, view_key)
-from fedleak.attacks.membership.stats import BASE, _reference_context
+from fedleak.attacks.membership.stats import BASE, reference_model
 from fedleak.attacks.membership.zlib import zlib_bytes
 from fedleak.federated.errors import FedleakError
 from fedleak.federated.prompts import format_prompt
@@ -97,9 +99,14 @@ def rouge_at_least(candidate: list[str], reference: list[str], threshold: float,
 
 
 def hit_flags(texts: Sequence[str], references: Sequence[tuple[str, str]], identifiers: Sequence[str], *,
-              prompt: str, rouge_threshold: float, min_identifier_length: int) -> list[dict]:
-    """For each generation: {"hit": bool, "why": ...}. `references` are (source id, private text) pairs."""
+              prompt: str, rouge_threshold: float, min_identifier_length: int,
+              controls: Sequence[tuple[str, str]] = ()) -> list[dict]:
+    """For each generation: {"hit": bool, "why": ...}. `references` are (source id, private text) pairs;
+    `controls` texts of the same distribution the view did not train on: a ROUGE-L match counts only if
+    it is closer to a private text than to every control, so text that merely follows the domain's
+    templates (which a model learns from public data) is not taken for memorised training data."""
     refs = [(source, words, Counter(words)) for source, words in ((s, tokens(t)) for s, t in references)]
+    control_refs = [(words, Counter(words)) for words in (tokens(t) for _, t in controls)]
     ids = [i for i in identifiers if len(i) >= min_identifier_length and i not in prompt]
     out = []
     for text in texts:
@@ -112,13 +119,22 @@ def hit_flags(texts: Sequence[str], references: Sequence[tuple[str, str]], ident
         best, source = max(((rouge_at_least(words, r, rouge_threshold, counts=(bag, c)), s) for s, r, c in refs),
                            default=(0.0, None), key=lambda x: x[0])
         hit = best >= rouge_threshold
+        control = max((rouge_at_least(words, r, best, counts=(bag, c)) for r, c in control_refs), default=0.0) if hit else 0.0
+        if hit and control >= best:
+            out.append({"hit": False, "why": f"rouge_l {best:.2f} with {source}, but {control:.2f} with a non-member"})
+            continue
         out.append({"hit": hit, "why": f"rouge_l {best:.2f} with {source}" if hit else ""})
     return out
 
 
 def private_texts(secrets: Secrets) -> list[tuple[str, str]]:
+    return record_texts(list(secrets.records) + canary_records(secrets))
+
+
+def record_texts(records) -> list[tuple[str, str]]:
+    """(record id, text) for each record's response and its whole training text."""
     out = []
-    for record in list(secrets.records) + canary_records(secrets):
+    for record in records:
         out.append((record.record_id, record.output))
         out.append((record.record_id, format_prompt(record.instruction, record.input) + record.output))
     return out
@@ -193,12 +209,13 @@ class GenerateRankAttack(ExtractionAttack):
                                          temperature=self.temperature, batch_size=self.batch_size, seed=seed)
         texts = [tokenizer.decode(g, skip_special_tokens=True) for g in generations]
         log_ppl = log_perplexities(target.model, tokenizer, prompt_ids, generations, batch_size=target.batch_size)
-        reference_model, context = _reference_context(target, BASE)
+        reference_net, _, context = reference_model(target, BASE)  # the base: same tokenizer as the target
         with context:
-            ref_log_ppl = log_perplexities(reference_model, tokenizer, prompt_ids, generations,
+            ref_log_ppl = log_perplexities(reference_net, tokenizer, prompt_ids, generations,
                                            batch_size=target.batch_size)
         flags = hit_flags(texts, private_texts(secrets), secrets.identifiers, prompt=start_text(self.prompt),
-                          rouge_threshold=self.rouge_threshold, min_identifier_length=self.min_identifier_length)
+                          rouge_threshold=self.rouge_threshold, min_identifier_length=self.min_identifier_length,
+                          controls=record_texts(secrets.nonmembers))
         hits = np.array([f["hit"] for f in flags], dtype=bool)
         # Rank distinct generations: a memorised text sampled many times would otherwise fill the top k alone.
         first = list({t.strip(): i for i, t in reversed(list(enumerate(texts)))}.values())

@@ -5,7 +5,8 @@ do not contain them.
 
 own:    prompts are the private records' own instructions in the training template; an identifier of
         record x counts for x when it is in x's response but not in its prompt, and leaks when it is
-        in the greedy output:  own_fraction = leaked / countable (also per identifier type).
+        in the greedy output:  own_fraction = leaked / countable over the records' identifiers (canary
+        secrets excluded: they are own_fraction_secret), and per identifier type.
 cross:  prompts are records the view did not train on (another client's, or held-out ones);
         cross_fraction = |{i in identifiers : i in some output o, i not in o's prompt}| /
         |{i in identifiers : i is absent from at least one cross prompt}|.
@@ -140,7 +141,8 @@ class PiiAttack(ExtractionAttack):
         canary_hits = [c.identifiers[1] in o for c, o in zip(canaries, own_outputs[len(own_records):])
                        if len(c.identifiers[1]) >= self.min_identifier_length]
 
-        metrics = {"own_fraction": _fraction(own)}
+        # Canary secrets have their own rate (a canary repeated dozens of times would dominate).
+        metrics = {"own_fraction": _fraction(own, [t for t in own["countable"] if t != "secret"])}
         metrics.update({f"own_fraction_{t}": _fraction(own, [t]) for t in TYPES})
         metrics["cross_fraction"] = _fraction(cross)
         metrics["canary_fraction"] = float(np.mean(canary_hits)) if canary_hits else float("nan")

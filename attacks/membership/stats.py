@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from fedleak.federated.data import Record
+from fedleak.federated.errors import FedleakError
 from fedleak.federated.training import IGNORE, batches, encode
 
 ORIGINAL, LOWERCASE = "original", "lowercase"
@@ -49,10 +50,21 @@ def lowercased(record: Record) -> Record:
                                output=record.output.lower())
 
 
+def scorable(records: Sequence[Record], tokenizer, *, max_length: int, response_only: bool) -> list[Record]:
+    """The records with at least one scored token (a prompt that fills `max_length` leaves none, and
+    an empty record has no loss: scoring it would rank it as the surest member)."""
+    examples = encode(records, tokenizer, max_length=max_length, response_only=response_only)
+    return [r for r, e in zip(records, examples) if any(label != IGNORE for label in e.labels[1:])]
+
+
+TOKEN_CHUNK = 512  # scored positions per softmax: bounds memory at TOKEN_CHUNK x vocabulary floats
+
+
 @torch.no_grad()
 def compute_stats(model, tokenizer, records: Sequence[Record], *, max_length: int, response_only: bool,
                   batch_size: int) -> TokenStats:
-    """One forward pass per batch of `records`."""
+    """One forward pass per batch of `records`; the softmax statistics only at scored positions, in
+    chunks, so a 128k-token vocabulary does not multiply the logits' memory."""
     examples = encode(records, tokenizer, max_length=max_length, response_only=response_only)
     rows: list[tuple[np.ndarray, ...]] = []
     model.eval()
@@ -60,15 +72,19 @@ def compute_stats(model, tokenizer, records: Sequence[Record], *, max_length: in
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
         targets = batch["labels"][:, 1:]
         mask = targets != IGNORE
-        logp_all = torch.log_softmax(logits.float(), dim=-1)
-        p_all = logp_all.exp()
-        mu = (p_all * logp_all).sum(-1)
-        second = (p_all * logp_all.square()).sum(-1)
-        sigma = (second - mu.square()).clamp(min=0).sqrt()
-        picked = logp_all.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        for i in range(len(targets)):
-            keep = mask[i]
-            rows.append(tuple(t[i][keep].numpy().astype(np.float64) for t in (picked, mu, sigma)))
+        scored, wanted = logits[mask], targets[mask]  # [M, V], [M]: scored positions of the whole batch
+        picked, mu, sigma = [], [], []
+        for chunk, ids in zip(scored.split(TOKEN_CHUNK), wanted.split(TOKEN_CHUNK)):
+            logp = torch.log_softmax(chunk.float(), dim=-1)
+            p = logp.exp()
+            mean = (p * logp).sum(-1)
+            second = (p * logp * logp).sum(-1)
+            picked.append(logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1))
+            mu.append(mean)
+            sigma.append((second - mean.square()).clamp(min=0).sqrt())
+        flat = [torch.cat(t).double().numpy() if t else np.zeros(0) for t in (picked, mu, sigma)]
+        offsets = np.cumsum([0, *mask.sum(1).tolist()])
+        rows += [tuple(f[offsets[i]:offsets[i + 1]] for f in flat) for i in range(len(targets))]
     width = max((len(r[0]) for r in rows), default=0)
 
     def padded(k: int) -> np.ndarray:
@@ -84,18 +100,27 @@ def compute_stats(model, tokenizer, records: Sequence[Record], *, max_length: in
     return TokenStats(logp=padded(0), mu=padded(1), sigma=padded(2), mask=mask, texts=texts)
 
 
-def _reference_context(target, reference: str):
-    """The reference model and how to enter it: the base model is the target with its adapters
-    switched off (no second copy in memory); any other name is loaded once per run."""
+def reference_model(target, reference: str):
+    """(model, tokenizer, context to enter) of the reference: the base model is the target with its
+    adapters switched off (no second copy in memory); any other name is loaded once per run, with its
+    own tokenizer (records are tokenised by the model that scores them)."""
     if reference == BASE:
-        return target.model, (target.model.disable_adapter() if hasattr(target.model, "disable_adapter")
-                              else contextlib.nullcontext())
+        if not hasattr(target.model, "disable_adapter"):
+            raise FedleakError("the reference model 'base' needs a peft model whose adapters can be switched off "
+                               "(disable_adapter): pass the peft-wrapped view as the target")
+        return target.model, target.tokenizer, target.model.disable_adapter()
     from fedleak.federated.model import load_base_model
 
-    models = target.env.cache.setdefault("reference-models", {})
+    cache = target.env.cache if target.env is not None else target.cache
+    models = cache.setdefault("reference-models", {})
     if reference not in models:
-        models[reference], _ = load_base_model(reference)
-    return models[reference], contextlib.nullcontext()
+        allow = target.env.allow_download if target.env is not None else False
+        try:
+            models[reference] = load_base_model(reference, allow_download=allow)
+        except FedleakError as exc:
+            raise FedleakError(f"attack reference: model = {reference!r}: {exc}") from None
+    net, tokenizer = models[reference]
+    return net, tokenizer, contextlib.nullcontext()
 
 
 def shared_stats(target, records: Sequence[Record], *, model: str = TARGET, variant: str = ORIGINAL,
@@ -104,15 +129,15 @@ def shared_stats(target, records: Sequence[Record], *, model: str = TARGET, vari
     computed on first use and cached: the target's per view, the reference's per run."""
     key = (variant, tuple(r.record_id for r in records), tuple(hash(r) for r in records))
     if model == TARGET:
-        cache, net, context = target.cache, target.model, contextlib.nullcontext()
+        cache, net, tokenizer, context = target.cache, target.model, target.tokenizer, contextlib.nullcontext()
     else:
-        cache = target.env.cache.setdefault(("reference", reference), {}) if target.env else target.cache.setdefault(
-            ("reference", reference), {})
-        net, context = _reference_context(target, reference)
+        home = target.env.cache if target.env is not None else target.cache
+        cache = home.setdefault(("reference", reference), {})
+        net, tokenizer, context = reference_model(target, reference)
     if key not in cache:
         texts = [lowercased(r) for r in records] if variant == LOWERCASE else list(records)
         with context:
-            cache[key] = compute_stats(net, target.tokenizer, texts, max_length=target.max_length,
+            cache[key] = compute_stats(net, tokenizer, texts, max_length=target.max_length,
                                        response_only=target.response_only, batch_size=target.batch_size)
     return cache[key]
 
