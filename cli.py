@@ -93,9 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
+    for old in list(log.handlers):  # main() may run more than once in a process (tests, notebooks)
+        log.removeHandler(old)
+    handler = logging.StreamHandler(sys.stderr)  # today's stderr, not the one of an earlier call
     handler.setFormatter(logging.Formatter("fedleak: %(message)s"))
     log.addHandler(handler)
+    log.propagate = False  # Opacus configures the root logger on import: our lines would print twice
     log.setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
     try:
         return args.func(args)

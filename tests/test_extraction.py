@@ -9,7 +9,7 @@ from fedleak.attacks.base import AttackEnvironment, Secrets, Target
 from fedleak.attacks.extraction.discoverable import DiscoverableAttack
 from fedleak.attacks.extraction.exposure import ExposureAttack, candidate_losses
 from fedleak.attacks.extraction.generate_rank import (GenerateRankAttack, hit_flags, precision_at, rankings,
-                                                      rouge_at_least, start_ids)
+                                                      start_ids)
 from fedleak.attacks.extraction.pii import PiiAttack
 from fedleak.attacks.membership.zlib import zlib_bytes
 from fedleak.federated.adapters import LoraSettings, add_lora
@@ -17,7 +17,6 @@ from fedleak.federated.data import Canary, Record, generate_records
 from fedleak.federated.errors import FedleakError
 from fedleak.federated.model import load_base_model
 from fedleak.federated.prompts import format_prompt
-from fedleak.federated.rouge import rouge_l, tokens
 from fedleak.federated.training import TrainSettings, collate, encode, token_logprobs, train_adapter
 
 CANARY = Canary(patient_name="Quentin Rasmussen", secret="4821", repetitions=4, client=0)
@@ -223,29 +222,22 @@ def test_precision_at_k_of_each_ranking_on_hand_made_generations():
     assert precision_at(scores["perplexity"], hits, 10) == 0.5  # k capped at the number of items
 
 
-def test_hit_flags_rouge_and_identifiers():
-    private = [("r1", "Amara Dubois should rest at home and monitor the symptoms."),
+def test_hit_flags_count_identifiers_and_word_runs_no_held_out_record_has():
+    private = [("r1", "Amara Dubois should rest at home and monitor the symptoms for two days."),
                ("r2", "The access code of patient Tamsin Varga is 4821.")]
-    texts = ["Amara Dubois should rest at home and monitor symptoms.",  # ROUGE-L 0.95 with r1
+    texts = ["Then Amara Dubois should rest at home and monitor the symptoms.",  # 8 words of r1, in no control
              "Call 555-111-2222 now.",  # a private phone number
              "Tamsin Varga is fine.",  # the name is in the prompt: not a hit
              "code 12 today",  # a 2-character identifier never counts
-             "Something unrelated entirely."]
+             "Someone should rest at home and monitor the symptoms for two days."]  # template words only
+    controls = [("h1", "Bjorn Szabo should rest at home and monitor the symptoms for two days.")]
     flags = hit_flags(texts, private, ["555-111-2222", "Tamsin Varga", "12"], prompt="About Tamsin Varga:",
-                      rouge_threshold=0.7, min_identifier_length=4)
+                      ngram=8, min_identifier_length=4, controls=controls)
     assert [f["hit"] for f in flags] == [True, True, False, False, False]
-    assert "r1" in flags[0]["why"] and "555-111-2222" in flags[1]["why"]
-    a, b = tokens(texts[0]), tokens(private[0][1])
-    assert rouge_at_least(a, b, 0.7) == pytest.approx(rouge_l(texts[0], private[0][1]))
-    assert rouge_at_least(tokens(texts[4]), b, 0.7) == 0.0
-    # A text that follows the template as closely for a non-member is not memorised training data.
-    controls = [("h1", "Amara Dubois should rest at home and monitor the symptoms.")]
-    flags = hit_flags(texts[:1], private, [], prompt="", rouge_threshold=0.7, min_identifier_length=4,
-                      controls=controls)
-    assert not flags[0]["hit"] and "non-member" in flags[0]["why"]
-    flags = hit_flags(texts[:1], private, [], prompt="", rouge_threshold=0.7, min_identifier_length=4,
-                      controls=[("h2", "The patient should book a same-day appointment.")])
-    assert flags[0]["hit"]
+    assert "r1" in flags[0]["why"] and "amara dubois" in flags[0]["why"] and "555-111-2222" in flags[1]["why"]
+    # Without the held-out control the template run would be taken for training data.
+    assert hit_flags(texts[4:], private, [], prompt="", ngram=8, min_identifier_length=4)[0]["hit"]
+    assert not hit_flags(texts[:1], private, [], prompt="", ngram=12, min_identifier_length=4)[0]["hit"]
 
 
 def test_generate_rank_runs_seeded_and_leaves_the_global_rng_alone(memorised):
@@ -280,6 +272,7 @@ def test_generate_rank_runs_seeded_and_leaves_the_global_rng_alone(memorised):
     (GenerateRankAttack, {"top_k": -1}, "top_k"),
     (GenerateRankAttack, {"temperature": 0.0}, "temperature"),
     (GenerateRankAttack, {"precision_at": 0}, "precision_at"),
+    (GenerateRankAttack, {"ngram": 0}, "ngram"),
 ])
 def test_parameter_errors_name_the_attack_and_parameter(cls, kwargs, param):
     with pytest.raises(FedleakError, match=rf"attack {cls.name}: {param} = "):

@@ -8,11 +8,11 @@ Three rankings, lowest first (low = suspicious):
     zlib:        L_target(x) / zlib_bytes(x)
     reference:   L_target(x) / L_reference(x)   (reference = the base model: the adapters switched off)
 A generation is a hit if it contains a private identifier of at least `min_identifier_length`
-characters that is not in the prompt, or if ROUGE-L(x, t) >= tau for a private text t (each private
-record's response and its whole training text, and each inserted canary's text) and x is closer to t
-than to every held-out record no model trained on (`secrets.nonmembers`): on templated data a
-generic answer matches some private record by its template alone. precision@k = hits among
-the k lowest-ranked distinct generations / k; hit_rate = hits among all samples.
+characters that is not in the prompt, or a run of `ngram` words of a private text (each private
+record's response and whole training text, each inserted canary's text) that no held-out record
+(`secrets.nonmembers`) contains: on templated data generic text shares long runs with every record,
+so only runs specific to the training data count (Carlini et al. count verbatim training text).
+precision@k = hits among the k lowest-ranked distinct generations / k; hit_rate = hits among all samples.
 
 Sampling is top-k (k = top_k) at temperature T, as in the paper. The shared generation helper offers
 top_p only, so this attack calls `model.generate` itself, under a seeded fork of torch's RNG.
@@ -20,20 +20,19 @@ top_p only, so this attack calls `model.generate` itself, under a seeded fork of
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Sequence
 
 import numpy as np
 import torch
 
 from fedleak.attacks.base import ExtractionAttack, Secrets, Target, register_attack
-from fedleak.attacks.extraction.discoverable import (EXAMPLES, canary_records, check_fraction, check_positive,
+from fedleak.attacks.extraction.discoverable import (EXAMPLES, canary_records, check_positive,
                                                      run_seed, view_key)
 from fedleak.attacks.membership.stats import BASE, reference_model
 from fedleak.attacks.membership.zlib import zlib_bytes
 from fedleak.federated.errors import FedleakError
 from fedleak.federated.prompts import format_prompt
-from fedleak.federated.rouge import lcs_length, tokens
+from fedleak.federated.rouge import tokens
 from fedleak.federated.seeding import derive_seed
 from fedleak.federated.training import IGNORE, Example, collate, token_logprobs
 
@@ -85,28 +84,24 @@ def precision_at(scores: np.ndarray, hits: np.ndarray, k: int) -> float:
     return float(np.asarray(hits, dtype=bool)[top].mean()) if len(top) else float("nan")
 
 
-def rouge_at_least(candidate: list[str], reference: list[str], threshold: float, *,
-                   counts: tuple[Counter, Counter] | None = None) -> float:
-    """ROUGE-L F1 (= 2 LCS / (|c| + |r|)) if it can reach `threshold`, else 0.0: the bag-of-words overlap
-    bounds the LCS, which skips the dynamic programme for most pairs. `counts`: the two word Counters."""
-    if not candidate or not reference:
-        return 0.0
-    total = len(candidate) + len(reference)
-    a, b = counts or (Counter(candidate), Counter(reference))
-    if 2 * sum((a & b).values()) / total < threshold:
-        return 0.0
-    return 2 * lcs_length(candidate, reference) / total
+def ngrams(words: Sequence[str], n: int) -> set[tuple[str, ...]]:
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
 
 
 def hit_flags(texts: Sequence[str], references: Sequence[tuple[str, str]], identifiers: Sequence[str], *,
-              prompt: str, rouge_threshold: float, min_identifier_length: int,
+              prompt: str, ngram: int, min_identifier_length: int,
               controls: Sequence[tuple[str, str]] = ()) -> list[dict]:
-    """For each generation: {"hit": bool, "why": ...}. `references` are (source id, private text) pairs;
-    `controls` texts of the same distribution the view did not train on: a ROUGE-L match counts only if
-    it is closer to a private text than to every control, so text that merely follows the domain's
-    templates (which a model learns from public data) is not taken for memorised training data."""
-    refs = [(source, words, Counter(words)) for source, words in ((s, tokens(t)) for s, t in references)]
-    control_refs = [(words, Counter(words)) for words in (tokens(t) for _, t in controls)]
+    """For each generation: {"hit": bool, "why": ...}. `references` are (source id, private text) pairs,
+    `controls` texts of the same distribution that no model trained on. A generation contains a private
+    record when it shares a run of `ngram` words with a private text that no control contains: runs the
+    domain's templates produce for anyone (which a model learns from public data) never count."""
+    control_grams: set[tuple[str, ...]] = set()
+    for _, text in controls:
+        control_grams |= ngrams(tokens(text), ngram)
+    private: dict[tuple[str, ...], str] = {}
+    for source, text in references:
+        for gram in ngrams(tokens(text), ngram) - control_grams:
+            private.setdefault(gram, source)
     ids = [i for i in identifiers if len(i) >= min_identifier_length and i not in prompt]
     out = []
     for text in texts:
@@ -114,16 +109,9 @@ def hit_flags(texts: Sequence[str], references: Sequence[tuple[str, str]], ident
         if found is not None:
             out.append({"hit": True, "why": f"identifier {found}"})
             continue
-        words = tokens(text)
-        bag = Counter(words)
-        best, source = max(((rouge_at_least(words, r, rouge_threshold, counts=(bag, c)), s) for s, r, c in refs),
-                           default=(0.0, None), key=lambda x: x[0])
-        hit = best >= rouge_threshold
-        control = max((rouge_at_least(words, r, best, counts=(bag, c)) for r, c in control_refs), default=0.0) if hit else 0.0
-        if hit and control >= best:
-            out.append({"hit": False, "why": f"rouge_l {best:.2f} with {source}, but {control:.2f} with a non-member"})
-            continue
-        out.append({"hit": hit, "why": f"rouge_l {best:.2f} with {source}" if hit else ""})
+        shared = next((g for g in ngrams(tokens(text), ngram) if g in private), None)
+        out.append({"hit": shared is not None,
+                    "why": f"{ngram} words of {private[shared]}: {' '.join(shared)}" if shared else ""})
     return out
 
 
@@ -177,9 +165,10 @@ class GenerateRankAttack(ExtractionAttack):
     """generate_rank: sample, rank by perplexity, zlib and reference ratio, count private hits (Carlini et al. 2021)."""
 
     def __init__(self, *, samples: int = 64, prompt: str = UNCONDITIONED, top_k: int = 40, temperature: float = 1.0,
-                 max_new_tokens: int = 64, rouge_threshold: float = 0.7, precision_at: int = 10,
+                 max_new_tokens: int = 64, ngram: int = 8, precision_at: int = 10,
                  min_identifier_length: int = 4, batch_size: int = 16):
         for name, value in (("samples", samples), ("max_new_tokens", max_new_tokens), ("precision_at", precision_at),
+                            ("ngram", ngram),
                             ("min_identifier_length", min_identifier_length), ("batch_size", batch_size)):
             check_positive(self.name, name, value)
         if not isinstance(prompt, str):
@@ -189,13 +178,12 @@ class GenerateRankAttack(ExtractionAttack):
             raise FedleakError(f"attack {self.name}: top_k = {top_k!r}: must be an integer >= 0 (0 = no top-k cut)")
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
             raise FedleakError(f"attack {self.name}: temperature = {temperature!r}: must be > 0")
-        check_fraction(self.name, "rouge_threshold", rouge_threshold)
         self.samples = samples
         self.prompt = prompt
         self.top_k = top_k
         self.temperature = temperature
         self.max_new_tokens = max_new_tokens
-        self.rouge_threshold = rouge_threshold
+        self.ngram = ngram
         self.precision_at = precision_at
         self.min_identifier_length = min_identifier_length
         self.batch_size = batch_size
@@ -214,7 +202,7 @@ class GenerateRankAttack(ExtractionAttack):
             ref_log_ppl = log_perplexities(reference_net, tokenizer, prompt_ids, generations,
                                            batch_size=target.batch_size)
         flags = hit_flags(texts, private_texts(secrets), secrets.identifiers, prompt=start_text(self.prompt),
-                          rouge_threshold=self.rouge_threshold, min_identifier_length=self.min_identifier_length,
+                          ngram=self.ngram, min_identifier_length=self.min_identifier_length,
                           controls=record_texts(secrets.nonmembers))
         hits = np.array([f["hit"] for f in flags], dtype=bool)
         # Rank distinct generations: a memorised text sampled many times would otherwise fill the top k alone.
