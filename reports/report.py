@@ -389,8 +389,9 @@ def render_markdown(sections: list[Section]) -> str:
 
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:1em 0;font-size:13px}th,td{border:1px solid #ccc;padding:3px 7px;text-align:left;
-vertical-align:top}th{background:#f3f3f3}figure{display:inline-block;margin:.5em}img{max-width:100%;border:1px solid #eee}
+table{border-collapse:collapse;margin:1em 0;font-size:12px;display:block;overflow-x:auto;max-width:100%}
+th,td{border:1px solid #ccc;padding:3px 6px;text-align:left;vertical-align:top;overflow-wrap:anywhere;min-width:3em}
+th{background:#f3f3f3;position:sticky;top:0}figure{display:inline-block;margin:.5em}img{max-width:100%;border:1px solid #eee}
 p{max-width:60em}"""
 
 
