@@ -109,7 +109,9 @@ def hit_flags(texts: Sequence[str], references: Sequence[tuple[str, str]], ident
         if found is not None:
             out.append({"hit": True, "why": f"identifier {found}"})
             continue
-        shared = next((g for g in ngrams(tokens(text), ngram) if g in private), None)
+        words = tokens(text)  # in text order, so the reported run is the first one (sets have no order)
+        shared = next((g for g in (tuple(words[i:i + ngram]) for i in range(len(words) - ngram + 1))
+                       if g in private), None)
         out.append({"hit": shared is not None,
                     "why": f"{ngram} words of {private[shared]}: {' '.join(shared)}" if shared else ""})
     return out
