@@ -12,19 +12,22 @@ import torch
 class Generation:
     text: str
     finished: bool  # a stop token ended it (False: it ran out of max_new_tokens)
+    ids: tuple[int, ...] = ()  # the generated token ids before the stop token
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, batch_size: int = 16,
              stop_ids: Sequence[int] | None = None, do_sample: bool = False, temperature: float = 1.0,
-             top_p: float = 1.0, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0) -> list[Generation]:
-    """Greedy unless `do_sample`; sampling draws from torch's global RNG, so seed it first."""
+             top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
+             no_repeat_ngram_size: int = 0) -> list[Generation]:
+    """Greedy unless `do_sample` (top-p and/or top-k, 0 = no top-k cut); sampling draws from torch's
+    global RNG, so seed it first."""
     stop = list(stop_ids or [tokenizer.eos_token_id])
     pad = tokenizer.pad_token_id
     options = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "eos_token_id": stop, "pad_token_id": pad,
                "repetition_penalty": repetition_penalty, "no_repeat_ngram_size": no_repeat_ngram_size}
     if do_sample:
-        options.update(temperature=temperature, top_p=top_p, top_k=0)
+        options.update(temperature=temperature, top_p=top_p, top_k=top_k)
     model.eval()
     out: list[Generation] = []
     for start in range(0, len(prompts), batch_size):
@@ -35,5 +38,6 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_toke
         new = model.generate(input_ids=ids, attention_mask=mask, **options)[:, width:].tolist()
         for row in new:
             cut = next((i for i, t in enumerate(row) if t in stop), None)
-            out.append(Generation(text=tokenizer.decode(row[:cut], skip_special_tokens=True), finished=cut is not None))
+            out.append(Generation(text=tokenizer.decode(row[:cut], skip_special_tokens=True), finished=cut is not None,
+                                  ids=tuple(row[:cut])))
     return out

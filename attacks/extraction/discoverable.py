@@ -22,7 +22,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-import torch
 
 from fedleak.attacks.base import ExtractionAttack, Secrets, Target, register_attack
 from fedleak.federated.data import Record
@@ -96,21 +95,12 @@ def greedy_texts(target: Target, prompts: Sequence[str], *, max_new_tokens: int,
     return texts
 
 
-@torch.no_grad()
 def greedy_suffixes(model, tokenizer, prefixes: Sequence[Sequence[int]], *, length: int,
                     batch_size: int) -> list[list[int]]:
-    """Greedy continuations (token ids, at most `length`) of equal-length prefixes: no padding needed."""
-    out: list[list[int]] = []
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    model.eval()
-    for start in range(0, len(prefixes), batch_size):
-        ids = torch.tensor([list(p) for p in prefixes[start:start + batch_size]])
-        new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=length,
-                             do_sample=False, eos_token_id=eos, pad_token_id=pad)[:, ids.shape[1]:].tolist()
-        for row in new:
-            cut = row.index(eos) + 1 if eos in row else len(row)  # keep EOS: a suffix may end with it
-            out.append(row[:cut])
-    return out
+    """Greedy continuations (token ids, at most `length`) of the prefixes, EOS kept: a training
+    sequence's suffix may end with it."""
+    out = generate(model, tokenizer, prefixes, max_new_tokens=length, batch_size=batch_size)
+    return [list(g.ids) + ([tokenizer.eos_token_id] if g.finished else []) for g in out]
 
 
 @register_attack("discoverable")

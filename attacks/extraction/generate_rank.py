@@ -14,8 +14,7 @@ record's response and whole training text, each inserted canary's text) that no 
 so only runs specific to the training data count (Carlini et al. count verbatim training text).
 precision@k = hits among the k lowest-ranked distinct generations / k; hit_rate = hits among all samples.
 
-Sampling is top-k (k = top_k) at temperature T, as in the paper. The shared generation helper offers
-top_p only, so this attack calls `model.generate` itself, under a seeded fork of torch's RNG.
+Sampling is top-k (k = top_k) at temperature T, as in the paper, under a seeded fork of torch's RNG.
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ from fedleak.attacks.extraction.discoverable import (EXAMPLES, canary_records, c
 from fedleak.attacks.membership.stats import BASE, reference_model
 from fedleak.attacks.membership.zlib import zlib_bytes
 from fedleak.federated.errors import FedleakError
+from fedleak.federated.generation import generate
 from fedleak.federated.prompts import format_prompt
 from fedleak.federated.rouge import tokens
 from fedleak.federated.seeding import derive_seed
@@ -130,23 +130,14 @@ def record_texts(records) -> list[tuple[str, str]]:
     return out
 
 
-@torch.no_grad()
 def sample_generations(model, tokenizer, prompt_ids: list[int], *, samples: int, max_new_tokens: int, top_k: int,
                        temperature: float, batch_size: int, seed: int) -> list[list[int]]:
     """`samples` top-k samples (token ids, cut before EOS), reproducible from `seed`."""
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    out: list[list[int]] = []
-    model.eval()
     with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG as it was
         torch.manual_seed(seed)
-        for start in range(0, samples, batch_size):
-            n = min(batch_size, samples - start)
-            ids = torch.tensor([prompt_ids] * n)
-            new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=top_k,
-                                 top_p=1.0, temperature=temperature, max_new_tokens=max_new_tokens,
-                                 eos_token_id=eos, pad_token_id=pad)[:, ids.shape[1]:].tolist()
-            out += [row[:row.index(eos)] if eos in row else row for row in new]
-    return out
+        out = generate(model, tokenizer, [prompt_ids] * samples, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                       do_sample=True, temperature=temperature, top_k=top_k)
+    return [list(g.ids) for g in out]
 
 
 @torch.no_grad()
