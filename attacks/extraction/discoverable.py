@@ -13,8 +13,7 @@ reproduces the rest.
     (`secrets.nonmembers`): on templated data part of a response is predictable from the template
     alone, so rouge_rate means memorisation only above control_rouge_rate.
 
-The private records are the view's records plus one record per inserted canary. The helpers below
-(seeding, record sampling, batched greedy decoding) are shared by the other extraction attacks.
+The private records are the view's records plus one record per inserted canary.
 """
 
 from __future__ import annotations
@@ -24,75 +23,18 @@ from typing import Sequence
 import numpy as np
 
 from fedleak.attacks.base import ExtractionAttack, Secrets, Target, register_attack
+from fedleak.attacks.extraction.common import (EXAMPLES, canary_records, check_fraction, check_optional_positive,
+                                               check_positive, greedy_texts, run_seed, sample, view_key)
 from fedleak.federated.data import Record
-from fedleak.federated.errors import FedleakError
 from fedleak.federated.generation import generate
 from fedleak.federated.prompts import format_prompt
 from fedleak.federated.rouge import rouge_l
 from fedleak.federated.seeding import numpy_rng
 from fedleak.federated.training import encode
 
-EXAMPLES = 5  # cap on example lists in details
-
-
-def run_seed(target: Target, attack: str) -> int:
-    if target.env is None:
-        raise FedleakError(f"attack {attack}: the target has no AttackEnvironment: its seed drives the sampling")
-    return target.env.seed
-
-
-def view_key(target: Target) -> str:
-    """Observer (and client), not the round: every round of one view draws the same samples, so rounds
-    compare on the same records."""
-    return f"{target.observer}/{target.client}"
-
-
-def check_optional_positive(attack: str, name: str, value) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise FedleakError(f"attack {attack}: {name} = {value!r}: must be a positive integer or None (all)")
-
-
-def check_positive(attack: str, name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise FedleakError(f"attack {attack}: {name} = {value!r}: must be a positive integer")
-
-
-def check_fraction(attack: str, name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise FedleakError(f"attack {attack}: {name} = {value!r}: must be in (0, 1]")
-
-
-def sample(items: Sequence, limit: int | None, rng: np.random.Generator) -> list:
-    """At most `limit` items drawn without replacement, kept in their original order."""
-    if limit is None or len(items) <= limit:
-        return list(items)
-    keep = np.sort(rng.choice(len(items), size=limit, replace=False))
-    return [items[int(i)] for i in keep]
-
-
-def canary_records(secrets: Secrets) -> list[Record]:
-    """One record per inserted canary (its copies are identical)."""
-    return [c.record(0) for c in secrets.canaries if c.repetitions > 0]
-
-
 def private_records(secrets: Secrets, limit: int | None, rng: np.random.Generator) -> list[Record]:
     """A seeded sample of the view's records, then every inserted canary once."""
     return sample(secrets.records, limit, rng) + canary_records(secrets)
-
-
-def greedy_texts(target: Target, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy completions of training-template prompts, cut at EOS. Prompts are batched by length so
-    left padding stays short; results come back in the input order."""
-    if not prompts:
-        return []
-    ids = target.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]  # as `encode` tokenises
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    out = generate(target.model, target.tokenizer, [ids[i] for i in order], max_new_tokens=max_new_tokens,
-                   batch_size=batch_size)
-    texts = [""] * len(ids)
-    for i, g in zip(order, out):
-        texts[i] = g.text
-    return texts
 
 
 def greedy_suffixes(model, tokenizer, prefixes: Sequence[Sequence[int]], *, length: int,

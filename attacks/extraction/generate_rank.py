@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from fedleak.attacks.base import ExtractionAttack, Secrets, Target, register_attack
-from fedleak.attacks.extraction.discoverable import (EXAMPLES, canary_records, check_positive,
-                                                     run_seed, view_key)
+from fedleak.attacks.extraction.common import (EXAMPLES, canary_records, check_positive,
+                                               run_seed, view_key)
 from fedleak.attacks.membership.stats import BASE, reference_model
 from fedleak.attacks.membership.zlib import zlib_bytes
 from fedleak.federated.errors import FedleakError

@@ -25,8 +25,8 @@ from typing import Sequence
 import numpy as np
 
 from fedleak.attacks.base import ExtractionAttack, Secrets, Target, register_attack
-from fedleak.attacks.extraction.discoverable import (EXAMPLES, canary_records, check_optional_positive,
-                                                     check_positive, greedy_texts, run_seed, sample, view_key)
+from fedleak.attacks.extraction.common import (EXAMPLES, canary_records, check_optional_positive,
+                                               check_positive, greedy_texts, run_seed, sample, view_key)
 from fedleak.federated.data import CANARY_CATEGORY, Record
 from fedleak.federated.prompts import format_prompt
 from fedleak.federated.seeding import numpy_rng
@@ -125,7 +125,7 @@ class PiiAttack(ExtractionAttack):
                                         f"{self.min_identifier_length} characters (user data carries none)"}}
         seed = run_seed(target, self.name)
         own_records = sample(secrets.records, self.max_prompts, numpy_rng(seed, "attack", self.name, "own",
-                                                                          view_key(target)))
+                                                                    view_key(target)))
         canaries = canary_records(secrets)
         cross_records = sample(secrets.other_records, self.max_prompts,
                                numpy_rng(seed, "attack", self.name, "cross", view_key(target)))
