@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedleak.attacks.base import register_attack
-from fedleak.attacks.membership.stats import BASE, ORIGINAL, TARGET, LogitAttack, TokenStats
+from fedleak.attacks.membership.stats import BASE, ORIGINAL, REFERENCE, TARGET, LogitAttack, TokenStats
 from fedleak.federated.errors import FedleakError
 
 
@@ -20,12 +20,16 @@ from fedleak.federated.errors import FedleakError
 class ReferenceAttack(LogitAttack):
     """reference: loss drop from a reference model (the base model by default) to the target."""
 
+    needs = ((TARGET, ORIGINAL), (REFERENCE, ORIGINAL))
+
     def __init__(self, *, model: str = BASE):
         if not model:
             raise FedleakError(f"attack reference: model is empty: use '{BASE}' or a model id or folder")
         self.model = model
-        self.reference = model
-        self.needs = ((TARGET, ORIGINAL), ("reference", ORIGINAL))
+
+    @property
+    def reference(self) -> str:  # what LogitAttack loads the reference statistics from
+        return self.model
 
     def from_stats(self, stats: dict[tuple[str, str], TokenStats]) -> np.ndarray:
-        return stats["reference", ORIGINAL].loss - stats[TARGET, ORIGINAL].loss
+        return stats[REFERENCE, ORIGINAL].loss - stats[TARGET, ORIGINAL].loss

@@ -21,12 +21,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from fedleak.attacks.base import MembershipAttack
 from fedleak.federated.data import Record
 from fedleak.federated.errors import FedleakError
 from fedleak.federated.training import IGNORE, batches, encode
 
 ORIGINAL, LOWERCASE = "original", "lowercase"
-TARGET, BASE = "target", "base"
+TARGET, REFERENCE = "target", "reference"  # the model a statistic comes from
+BASE = "base"  # the default reference model: the target view with its adapters switched off
 
 
 @dataclass(frozen=True)
@@ -140,9 +142,6 @@ def shared_stats(target, records: Sequence[Record], *, model: str = TARGET, vari
             cache[key] = compute_stats(net, tokenizer, texts, max_length=target.max_length,
                                        response_only=target.response_only, batch_size=target.batch_size)
     return cache[key]
-
-
-from fedleak.attacks.base import MembershipAttack  # noqa: E402  (after the helpers it builds on)
 
 
 class LogitAttack(MembershipAttack):
