@@ -84,8 +84,9 @@ def precision_at(scores: np.ndarray, hits: np.ndarray, k: int) -> float:
     return float(np.asarray(hits, dtype=bool)[top].mean()) if len(top) else float("nan")
 
 
-def ngrams(words: Sequence[str], n: int) -> set[tuple[str, ...]]:
-    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+def word_runs(words: Sequence[str], n: int) -> list[tuple[str, ...]]:
+    """Every run of n consecutive words, in text order."""
+    return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
 
 
 def hit_flags(texts: Sequence[str], references: Sequence[tuple[str, str]], identifiers: Sequence[str], *,
@@ -97,11 +98,12 @@ def hit_flags(texts: Sequence[str], references: Sequence[tuple[str, str]], ident
     domain's templates produce for anyone (which a model learns from public data) never count."""
     control_grams: set[tuple[str, ...]] = set()
     for _, text in controls:
-        control_grams |= ngrams(tokens(text), ngram)
+        control_grams.update(word_runs(tokens(text), ngram))
     private: dict[tuple[str, ...], str] = {}
     for source, text in references:
-        for gram in ngrams(tokens(text), ngram) - control_grams:
-            private.setdefault(gram, source)
+        for gram in word_runs(tokens(text), ngram):
+            if gram not in control_grams:
+                private.setdefault(gram, source)
     ids = [i for i in identifiers if len(i) >= min_identifier_length and i not in prompt]
     out = []
     for text in texts:
@@ -109,9 +111,8 @@ def hit_flags(texts: Sequence[str], references: Sequence[tuple[str, str]], ident
         if found is not None:
             out.append({"hit": True, "why": f"identifier {found}"})
             continue
-        words = tokens(text)  # in text order, so the reported run is the first one (sets have no order)
-        shared = next((g for g in (tuple(words[i:i + ngram]) for i in range(len(words) - ngram + 1))
-                       if g in private), None)
+        # In text order, so the run reported is the first one (a set's order varies between processes).
+        shared = next((g for g in word_runs(tokens(text), ngram) if g in private), None)
         out.append({"hit": shared is not None,
                     "why": f"{ngram} words of {private[shared]}: {' '.join(shared)}" if shared else ""})
     return out
