@@ -82,14 +82,11 @@ def roc_plot_png(cells: list[dict], title: str) -> bytes:
     """Log-log ROC curves, one per cell, as LiRA (Carlini et al. 2022) presents them."""
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9.0, 4.8), dpi=110)
+    fig, ax = _axes(9.0, 4.8)
     floor = 1e-3
     # One colour per training, one line style per client, legend beside the axes: many curves stay legible.
     trainings = list(dict.fromkeys((c["algorithm"], c["defense"]) for c in cells))
-    colours = plt.get_cmap("tab10" if len(trainings) <= 10 else "tab20")
+    colours = matplotlib.colormaps["tab10" if len(trainings) <= 10 else "tab20"]
     styles = ("-", "--", ":", "-.")
     for cell in cells:
         fpr = [max(f, floor) for f in cell["roc"]["fpr"] if f is not None]
@@ -100,13 +97,11 @@ def roc_plot_png(cells: list[dict], title: str) -> bytes:
     ax.plot([floor, 1], [floor, 1], color="grey", linestyle="--", linewidth=1, label="chance")
     ax.set(xscale="log", yscale="log", xlim=(floor, 1), ylim=(floor, 1), xlabel="false positive rate",
            ylabel="true positive rate", title=title)
-    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
-    return _png(fig)
+    return _png(fig, ax)
 
 
 def _view_label(cell: dict) -> str:
-    view = cell["observer"] if cell["client"] is None else f"{cell['observer']}/{cell['client']}"
-    return f"{cell['algorithm']}/{cell['defense']} {view} r{cell['round']}"
+    return f"{cell['algorithm']}/{cell['defense']} {_view(cell)} r{cell['round']}"
 
 
 def _mean_range(values: list[float | None]) -> str:
@@ -245,12 +240,7 @@ def _view(cell: dict) -> str:
 
 
 def exposure_plot_png(cells: list[dict]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=110)
+    fig, ax = _axes(7.5, 4.2)
     ticks: set[int] = set()
     for cell in cells:
         by_reps: dict[int, list[float]] = {}
@@ -264,18 +254,12 @@ def exposure_plot_png(cells: list[dict]) -> bytes:
     ax.set(xscale="symlog", xlabel="repetitions of the canary in training data (0: never inserted)",
            ylabel="exposure (bits)", xticks=sorted(ticks), xticklabels=[str(t) for t in sorted(ticks)],
            title="Canary exposure")
-    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
-    return _png(fig)
+    return _png(fig, ax)
 
 
 def rounds_plot_png(cells: list[dict], title: str) -> bytes:
     """AUC over rounds, one line per training and view (the FEDPIT paper's view of leakage over training)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=110)
+    fig, ax = _axes(7.5, 4.2)
     lines: dict[str, list[tuple[int, float]]] = {}
     for c in cells:
         if c["metrics"].get("auc") is not None:
@@ -285,13 +269,24 @@ def rounds_plot_png(cells: list[dict], title: str) -> bytes:
         ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", linewidth=1.2, label=label)
     ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
     ax.set(xlabel="round (0 = before training)", ylabel="AUC", title=title)
-    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
-    return _png(fig)
+    return _png(fig, ax)
 
 
-def _png(fig) -> bytes:
+def _axes(width: float, height: float):
+    """A figure and its axes on the non-interactive backend (reports are written without a display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt.subplots(figsize=(width, height), dpi=110)
+
+
+def _png(fig, ax) -> bytes:
+    """PNG bytes of the figure, legend beside the axes so many curves stay legible."""
+    import matplotlib.pyplot as plt
+
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
