@@ -85,17 +85,20 @@ class DiscoverableAttack(ExtractionAttack):
         records = sample(secrets.nonmembers, n, rng)
         if not records:
             return {"control_exact_rate": float("nan"), "control_rouge_rate": float("nan")}
-        texts = greedy_texts(target, [format_prompt(r.instruction, r.input) for r in records],
-                             max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
-        rouge = np.array([rouge_l(t, r.output) for t, r in zip(texts, records)])
-        return {"control_exact_rate": float(np.mean([t.strip() == r.output.strip() for t, r in zip(texts, records)])),
+        _, exact, rouge = self._answers(target, records)
+        return {"control_exact_rate": float(exact.mean()),
                 "control_rouge_rate": float((rouge >= self.rouge_threshold).mean())}
 
-    def _prompted(self, target: Target, records: list[Record]) -> tuple[dict, dict]:
+    def _answers(self, target: Target, records: list[Record]) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """Greedy answers to the records' training prompts, exact matches and ROUGE-L with the responses."""
         texts = greedy_texts(target, [format_prompt(r.instruction, r.input) for r in records],
                              max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
         exact = np.array([t.strip() == r.output.strip() for t, r in zip(texts, records)])
         rouge = np.array([rouge_l(t, r.output) for t, r in zip(texts, records)])
+        return texts, exact, rouge
+
+    def _prompted(self, target: Target, records: list[Record]) -> tuple[dict, dict]:
+        texts, exact, rouge = self._answers(target, records)
         is_canary = np.array([r.category == "canary" for r in records])
         close = rouge >= self.rouge_threshold
         order = np.argsort(-(exact * 2 + rouge), kind="stable")  # exact matches first, then by ROUGE-L
