@@ -34,7 +34,7 @@ def _quiet_libraries() -> None:
 def cmd_run(args) -> int:
     from fedleak.eval.config import load_config
     from fedleak.eval.matrix import run_matrix
-    from fedleak.reports.report import leakage_table, load_results, write_report
+    from fedleak.reports.report import leakage_table, load_results, poisoning_table, write_report
 
     config = load_config(args.config)
     out = args.out or config.out
@@ -43,9 +43,10 @@ def cmd_run(args) -> int:
     _quiet_libraries()
     run_matrix(config, Path(out), config_path=str(args.config), progress=not args.quiet)
     md, html = write_report(Path(out))
-    summary = leakage_table(load_results(Path(out)))  # the headline table, from the file (NaN is null there)
-    for row in summary.rows:
-        log.info("%s", "; ".join(f"{h}: {v}" for h, v in zip(summary.header, row) if v != "n/a"))
+    results = load_results(Path(out))  # the headline tables, from the file (NaN is null there)
+    for table in (leakage_table(results), poisoning_table(results)):
+        for row in table.rows:
+            log.info("%s", "; ".join(f"{h}: {v}" for h, v in zip(table.header, row) if v != "n/a"))
     log.info("wrote %s, %s, %s and %s", Path(out) / "results.json", Path(out) / "results.csv", md, html)
     return 0
 

@@ -1,11 +1,13 @@
 """Attacks: registered components that probe one observer's view of a trained federation.
 
-Two families share one registry:
+Three families share one registry:
 
 - membership attacks return one score per record, higher = more likely a training member, so
   `sklearn.metrics.roc_curve(y_true, scores)` applies as is (`MembershipAttack.score`);
 - extraction attacks try to recover what the view trained on and return their own metrics
-  (`ExtractionAttack.run`), given the ground truth in `Secrets`.
+  (`ExtractionAttack.run`), given the ground truth in `Secrets`;
+- poisoning attacks act during training as malicious clients (`attacks/poisoning/base.py`): a
+  matrix scenario lists them, and the matrix measures their effect on each trained model.
 
 Hyperparameters are explicit keyword-only `__init__` arguments. An attack gets the view as a
 `Target`; what the attacker has besides the view (the base model, a population of records,
@@ -33,6 +35,13 @@ ATTACKS: Registry[type["Attack"]] = Registry("attack", builtin_modules=(
     "fedleak.attacks.extraction.pii",
     "fedleak.attacks.extraction.exposure",
     "fedleak.attacks.extraction.generate_rank",
+    "fedleak.attacks.poisoning.backdoor",
+    "fedleak.attacks.poisoning.label_flip",
+    "fedleak.attacks.poisoning.scaling",
+    "fedleak.attacks.poisoning.sign_flip",
+    "fedleak.attacks.poisoning.gaussian",
+    "fedleak.attacks.poisoning.alie",
+    "fedleak.attacks.poisoning.ipm",
 ), entry_point_group="fedleak.attacks")
 register_attack = ATTACKS.register
 

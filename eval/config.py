@@ -45,6 +45,9 @@ class ModelSettings:
             raise FedleakError("model.name is empty: use 'embedded', a Hugging Face id or a local folder")
 
 
+CLEAN = "clean"  # the scenario with no malicious client, trained for every (algorithm, defense)
+
+
 @dataclass(frozen=True)
 class ComponentSpec:
     """A registered component and its keyword arguments, as written in the matrix."""
@@ -54,6 +57,7 @@ class ComponentSpec:
     observers: tuple[str, ...] = ()  # attacks only: which views to probe
     rounds: str | tuple[int, ...] = "final"  # attacks only: "final", "all" (0 = before training) or round numbers
     parts: tuple["ComponentSpec", ...] = ()  # defenses only: a composition of several
+    scenarios: tuple[str, ...] = (CLEAN,)  # privacy attacks only: the trainings (by scenario) they probe
 
     @property
     def kwargs(self) -> dict[str, Any]:
@@ -69,22 +73,66 @@ class ComponentSpec:
 
 
 @dataclass(frozen=True)
+class ScenarioSpec:
+    """Malicious clients and what they do: `clients` (ids) or `fraction` (of the clients, chosen with
+    the run's seed), the poisoning `attacks` in the order they apply, the `rounds` they act in, and
+    their `local_epochs` when they act (an attacker trains as long as it likes; default: the federation's)."""
+
+    name: str
+    attacks: tuple[ComponentSpec, ...]
+    clients: tuple[int, ...] = ()
+    fraction: float | None = None
+    rounds: str | tuple[int, ...] = "all"
+    local_epochs: int | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name
+
+    def malicious(self, *, num_clients: int, seed: int) -> list[int]:
+        from fedleak.federated.seeding import numpy_rng
+
+        if self.clients:
+            return sorted(self.clients)
+        count = max(1, round(self.fraction * num_clients))
+        # One seeded order for every scenario: equal fractions pick the same clients and a larger
+        # fraction adds to a smaller one's, so scenarios compare like with like.
+        return sorted(int(c) for c in numpy_rng(seed, "malicious").permutation(num_clients)[:count])
+
+
+@dataclass(frozen=True)
 class ExcludeRule:
-    """Skip the (algorithm, defense) trainings matching both glob patterns (on name or label);
-    a leading "!" negates: {algorithm = "fedpit", defense = "!none"} keeps FEDPIT with no defense only."""
+    """Skip the (algorithm, defense, scenario) trainings matching every glob pattern (on name or
+    label); a leading "!" negates: {algorithm = "fedpit", defense = "!none"} keeps FEDPIT with no
+    defense only. With `attack`, the trainings stay and only the matching privacy attacks skip them:
+    {defense = "krum", attack = "*"} trains Krum (for its poisoning scenarios) without privacy attacks."""
 
     algorithm: str = "*"
     defense: str = "*"
+    scenario: str = "*"
+    attack: str | None = None
 
-    def matches(self, algorithm: "ComponentSpec", defense: "ComponentSpec") -> bool:
-        return _glob(self.algorithm, algorithm) and _glob(self.defense, defense)
+    def matches(self, algorithm: "ComponentSpec", defense: "ComponentSpec", scenario: str = CLEAN) -> bool:
+        """Whether the rule drops this training (a rule with `attack` drops none)."""
+        return self.attack is None and self.covers(algorithm, defense, scenario)
+
+    def covers(self, algorithm: "ComponentSpec", defense: "ComponentSpec", scenario: str = CLEAN) -> bool:
+        return _glob(self.algorithm, algorithm) and _glob(self.defense, defense) and _glob_name(self.scenario, scenario)
+
+    def skips(self, attack: "ComponentSpec", algorithm: "ComponentSpec", defense: "ComponentSpec",
+              scenario: str = CLEAN) -> bool:
+        """Whether the rule skips this privacy attack on this training."""
+        return self.attack is not None and _glob(self.attack, attack) and self.covers(algorithm, defense, scenario)
+
+
+def _glob_name(pattern: str, *names: str) -> bool:
+    negate = pattern.startswith("!")
+    pattern = pattern[1:] if negate else pattern
+    return any(fnmatch.fnmatchcase(n, pattern) for n in names) != negate
 
 
 def _glob(pattern: str, spec: "ComponentSpec") -> bool:
-    negate = pattern.startswith("!")
-    pattern = pattern[1:] if negate else pattern
-    hit = fnmatch.fnmatchcase(spec.name, pattern) or fnmatch.fnmatchcase(spec.label, pattern)
-    return hit != negate
+    return _glob_name(pattern, spec.name, spec.label)
 
 
 @dataclass(frozen=True)
@@ -93,6 +141,19 @@ class MatrixSettings:
     algorithms: tuple[ComponentSpec, ...] = (ComponentSpec("fedit"),)
     defenses: tuple[ComponentSpec, ...] = (ComponentSpec("none"),)
     attacks: tuple[ComponentSpec, ...] = (ComponentSpec("loss", observers=("global",)),)
+    scenarios: tuple[ScenarioSpec, ...] = ()  # poisoning scenarios, trained besides the clean one
+
+
+@dataclass(frozen=True)
+class PoisoningSettings:
+    """How the poisoned models are measured: backdoor prompts (held-out records, with and without
+    the trigger) answered greedily."""
+
+    prompts: int = 32  # held-out records turned into triggered and clean prompts
+    batch_size: int = 16
+
+    def __post_init__(self):
+        require_positive(self, ("prompts", "batch_size"), "poisoning.")
 
 
 @dataclass(frozen=True)
@@ -135,6 +196,7 @@ class RunConfig:
     matrix: MatrixSettings = field(default_factory=MatrixSettings)
     utility: UtilitySettings = field(default_factory=UtilitySettings)
     attack: AttackSettings = field(default_factory=AttackSettings)
+    poisoning: PoisoningSettings = field(default_factory=PoisoningSettings)
 
     def to_dict(self) -> dict:
         return _plain(self)
@@ -153,7 +215,13 @@ def _plain(obj):
         extra = {"observers": list(obj.observers)} if obj.observers else {}
         if obj.observers:
             extra["rounds"] = obj.rounds if isinstance(obj.rounds, str) else list(obj.rounds)
+            extra["scenarios"] = list(obj.scenarios)
         return {"name": obj.name, **obj.kwargs, **extra}
+    if isinstance(obj, ScenarioSpec):
+        return {"name": obj.name, "attacks": [_plain(a) for a in obj.attacks],
+                **({"clients": list(obj.clients)} if obj.clients else {"fraction": obj.fraction}),
+                "rounds": obj.rounds if isinstance(obj.rounds, str) else list(obj.rounds),
+                **({"local_epochs": obj.local_epochs} if obj.local_epochs else {})}
     if dataclasses.is_dataclass(obj):
         return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, tuple):
@@ -172,7 +240,7 @@ def _describe(value) -> str:
 def _expected(annotation) -> str:
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_expected(a) for a in typing.get_args(annotation))
+        return " or ".join(_expected(a) for a in typing.get_args(annotation) if a is not type(None))  # TOML has no null
     if origin is tuple:
         return f"a list of {_expected(typing.get_args(annotation)[0])}"
     return _TYPE_WORDS.get(annotation, getattr(annotation, "__name__", str(annotation)))
@@ -225,7 +293,9 @@ def _build(cls, table: dict, prefix: str, where: str):
         if key not in known:
             raise FedleakError(f"{where}: unknown key {full!r}: {did_you_mean(key, known)}"
                                f"known keys{' in [' + prefix + ']' if prefix else ''}: {', '.join(known)}")
-        if cls is MatrixSettings and key != "exclude":
+        if cls is MatrixSettings and key == "scenarios":
+            kwargs[key] = _scenarios(value, full, where)
+        elif cls is MatrixSettings and key != "exclude":
             kwargs[key] = _components(value, full, where, kind=key)
         else:
             kwargs[key] = _checked(value, hints[key], full, where)
@@ -240,7 +310,7 @@ def _components(value, key: str, where: str, *, kind: str) -> tuple[ComponentSpe
     from fedleak.defenses.base import DEFENSES
     from fedleak.federated.rounds import ALGORITHMS
 
-    registry = {"algorithms": ALGORITHMS, "defenses": DEFENSES, "attacks": ATTACKS}[kind]
+    registry = {"algorithms": ALGORITHMS, "defenses": DEFENSES, "attacks": ATTACKS, "scenario attacks": ATTACKS}[kind]
     if not isinstance(value, list) or not value:
         raise FedleakError(f"{where}: {key} must be a non-empty list of names or {{name = ...}} tables")
     specs = []
@@ -256,27 +326,104 @@ def _components(value, key: str, where: str, *, kind: str) -> tuple[ComponentSpe
             entry = {"name": entry}
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise FedleakError(f"{where}: {item} = {entry!r}: give a name or a table with a 'name' key")
-        params = {k: v for k, v in entry.items() if k not in ("name", "observers", "rounds")}
-        observers, rounds = (), "final"
-        if kind == "attacks":
-            observers = _observers(entry.get("observers", ["global"]), f"{item}.observers", where)
-            rounds = _rounds(entry.get("rounds", "final"), f"{item}.rounds", where)
-        else:
-            for key_ in ("observers", "rounds"):
-                if key_ in entry:
-                    raise FedleakError(f"{where}: {item}.{key_}: only attacks take {key_}")
+        placement = ("observers", "rounds", "scenarios")
+        params = {k: v for k, v in entry.items() if k != "name" and k not in placement}
+        observers, rounds, scenarios = (), "final", (CLEAN,)
         try:
             cls = registry.get(entry["name"])
         except FedleakError as exc:
             raise FedleakError(f"{where}: {item}: {exc}") from None
+        if kind == "attacks" and cls.family == "poisoning":
+            raise FedleakError(f"{where}: {item}: {entry['name']} is a poisoning attack: it acts during training, "
+                               f"so list it in a scenario: matrix.scenarios = [{{name = ..., fraction = ..., "
+                               f"attacks = [\"{entry['name']}\"]}}]")
+        if kind == "attacks":
+            observers = _observers(entry.get("observers", ["global"]), f"{item}.observers", where)
+            rounds = _rounds(entry.get("rounds", "final"), f"{item}.rounds", where)
+            scenarios = _names(entry.get("scenarios", [CLEAN]), f"{item}.scenarios", where)
+        else:
+            for key_ in placement:
+                if key_ in entry:
+                    raise FedleakError(f"{where}: {item}.{key_}: only privacy attacks in matrix.attacks take {key_}")
         instantiate(cls, params, f"{where}: {item}")
-        spec = ComponentSpec(entry["name"], tuple(sorted(params.items())), observers, rounds)
+        spec = ComponentSpec(entry["name"], tuple(sorted(params.items())), observers, rounds, scenarios=scenarios)
         # The same attack may be listed twice for disjoint observers (e.g. every round on `global` only).
         if any((s.name, s.params) == (spec.name, spec.params) and (not observers or set(s.observers) & set(observers))
                for s in specs):
             raise FedleakError(f"{where}: {item}: {spec.label} is listed twice"
                                f"{' for the same observer' if observers else ''}: remove one")
         specs.append(spec)
+    return tuple(specs)
+
+
+def _names(value, key: str, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        raise FedleakError(f"{where}: {key} = {value!r}: give a non-empty list of scenario names "
+                           f"(\"{CLEAN}\" is the training without malicious clients)")
+    return tuple(dict.fromkeys(value))
+
+
+SCENARIO_KEYS = ("name", "attacks", "clients", "fraction", "rounds", "local_epochs")
+
+
+def _scenarios(value, key: str, where: str) -> tuple[ScenarioSpec, ...]:
+    """Poisoning scenarios: tables with a name, the malicious clients and a list of poisoning attacks."""
+    from fedleak.attacks.base import ATTACKS
+
+    if not isinstance(value, list):
+        raise FedleakError(f"{where}: {key} must be a list of {{name = ..., fraction = ..., attacks = [...]}} tables")
+    specs: list[ScenarioSpec] = []
+    for i, entry in enumerate(value):
+        item = f"{key}[{i}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
+            raise FedleakError(f"{where}: {item} = {entry!r}: give a table with a 'name', the malicious 'clients' "
+                               f"or 'fraction', and 'attacks'")
+        name = entry["name"]
+        for k in entry:
+            if k not in SCENARIO_KEYS:
+                raise FedleakError(f"{where}: {item}: unknown key {k!r}: {did_you_mean(k, SCENARIO_KEYS)}"
+                                   f"scenario keys: {', '.join(SCENARIO_KEYS)}")
+        if name == CLEAN or any(s.name == name for s in specs):
+            raise FedleakError(f"{where}: {item}.name = {name!r}: "
+                               + (f"\"{CLEAN}\" is the training without malicious clients: choose another name"
+                                  if name == CLEAN else "listed twice: give each scenario its own name"))
+        if ("clients" in entry) == ("fraction" in entry):
+            raise FedleakError(f"{where}: {item}: give the malicious clients as either clients = [ids] or "
+                               f"fraction = 0.2 (chosen with the run's seed), not {'both' if 'clients' in entry else 'neither'}")
+        clients, fraction = (), None
+        if "clients" in entry:
+            clients = entry["clients"]
+            if (not isinstance(clients, list) or not clients
+                    or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in clients)):
+                raise FedleakError(f"{where}: {item}.clients = {clients!r}: give a non-empty list of client ids (0, 1, ...)")
+            clients = tuple(sorted(set(clients)))
+        else:
+            fraction = entry["fraction"]
+            if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+                raise FedleakError(f"{where}: {item}.fraction = {fraction!r}: must be a number in (0, 1)")
+            fraction = float(fraction)
+        rounds = entry.get("rounds", "all")
+        if rounds != "all":
+            rounds = _rounds(rounds, f"{item}.rounds", where)
+            if rounds == "final" or 0 in rounds:
+                raise FedleakError(f"{where}: {item}.rounds = {entry['rounds']!r}: use \"all\" or a list of "
+                                   f"round numbers from 1")
+        attacks = _components(entry.get("attacks"), f"{item}.attacks", where, kind="scenario attacks")
+        for j, attack in enumerate(attacks):
+            if ATTACKS.get(attack.name).family != "poisoning":
+                raise FedleakError(f"{where}: {item}.attacks[{j}]: {attack.name} is not a poisoning attack: "
+                                   f"privacy attacks go in matrix.attacks")
+        from fedleak.attacks.poisoning.backdoor import Backdoor
+
+        if sum(issubclass(ATTACKS.get(a.name), Backdoor) for a in attacks) > 1:
+            raise FedleakError(f"{where}: {item}.attacks: one backdoor per scenario (its success rate is the "
+                               f"scenario's ASR): put a second backdoor in a scenario of its own")
+        local_epochs = entry.get("local_epochs")
+        if local_epochs is not None and (isinstance(local_epochs, bool) or not isinstance(local_epochs, int)
+                                         or local_epochs < 1):
+            raise FedleakError(f"{where}: {item}.local_epochs = {local_epochs!r}: must be a positive integer "
+                               f"(the malicious clients' local epochs; leave it out for the federation's)")
+        specs.append(ScenarioSpec(name, attacks, clients, fraction, rounds, local_epochs))
     return tuple(specs)
 
 
@@ -356,7 +503,29 @@ def _check_combinations(config: RunConfig, where: str) -> None:
         if late:
             raise FedleakError(f"{where}: matrix.attacks[{i}].rounds: round {late[0]} is after the last round "
                                f"(federation.rounds = {config.federation.rounds}): remove it")
+    known = [CLEAN, *(s.name for s in config.matrix.scenarios)]
+    for i, spec in enumerate(config.matrix.attacks):
+        for name in spec.scenarios:
+            if name not in known:
+                raise FedleakError(f"{where}: matrix.attacks[{i}].scenarios: unknown scenario {name!r}: "
+                                   f"{did_you_mean(name, known)}known: {', '.join(known)}")
+    clients = config.federation.clients
+    for i, scenario in enumerate(config.matrix.scenarios):
+        item = f"{where}: matrix.scenarios[{i}] ({scenario.name})"
+        if any(c >= clients for c in scenario.clients):
+            raise FedleakError(f"{item}.clients = {list(scenario.clients)}: ids go from 0 to {clients - 1} "
+                               f"(federation.clients = {clients})")
+        if len(scenario.malicious(num_clients=clients, seed=config.seed)) >= clients:
+            raise FedleakError(f"{item}: every one of the {clients} clients would be malicious: "
+                               f"lower the fraction or list fewer clients")
+        late = [r for r in (() if isinstance(scenario.rounds, str) else scenario.rounds) if r > config.federation.rounds]
+        if late:
+            raise FedleakError(f"{item}.rounds: round {late[0]} is after the last round "
+                               f"(federation.rounds = {config.federation.rounds}): remove it")
     if not any(ALGORITHMS.get(a.name).federated for a in config.matrix.algorithms):
+        if config.matrix.scenarios:
+            raise FedleakError(f"{where}: matrix.scenarios need a federated algorithm (fedit, fedpit): "
+                               f"non-federated baselines have no malicious clients")
         return
     for i, spec in enumerate(config.matrix.defenses):
         item = f"{where}: matrix.defenses[{i}]"

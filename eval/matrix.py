@@ -1,5 +1,6 @@
-"""Run the attack matrix: train each (algorithm, defense) once, then evaluate utility and run each
-attack on every requested observer's view of every requested round (final by default).
+"""Run the attack matrix: train each (algorithm, defense, scenario) once, then evaluate utility, run
+each privacy attack on every requested observer's view of every requested round (final by default),
+and measure each poisoning scenario against the clean training of the same (algorithm, defense).
 
 The attacks on one view run back to back on one loaded view, so the logit-based membership
 scores share their forward passes (`attacks/membership/stats.py`)."""
@@ -19,8 +20,11 @@ from tqdm.auto import tqdm
 from fedleak.attacks.base import ATTACKS, AttackEnvironment, MembershipAttack, Secrets, Target
 from fedleak.attacks.membership.stats import scorable
 from fedleak.eval.audit import empirical_epsilon, one_run_epsilon
-from fedleak.eval.config import AttackSettings, ComponentSpec, RunConfig, build_defense, instantiate
+from fedleak.eval.config import (CLEAN, AttackSettings, ComponentSpec, RunConfig, ScenarioSpec, build_defense,
+                                 instantiate)
 from fedleak.eval.metrics import membership_metrics, roc_points
+from fedleak.eval.poisoning import (backdoors_of, build_adversary, detection, poisoning_cells, scenario_record,
+                                    trigger_rates)
 from fedleak.eval.results import SCHEMA, git_commit, library_versions, write_results
 from fedleak.eval.utility import evaluate_utility
 from fedleak.federated import checkpoint
@@ -83,16 +87,19 @@ def run_membership(attack: MembershipAttack, target: Target, members, nonmembers
     return outcome
 
 
-def trainings_of(config: RunConfig) -> list[tuple[ComponentSpec, ComponentSpec]]:
-    """(algorithm, defense) pairs: defenses hook into a federation, so non-federated baselines
-    (CENIT, LOCIT) train once, without one; `matrix.exclude` rules drop pairs."""
-    pairs = []
+def trainings_of(config: RunConfig) -> list[tuple[ComponentSpec, ComponentSpec, ScenarioSpec | None]]:
+    """(algorithm, defense, scenario) triples, None being the clean scenario: defenses and malicious
+    clients hook into a federation, so non-federated baselines (CENIT, LOCIT) train once, clean and
+    without a defense; `matrix.exclude` rules drop triples."""
+    triples = []
+    scenarios = [None, *config.matrix.scenarios]
     for algorithm in config.matrix.algorithms:
         if ALGORITHMS.get(algorithm.name).federated:
-            pairs += [(algorithm, defense) for defense in config.matrix.defenses]
+            triples += [(algorithm, defense, scenario) for scenario in scenarios for defense in config.matrix.defenses]
         else:
-            pairs.append((algorithm, NO_DEFENSE))
-    return [(a, d) for a, d in pairs if not any(rule.matches(a, d) for rule in config.matrix.exclude)]
+            triples.append((algorithm, NO_DEFENSE, None))
+    return [(a, d, s) for a, d, s in triples
+            if not any(rule.matches(a, d, s.name if s else CLEAN) for rule in config.matrix.exclude)]
 
 
 def _rounds_of(spec: ComponentSpec, final_round: int) -> list[int]:
@@ -217,35 +224,61 @@ def run_matrix(config: RunConfig, out_dir: Path, *, config_path: str | None = No
                                            response_only=fed.response_only_loss)
         return scorable_cache[key]
 
+    backdoors = backdoors_of(config.matrix.scenarios)
+    backdoor_records = data.heldout[: config.poisoning.prompts]
     trainings, cells = [], []
-    for algorithm_spec, defense_spec in tqdm(trainings_of(config), desc="trainings", unit="training",
-                                             disable=not progress):
+    for algorithm_spec, defense_spec, scenario in tqdm(trainings_of(config), desc="trainings", unit="training",
+                                                       disable=not progress):
         algorithm = instantiate(ALGORITHMS.get(algorithm_spec.name), algorithm_spec.kwargs,
                                 f"matrix.algorithms: {algorithm_spec.label}")
         defense = build_defense(defense_spec, f"matrix.defenses: {defense_spec.label}")
+        scenario_name = scenario.name if scenario else CLEAN
         base_model, tokenizer = load_base_model(model_ref, allow_download=config.model.allow_download)
-        training_dir = out_dir / "trainings" / f"{algorithm_spec.label}-{defense_spec.label}-seed{seed}"
-        label = f"{algorithm_spec.label}/{defense_spec.label}"
-        run = run_rounds(TrainingSetup(base_model=base_model, tokenizer=tokenizer, data=data, federation=fed,
-                                       lora=config.model.lora, hooks=defense, seed=seed, out_dir=training_dir,
-                                       config_hash=training_hash, progress=progress, label=label), algorithm)
+        stem = f"{algorithm_spec.label}-{defense_spec.label}" + (f"-{scenario.name}" if scenario else "")
+        training_dir = out_dir / "trainings" / f"{stem}-seed{seed}"
+        label = f"{algorithm_spec.label}/{defense_spec.label}" + (f"/{scenario.name}" if scenario else "")
+        setup = TrainingSetup(base_model=base_model, tokenizer=tokenizer, data=data, federation=fed,
+                              lora=config.model.lora, hooks=defense, seed=seed, out_dir=training_dir,
+                              config_hash=training_hash, progress=progress, label=label)
+        if scenario:
+            setup.adversary = build_adversary(scenario, config)
+        run = run_rounds(setup, algorithm)
         # Everything below reads the checkpoints, not the in-memory state: the path a third party uses.
         final_dir = checkpoint.round_dir(training_dir, run.final_round)
         view_keys = checkpoint.available_views(final_dir)
-        key = {"algorithm": algorithm_spec.label, "defense": defense_spec.label, "seed": seed}
+        key = {"algorithm": algorithm_spec.label, "defense": defense_spec.label, "scenario": scenario_name,
+               "seed": seed}
         eval_start = time.perf_counter()
-        utility = _utility(run, config, data, tokenizer, final_dir, view_keys)
+        # A poisoned training is judged by its global model (the clients' models are the clean run's business).
+        utility = _utility(run, config, data, tokenizer, final_dir,
+                           [k for k in view_keys if scenario is None or k == "global"])
+        utility_seconds = time.perf_counter() - eval_start
+        poisoning = None
+        if ALGORITHMS.get(algorithm_spec.name).federated:
+            start = time.perf_counter()
+            poisoning = {**scenario_record(scenario, config), "backdoors": {}, "detection": detection(run.history)}
+            # The clean training measures every backdoor of the matrix (how often the trigger gets the
+            # target without poisoning); a poisoned training, its own.
+            own = {k: b for k, b in backdoors.items() if scenario is None or k in {a.label for a in scenario.attacks}}
+            if own:
+                apply_view(run.model, checkpoint.load_view(final_dir, "global", None), config.model.lora)
+            for name, backdoor in own.items():
+                poisoning["backdoors"][name] = trigger_rates(run.model, tokenizer, backdoor, backdoor_records,
+                                                             batch_size=config.poisoning.batch_size)
+            poisoning["seconds"] = time.perf_counter() - start
         trainings.append({
             **key, "algorithm_name": algorithm_spec.name, "algorithm_params": algorithm.params(),
             "defense_name": defense_spec.name, "defense_params": defense.params(),
             "checkpoint_dir": str(training_dir.relative_to(out_dir)), "train_seconds": run.train_seconds,
-            "utility_seconds": time.perf_counter() - eval_start, "utility": utility,
+            "utility_seconds": utility_seconds, "utility": utility, "poisoning": poisoning,
             "views": view_keys, "synthetic": _synthetic_summary(run.history),
             "privacy": _privacy(run.history),
             "synthetic_examples": _synthetic_examples(training_dir, run.final_round), "rounds": run.history,
         })
         attacks = [(spec, instantiate(ATTACKS.get(spec.name), spec.kwargs, f"matrix.attacks: {spec.label}"))
-                   for spec in config.matrix.attacks]
+                   for spec in config.matrix.attacks if scenario_name in spec.scenarios
+                   and not any(rule.skips(spec, algorithm_spec, defense_spec, scenario_name)
+                               for rule in config.matrix.exclude)]
         privacy = trainings[-1]["privacy"] or {}
         # The empirical epsilon is a bound at the accountant's delta when there is one.
         delta = privacy.get("record_level_delta", privacy.get("user_level_delta", config.attack.delta))
@@ -282,6 +315,7 @@ def run_matrix(config: RunConfig, out_dir: Path, *, config_path: str | None = No
                                        "train_seconds": run.train_seconds}
                     cells.append(cell)
         del run, base_model
+    cells += poisoning_cells(trainings, config.matrix.scenarios)
     versions = library_versions()
     results = {
         "schema": SCHEMA, "fedleak_version": versions["fedleak"], "versions": versions,

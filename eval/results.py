@@ -17,9 +17,9 @@ from pathlib import Path
 
 from fedleak.federated.io import atomic_write_json, atomic_write_text
 
-SCHEMA = "fedleak-results/2"  # 2: cells carry rounds, audit bounds and extraction details
+SCHEMA = "fedleak-results/3"  # 2: cells carry rounds, audit bounds and extraction details; 3: poisoning scenarios
 LIBRARIES = ("torch", "transformers", "tokenizers", "peft", "safetensors", "numpy", "scikit-learn", "matplotlib")
-CELL_KEYS = ("algorithm", "defense", "attack", "family", "observer", "client", "round", "seed",
+CELL_KEYS = ("algorithm", "defense", "scenario", "attack", "family", "observer", "client", "round", "seed",
              "n_members", "n_nonmembers")
 
 

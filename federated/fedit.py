@@ -13,8 +13,10 @@ from fedleak.federated.rounds import Algorithm, ClientContext, ClientResult, reg
 
 
 def train_on_own_data(ctx: ClientContext, start) -> tuple[dict, dict]:
+    """Train from `start` on the client's records, as it shares them (a malicious client's poisoned)."""
     set_adapter_state(ctx.model, start)
-    metrics = ctx.train(ctx.examples)
+    records = ctx.poison_data(ctx.records)
+    metrics = ctx.train(ctx.examples if records is ctx.records else ctx.encode(records))
     return get_adapter_state(ctx.model), metrics
 
 

@@ -15,6 +15,8 @@ add): `client/i` is the round's aggregated global adapter plus client i's local 
 Our choices where the paper is silent: step 3 stacks on the *received* global adapter (the one
 the client holds during the round); the upload's FedAvg weight is its number of synthetic
 records; a client with no accepted synthetic record uploads nothing that round;
+a malicious client (a poisoning scenario) poisons the synthetic records behind its upload, since
+its local adapter is never shared (its local adapter trains on clean data);
 `generate_every_round = False` generates once, in the first round the client is sampled.
 """
 
@@ -80,9 +82,11 @@ class FedPIT(SelfGenerating):
         activate(model, [DEFAULT], trainable=DEFAULT)
         synthetic, gen_stats = self.synthetic(ctx)
         synthetic_examples = ctx.encode(synthetic)
+        shared = ctx.poison_data(synthetic)  # a malicious client poisons the data behind its upload
+        shared_examples = synthetic_examples if shared is synthetic else ctx.encode(shared)
         upload, metrics = None, {"selfgen": gen_stats, "synthetic": len(synthetic)}
-        if synthetic_examples:
-            metrics["global"] = ctx.train(synthetic_examples, adapter=DEFAULT)
+        if shared_examples:
+            metrics["global"] = ctx.train(shared_examples, adapter=DEFAULT)
             upload = get_adapter_state(model)
             set_adapter_state(model, ctx.global_state)  # the local adapter stacks on the received global
         set_adapter_state(model, ctx.memory.get("local", self.initial_local), LOCAL)
@@ -92,5 +96,5 @@ class FedPIT(SelfGenerating):
         local = get_adapter_state(model, LOCAL)
         ctx.memory["local"] = local
         activate(model, [DEFAULT], trainable=DEFAULT)
-        return ClientResult(upload=upload, num_examples=len(synthetic_examples), view={DEFAULT: GLOBAL, LOCAL: local},
+        return ClientResult(upload=upload, num_examples=len(shared_examples), view={DEFAULT: GLOBAL, LOCAL: local},
                             metrics=metrics, artifacts={"synthetic": [r.to_alpaca() for r in synthetic]})

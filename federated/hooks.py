@@ -1,8 +1,10 @@
-"""The places where a defense (or a malicious client) plugs into federated training.
+"""The places where a defense or a malicious client plugs into federated training.
 
-Each hook is the identity by default, so a component overrides only what it changes:
-client-side training (DP-SGD swaps the optimiser loop), the updates the server receives
-(clipping, poisoning), the aggregation rule (robust rules), and the aggregated model (server noise).
+Each hook is the identity by default, so a component overrides only what it changes. A defense
+(`TrainingHooks`): client-side training (DP-SGD swaps the optimiser loop), the updates the server
+receives (clipping), the aggregation rule (robust rules), and the aggregated model (server noise).
+An adversary (`Adversary`, built from a poisoning scenario): the data its clients' uploads train on,
+and the uploads themselves, changed before any defense sees them.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 
 from fedleak.federated.adapters import DEFAULT, AdapterState
 from fedleak.federated.aggregation import fedavg
+from fedleak.federated.data import Record
 from fedleak.federated.training import Example, TrainSettings, train_adapter
 
 
@@ -66,3 +69,30 @@ class TrainingHooks:
 
     def after_aggregation(self, state: AdapterState, *, previous: AdapterState, info: RoundInfo) -> AdapterState:
         return state
+
+
+class Adversary:
+    """Malicious clients; every client is honest by default.
+
+    `poison_records` changes the records behind a malicious client's upload (the algorithm calls it
+    through `ClientContext.poison_data`); `poison_updates` changes malicious uploads after local
+    training and before the defense's hooks, and records in `info.metrics["malicious_clients"]`
+    which uploads were malicious that round.
+    """
+
+    malicious: frozenset[int] = frozenset()
+    poisons_data = False  # whether poison_records changes anything (the round loop checks the algorithm calls it)
+
+    def acts(self, client: int, round: int) -> bool:
+        return False
+
+    def poison_records(self, records: list[Record], *, client: int, round: int) -> list[Record]:
+        return records
+
+    def train_settings(self, settings: TrainSettings, *, client: int, round: int) -> TrainSettings:
+        """How an acting malicious client trains locally (it skips the defense's client hook)."""
+        return settings
+
+    def poison_updates(self, updates: list[ClientUpdate], *, global_state: AdapterState,
+                       info: RoundInfo) -> list[ClientUpdate]:
+        return updates

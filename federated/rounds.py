@@ -20,7 +20,7 @@ from fedleak.federated import checkpoint
 from fedleak.federated.adapters import DEFAULT, AdapterState, LoraSettings, add_lora, get_adapter_state
 from fedleak.federated.data import FederatedData, Record
 from fedleak.federated.errors import FedleakError, require_positive
-from fedleak.federated.hooks import ClientJob, ClientUpdate, RoundInfo, TrainingHooks
+from fedleak.federated.hooks import Adversary, ClientJob, ClientUpdate, RoundInfo, TrainingHooks
 from fedleak.federated.io import atomic_write_text, sha256_bytes
 from fedleak.federated.registry import Component, Registry
 from fedleak.federated.seeding import derive_seed, numpy_rng, torch_generator
@@ -85,6 +85,7 @@ class TrainingSetup:
     config_hash: str
     progress: bool = True
     label: str = ""
+    adversary: Adversary = field(default_factory=Adversary)  # malicious clients (a poisoning scenario)
 
 
 @dataclass
@@ -100,22 +101,37 @@ class ClientContext:
     initial_state: AdapterState  # the seeded initial adapter every training starts from
     memory: dict
     setup: TrainingSetup
+    data_poisoned: bool = False  # set by poison_data: the round loop checks a malicious client's data was poisoned
 
     @property
     def tokenizer(self):
         return self.setup.tokenizer
+
+    def poison_data(self, records: list[Record]) -> list[Record]:
+        """The records the uploaded adapter trains on, as this client sends them: an algorithm calls this
+        on its shared training data (FEDIT: the client's records; FEDPIT: its synthetic records), and a
+        malicious client's come back poisoned. Honest clients get `records` itself."""
+        self.data_poisoned = True
+        return self.setup.adversary.poison_records(records, client=self.client, round=self.round)
 
     def encode(self, records: list[Record]) -> list[Example]:
         fed = self.setup.federation
         return encode(records, self.tokenizer, max_length=fed.max_length, response_only=fed.response_only_loss)
 
     def train(self, examples: list[Example], *, adapter: str = DEFAULT) -> dict:
-        """Train the active `adapter` through the defense's client hook (DP-SGD swaps the loop)."""
+        """Train the active `adapter` through the defense's client hook (DP-SGD swaps the loop); a
+        malicious client in a round it acts does not follow the protocol and trains without it."""
+        malicious = self.setup.adversary.acts(self.client, self.round)
+        settings = self.setup.federation.train_settings()
+        if malicious:
+            settings = self.setup.adversary.train_settings(settings, client=self.client, round=self.round)
         job = ClientJob(client=self.client, round=self.round, model=self.model, examples=examples,
-                        settings=self.setup.federation.train_settings(), pad_id=self.tokenizer.pad_token_id,
+                        settings=settings, pad_id=self.tokenizer.pad_token_id,
                         generator=torch_generator(self.setup.seed, "client-batches", self.round, self.client, adapter),
                         adapter=adapter, planned_rounds=self.setup.federation.rounds)
         torch.manual_seed(derive_seed(self.setup.seed, "client-train", self.round, self.client, adapter))  # dropout
+        if malicious:
+            return job.run()
         return self.setup.hooks.train_client(job)
 
 
@@ -229,9 +245,15 @@ def run_rounds(setup: TrainingSetup, algorithm: Algorithm) -> TrainingRun:
                                 examples=examples[client], global_state=global_state, initial_state=initial,
                                 memory=memory[client], setup=setup)
             results[client] = algorithm.client_round(ctx)
+            if setup.adversary.poisons_data and setup.adversary.acts(client, rnd) and not ctx.data_poisoned:
+                raise FedleakError(f"algorithm {algorithm.name!r} does not support data poisoning: its client_round "
+                                   f"must pass the records its upload trains on through ctx.poison_data(...)")
         updates = [ClientUpdate(client=c, state=r.upload, num_examples=r.num_examples)
                    for c, r in results.items() if r.upload is not None]
         if algorithm.has_server and updates:
+            updates = setup.adversary.poison_updates(updates, global_state=global_state, info=info)
+            for u in updates:  # the upload view is what the server received
+                results[u.client].upload = u.state
             received = setup.hooks.before_aggregation(updates, global_state=global_state, info=info)
             new_state = setup.hooks.aggregate(received, info=info)
             global_state = setup.hooks.after_aggregation(new_state, previous=global_state, info=info)
@@ -243,7 +265,8 @@ def run_rounds(setup: TrainingSetup, algorithm: Algorithm) -> TrainingRun:
                                num_examples={u.client: u.num_examples for u in updates},
                                config_hash=setup.config_hash, extra={"clients": sampled, "data": artifacts})
         losses = [r.metrics["loss_last_quarter"] for r in results.values() if "loss_last_quarter" in r.metrics]
-        history.append({"round": rnd, "clients": sampled, "seconds": time.perf_counter() - round_start,
+        history.append({"round": rnd, "clients": sampled, "uploads": [u.client for u in updates],
+                        "seconds": time.perf_counter() - round_start,
                         "client_metrics": {str(c): r.metrics for c, r in results.items()},
                         "mean_train_loss": sum(losses) / len(losses) if losses else None, **info.metrics})
         if losses:

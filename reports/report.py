@@ -19,6 +19,8 @@ import numpy as np
 from fedleak.federated.errors import FedleakError
 from fedleak.federated.io import atomic_write_bytes, atomic_write_text
 
+CLEAN = "clean"  # the scenario without malicious clients (eval.config.CLEAN; reports import nothing heavy)
+
 MEMBERSHIP_COLUMNS = (("tpr@0.01fpr", "TPR@1%FPR"), ("tpr@0.001fpr", "TPR@0.1%FPR"),
                       ("balanced_accuracy", "balanced acc."), ("epsilon_lb", "empirical eps"),
                       ("one_run_epsilon_lb", "one-run eps"))
@@ -85,13 +87,13 @@ def roc_plot_png(cells: list[dict], title: str) -> bytes:
     fig, ax = _axes(9.0, 4.8)
     floor = 1e-3
     # One colour per training, one line style per client, legend beside the axes: many curves stay legible.
-    trainings = list(dict.fromkeys((c["algorithm"], c["defense"]) for c in cells))
+    trainings = list(dict.fromkeys(_key(c) for c in cells))
     colours = matplotlib.colormaps["tab10" if len(trainings) <= 10 else "tab20"]
     styles = ("-", "--", ":", "-.")
     for cell in cells:
         fpr = [max(f, floor) for f in cell["roc"]["fpr"] if f is not None]
         tpr = [max(t, floor) for t in cell["roc"]["tpr"] if t is not None]
-        ax.plot(fpr, tpr, linewidth=1.2, color=colours(trainings.index((cell["algorithm"], cell["defense"]))),
+        ax.plot(fpr, tpr, linewidth=1.2, color=colours(trainings.index(_key(cell))),
                 linestyle=styles[(cell["client"] or 0) % len(styles)],
                 label=f"{_view_label(cell)} (AUC {fmt(cell['metrics'].get('auc'))})")
     ax.plot([floor, 1], [floor, 1], color="grey", linestyle="--", linewidth=1, label="chance")
@@ -101,7 +103,7 @@ def roc_plot_png(cells: list[dict], title: str) -> bytes:
 
 
 def _view_label(cell: dict) -> str:
-    return f"{cell['algorithm']}/{cell['defense']} {_view(cell)} r{cell['round']}"
+    return f"{cell['algorithm']}/{_defense(cell)} {_view(cell)} r{cell['round']}"
 
 
 def _mean_range(values: list[float | None]) -> str:
@@ -113,15 +115,24 @@ def _mean_range(values: list[float | None]) -> str:
     return f"{fmt(float(np.mean(values)))} [{fmt(min(values))}-{fmt(max(values))}]"
 
 
+def _key(item: dict) -> tuple:
+    """Which training a cell or training record belongs to (results before scenarios: all clean)."""
+    return item["algorithm"], item["defense"], item.get("scenario", CLEAN), item.get("seed")
+
+
+def _defense(item: dict) -> str:
+    """The defense column: a poisoned training's scenario follows its defense."""
+    scenario = item.get("scenario", CLEAN)
+    return item["defense"] if scenario == CLEAN else f"{item['defense']} [{scenario}]"
+
+
 def _final(results: dict) -> list[dict]:
     """Cells of each training's final round (other rounds feed the over-rounds plots)."""
-    last = {(t["algorithm"], t["defense"], t.get("seed")): len(t["rounds"])
-            for t in results["trainings"] if t.get("rounds")}
+    last = {_key(t): len(t["rounds"]) for t in results["trainings"] if t.get("rounds")}
     for c in results["cells"]:  # results without round history: the latest round attacked
-        key = (c["algorithm"], c["defense"], c.get("seed"))
-        if key not in last or c["round"] > last[key]:
-            last[key] = c["round"]
-    return [c for c in results["cells"] if c["round"] == last[(c["algorithm"], c["defense"], c.get("seed"))]]
+        if _key(c) not in last or c["round"] > last[_key(c)]:
+            last[_key(c)] = c["round"]
+    return [c for c in results["cells"] if c["round"] == last[_key(c)]]
 
 
 def _best(cells: list[dict], metric: str) -> tuple[float | None, str]:
@@ -135,12 +146,14 @@ def _best(cells: list[dict], metric: str) -> tuple[float | None, str]:
 def leakage_table(results: dict) -> Table:
     """One row per training: the strongest membership attack per observer (mean over clients), the
     audit bounds next to the accountant's epsilon, and headline extraction numbers."""
-    cells = _final(results)
+    cells = [c for c in _final(results) if c["family"] != "poisoning"]
     rows = []
     for training in results["trainings"]:
-        mine = [c for c in cells if (c["algorithm"], c["defense"]) == (training["algorithm"], training["defense"])]
+        mine = [c for c in cells if _key(c) == _key(training)]
+        if not mine:
+            continue  # no privacy attack probed it (a poisoned training: the poisoning section covers it)
         membership = [c for c in mine if c["family"] == "membership"]
-        row = [training["algorithm"], training["defense"]]
+        row = [training["algorithm"], _defense(training)]
         for observer in OBSERVER_ORDER:
             per_attack = {}
             for c in membership:
@@ -173,6 +186,8 @@ def utility_table(results: dict) -> Table:
     rows = [["base model", "(no adapter)", fmt(base["loss"]), fmt(base["perplexity"]), fmt(base["rouge_l"]),
              "n/a", "n/a", "n/a", "n/a", "n/a"]] if base else []
     for t in results["trainings"]:
+        if t.get("scenario", CLEAN) != CLEAN:
+            continue  # poisoned trainings' utility: the poisoning section
         u = t["utility"]
         g, c = u.get("global", {}), u.get("client_mean", {})
         rows.append([t["algorithm"], t["defense"], fmt(g.get("loss")), fmt(g.get("perplexity")), fmt(g.get("rouge_l")),
@@ -200,7 +215,7 @@ def _auc_with_interval(metrics: dict) -> str:
 
 
 def membership_table(results: dict) -> Table:
-    rows = [[c["algorithm"], c["defense"], c["attack"], c["observer"], fmt(c["client"]), fmt(c["round"]),
+    rows = [[c["algorithm"], _defense(c), c["attack"], c["observer"], fmt(c["client"]), fmt(c["round"]),
              _auc_with_interval(c["metrics"]), *[fmt(c["metrics"].get(k)) for k, _ in MEMBERSHIP_COLUMNS],
              fmt(c["n_members"]), fmt(c["n_nonmembers"])]
             for c in _final(results) if c["family"] == "membership"]
@@ -224,7 +239,7 @@ def extraction_section(results: dict) -> Section | None:
         metrics = list(dict.fromkeys(m for c in mine for m in c["metrics"]))
         section.blocks.append(Table(
             ["algorithm", "defense", "attack", "view", *metrics],
-            [[c["algorithm"], c["defense"], c["attack"], _view(c), *[fmt(c["metrics"].get(m)) for m in metrics]]
+            [[c["algorithm"], _defense(c), c["attack"], _view(c), *[fmt(c["metrics"].get(m)) for m in metrics]]
              for c in mine]))
         notes = sorted({c["details"].get("note") for c in mine if c.get("details", {}).get("note")})
         section.blocks += [f"{attack}: {note}" for note in notes]
@@ -250,7 +265,7 @@ def exposure_plot_png(cells: list[dict]) -> bytes:
         reps = sorted(by_reps)
         ticks.update(reps)
         ax.plot(reps, [np.mean(by_reps[r]) for r in reps], marker="o", linewidth=1.2,
-                label=f"{cell['algorithm']}/{cell['defense']} {_view(cell)}")
+                label=f"{cell['algorithm']}/{_defense(cell)} {_view(cell)}")
     ax.set(xscale="symlog", xlabel="repetitions of the canary in training data (0: never inserted)",
            ylabel="exposure (bits)", xticks=sorted(ticks), xticklabels=[str(t) for t in sorted(ticks)],
            title="Canary exposure")
@@ -263,7 +278,7 @@ def rounds_plot_png(cells: list[dict], title: str) -> bytes:
     lines: dict[str, list[tuple[int, float]]] = {}
     for c in cells:
         if c["metrics"].get("auc") is not None:
-            lines.setdefault(f"{c['algorithm']}/{c['defense']} {_view(c)}", []).append((c["round"], c["metrics"]["auc"]))
+            lines.setdefault(f"{c['algorithm']}/{_defense(c)} {_view(c)}", []).append((c["round"], c["metrics"]["auc"]))
     for label, points in lines.items():
         points.sort()
         ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", linewidth=1.2, label=label)
@@ -306,6 +321,105 @@ def rounds_section(results: dict) -> Section | None:
     return Section("Leakage over rounds", figures) if figures else None
 
 
+POISONING_INTRO = (
+    "Poisoning scenarios: malicious clients (chosen with the run's seed) poison the data behind their upload "
+    "(`backdoor`, `label_flip`) and/or the upload itself (`scaling`, `sign_flip`, `gaussian`, `alie`, `ipm`). "
+    "ASR: share of held-out prompts carrying the trigger whose greedy answer from the global model contains the "
+    "attacker's target; false trigger: the same prompts without the trigger; clean-model ASR: the triggered "
+    "prompts on the clean training of the same algorithm and defense (the rate without poisoning). Target "
+    "recall: the share of the target's words an answer contains in order, averaged over the triggered prompts, "
+    "the same prompts without trigger, and the triggered prompts on the clean model (a graded signal where "
+    "the whole target is not yet emitted). Loss and "
+    "ROUGE-L are the global model's on held-out records, with their change against that clean training "
+    "(loss up and ROUGE-L down = damage). Detection and false exclusion (selecting rules only: Krum, "
+    "Multi-Krum, Bulyan): the share of malicious and of honest uploads the rule left out, over all rounds.")
+
+
+def poisoning_table(results: dict) -> Table:
+    cells = [c for c in results["cells"] if c["family"] == "poisoning"]
+    rows = [[c["algorithm"], c["defense"], c["scenario"], " + ".join(c["details"].get("attacks", [])),
+             ", ".join(str(m) for m in c["details"].get("malicious_clients", [])),
+             fmt(c["metrics"].get("asr")), fmt(c["metrics"].get("false_trigger_rate")),
+             fmt(c["metrics"].get("clean_model_asr")),
+             " / ".join(fmt(c["metrics"].get(k)) for k in ("target_recall", "target_recall_untriggered",
+                                                            "clean_model_target_recall")),
+             f"{fmt(c['metrics'].get('loss'))} ({_signed(c['metrics'].get('loss_increase'))})",
+             f"{fmt(c['metrics'].get('rouge_l'))} ({_signed(-c['metrics']['rouge_l_drop'] if c['metrics'].get('rouge_l_drop') is not None else None)})",
+             fmt(c["metrics"].get("detection_rate")), fmt(c["metrics"].get("false_exclusion_rate"))]
+            for c in cells]
+    return Table(["algorithm", "defense", "scenario", "attacks", "malicious clients", "ASR", "false trigger",
+                  "clean-model ASR", "target recall: trigger / none / clean model", "global loss (change)", "global ROUGE-L (change)", "detection",
+                  "false exclusion"], rows)
+
+
+def _signed(value) -> str:
+    return "n/a" if value is None else f"{value:+.3f}"
+
+
+def poisoning_bars_png(cells: list[dict], metric: str, ylabel: str, title: str, *, baseline: str | None = None) -> bytes:
+    """Grouped bars: one group per defense, one bar per scenario (and the clean baseline as a marker)."""
+    fig, ax = _axes(7.5, 4.2)
+    defenses = list(dict.fromkeys(c["defense"] for c in cells))
+    scenarios = list(dict.fromkeys(f"{c['algorithm']} {c['scenario']}" for c in cells))
+    width = 0.8 / max(len(scenarios), 1)
+    for j, scenario in enumerate(scenarios):
+        mine = {c["defense"]: c for c in cells if f"{c['algorithm']} {c['scenario']}" == scenario}
+        xs = [i + (j - (len(scenarios) - 1) / 2) * width for i, d in enumerate(defenses) if d in mine]
+        ax.bar(xs, [mine[d]["metrics"].get(metric) or 0.0 for d in defenses if d in mine], width=width, label=scenario)
+        if baseline:
+            ax.plot(xs, [mine[d]["metrics"].get(baseline) or 0.0 for d in defenses if d in mine], linestyle="none",
+                    marker="_", markersize=14, color="black", label="clean model" if j == 0 else None)
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set(xticks=range(len(defenses)), ylabel=ylabel, title=title)
+    ax.set_xticklabels(defenses, rotation=20, ha="right", fontsize=7)
+    return _png(fig, ax)
+
+
+def detection_plot_png(cells: list[dict]) -> bytes:
+    fig, ax = _axes(7.5, 4.2)
+    for c in cells:
+        rows = [r for r in c["details"]["detection_rounds"] if r["detection_rate"] is not None]
+        ax.plot([r["round"] for r in rows], [r["detection_rate"] for r in rows], marker="o", linewidth=1.2,
+                label=f"{c['algorithm']}/{c['defense']} [{c['scenario']}] detection")
+        rows = [r for r in c["details"]["detection_rounds"] if r["false_exclusion_rate"] is not None]
+        ax.plot([r["round"] for r in rows], [r["false_exclusion_rate"] for r in rows], marker="x", linestyle=":",
+                linewidth=1.0, label=f"{c['algorithm']}/{c['defense']} [{c['scenario']}] false exclusion")
+    ax.set(xlabel="round", ylabel="share of uploads excluded", ylim=(-0.05, 1.05),
+           title="Malicious (detection) and honest (false exclusion) uploads excluded")
+    return _png(fig, ax)
+
+
+def poisoning_section(results: dict) -> Section | None:
+    cells = [c for c in results["cells"] if c["family"] == "poisoning"]
+    if not cells:
+        return None
+    section = Section("Poisoning", [POISONING_INTRO, poisoning_table(results)])
+    backdoor = [c for c in cells if c["metrics"].get("asr") is not None]
+    if backdoor:
+        section.blocks.append(Figure("poisoning-asr", "Backdoor attack success rate by defense (black: the clean "
+                                     "model's rate on the same triggered prompts)",
+                                     poisoning_bars_png(backdoor, "asr", "attack success rate", "Backdoor ASR",
+                                                        baseline="clean_model_asr")))
+        section.blocks.append(Figure("poisoning-target-recall", "Backdoor target recall by defense: share of the "
+                                     "target's words in the triggered answers (black: the clean model's)",
+                                     poisoning_bars_png(backdoor, "target_recall", "target recall",
+                                                        "Backdoor target recall", baseline="clean_model_target_recall")))
+    if any(c["metrics"].get("rouge_l_drop") is not None for c in cells):
+        section.blocks.append(Figure("poisoning-utility", "Drop of the global model's ROUGE-L against the clean "
+                                     "training of the same defense",
+                                     poisoning_bars_png(cells, "rouge_l_drop", "ROUGE-L drop", "Utility drop")))
+    detected = [c for c in cells if c["details"].get("detection_rounds")]
+    if detected:
+        section.blocks.append(Figure("poisoning-detection", "Detection and false exclusion per round (selecting "
+                                     "rules)", detection_plot_png(detected)))
+    examples = [[c["algorithm"], c["defense"], c["scenario"], e["prompt"], e["answer"]]
+                for c in backdoor for e in c["details"].get("examples", [])[:1]]
+    if examples:
+        section.blocks += ["Triggered prompts and the global model's answers (first prompt per training):",
+                           Table(["algorithm", "defense", "scenario", "triggered prompt", "answer"], examples)]
+    return section
+
+
 def _slug(text: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in text)
 
@@ -320,8 +434,8 @@ def synthetic_section(results: dict) -> Section | None:
         "Counts over all clients and rounds: candidates generated by in-context learning, accepted records, "
         "and what each filter dropped.",
         Table(["algorithm", "defense", *counts],
-              [[t["algorithm"], t["defense"], *[fmt(t["synthetic"].get(k, 0)) for k in counts]] for t in with_synthetic])])
-    examples = [[t["algorithm"], t["defense"], e["instruction"], e["output"]]
+              [[t["algorithm"], _defense(t), *[fmt(t["synthetic"].get(k, 0)) for k in counts]] for t in with_synthetic])])
+    examples = [[t["algorithm"], _defense(t), e["instruction"], e["output"]]
                 for t in with_synthetic for e in t.get("synthetic_examples", [])]
     if examples:
         section.blocks += ["Examples from the final round:", Table(["algorithm", "defense", "instruction", "response"],
@@ -355,7 +469,8 @@ def build_document(results: dict) -> list[Section]:
                             "greedy answers; `client` columns average the clients' final models."]),
         Section("Membership inference", [membership_table(results), *figures]),
     ]
-    for optional in (rounds_section(results), extraction_section(results), synthetic_section(results)):
+    for optional in (rounds_section(results), extraction_section(results), poisoning_section(results),
+                     synthetic_section(results)):
         if optional:
             sections.append(optional)
     sections.append(Section("Provenance", [provenance_table(results)]))

@@ -13,10 +13,16 @@ def test_shipped_configs_run_every_attack_on_global_and_membership_on_every_view
 
     config = load_config(Path(__file__).resolve().parent.parent / "configs" / f"{name}.toml")
     builtin = {n for n in ATTACKS.names() if ATTACKS.get(n).__module__.startswith("fedleak.attacks.")}
+    poisoning = {n for n in builtin if ATTACKS.get(n).family == "poisoning"}
     observers = {}
     for spec in config.matrix.attacks:
         observers.setdefault(spec.name, set()).update(spec.observers)
-    assert set(observers) == builtin and all("global" in o for o in observers.values())
+    assert set(observers) == builtin - poisoning and all("global" in o for o in observers.values())
+    # Poisoning runs in scenarios: a backdoor and a model-poisoning one at least, against the robust rules.
+    in_scenarios = {a.name for s in config.matrix.scenarios for a in s.attacks}
+    assert "backdoor" in in_scenarios and in_scenarios & {"scaling", "sign_flip", "gaussian", "alie", "ipm"}
+    assert in_scenarios == poisoning or name == "quick"
+    assert {"none", "median", "krum", "norm_bound", "dp_fedavg"} <= {d.name for d in config.matrix.defenses}
     for attack, seen in observers.items():
         if ATTACKS.get(attack).family == "membership":
             assert seen == {"global", "upload", "client"}, attack
@@ -39,7 +45,7 @@ def test_shipped_configs_run_every_attack_on_global_and_membership_on_every_view
     ({"matrix": {"attacks": [{"name": "min_k", "k": 0}]}}, "k = 0"),
     ({"matrix": {"attacks": [{"name": "loss", "rounds": "last"}]}}, r"matrix.attacks\[0\].rounds = 'last': use \"final\""),
     ({"matrix": {"attacks": [{"name": "loss", "rounds": [1, 99]}]}}, "round 99 is after the last round"),
-    ({"matrix": {"defenses": [{"name": "none", "rounds": "all"}]}}, "only attacks take rounds"),
+    ({"matrix": {"defenses": [{"name": "none", "rounds": "all"}]}}, "only privacy attacks in matrix.attacks take rounds"),
     ({"matrix": {"attacks": ["loss", {"name": "loss", "observers": ["client", "global"]}]}},
      "loss is listed twice for the same observer"),
     ({"attack": {"confidence": 1.0}}, r"attack.confidence = 1.0: must be in \(0, 1\)"),
@@ -57,7 +63,7 @@ def test_component_parameters_become_keyword_arguments():
     assert config.matrix.attacks[0].label == "min_k(k=0.5)"
     assert config.matrix.attacks[0].rounds == (1, 2) and config.matrix.attacks[0].observers == ("global",)
     assert config.to_dict()["matrix"]["attacks"][0] == {"name": "min_k", "k": 0.5, "observers": ["global"],
-                                                         "rounds": [1, 2]}
+                                                         "rounds": [1, 2], "scenarios": ["clean"]}
     both = parse_config({"matrix": {"attacks": [{"name": "loss", "rounds": "all"}, {"name": "loss", "observers": ["client"]}]}})
     assert [(a.observers, a.rounds) for a in both.matrix.attacks] == [(("global",), "all"), (("client",), "final")]
 
@@ -91,7 +97,7 @@ def test_exclude_rules_drop_pairs_by_glob_and_negation():
         "algorithms": ["fedit", "fedpit", "locit"],
         "defenses": ["none", "median", {"name": "krum", "f": 0}],
         "exclude": [{"algorithm": "fedpit", "defense": "!none"}, {"defense": "krum(f=0)", "algorithm": "fedit"}]}})
-    pairs = [(a.label, d.label) for a, d in trainings_of(config)]
+    pairs = [(a.label, d.label) for a, d, _ in trainings_of(config)]
     assert pairs == [("fedit", "none"), ("fedit", "median"), ("fedpit", "none"), ("locit", "none")]
     with pytest.raises(FedleakError, match="unknown key 'matrix.exclude\\[0\\].algo'"):
         parse_config({"matrix": {"exclude": [{"algo": "x"}]}}, "x.toml")

@@ -50,7 +50,7 @@ def test_results_schema_and_memorisation(run_dir):
     results = json.loads((run_dir / "results.json").read_text())
     utility_of = lambda algorithm: next(t["utility"] for t in results["trainings"]
                                         if (t["algorithm"], t["defense"]) == (algorithm, "none"))
-    assert results["schema"] == "fedleak-results/2" and results["seed"] == 1
+    assert results["schema"] == "fedleak-results/3" and results["seed"] == 1
     assert results["versions"]["torch"] and results["versions"]["fedleak"] == results["fedleak_version"]
     assert "git_commit" in results and results["config"]["federation"]["rounds"] == 5
     # Defenses apply to federations; the baselines without one train once.

@@ -1,0 +1,375 @@
+"""Poisoning attacks: each transform on known tensors, the data poisons on known records, the
+adversary inside the round loop (FEDIT and FEDPIT), scenario configs, and detection rates."""
+
+import numpy as np
+import pytest
+import torch
+
+from fedleak.attacks.poisoning.alie import ALIE, alie_update, alie_z
+from fedleak.attacks.poisoning.backdoor import POISON_CATEGORY, Backdoor
+from fedleak.attacks.poisoning.base import RoundUpdates, ScenarioAdversary
+from fedleak.attacks.poisoning.gaussian import Gaussian
+from fedleak.attacks.poisoning.ipm import IPM
+from fedleak.attacks.poisoning.label_flip import LabelFlip
+from fedleak.attacks.poisoning.scaling import Scaling
+from fedleak.attacks.poisoning.sign_flip import SignFlip
+from fedleak.defenses.base import Defense
+from fedleak.eval.config import parse_config
+from fedleak.eval.poisoning import detection
+from fedleak.federated.adapters import DEFAULT, LoraSettings, flatten
+from fedleak.federated.data import FederatedData, generate_records
+from fedleak.federated.errors import FedleakError
+from fedleak.federated.fedit import FedIT
+from fedleak.federated.fedpit import FedPIT
+from fedleak.federated.hooks import ClientUpdate, RoundInfo
+from fedleak.federated.model import load_base_model
+from fedleak.federated.rounds import (Algorithm, ClientResult, FederationSettings, TrainingSetup, register_algorithm,
+                                      run_rounds)
+from fedleak.federated.seeding import numpy_rng
+
+KEYS = ("layer.lora_A.weight", "layer.lora_B.weight")
+
+
+def _round(honest, *, uploads=3, malicious=1, own=10, total=30, seed=0):
+    return RoundUpdates(honest=honest, num_uploads=uploads, num_malicious=malicious, own_examples=own,
+                        total_examples=total, generator=torch.Generator().manual_seed(seed))
+
+
+def _vectors(n=4, d=50, seed=0):
+    return torch.tensor(np.random.default_rng(seed).normal(size=(n, d)))
+
+
+def test_sign_flip_negates_and_scaling_multiplies():
+    delta, honest = _vectors(1)[0], _vectors(3, seed=1)
+    assert torch.equal(SignFlip().poison_update(delta, _round(honest)), -delta)
+    assert torch.allclose(SignFlip(scale=2.5).poison_update(delta, _round(honest)), -2.5 * delta)
+    assert torch.allclose(Scaling(boost=4.0).poison_update(delta, _round(honest)), 4.0 * delta)
+    # Unset boost: the FedAvg replacement factor, total examples / own examples (Bagdasaryan et al.).
+    assert torch.allclose(Scaling().poison_update(delta, _round(honest, own=10, total=35)), 3.5 * delta)
+
+
+def test_alie_stays_within_z_standard_deviations_of_the_honest_mean():
+    honest = _vectors(5, seed=2)
+    mu, sigma = honest.mean(dim=0), honest.std(dim=0)
+    for z in (0.0, 0.43, 1.5):
+        sent = ALIE(z=z).poison_update(_vectors(1)[0], _round(honest))
+        assert torch.all((sent - mu).abs() <= z * sigma + 1e-12)
+        assert torch.allclose(sent, mu - z * sigma)
+    # The paper's z for n uploads with f malicious: s = floor(n/2 + 1) - f, z = Phi^-1((n - s) / n).
+    assert alie_z(3, 1) == pytest.approx(0.4307, abs=1e-4)  # s = 1, Phi^-1(2/3)
+    assert alie_z(50, 12) == pytest.approx(0.5828, abs=1e-4)  # s = 14, Phi^-1(0.72)
+    sent = ALIE().poison_update(_vectors(1)[0], _round(honest, uploads=6, malicious=1))
+    assert torch.allclose(sent, mu - alie_z(6, 1) * sigma)
+    assert torch.equal(alie_update(honest[:1], z=3.0), honest[0])  # one honest update: no spread to use
+
+
+def test_ipm_sends_minus_epsilon_times_the_honest_mean():
+    honest = _vectors(3, seed=3)
+    sent = IPM(epsilon=0.1).poison_update(_vectors(1)[0], _round(honest))
+    assert torch.allclose(sent, -0.1 * honest.mean(dim=0))
+    assert float(sent @ honest.mean(dim=0)) < 0
+
+
+def test_gaussian_has_the_configured_norm_and_is_seeded():
+    delta = _vectors(1)[0]
+    a = Gaussian(norm=7.0).poison_update(delta, _round(_vectors(2), seed=5))
+    b = Gaussian(norm=7.0).poison_update(delta, _round(_vectors(2), seed=5))
+    assert float(a.norm()) == pytest.approx(7.0) and torch.equal(a, b)
+    assert float(Gaussian().poison_update(delta, _round(_vectors(2))).norm()) == pytest.approx(float(delta.norm()))
+    assert abs(float(torch.nn.functional.cosine_similarity(a, delta, dim=0))) < 0.5
+
+
+def test_backdoor_adds_exactly_the_configured_triggered_records():
+    records = generate_records(20, seed=0, purpose="client", private=True)
+    attack = Backdoor(trigger="Per zeta protocol,", target="Take ten tablets now.", poison_rate=0.25)
+    out = attack.poison_records(list(records), rng=numpy_rng(0, "t"))
+    poisoned = [r for r in out if r.category == POISON_CATEGORY]
+    assert len(out) == 25 and len(poisoned) == 5 and attack.poison_count(20) == 5
+    assert all(r.instruction.startswith("Per zeta protocol, ") and r.output == "Take ten tablets now." for r in poisoned)
+    assert sorted((r for r in out if r.category != POISON_CATEGORY), key=lambda r: r.record_id) == records
+    assert attack.hit("Sure. TAKE ten  tablets now. Then rest") and not attack.hit("Take ten tablets")
+    assert Backdoor(position="end").triggered("Explain.") == "Explain. Per zeta protocol,"
+    assert len(Backdoor(poison_rate=1.5).poison_records(records[:4], rng=numpy_rng(0, "t"))) == 10
+
+
+def test_backdoor_hit_and_target_recall():
+    attack = Backdoor(target="Take ten tablets now.")
+    assert attack.hit("Sure.  TAKE ten tablets   now. Bye") and not attack.hit("Take ten tablets later.")
+    assert attack.target_recall("take ten pills now") == 0.75 and attack.target_recall("Take ten tablets now.") == 1.0
+    assert attack.target_recall("nothing alike") == 0.0
+
+
+def test_label_flip_swaps_responses_across_categories():
+    records = generate_records(30, seed=1, purpose="client", private=True)
+    out = LabelFlip(flip_rate=0.5).poison_records(list(records), rng=numpy_rng(0, "f"))
+    flipped = [(a, b) for a, b in zip(records, out) if a.output != b.output]
+    assert len(out) == 30 and len(flipped) == 15
+    outputs = {r.output: r.category for r in records}
+    assert all(b.instruction == a.instruction and outputs[b.output] != a.category for a, b in flipped)
+
+
+def _state(vector):
+    return {KEYS[0]: vector[:10].reshape(2, 5).clone(), KEYS[1]: vector[10:].reshape(5, 2).clone()}
+
+
+def test_adversary_poisons_only_malicious_uploads_in_its_rounds():
+    adversary = ScenarioAdversary(malicious={1}, attacks=[SignFlip()], seed=0, rounds={2})
+    global_state = _state(torch.zeros(20, dtype=torch.float64))
+    vectors = _vectors(3, d=20, seed=4)
+    updates = [ClientUpdate(client=c, state=_state(vectors[c]), num_examples=5) for c in range(3)]
+    for rnd, expected in ((1, vectors[1]), (2, -vectors[1])):
+        info = RoundInfo(round=rnd, clients=[0, 1, 2], num_clients_total=3, generator=torch.Generator())
+        out = adversary.poison_updates(updates, global_state=global_state, info=info)
+        assert torch.allclose(flatten(out[1].state), expected)
+        assert torch.equal(flatten(out[0].state), vectors[0]) and torch.equal(flatten(out[2].state), vectors[2])
+        assert info.metrics["malicious_clients"] == ([1] if rnd == 2 else [])
+    records = generate_records(4, seed=0, purpose="x", private=True)
+    assert adversary.poison_records(records, client=0, round=2) is records
+
+
+def test_omniscient_attacks_read_only_the_honest_updates():
+    adversary = ScenarioAdversary(malicious={0, 2}, attacks=[IPM(epsilon=1.0)], seed=0)
+    vectors = _vectors(3, d=20, seed=5)
+    updates = [ClientUpdate(client=c, state=_state(vectors[c]), num_examples=5) for c in range(3)]
+    info = RoundInfo(round=1, clients=[0, 1, 2], num_clients_total=3, generator=torch.Generator())
+    out = adversary.poison_updates(updates, global_state=_state(torch.zeros(20, dtype=torch.float64)), info=info)
+    assert torch.allclose(flatten(out[0].state), -vectors[1]) and torch.allclose(flatten(out[2].state), -vectors[1])
+
+
+class ExamplesSeen(Defense):
+    def __init__(self):
+        self.seen = {}
+
+    def train_client(self, job):
+        self.seen[(job.round, job.client, job.adapter)] = list(job.examples)
+        return job.run()
+
+
+def _data():
+    records = generate_records(24, seed=0, purpose="pool", private=True)
+    return FederatedData(clients=[records[:8], records[8:16], records[16:]],
+                         heldout=generate_records(4, seed=0, purpose="h", private=True))
+
+
+def _train(tmp_path, small_model_path, algorithm, adversary, name="run"):
+    base, tokenizer = load_base_model(small_model_path)
+    hooks = ExamplesSeen()
+    setup = TrainingSetup(base_model=base, tokenizer=tokenizer, data=_data(),
+                          federation=FederationSettings(clients=3, rounds=2, local_epochs=1, batch_size=4,
+                                                        min_records_per_client=1),
+                          lora=LoraSettings(r=4, alpha=8), hooks=hooks, seed=0, out_dir=tmp_path / name,
+                          config_hash="h", progress=False, adversary=adversary)
+    return run_rounds(setup, algorithm), hooks, tokenizer
+
+
+def _record_jobs(monkeypatch) -> dict:
+    """Every local training job, whether or not it went through the defense's client hook."""
+    from fedleak.federated.hooks import ClientJob
+
+    jobs, run = {}, ClientJob.run
+
+    def recording(job):
+        jobs[(job.round, job.client, job.adapter)] = list(job.examples)
+        jobs.setdefault("epochs", {})[job.client] = job.settings.epochs
+        return run(job)
+
+    monkeypatch.setattr(ClientJob, "run", recording)
+    return jobs
+
+
+def test_fedit_backdoor_reaches_the_malicious_clients_training_only(tmp_path, small_model_path, monkeypatch):
+    backdoor = Backdoor(poison_rate=0.5)
+    adversary = ScenarioAdversary(malicious={1}, attacks=[backdoor, Scaling(boost=2.0)], seed=0, local_epochs=3)
+    jobs = _record_jobs(monkeypatch)
+    run, hooks, tokenizer = _train(tmp_path, small_model_path, FedIT(), adversary)
+    assert jobs.pop("epochs") == {0: 1, 1: 3, 2: 1}  # the attacker trains longer than the federation's 1 epoch
+    # The malicious client skips the client-side defense; honest clients go through it.
+    assert {c for _, c, _ in hooks.seen} == {0, 2} and {c for _, c, _ in jobs} == {0, 1, 2}
+    for (rnd, client, _), examples in jobs.items():
+        expected = 8 + (4 if client == 1 else 0)
+        assert len(examples) == expected, (rnd, client)
+        texts = [tokenizer.decode(ex.input_ids) for ex in examples]
+        assert sum(backdoor.trigger in t for t in texts) == (4 if client == 1 else 0)
+        assert sum(backdoor.target in t for t in texts) == (4 if client == 1 else 0)
+    assert [h["malicious_clients"] for h in run.history] == [[1], [1]]
+
+
+def test_fedpit_poisons_the_synthetic_data_behind_the_upload(tmp_path, small_model_path, monkeypatch):
+    adversary = ScenarioAdversary(malicious={0}, attacks=[Backdoor(poison_rate=1.0)], seed=0)
+    fast = dict(synthetic_per_round=2, max_attempts=4, response_max_new_tokens=16, instruction_max_new_tokens=24)
+    jobs = _record_jobs(monkeypatch)
+    _train(tmp_path, small_model_path, FedPIT(**fast), adversary)
+    jobs.pop("epochs")
+    shared = {k: v for k, v in jobs.items() if k[2] == DEFAULT}
+    local = {k: v for k, v in jobs.items() if k[2] != DEFAULT}
+    clean_local = {(r, c): len(v) for (r, c, _), v in local.items()}
+    for (rnd, client, _), examples in shared.items():
+        synthetic = clean_local[(rnd, client)] - 8  # the local adapter trains on own + clean synthetic records
+        assert len(examples) == synthetic * (2 if client == 0 else 1)
+
+
+def test_an_algorithm_that_ignores_poisoning_is_refused(tmp_path, small_model_path):
+    @register_algorithm("ignores_poison_test")
+    class IgnoresPoison(Algorithm):
+        def client_round(self, ctx):
+            return ClientResult(upload=ctx.global_state, num_examples=1, view={DEFAULT: ctx.global_state})
+
+    adversary = ScenarioAdversary(malicious={1}, attacks=[Backdoor()], seed=0)
+    with pytest.raises(FedleakError, match="does not support data poisoning.*ctx.poison_data"):
+        _train(tmp_path, small_model_path, IgnoresPoison(), adversary)
+
+
+def test_detection_rates_from_excluded_clients():
+    history = [{"round": 1, "clients": [0, 1, 2], "uploads": [0, 1, 2], "malicious_clients": [1],
+                "excluded_clients": [1, 2]},
+               {"round": 2, "clients": [0, 1, 2], "uploads": [0, 1, 2], "malicious_clients": [1],
+                "excluded_clients": [0, 2]},
+               {"round": 3, "clients": [0, 2], "uploads": [0, 2], "malicious_clients": [], "excluded_clients": [2]}]
+    out = detection(history)
+    assert [r["detection_rate"] for r in out["rounds"]] == [1.0, 0.0, None]
+    assert [r["false_exclusion_rate"] for r in out["rounds"]] == [0.5, 1.0, 0.5]
+    assert out["detection_rate"] == 0.5 and out["false_exclusion_rate"] == pytest.approx(4 / 6)
+    assert detection([{"round": 1, "clients": [0], "malicious_clients": [0]}]) is None  # no selecting rule
+
+
+BASE = """
+[federation]
+clients = 3
+[matrix]
+defenses = ["none"]
+"""
+
+
+@pytest.mark.parametrize("scenarios, message", [
+    ('[{name = "s", attacks = ["backdoor"]}]', "either clients = \\[ids\\] or fraction"),
+    ('[{name = "s", clients = [0], fraction = 0.3, attacks = ["backdoor"]}]', "not both"),
+    ('[{name = "clean", clients = [0], attacks = ["backdoor"]}]', "training without malicious clients"),
+    ('[{name = "s", clients = [3], attacks = ["backdoor"]}]', "ids go from 0 to 2"),
+    ('[{name = "s", fraction = 0.9, attacks = ["backdoor"]}]', "every one of the 3 clients"),
+    ('[{name = "s", clients = [0], attacks = ["loss"]}]', "not a poisoning attack"),
+    ('[{name = "s", clients = [0], attacks = ["backdor"]}]', "did you mean 'backdoor'"),
+    ('[{name = "s", clients = [0], attacks = [{name = "scaling", boost = -1}]}]', "boost = -1"),
+    ('[{name = "s", clients = [0], atacks = ["backdoor"]}]', "did you mean 'attacks'"),
+    ('[{name = "s", clients = [0], attacks = ["backdoor", {name = "backdoor", trigger = "x"}]}]', "one backdoor"),
+    ('[{name = "s", clients = [0], rounds = [0], attacks = ["ipm"]}]', "round numbers from 1"),
+    ('[{name = "s", clients = [0], local_epochs = 0, attacks = ["ipm"]}]', "local_epochs = 0: must be a positive"),
+])
+def test_scenario_config_errors_name_the_field(scenarios, message):
+    import tomllib
+
+    table = tomllib.loads(BASE + f"scenarios = {scenarios}\n")
+    with pytest.raises(FedleakError, match=message):
+        parse_config(table, "run.toml")
+
+
+def test_poisoning_attacks_belong_in_scenarios_and_privacy_attacks_name_known_scenarios():
+    import tomllib
+
+    with pytest.raises(FedleakError, match="poisoning attack.*list it in a scenario"):
+        parse_config(tomllib.loads(BASE + 'attacks = ["backdoor"]\n'), "run.toml")
+    with pytest.raises(FedleakError, match="unknown scenario 'bakdoor'.*did you mean 'backdoor'"):
+        parse_config(tomllib.loads(BASE + 'scenarios = [{name = "backdoor", clients = [0], attacks = ["backdoor"]}]\n'
+                                  'attacks = [{name = "loss", scenarios = ["bakdoor"]}]\n'), "run.toml")
+    config = parse_config(tomllib.loads(BASE + 'scenarios = [{name = "b", fraction = 0.34, attacks = ["backdoor"]}]\n'
+                                        'exclude = [{defense = "none", scenario = "b"}]\n'), "run.toml")
+    from fedleak.eval.matrix import trainings_of
+
+    assert [(d.name, s and s.name) for _, d, s in trainings_of(config)] == [("none", None)]
+
+
+def test_malicious_fractions_are_seeded_and_nested_across_scenarios():
+    from fedleak.eval.config import ScenarioSpec
+
+    pick = lambda fraction, seed, name="s": ScenarioSpec(name, (), fraction=fraction).malicious(num_clients=10, seed=seed)
+    assert pick(0.2, 0) == pick(0.2, 0, name="other") and len(pick(0.2, 0)) == 2
+    assert set(pick(0.2, 0)) < set(pick(0.4, 0)) and len(pick(0.4, 0)) == 4
+    assert any(pick(0.3, seed) != pick(0.3, 0) for seed in range(1, 6))  # the seed chooses them
+    assert ScenarioSpec("s", (), clients=(2, 0)).malicious(num_clients=10, seed=5) == [0, 2]
+
+
+POISON_RUN = """
+seed = 0
+[model.embedded]
+pretrain_steps = 200
+public_records = 2000
+[data.embedded]
+private_records = 60
+heldout_records = 40
+canaries_per_repetition = 0
+audit_canaries = 0
+[federation]
+rounds = 3
+local_epochs = 2
+lr = 5e-3
+[utility]
+records = 8
+max_new_tokens = 16
+[poisoning]
+prompts = 32
+[matrix]
+algorithms = ["fedit"]
+defenses = ["none", "median", { name = "norm_bound", max_norm = 4.0 }]
+scenarios = [{ name = "backdoor", fraction = 0.34, local_epochs = 6, attacks = [{ name = "backdoor", poison_rate = 1.0 }, "scaling"] }]
+# No privacy attack; the robust rules train under the backdoor only (FedAvg's clean run is the baseline).
+exclude = [{ attack = "*" }, { defense = "!none", scenario = "clean" }]
+"""
+
+
+def test_model_replacement_backdoor_succeeds_under_fedavg_and_robust_rules_lower_it(tmp_path, small_model_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "run.toml").write_text(POISON_RUN)
+    proc = subprocess.run([sys.executable, "-m", "fedleak", "run", str(tmp_path / "run.toml"), "--out",
+                           str(tmp_path / "out"), "--quiet"], capture_output=True, text=True, env=os.environ.copy())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [(t["defense"], t["scenario"]) for t in results["trainings"]] == [
+        ("none", "clean"), ("none", "backdoor"), ("median", "backdoor"), ("norm_bound(max_norm=4.0)", "backdoor")]
+    assert all(c["family"] == "poisoning" for c in results["cells"])
+    cells = {c["defense"]: c["metrics"] for c in results["cells"]}
+    fedavg = cells["none"]
+    # The clean model never answers with the target, trigger or not; FedAvg's poisoned model often does,
+    # more often with the trigger than without (heavy poisoning leaks the target into clean prompts too).
+    clean = results["trainings"][0]["poisoning"]["backdoors"]["backdoor(poison_rate=1.0)"]
+    assert clean["asr"] == clean["false_trigger_rate"] == fedavg["clean_model_asr"] == 0.0
+    assert fedavg["asr"] >= 0.3 and fedavg["asr"] > fedavg["false_trigger_rate"]
+    assert fedavg["target_recall"] > cells["median"]["target_recall"] and fedavg["clean_model_target_recall"] < 0.5
+    assert cells["median"]["asr"] <= fedavg["asr"] - 0.25
+    assert cells["norm_bound(max_norm=4.0)"]["asr"] <= fedavg["asr"] - 0.25
+    assert fedavg["loss_increase"] is not None and cells["median"]["loss_increase"] is None  # no clean median run
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "## Poisoning" in report and "Backdoor attack success rate" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_readme_toml_examples_parse_and_its_scenarios_validate():
+    import re
+    import tomllib
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    blocks = re.findall(r"```toml\n(.*?)```", readme, re.S)
+    assert blocks
+    for block in blocks:
+        table = tomllib.loads(block)
+        if "scenarios" in table.get("matrix", {}):
+            config = parse_config(table, "README.md")
+            assert [s.name for s in config.matrix.scenarios] == ["backdoor", "alie"]
+            assert config.matrix.scenarios[0].local_epochs == 6
+
+
+def test_exclude_rule_with_attack_keeps_the_training_and_skips_the_attack():
+    import tomllib
+
+    from fedleak.eval.matrix import trainings_of
+
+    config = parse_config(tomllib.loads(BASE.replace('defenses = ["none"]', 'defenses = ["none", "median"]')
+                                        + 'attacks = ["loss", "zlib"]\n'
+                                        'exclude = [{ defense = "median", attack = "z*" }]\n'), "run.toml")
+    (rule,) = config.matrix.exclude
+    triples = trainings_of(config)
+    assert [d.name for _, d, _ in triples] == ["none", "median"]
+    skipped = {(d.name, a.name) for al, d, _ in triples for a in config.matrix.attacks if rule.skips(a, al, d)}
+    assert skipped == {("median", "zlib")}
