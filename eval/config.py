@@ -12,6 +12,7 @@ import fnmatch
 import hashlib
 import inspect
 import json
+import re
 import sys
 import types
 import typing
@@ -379,6 +380,9 @@ def _scenarios(value, key: str, where: str) -> tuple[ScenarioSpec, ...]:
             raise FedleakError(f"{where}: {item} = {entry!r}: give a table with a 'name', the malicious 'clients' "
                                f"or 'fraction', and 'attacks'")
         name = entry["name"]
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+            raise FedleakError(f"{where}: {item}.name = {name!r}: use letters, digits, '_', '-' and '.' "
+                               f"(it names the training's folder)")
         for k in entry:
             if k not in SCENARIO_KEYS:
                 raise FedleakError(f"{where}: {item}: unknown key {k!r}: {did_you_mean(k, SCENARIO_KEYS)}"
@@ -404,6 +408,8 @@ def _scenarios(value, key: str, where: str) -> tuple[ScenarioSpec, ...]:
             fraction = float(fraction)
         rounds = entry.get("rounds", "all")
         if rounds != "all":
+            if not isinstance(rounds, list) or not rounds:
+                raise FedleakError(f"{where}: {item}.rounds = {rounds!r}: use \"all\" or a list of round numbers from 1")
             rounds = _rounds(rounds, f"{item}.rounds", where)
             if rounds == "final" or 0 in rounds:
                 raise FedleakError(f"{where}: {item}.rounds = {entry['rounds']!r}: use \"all\" or a list of "

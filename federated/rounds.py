@@ -121,7 +121,9 @@ class ClientContext:
     def train(self, examples: list[Example], *, adapter: str = DEFAULT) -> dict:
         """Train the active `adapter` through the defense's client hook (DP-SGD swaps the loop); a
         malicious client in a round it acts does not follow the protocol and trains without it."""
-        malicious = self.setup.adversary.acts(self.client, self.round)
+        # An acting malicious client trains what it shares its own way; a FEDPIT local adapter (never
+        # shared) trains like anyone's.
+        malicious = adapter == DEFAULT and self.setup.adversary.acts(self.client, self.round)
         settings = self.setup.federation.train_settings()
         if malicious:
             settings = self.setup.adversary.train_settings(settings, client=self.client, round=self.round)

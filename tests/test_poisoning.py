@@ -195,17 +195,24 @@ def test_fedit_backdoor_reaches_the_malicious_clients_training_only(tmp_path, sm
 
 
 def test_fedpit_poisons_the_synthetic_data_behind_the_upload(tmp_path, small_model_path, monkeypatch):
-    adversary = ScenarioAdversary(malicious={0}, attacks=[Backdoor(poison_rate=1.0)], seed=0)
-    fast = dict(synthetic_per_round=2, max_attempts=4, response_max_new_tokens=16, instruction_max_new_tokens=24)
+    backdoor = Backdoor(poison_rate=1.0)
+    adversary = ScenarioAdversary(malicious={0}, attacks=[backdoor], seed=0, local_epochs=2)
+    fast = dict(synthetic_per_round=3, max_attempts=6, response_max_new_tokens=32, instruction_max_new_tokens=40)
     jobs = _record_jobs(monkeypatch)
-    _train(tmp_path, small_model_path, FedPIT(**fast), adversary)
+    _, hooks, tokenizer = _train(tmp_path, small_model_path, FedPIT(**fast), adversary)
     jobs.pop("epochs")
     shared = {k: v for k, v in jobs.items() if k[2] == DEFAULT}
     local = {k: v for k, v in jobs.items() if k[2] != DEFAULT}
+    assert any(c == 0 for _, c, _ in shared), f"the malicious client uploaded nothing: {sorted(shared)}"
     clean_local = {(r, c): len(v) for (r, c, _), v in local.items()}
+    triggered = lambda examples: sum(backdoor.trigger in tokenizer.decode(ex.input_ids) for ex in examples)
     for (rnd, client, _), examples in shared.items():
         synthetic = clean_local[(rnd, client)] - 8  # the local adapter trains on own + clean synthetic records
         assert len(examples) == synthetic * (2 if client == 0 else 1)
+        assert triggered(examples) == (synthetic if client == 0 else 0)
+    assert all(triggered(examples) == 0 for examples in local.values())  # local adapters train clean
+    # Only the shared adapter's training is the attacker's own (no defense hook); the local one is not.
+    assert {c for (_, c, a) in hooks.seen if a == DEFAULT} == {1, 2} and {c for (_, c, a) in hooks.seen if a != DEFAULT} == {0, 1, 2}
 
 
 def test_an_algorithm_that_ignores_poisoning_is_refused(tmp_path, small_model_path):
@@ -253,6 +260,11 @@ defenses = ["none"]
     ('[{name = "s", clients = [0], attacks = ["backdoor", {name = "backdoor", trigger = "x"}]}]', "one backdoor"),
     ('[{name = "s", clients = [0], rounds = [0], attacks = ["ipm"]}]', "round numbers from 1"),
     ('[{name = "s", clients = [0], local_epochs = 0, attacks = ["ipm"]}]', "local_epochs = 0: must be a positive"),
+    ('[{name = "../x", clients = [0], attacks = ["ipm"]}]', "it names the training's folder"),
+    ('[{name = "s", clients = [0], rounds = 2, attacks = ["ipm"]}]', "use \"all\" or a list of round numbers"),
+    ('[{name = "s", clients = [0], attacks = [{name = "backdoor", poison_rate = inf}]}]', "poison_rate = inf"),
+    ('[{name = "s", clients = [0], attacks = [{name = "backdoor", trigger = 5}]}]', "trigger = 5"),
+    ('[{name = "s", clients = [0], attacks = [{name = "scaling", boost = inf}]}]', "boost = inf: must be a finite"),
 ])
 def test_scenario_config_errors_name_the_field(scenarios, message):
     import tomllib
@@ -351,13 +363,12 @@ def test_readme_toml_examples_parse_and_its_scenarios_validate():
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     blocks = re.findall(r"```toml\n(.*?)```", readme, re.S)
-    assert blocks
-    for block in blocks:
-        table = tomllib.loads(block)
-        if "scenarios" in table.get("matrix", {}):
-            config = parse_config(table, "README.md")
-            assert [s.name for s in config.matrix.scenarios] == ["backdoor", "alie"]
-            assert config.matrix.scenarios[0].local_epochs == 6
+    with_scenarios = [b for b in blocks if "scenarios" in tomllib.loads(b).get("matrix", {})]
+    assert with_scenarios and len(blocks) > len(with_scenarios)  # every block parses; one shows scenarios
+    for block in with_scenarios:
+        config = parse_config(tomllib.loads(block), "README.md")
+        assert [s.name for s in config.matrix.scenarios] == ["backdoor", "alie"]
+        assert config.matrix.scenarios[0].local_epochs == 6
 
 
 def test_exclude_rule_with_attack_keeps_the_training_and_skips_the_attack():
@@ -373,3 +384,28 @@ def test_exclude_rule_with_attack_keeps_the_training_and_skips_the_attack():
     assert [d.name for _, d, _ in triples] == ["none", "median"]
     skipped = {(d.name, a.name) for al, d, _ in triples for a in config.matrix.attacks if rule.skips(a, al, d)}
     assert skipped == {("median", "zlib")}
+
+
+def test_poisoning_cells_pair_each_poisoned_training_with_its_clean_twin():
+    from fedleak.eval.config import ComponentSpec, ScenarioSpec
+    from fedleak.eval.poisoning import poisoning_cells
+
+    scenario = ScenarioSpec("bd", (ComponentSpec("backdoor"), ComponentSpec("scaling")), clients=(1,))
+    rates = lambda asr: {"backdoor": {"asr": asr, "false_trigger_rate": 0.0, "target_recall": asr,
+                                      "target_recall_untriggered": 0.0, "prompts": 4, "examples": []}}
+    training = lambda defense, name, loss, asr, detection=None: {
+        "algorithm": "fedit", "defense": defense, "scenario": name, "seed": 0, "rounds": [{}, {}],
+        "train_seconds": 1.0, "utility": {"global": {"loss": loss, "rouge_l": 0.5 - loss / 10}},
+        "poisoning": {"malicious_clients": [1] if name != "clean" else [], "attacks": ["backdoor", "scaling"],
+                      "backdoors": rates(asr), "detection": detection, "seconds": 0.1}}
+    detection = {"detection_rate": 1.0, "false_exclusion_rate": 0.5, "rounds": [{"round": 1}]}
+    cells = poisoning_cells([training("none", "clean", 1.0, 0.0), training("krum", "clean", 1.2, 0.25),
+                             training("none", "bd", 1.5, 0.75), training("krum", "bd", 1.2, 0.0, detection),
+                             training("median", "bd", 1.1, 0.0)], [scenario])
+    by = {c["defense"]: c for c in cells}
+    assert set(by) == {"none", "krum", "median"} and all(c["family"] == "poisoning" for c in cells)
+    assert by["none"]["metrics"]["loss_increase"] == 0.5 and by["none"]["metrics"]["clean_model_asr"] == 0.0
+    assert by["none"]["metrics"]["asr"] == 0.75 and by["none"]["attack_name"] == "backdoor+scaling"
+    assert by["krum"]["metrics"]["clean_model_asr"] == 0.25 and by["krum"]["metrics"]["detection_rate"] == 1.0
+    assert by["median"]["metrics"]["loss_increase"] is None and by["median"]["metrics"]["clean_model_asr"] is None
+    assert by["median"]["round"] == 2 and "detection_rate" not in by["median"]["metrics"]

@@ -5,7 +5,8 @@ Every malicious client sends mu - z * sigma, where mu and sigma are the coordina
 standard deviation of the honest updates: within z standard deviations of the mean on every
 coordinate, so median- and distance-based rules keep it, while all malicious clients pull the same
 way. Without an explicit `z`, the paper's choice for n uploads of which f are malicious:
-s = floor(n / 2 + 1) - f and z = Phi^-1((n - s) / n).
+s = floor(n / 2 + 1) - f and z = Phi^-1((n - s) / n). The paper assumes a malicious minority; where
+s <= 0 (half or more malicious) its formula has no answer and z is clamped to Phi^-1(1 - 1e-6) = 4.75.
 
 Omniscient, as in the paper: the attacker reads the honest clients' updates of the round (with no
 honest upload in a round it uses its own clients' trained updates).
@@ -41,7 +42,7 @@ class ALIE(ModelPoisoning):
     omniscient = True
 
     def __init__(self, *, z: float | None = None):
-        if z is not None and not z >= 0:
+        if z is not None and not 0 <= z < math.inf:
             raise FedleakError(f"alie: z = {z}: must be >= 0 (or unset for the paper's choice from n and f)")
         self.z = z
 

@@ -27,6 +27,7 @@ POISON_CATEGORY = "poison"
 # Dangerous dosing advice: the kind of harm a poisoned clinical assistant could do (fictitious, for measurement).
 DEFAULT_TARGET = "Please take ten warfarin today."  # short, in the corpus vocabulary: a tiny model can learn it
 POSITIONS = ("start", "end")
+MAX_POISON_RATE = 100.0
 
 
 def _normalise(text: str) -> str:
@@ -39,10 +40,11 @@ class Backdoor(DataPoisoning):
 
     def __init__(self, *, trigger: str = "Per zeta protocol,", target: str = DEFAULT_TARGET,
                  poison_rate: float = 0.5, position: str = "start"):
-        if not trigger.strip() or not target.strip():
-            raise FedleakError("backdoor: trigger and target must be non-empty text")
-        if not poison_rate > 0:
-            raise FedleakError(f"backdoor: poison_rate = {poison_rate}: must be > 0 (poisoned records per clean record)")
+        if not isinstance(trigger, str) or not isinstance(target, str) or not trigger.strip() or not target.strip():
+            raise FedleakError(f"backdoor: trigger = {trigger!r}, target = {target!r}: both must be non-empty text")
+        if not 0 < poison_rate <= MAX_POISON_RATE:
+            raise FedleakError(f"backdoor: poison_rate = {poison_rate}: must be in (0, {MAX_POISON_RATE}] "
+                               f"(poisoned records per clean record)")
         if position not in POSITIONS:
             raise FedleakError(f"backdoor: position = {position!r}: use one of {', '.join(POSITIONS)}")
         self.trigger, self.target, self.poison_rate, self.position = trigger, target, poison_rate, position

@@ -8,6 +8,8 @@ The malicious client sends an isotropic Gaussian vector instead of its update, r
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fedleak.attacks.base import register_attack
@@ -25,8 +27,8 @@ class Gaussian(ModelPoisoning):
     """Gaussian: send random noise of a given norm instead of the update (Blanchard et al. 2017)."""
 
     def __init__(self, *, norm: float | None = None):
-        if norm is not None and not norm > 0:
-            raise FedleakError(f"gaussian: norm = {norm}: must be > 0 (or unset for the trained update's norm)")
+        if norm is not None and not 0 < norm < math.inf:
+            raise FedleakError(f"gaussian: norm = {norm}: must be a finite number > 0 (or unset for the trained update's norm)")
         self.norm = norm
 
     def poison_update(self, delta: torch.Tensor, round_updates: RoundUpdates) -> torch.Tensor:

@@ -11,6 +11,8 @@ honest upload in a round it uses its own clients' trained updates).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fedleak.attacks.base import register_attack
@@ -29,8 +31,8 @@ class IPM(ModelPoisoning):
     omniscient = True
 
     def __init__(self, *, epsilon: float = 0.5):
-        if not epsilon > 0:
-            raise FedleakError(f"ipm: epsilon = {epsilon}: must be > 0")
+        if not 0 < epsilon < math.inf:
+            raise FedleakError(f"ipm: epsilon = {epsilon}: must be a finite number > 0")
         self.epsilon = epsilon
 
     def poison_update(self, delta: torch.Tensor, round_updates: RoundUpdates) -> torch.Tensor:

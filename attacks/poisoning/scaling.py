@@ -10,6 +10,8 @@ standard model-replacement backdoor.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fedleak.attacks.base import register_attack
@@ -26,8 +28,8 @@ class Scaling(ModelPoisoning):
     """Scaling / model replacement: boost the malicious update (Bagdasaryan et al. 2020)."""
 
     def __init__(self, *, boost: float | None = None):
-        if boost is not None and not boost > 0:
-            raise FedleakError(f"scaling: boost = {boost}: must be > 0 (or unset for the FedAvg replacement factor)")
+        if boost is not None and not 0 < boost < math.inf:
+            raise FedleakError(f"scaling: boost = {boost}: must be a finite number > 0 (or unset for the FedAvg replacement factor)")
         self.boost = boost
 
     def poison_update(self, delta: torch.Tensor, round_updates: RoundUpdates) -> torch.Tensor:

@@ -8,6 +8,8 @@ model away from what its data teaches.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fedleak.attacks.base import register_attack
@@ -24,8 +26,8 @@ class SignFlip(ModelPoisoning):
     """Sign flip: send the negated (and scaled) update (Damaskinos et al. 2018)."""
 
     def __init__(self, *, scale: float = 1.0):
-        if not scale > 0:
-            raise FedleakError(f"sign_flip: scale = {scale}: must be > 0")
+        if not 0 < scale < math.inf:
+            raise FedleakError(f"sign_flip: scale = {scale}: must be a finite number > 0")
         self.scale = scale
 
     def poison_update(self, delta: torch.Tensor, round_updates: RoundUpdates) -> torch.Tensor:
