@@ -500,6 +500,25 @@ def parse_config(table: dict, where: str = "<config>", base_dir: Path | None = N
     return config
 
 
+def _check_exclude_names(config: RunConfig, where: str) -> None:
+    """A plain name (no glob character) in an exclude rule must name something on its axis: a typo
+    would otherwise match nothing and silently keep what the user meant to drop."""
+    axes = {"algorithm": config.matrix.algorithms, "defense": config.matrix.defenses,
+            "attack": config.matrix.attacks}
+    for i, rule in enumerate(config.matrix.exclude):
+        for field_name in ("algorithm", "defense", "scenario", "attack"):
+            pattern = getattr(rule, field_name)
+            name = (pattern or "*").removeprefix("!")
+            if any(ch in name for ch in "*?["):
+                continue
+            known = ([CLEAN, *(s.name for s in config.matrix.scenarios)] if field_name == "scenario" else
+                     list(dict.fromkeys(n for spec in axes[field_name] for n in (spec.name, spec.label))))
+            if name not in known:
+                raise FedleakError(f"{where}: matrix.exclude[{i}].{field_name} = {pattern!r} matches no "
+                                   f"{field_name} of the matrix: {did_you_mean(name, known)}"
+                                   f"known: {', '.join(known)}")
+
+
 def _check_combinations(config: RunConfig, where: str) -> None:
     """Checks across tables: each defense against the federation it would run in."""
     from fedleak.federated.rounds import ALGORITHMS
@@ -509,6 +528,7 @@ def _check_combinations(config: RunConfig, where: str) -> None:
         if late:
             raise FedleakError(f"{where}: matrix.attacks[{i}].rounds: round {late[0]} is after the last round "
                                f"(federation.rounds = {config.federation.rounds}): remove it")
+    _check_exclude_names(config, where)
     known = [CLEAN, *(s.name for s in config.matrix.scenarios)]
     for i, spec in enumerate(config.matrix.attacks):
         for name in spec.scenarios:

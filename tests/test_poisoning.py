@@ -265,6 +265,9 @@ defenses = ["none"]
     ('[{name = "s", clients = [0], attacks = [{name = "backdoor", poison_rate = inf}]}]', "poison_rate = inf"),
     ('[{name = "s", clients = [0], attacks = [{name = "backdoor", trigger = 5}]}]', "trigger = 5"),
     ('[{name = "s", clients = [0], attacks = [{name = "scaling", boost = inf}]}]', "boost = inf: must be a finite"),
+    ('[{name = "backdoor", clients = [0], attacks = ["backdoor"]}]\nexclude = [{scenario = "bakdoor"}]',
+     "exclude\\[0\\].scenario = 'bakdoor' matches no scenario of the matrix: did you mean 'backdoor'"),
+    ('[{name = "s", clients = [0], attacks = ["ipm"]}]\nexclude = [{defense = "!nnoe"}]', "defense = '!nnoe' matches no defense of the matrix: did you mean 'none'"),
 ])
 def test_scenario_config_errors_name_the_field(scenarios, message):
     import tomllib
