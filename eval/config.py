@@ -519,15 +519,20 @@ def _check_exclude_names(config: RunConfig, where: str) -> None:
                                    f"known: {', '.join(known)}")
 
 
+def _check_not_late(rounds: str | tuple[int, ...], config: RunConfig, key: str) -> None:
+    """Listed rounds (attacks probe them, malicious clients act in them) must exist in the federation."""
+    late = [r for r in (() if isinstance(rounds, str) else rounds) if r > config.federation.rounds]
+    if late:
+        raise FedleakError(f"{key}: round {late[0]} is after the last round "
+                           f"(federation.rounds = {config.federation.rounds}): remove it")
+
+
 def _check_combinations(config: RunConfig, where: str) -> None:
     """Checks across tables: each defense against the federation it would run in."""
     from fedleak.federated.rounds import ALGORITHMS
 
     for i, spec in enumerate(config.matrix.attacks):
-        late = [r for r in (() if isinstance(spec.rounds, str) else spec.rounds) if r > config.federation.rounds]
-        if late:
-            raise FedleakError(f"{where}: matrix.attacks[{i}].rounds: round {late[0]} is after the last round "
-                               f"(federation.rounds = {config.federation.rounds}): remove it")
+        _check_not_late(spec.rounds, config, f"{where}: matrix.attacks[{i}].rounds")
     _check_exclude_names(config, where)
     known = [CLEAN, *(s.name for s in config.matrix.scenarios)]
     for i, spec in enumerate(config.matrix.attacks):
@@ -544,10 +549,7 @@ def _check_combinations(config: RunConfig, where: str) -> None:
         if len(scenario.malicious(num_clients=clients, seed=config.seed)) >= clients:
             raise FedleakError(f"{item}: every one of the {clients} clients would be malicious: "
                                f"lower the fraction or list fewer clients")
-        late = [r for r in (() if isinstance(scenario.rounds, str) else scenario.rounds) if r > config.federation.rounds]
-        if late:
-            raise FedleakError(f"{item}.rounds: round {late[0]} is after the last round "
-                               f"(federation.rounds = {config.federation.rounds}): remove it")
+        _check_not_late(scenario.rounds, config, f"{item}.rounds")
     if not any(ALGORITHMS.get(a.name).federated for a in config.matrix.algorithms):
         if config.matrix.scenarios:
             raise FedleakError(f"{where}: matrix.scenarios need a federated algorithm (fedit, fedpit): "
