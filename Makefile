@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedleak-installed
+DEV_STAMP := $(VENV)/.fedleak-dev-installed
 
 .PHONY: demo test install clean
 
@@ -13,14 +14,19 @@ install: $(STAMP)
 $(STAMP): pyproject.toml .ci/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -c .ci/constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c .ci/constraints.txt -e .
 	touch $(STAMP)
+
+# The test tools (flwr, jsonschema, playwright) only for `make test`: the demo does without them.
+$(DEV_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -c .ci/constraints.txt -e '.[dev]'
+	touch $(DEV_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/fedleak run configs/quick.toml --out runs/quick
 	@echo "report: runs/quick/report.html (also report.md, results.json, results.csv)"
 
-test: $(STAMP)
+test: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -1,10 +1,12 @@
-"""Command line: `fedleak run CONFIG`, `fedleak report RUN_DIR`, `fedleak list`."""
+"""Command line: `fedleak run CONFIG`, `fedleak train CONFIG`, `fedleak attack CHECKPOINT_DIR`,
+`fedleak report RUN_DIR`, `fedleak list`."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -13,9 +15,10 @@ from fedleak import __version__
 from fedleak.federated.errors import FedleakError
 
 log = logging.getLogger("fedleak")
+LOG_FORMAT = "%(asctime)s %(message)s"
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -31,30 +34,133 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def cmd_run(args) -> int:
-    from fedleak.eval.config import load_config
-    from fedleak.eval.matrix import run_matrix
-    from fedleak.reports.report import leakage_table, load_results, poisoning_table, write_report
+class _LogFile:
+    """While a command runs, its log lines also go to `run.log` in the output folder (appended, so a
+    resumed run's log follows the interrupted one)."""
 
-    config = load_config(args.config)
+    def __init__(self, out: Path):
+        self.path = Path(out) / "run.log"
+
+    def __enter__(self):
+        self.created = not self.path.parent.exists()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handler = logging.FileHandler(self.path, encoding="utf-8")
+        self.handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        log.addHandler(self.handler)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is not None:  # the one-line error (or the interruption) ends the log file too
+            self.handler.handle(logging.makeLogRecord({"name": log.name, "levelno": logging.ERROR, "levelname": "ERROR",
+                                                       "msg": f"stopped: {type(exc).__name__}: {exc}"}))
+        log.removeHandler(self.handler)
+        self.handler.close()
+        if exc is not None and self.created and [p.name for p in self.path.parent.iterdir()] == [self.path.name]:
+            shutil.rmtree(self.path.parent)  # failed before writing anything: leave nothing behind
+
+
+def _out(args, config) -> Path:
     out = args.out or config.out
     if not out:
         raise FedleakError(f"{args.config}: no output folder: set out = \"runs/NAME\" in the config or pass --out")
-    _quiet_libraries()
-    run_matrix(config, Path(out), config_path=str(args.config), progress=not args.quiet)
-    md, html = write_report(Path(out))
-    results = load_results(Path(out))  # the headline tables, from the file (NaN is null there)
+    return Path(out)
+
+
+def _headline(out: Path) -> None:
+    from fedleak.reports.report import leakage_table, load_results, poisoning_table
+
+    results = load_results(out)  # the headline tables, from the file (NaN is null there)
     for table in (leakage_table(results), poisoning_table(results)):
         for row in table.rows:
             log.info("%s", "; ".join(f"{h}: {v}" for h, v in zip(table.header, row) if v != "n/a"))
-    log.info("wrote %s, %s, %s and %s", Path(out) / "results.json", Path(out) / "results.csv", md, html)
+
+
+def cmd_run(args) -> int:
+    from fedleak.eval.config import load_config
+    from fedleak.eval.matrix import describe, run_matrix
+    from fedleak.eval.plan import plan
+    from fedleak.reports.report import write_report
+
+    config = load_config(args.config)
+    out = _out(args, config)
+    only = tuple(args.only or ())
+    if args.dry_run:
+        print(describe(config, plan(config, only), out, base_dir=Path(args.config).parent))
+        return 0
+    quiet_libraries()
+    with _LogFile(out):
+        log.info("fedleak %s: run %s into %s", __version__, args.config, out)
+        run_matrix(config, out, config_path=str(args.config), progress=not args.quiet, jobs=args.jobs, only=only,
+                   use_cache=not args.fresh)
+        md, html = write_report(out, show_secrets=args.show_secrets)
+        _headline(out)
+        log.info("wrote %s, %s, %s and %s", out / "results.json", out / "results.csv", md, html)
+    return 0
+
+
+def _pick(specs, label: str | None, axis: str):
+    from fedleak.federated.registry import did_you_mean
+
+    if label is None:
+        return specs[0]
+    for spec in specs:
+        if label in (spec.label, spec.name):
+            return spec
+    known = [s.label for s in specs]
+    raise FedleakError(f"--{axis} {label}: not in the config's matrix.{axis}s: {did_you_mean(label, known)}"
+                       f"known: {', '.join(known)}")
+
+
+def cmd_train(args) -> int:
+    from fedleak.eval.config import load_config
+    from fedleak.eval.matrix import resolve_model, train_unit
+    from fedleak.eval.plan import NO_DEFENSE, TrainingUnit, _federated
+
+    config = load_config(args.config)
+    out = _out(args, config)
+    algorithm = _pick(config.matrix.algorithms, args.algorithm, "algorithm")
+    defense = _pick(config.matrix.defenses, args.defense, "defense") if _federated(algorithm) else NO_DEFENSE
+    scenario = None
+    if args.scenario not in (None, "clean"):
+        scenario = _pick(config.matrix.scenarios, args.scenario, "scenario") if config.matrix.scenarios else None
+        if scenario is None:
+            raise FedleakError(f"--scenario {args.scenario}: the config has no matrix.scenarios")
+    seed = config.run_seeds[0] if args.seed is None else args.seed
+    quiet_libraries()
+    with _LogFile(out):
+        resolve_model(config)
+        unit = TrainingUnit(algorithm, defense, scenario, seed)
+        record, cached = train_unit(config, unit, out, base_dir=Path(args.config).parent, progress=not args.quiet)
+        utility = record["utility"].get("global") or record["utility"].get("client_mean") or {}
+        log.info("training %s seed %d %s: %s; held-out loss %s", unit.label, seed,
+                 "was cached" if cached else f"took {record['train_seconds']:.1f} s", out / record["checkpoint_dir"],
+                 f"{utility['loss']:.3f}" if "loss" in utility else "n/a")
+    print(out / record["checkpoint_dir"])
+    return 0
+
+
+def cmd_attack(args) -> int:
+    from fedleak.eval.config import load_config
+    from fedleak.eval.matrix import attack_checkpoint
+    from fedleak.reports.report import write_report
+
+    config = load_config(args.config)
+    checkpoint_dir = Path(args.checkpoint_dir)
+    out = Path(args.out) if args.out else checkpoint_dir.parent / f"{checkpoint_dir.name}-attacks"
+    quiet_libraries()
+    with _LogFile(out):
+        attack_checkpoint(config, checkpoint_dir, out, config_path=str(args.config), algorithm=args.algorithm,
+                          seed=args.seed, only=tuple(args.only or ()), progress=not args.quiet)
+        md, html = write_report(out, show_secrets=args.show_secrets)
+        _headline(out)
+        log.info("wrote %s, %s, %s and %s", out / "results.json", out / "results.csv", md, html)
     return 0
 
 
 def cmd_report(args) -> int:
     from fedleak.reports.report import write_report
 
-    md, html = write_report(Path(args.run_dir))
+    md, html = write_report(Path(args.run_dir), show_secrets=args.show_secrets)
     log.info("wrote %s and %s", md, html)
     return 0
 
@@ -71,20 +177,60 @@ def cmd_list(args) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: give 1 or more")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedleak", description="Privacy attacks and defenses for federated instruction tuning of LLMs.")
     parser.add_argument("--version", action="version", version=f"fedleak {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    run = sub.add_parser("run", help="train every (algorithm, defense) of a config, attack, write results and report",
-                         description="Train each (algorithm, defense) of the matrix once, evaluate utility, run "
-                                     "each attack on the observers' views of the final round, and write "
-                                     "results.json, results.csv, report.md and report.html.")
+    secrets = argparse.ArgumentParser(add_help=False)
+    secrets.add_argument("--show-secrets", action="store_true",
+                         help="show patient identifiers and canary secrets in the report (redacted by default)")
+    quiet = argparse.ArgumentParser(add_help=False)
+    quiet.add_argument("--quiet", action="store_true", help="no progress bars or log lines (warnings and errors only)")
+    only = argparse.ArgumentParser(add_help=False)
+    only.add_argument("--only", action="append", metavar="PATTERN",
+                      help="run a subset: a name (algorithm, defense, scenario or attack) or "
+                           "algorithm/defense/scenario/attack globs; repeat to add more")
+    run = sub.add_parser("run", parents=[quiet, only, secrets],
+                         help="train every training of a config, attack, write results and report",
+                         description="Train each (algorithm, defense, scenario, seed) of the matrix once, evaluate "
+                                     "utility, run each attack on its observers' views, and write results.json, "
+                                     "results.csv, report.md, report.html and run.log. Finished work is cached in the "
+                                     "output folder: rerunning resumes, and a new attack runs alone.")
     run.add_argument("config", help="TOML matrix config, e.g. configs/quick.toml")
     run.add_argument("--out", help="output folder (default: the config's `out`)")
-    run.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    run.add_argument("--jobs", type=_positive, default=1, help="trainings run at once, in processes (default 1)")
+    run.add_argument("--dry-run", action="store_true", help="print the trainings, attack cells and work left; run nothing")
+    run.add_argument("--fresh", action="store_true", help="ignore cached trainings and attacks (recompute everything)")
     run.set_defaults(func=cmd_run)
-    report = sub.add_parser("report", help="(re)write report.md and report.html from a run's results.json")
+    train = sub.add_parser("train", parents=[quiet], help="one training of a config: checkpoints only",
+                           description="Train one (algorithm, defense, scenario, seed) of the config (the first of "
+                                       "each by default) and print its checkpoint folder.")
+    train.add_argument("config", help="TOML matrix config")
+    train.add_argument("--out", help="output folder (default: the config's `out`)")
+    train.add_argument("--algorithm", help="algorithm label or name from matrix.algorithms (default: the first)")
+    train.add_argument("--defense", help="defense label or name from matrix.defenses (default: the first)")
+    train.add_argument("--scenario", help="poisoning scenario from matrix.scenarios (default: clean)")
+    train.add_argument("--seed", type=int, help="seed (default: the config's first)")
+    train.set_defaults(func=cmd_train)
+    attack = sub.add_parser("attack", parents=[quiet, only, secrets], help="run a config's attacks on existing checkpoints",
+                            description="Run the config's privacy attacks on one training's checkpoints (a "
+                                        "trainings/<name> folder of a run, or another tool's checkpoints in the "
+                                        "documented layout) and write results and a report.")
+    attack.add_argument("checkpoint_dir", help="folder holding round-XXXX/manifest.json")
+    attack.add_argument("--config", required=True, help="TOML config: model, data, federation and attacks")
+    attack.add_argument("--out", help="output folder (default: CHECKPOINT_DIR-attacks beside it)")
+    attack.add_argument("--algorithm", help="for checkpoints without training.json: the algorithm (default fedit)")
+    attack.add_argument("--seed", type=int, help="for checkpoints without training.json: the data seed")
+    attack.set_defaults(func=cmd_attack)
+    report = sub.add_parser("report", parents=[secrets], help="(re)write report.md and report.html from results.json")
     report.add_argument("run_dir", help="output folder of a finished run")
     report.set_defaults(func=cmd_report)
     lst = sub.add_parser("list", help="list registered algorithms, defenses and attacks")
@@ -98,9 +244,10 @@ def main(argv: list[str] | None = None) -> int:
         log.removeHandler(old)
     handler = logging.StreamHandler(sys.stderr)  # today's stderr, not the one of an earlier call
     handler.setFormatter(logging.Formatter("fedleak: %(message)s"))
+    handler.setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
     log.addHandler(handler)
     log.propagate = False  # Opacus configures the root logger on import: our lines would print twice
-    log.setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
+    log.setLevel(logging.INFO)  # the log file gets every line, also with --quiet
     try:
         return args.func(args)
     except FedleakError as exc:

@@ -67,6 +67,7 @@ class AttackEnvironment:
     lora: object = None  # LoraSettings of the target adapters
     train: object = None  # TrainSettings of one target fine-tune (epochs = total over rounds)
     cache: dict = field(default_factory=dict)
+    progress: bool = False  # progress bars over scoring batches
 
 
 @dataclass

@@ -102,28 +102,33 @@ class ScenarioSpec:
 
 
 @dataclass(frozen=True)
-class ExcludeRule:
-    """Skip the (algorithm, defense, scenario) trainings matching every glob pattern (on name or
-    label); a leading "!" negates: {algorithm = "fedpit", defense = "!none"} keeps FEDPIT with no
-    defense only. With `attack`, the trainings stay and only the matching privacy attacks skip them:
-    {defense = "krum", attack = "*"} trains Krum (for its poisoning scenarios) without privacy attacks."""
+class MatrixRule:
+    """One `include` or `exclude` rule: glob patterns (on name or label; a leading "!" negates) on the
+    axes of a cell, (algorithm, defense, scenario, attack, observer). A rule naming only trainings
+    (no `attack`, no `observer`) selects whole trainings: as an exclude rule,
+    {algorithm = "fedpit", defense = "!none"} keeps FEDPIT with no defense only. A rule with `attack`
+    or `observer` selects attack cells and leaves the trainings alone: {defense = "krum", attack = "*"}
+    trains Krum (for its poisoning scenarios) without privacy attacks, {attack = "lira", observer =
+    "!global"} runs LiRA on the global view only."""
 
     algorithm: str = "*"
     defense: str = "*"
     scenario: str = "*"
     attack: str | None = None
+    observer: str | None = None
 
-    def matches(self, algorithm: "ComponentSpec", defense: "ComponentSpec", scenario: str = CLEAN) -> bool:
-        """Whether the rule drops this training (a rule with `attack` drops none)."""
-        return self.attack is None and self.covers(algorithm, defense, scenario)
+    @property
+    def selects_cells(self) -> bool:
+        return self.attack is not None or self.observer is not None
 
     def covers(self, algorithm: "ComponentSpec", defense: "ComponentSpec", scenario: str = CLEAN) -> bool:
+        """Whether the training part of the rule matches."""
         return _glob(self.algorithm, algorithm) and _glob(self.defense, defense) and _glob_name(self.scenario, scenario)
 
-    def skips(self, attack: "ComponentSpec", algorithm: "ComponentSpec", defense: "ComponentSpec",
-              scenario: str = CLEAN) -> bool:
-        """Whether the rule skips this privacy attack on this training."""
-        return self.attack is not None and _glob(self.attack, attack) and self.covers(algorithm, defense, scenario)
+    def covers_cell(self, attack: "ComponentSpec", observer: str, algorithm: "ComponentSpec",
+                    defense: "ComponentSpec", scenario: str = CLEAN) -> bool:
+        return (self.covers(algorithm, defense, scenario) and _glob(self.attack or "*", attack)
+                and _glob_name(self.observer or "*", observer))
 
 
 def _glob_name(pattern: str, *names: str) -> bool:
@@ -138,7 +143,11 @@ def _glob(pattern: str, spec: "ComponentSpec") -> bool:
 
 @dataclass(frozen=True)
 class MatrixSettings:
-    exclude: tuple[ExcludeRule, ...] = ()
+    """The axes and the rules that cut cells from their product: with `include` rules, a training or
+    cell must match one of them; it must match no `exclude` rule."""
+
+    include: tuple[MatrixRule, ...] = ()
+    exclude: tuple[MatrixRule, ...] = ()
     algorithms: tuple[ComponentSpec, ...] = (ComponentSpec("fedit"),)
     defenses: tuple[ComponentSpec, ...] = (ComponentSpec("none"),)
     attacks: tuple[ComponentSpec, ...] = (ComponentSpec("loss", observers=("global",)),)
@@ -190,6 +199,7 @@ class AttackSettings:
 class RunConfig:
     plugins: tuple[str, ...] = ()  # modules imported first; they register components with the decorators
     seed: int = 0
+    seeds: tuple[int, ...] = ()  # several seeds: every training repeats per seed (`seed` is then unused)
     out: str = ""  # output folder; `fedleak run --out` overrides; relative to the working directory
     model: ModelSettings = field(default_factory=ModelSettings)
     data: DataSettings = field(default_factory=DataSettings)
@@ -199,8 +209,22 @@ class RunConfig:
     attack: AttackSettings = field(default_factory=AttackSettings)
     poisoning: PoisoningSettings = field(default_factory=PoisoningSettings)
 
+    def __post_init__(self):
+        if self.seed < 0 or any(s < 0 for s in self.seeds):
+            raise FedleakError("seeds must be integers >= 0")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise FedleakError(f"seeds = {list(self.seeds)} repeats a seed: list each once")
+
+    @property
+    def run_seeds(self) -> tuple[int, ...]:
+        return self.seeds or (self.seed,)
+
+    def for_seed(self, seed: int) -> "RunConfig":
+        """The config of one seed's trainings (everything seeded reads `seed`)."""
+        return dataclasses.replace(self, seed=seed, seeds=())
+
     def to_dict(self) -> dict:
-        return _plain(self)
+        return plain(self)
 
     def hash(self, *parts: str) -> str:
         """sha256 of the named top-level parts (all if none): what produced a checkpoint."""
@@ -209,9 +233,9 @@ class RunConfig:
         return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _plain(obj):
+def plain(obj):
     if isinstance(obj, ComponentSpec) and obj.parts:
-        return [_plain(p) for p in obj.parts]
+        return [plain(p) for p in obj.parts]
     if isinstance(obj, ComponentSpec):
         extra = {"observers": list(obj.observers)} if obj.observers else {}
         if obj.observers:
@@ -219,14 +243,14 @@ def _plain(obj):
             extra["scenarios"] = list(obj.scenarios)
         return {"name": obj.name, **obj.kwargs, **extra}
     if isinstance(obj, ScenarioSpec):
-        return {"name": obj.name, "attacks": [_plain(a) for a in obj.attacks],
+        return {"name": obj.name, "attacks": [plain(a) for a in obj.attacks],
                 **({"clients": list(obj.clients)} if obj.clients else {"fraction": obj.fraction}),
                 "rounds": obj.rounds if isinstance(obj.rounds, str) else list(obj.rounds),
                 **({"local_epochs": obj.local_epochs} if obj.local_epochs else {})}
     if dataclasses.is_dataclass(obj):
-        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, tuple):
-        return [_plain(v) for v in obj]
+        return [plain(v) for v in obj]
     return obj
 
 
@@ -296,7 +320,7 @@ def _build(cls, table: dict, prefix: str, where: str):
                                f"known keys{' in [' + prefix + ']' if prefix else ''}: {', '.join(known)}")
         if cls is MatrixSettings and key == "scenarios":
             kwargs[key] = _scenarios(value, full, where)
-        elif cls is MatrixSettings and key != "exclude":
+        elif cls is MatrixSettings and key not in ("include", "exclude"):
             kwargs[key] = _components(value, full, where, kind=key)
         else:
             kwargs[key] = _checked(value, hints[key], full, where)
@@ -355,6 +379,13 @@ def _components(value, key: str, where: str, *, kind: str) -> tuple[ComponentSpe
                                f"{' for the same observer' if observers else ''}: remove one")
         specs.append(spec)
     return tuple(specs)
+
+
+def component_spec(entry: dict | str | list, kind: str) -> ComponentSpec:
+    """One algorithm or defense from its written form (as in the config or in a training.json)."""
+    if kind == "defenses" and isinstance(entry, list):
+        return _composition(entry, kind, "training.json")
+    return _components([entry], kind, "training.json", kind=kind)[0]
 
 
 def _names(value, key: str, where: str) -> tuple[str, ...]:
@@ -495,28 +526,37 @@ def instantiate(cls, params: dict, where: str):
 def parse_config(table: dict, where: str = "<config>", base_dir: Path | None = None) -> RunConfig:
     plugins = table.get("plugins", [])
     load_plugins(_checked(plugins, tuple[str, ...], "plugins", where), where, base_dir)
+    if "seed" in table and "seeds" in table:
+        raise FedleakError(f"{where}: both seed and seeds are set: keep seeds = [...] (one seed: seed = N)")
     config = _build(RunConfig, table, "", where)
     _check_combinations(config, where)
     return config
 
 
-def _check_exclude_names(config: RunConfig, where: str) -> None:
-    """A plain name (no glob character) in an exclude rule must name something on its axis: a typo
-    would otherwise match nothing and silently keep what the user meant to drop."""
+def _check_rule_names(config: RunConfig, where: str) -> None:
+    """A plain name (no glob character) in an include or exclude rule must name something on its axis:
+    a typo would otherwise match nothing and silently keep (or drop) what the user meant."""
+    from fedleak.federated.checkpoint import OBSERVERS
+
     axes = {"algorithm": config.matrix.algorithms, "defense": config.matrix.defenses,
             "attack": config.matrix.attacks}
-    for i, rule in enumerate(config.matrix.exclude):
-        for field_name in ("algorithm", "defense", "scenario", "attack"):
-            pattern = getattr(rule, field_name)
-            name = (pattern or "*").removeprefix("!")
-            if any(ch in name for ch in "*?["):
-                continue
-            known = ([CLEAN, *(s.name for s in config.matrix.scenarios)] if field_name == "scenario" else
-                     list(dict.fromkeys(n for spec in axes[field_name] for n in (spec.name, spec.label))))
-            if name not in known:
-                raise FedleakError(f"{where}: matrix.exclude[{i}].{field_name} = {pattern!r} matches no "
-                                   f"{field_name} of the matrix: {did_you_mean(name, known)}"
-                                   f"known: {', '.join(known)}")
+    for kind in ("include", "exclude"):
+        for i, rule in enumerate(getattr(config.matrix, kind)):
+            for field_name in ("algorithm", "defense", "scenario", "attack", "observer"):
+                pattern = getattr(rule, field_name)
+                name = (pattern or "*").removeprefix("!")
+                if any(ch in name for ch in "*?["):
+                    continue
+                if field_name == "scenario":
+                    known = [CLEAN, *(s.name for s in config.matrix.scenarios)]
+                elif field_name == "observer":
+                    known = list(OBSERVERS)
+                else:
+                    known = list(dict.fromkeys(n for spec in axes[field_name] for n in (spec.name, spec.label)))
+                if name not in known:
+                    raise FedleakError(f"{where}: matrix.{kind}[{i}].{field_name} = {pattern!r} matches no "
+                                       f"{field_name} of the matrix: {did_you_mean(name, known)}"
+                                       f"known: {', '.join(known)}")
 
 
 def _check_not_late(rounds: str | tuple[int, ...], config: RunConfig, key: str) -> None:
@@ -533,7 +573,7 @@ def _check_combinations(config: RunConfig, where: str) -> None:
 
     for i, spec in enumerate(config.matrix.attacks):
         _check_not_late(spec.rounds, config, f"{where}: matrix.attacks[{i}].rounds")
-    _check_exclude_names(config, where)
+    _check_rule_names(config, where)
     known = [CLEAN, *(s.name for s in config.matrix.scenarios)]
     for i, spec in enumerate(config.matrix.attacks):
         for name in spec.scenarios:

@@ -122,5 +122,7 @@ def poisoning_cells(trainings: list[dict], scenarios: Sequence[ScenarioSpec]) ->
                       "attack_params": {a.label: a.kwargs for a in specs[t["scenario"]].attacks},
                       "family": "poisoning", "observer": "global", "client": None, "round": len(t["rounds"]),
                       "metrics": metrics, "details": details, "timings": {"attack_seconds": poisoning["seconds"],
-                                                                          "train_seconds": t["train_seconds"]}})
+                                                                          "train_seconds": t["train_seconds"]},
+                      "cost": {"wall_seconds": poisoning["seconds"], "upload_bytes_per_client_per_round":
+                               t.get("cost", {}).get("upload_bytes_per_client_per_round")}})
     return cells

@@ -17,10 +17,27 @@ from pathlib import Path
 
 from fedleak.federated.io import atomic_write_json, atomic_write_text
 
-SCHEMA = "fedleak-results/3"  # 2: cells carry rounds, audit bounds and extraction details; 3: poisoning scenarios
+SCHEMA = "fedleak-results/4"  # 2: rounds, audit bounds, extraction details; 3: poisoning; 4: seeds, cost, machine
 LIBRARIES = ("torch", "transformers", "tokenizers", "peft", "safetensors", "numpy", "scikit-learn", "matplotlib")
 CELL_KEYS = ("algorithm", "defense", "scenario", "attack", "family", "observer", "client", "round", "seed",
              "n_members", "n_nonmembers")
+
+
+SCHEMA_FILE = Path(__file__).with_name("results.schema.json")  # the documented schema of results.json
+
+
+def validate_results(results: dict) -> None:
+    """Check a results dict against results.schema.json (needs the `jsonschema` package, a dev extra)."""
+    import json
+
+    import jsonschema
+
+    schema = json.loads(SCHEMA_FILE.read_text())
+    validator = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
+    errors = sorted(validator.iter_errors(_finite(results)), key=lambda e: list(e.absolute_path))
+    if errors:
+        raise ValueError(f"results.json does not follow {SCHEMA_FILE.name}: "
+                         + "; ".join(f"{e.json_path}: {e.message[:200]}" for e in errors[:5]))
 
 
 def library_versions() -> dict[str, str | None]:
@@ -31,6 +48,16 @@ def library_versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return versions
+
+
+def machine_info(*, jobs: int = 1) -> dict:
+    """The machine a run's timings belong to (numbers also depend on torch's thread count)."""
+    import os
+
+    import torch
+
+    return {"platform": platform.platform(), "machine": platform.machine(), "python": platform.python_version(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "jobs": jobs}
 
 
 def git_commit() -> str | None:
@@ -68,11 +95,13 @@ def cells_csv(cells: list[dict]) -> str:
     metrics = metric_names(cells)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow([*CELL_KEYS, *metrics, "attack_seconds"])
+    writer.writerow([*CELL_KEYS, *metrics, "wall_seconds", "upload_bytes_per_client_per_round"])
     for cell in cells:
+        cost = cell.get("cost", {})
         writer.writerow([("" if cell.get(k) is None else cell.get(k)) for k in CELL_KEYS]
                         + [("" if cell["metrics"].get(m) is None else cell["metrics"][m]) for m in metrics]
-                        + [cell["timings"]["attack_seconds"]])
+                        + [("" if cost.get(k) is None else cost[k])
+                           for k in ("wall_seconds", "upload_bytes_per_client_per_round")])
     return buffer.getvalue()
 
 

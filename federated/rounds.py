@@ -268,6 +268,9 @@ def run_rounds(setup: TrainingSetup, algorithm: Algorithm) -> TrainingRun:
                                config_hash=setup.config_hash, extra={"clients": sampled, "data": artifacts})
         losses = [r.metrics["loss_last_quarter"] for r in results.values() if "loss_last_quarter" in r.metrics]
         history.append({"round": rnd, "clients": sampled, "uploads": [u.client for u in updates],
+                        # what each client sent: the upload's tensors as the server received them
+                        "upload_bytes": {str(u.client): sum(t.numel() * t.element_size() for t in u.state.values())
+                                         for u in updates},
                         "seconds": time.perf_counter() - round_start,
                         "client_metrics": {str(c): r.metrics for c, r in results.items()},
                         "mean_train_loss": sum(losses) / len(losses) if losses else None, **info.metrics})

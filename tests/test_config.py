@@ -91,13 +91,13 @@ def test_list_shows_every_registry(capsys):
 
 
 def test_exclude_rules_drop_pairs_by_glob_and_negation():
-    from fedleak.eval.matrix import trainings_of
+    from fedleak.eval.plan import all_trainings
 
     config = parse_config({"matrix": {
         "algorithms": ["fedit", "fedpit", "locit"],
         "defenses": ["none", "median", {"name": "krum", "f": 0}],
         "exclude": [{"algorithm": "fedpit", "defense": "!none"}, {"defense": "krum(f=0)", "algorithm": "fedit"}]}})
-    pairs = [(a.label, d.label) for a, d, _ in trainings_of(config)]
+    pairs = [(u.algorithm.label, u.defense.label) for u in all_trainings(config)]
     assert pairs == [("fedit", "none"), ("fedit", "median"), ("fedpit", "none"), ("locit", "none")]
     with pytest.raises(FedleakError, match="unknown key 'matrix.exclude\\[0\\].algo'"):
         parse_config({"matrix": {"exclude": [{"algo": "x"}]}}, "x.toml")
@@ -116,3 +116,45 @@ def test_defense_compositions_and_preconditions_are_checked_up_front():
             parse_config(table, "x.toml")
     # Baselines without a federation do not run defenses, so no federation check applies.
     parse_config({"matrix": {"algorithms": ["locit"], "defenses": [{"name": "krum", "f": 1}]}})
+
+
+def test_include_and_observer_rules_cut_trainings_and_cells():
+    from fedleak.eval.plan import all_trainings, attacks_of
+
+    config = parse_config({"matrix": {
+        "algorithms": ["fedit", "locit"], "defenses": ["none", "median", {"name": "dp_sgd", "noise_multiplier": 1.0}],
+        "attacks": [{"name": "loss", "observers": ["global", "upload", "client"]},
+                    {"name": "lira", "observers": ["global", "upload", "client"]}],
+        # all defenses x all MIAs, but LiRA only on the global view, and DP-SGD only with LOSS
+        "include": [{"defense": "!dp_sgd"}, {"defense": "dp_sgd", "attack": "loss"}],
+        "exclude": [{"attack": "lira", "observer": "!global"}]}})
+    units = all_trainings(config)
+    assert [(u.algorithm.name, u.defense.name) for u in units] == [
+        ("fedit", "none"), ("fedit", "median"), ("fedit", "dp_sgd"), ("locit", "none")]
+    cells = {u.defense.name + "/" + u.algorithm.name: {s.name: o for s, o in attacks_of(config, u)} for u in units}
+    assert cells["none/fedit"] == {"loss": ("global", "upload", "client"), "lira": ("global",)}
+    assert cells["dp_sgd/fedit"] == {"loss": ("global", "upload", "client")}
+    with pytest.raises(FedleakError, match=r"matrix.include\[0\].observer = 'globl' matches no observer.*did you mean 'global'"):
+        parse_config({"matrix": {"include": [{"observer": "globl"}]}}, "x.toml")
+
+
+def test_seeds_and_only_patterns():
+    from fedleak.eval.plan import plan
+
+    config = parse_config({"seeds": [3, 1], "matrix": {
+        "algorithms": ["fedit", "cenit"], "defenses": ["none", "median"], "attacks": ["loss", "zlib"]}})
+    assert config.run_seeds == (3, 1)
+    assert [(p.unit.label, p.unit.seed) for p in plan(config)][:3] == [("fedit/none", 3), ("fedit/median", 3),
+                                                                       ("cenit/none", 3)]
+    picked = lambda *only: [(p.unit.label, p.unit.seed, [s.name for s, _ in p.attacks]) for p in plan(config, only)]
+    assert picked("median") == [("fedit/median", 3, ["loss", "zlib"]), ("fedit/median", 1, ["loss", "zlib"])]
+    assert picked("zlib", "cenit/*")[2] == ("cenit/none", 3, ["loss", "zlib"])
+    assert picked("zlib")[0] == ("fedit/none", 3, ["zlib"])
+    assert picked("fed*/none/clean/l*") == [("fedit/none", 3, ["loss"]), ("fedit/none", 1, ["loss"])]
+    with pytest.raises(FedleakError, match="--only zlb: matches no training or attack.*did you mean 'zlib'"):
+        plan(config, ("zlb",))
+    with pytest.raises(FedleakError, match="both seed and seeds"):
+        parse_config({"seed": 1, "seeds": [1, 2]}, "x.toml")
+    with pytest.raises(FedleakError, match="repeats a seed"):
+        parse_config({"seeds": [1, 1]}, "x.toml")
+    assert config.for_seed(1).seed == 1 and config.for_seed(1).run_seeds == (1,)

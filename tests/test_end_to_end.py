@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from fedleak.reports.report import fmt
+from fedleak.eval.results import validate_results
 
 CONFIG = """
 seed = 1
@@ -50,7 +51,8 @@ def test_results_schema_and_memorisation(run_dir):
     results = json.loads((run_dir / "results.json").read_text())
     utility_of = lambda algorithm: next(t["utility"] for t in results["trainings"]
                                         if (t["algorithm"], t["defense"]) == (algorithm, "none"))
-    assert results["schema"] == "fedleak-results/3" and results["seed"] == 1
+    assert results["schema"] == "fedleak-results/4" and results["seed"] == 1 and results["seeds"] == [1]
+    validate_results(results)
     assert results["versions"]["torch"] and results["versions"]["fedleak"] == results["fedleak_version"]
     assert "git_commit" in results and results["config"]["federation"]["rounds"] == 5
     # Defenses apply to federations; the baselines without one train once.
@@ -110,7 +112,12 @@ def test_results_schema_and_memorisation(run_dir):
     fedpit = next(t for t in results["trainings"] if t["algorithm"] == FEDPIT)
     assert fedpit["synthetic"]["candidates"] >= fedpit["synthetic"]["accepted"] > 0
     training = run_dir / results["trainings"][0]["checkpoint_dir"]
-    assert sorted(p.name for p in training.iterdir()) == [f"round-{i:04d}" for i in range(6)]
+    assert sorted(p.name for p in training.iterdir()) == [
+        "attacks", "evaluation.json", *[f"round-{i:04d}" for i in range(6)], "training.json"]
+    # Cost: the LoRA upload of each client each round (float32 tensors), the same every round.
+    cost = results["trainings"][0]["cost"]
+    assert cost["upload_bytes_per_client_per_round"] > 0 and cost["upload_bytes_total"] == 15 * cost[
+        "upload_bytes_per_client_per_round"]
 
 
 def test_csv_and_reports_carry_the_numbers_of_results_json(run_dir):
@@ -132,7 +139,7 @@ def test_csv_and_reports_carry_the_numbers_of_results_json(run_dir):
                 assert fmt(scores["loss"]) in markdown and fmt(scores["rouge_l"]) in html
     # ROC plots per (attack, observer) of the final round: loss on 3 observers, min_k and reference on
     # global; loss over rounds on 3 observers; exposure against repetitions. Embedded and saved.
-    assert html.count('src="data:image/png;base64,') == 5 + 3 + 1
+    assert html.count('src="data:image/png;base64,') == 5 + 3 + 1 + 2  # + summary heatmap, frontier
     assert "src=\"http" not in html
     for name in ("roc-loss-client", "rounds-loss-global", "exposure-vs-repetitions"):
         assert (run_dir / "plots" / f"{name}.png").exists()

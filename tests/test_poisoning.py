@@ -287,9 +287,9 @@ def test_poisoning_attacks_belong_in_scenarios_and_privacy_attacks_name_known_sc
                                   'attacks = [{name = "loss", scenarios = ["bakdoor"]}]\n'), "run.toml")
     config = parse_config(tomllib.loads(BASE + 'scenarios = [{name = "b", fraction = 0.34, attacks = ["backdoor"]}]\n'
                                         'exclude = [{defense = "none", scenario = "b"}]\n'), "run.toml")
-    from fedleak.eval.matrix import trainings_of
+    from fedleak.eval.plan import all_trainings
 
-    assert [(d.name, s and s.name) for _, d, s in trainings_of(config)] == [("none", None)]
+    assert [(u.defense.name, u.scenario and u.scenario.name) for u in all_trainings(config)] == [("none", None)]
 
 
 def test_malicious_fractions_are_seeded_and_nested_across_scenarios():
@@ -377,16 +377,15 @@ def test_readme_toml_examples_parse_and_its_scenarios_validate():
 def test_exclude_rule_with_attack_keeps_the_training_and_skips_the_attack():
     import tomllib
 
-    from fedleak.eval.matrix import trainings_of
+    from fedleak.eval.plan import all_trainings, attacks_of
 
     config = parse_config(tomllib.loads(BASE.replace('defenses = ["none"]', 'defenses = ["none", "median"]')
                                         + 'attacks = ["loss", "zlib"]\n'
                                         'exclude = [{ defense = "median", attack = "z*" }]\n'), "run.toml")
-    (rule,) = config.matrix.exclude
-    triples = trainings_of(config)
-    assert [d.name for _, d, _ in triples] == ["none", "median"]
-    skipped = {(d.name, a.name) for al, d, _ in triples for a in config.matrix.attacks if rule.skips(a, al, d)}
-    assert skipped == {("median", "zlib")}
+    units = all_trainings(config)
+    assert [u.defense.name for u in units] == ["none", "median"]
+    assert {u.defense.name: [s.name for s, _ in attacks_of(config, u)] for u in units} == {
+        "none": ["loss", "zlib"], "median": ["loss"]}
 
 
 def test_poisoning_cells_pair_each_poisoned_training_with_its_clean_twin():

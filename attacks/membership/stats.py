@@ -20,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from fedleak.attacks.base import MembershipAttack
 from fedleak.federated.data import Record
@@ -64,13 +65,14 @@ TOKEN_CHUNK = 512  # scored positions per softmax: bounds memory at TOKEN_CHUNK 
 
 @torch.no_grad()
 def compute_stats(model, tokenizer, records: Sequence[Record], *, max_length: int, response_only: bool,
-                  batch_size: int) -> TokenStats:
+                  batch_size: int, progress: bool = False) -> TokenStats:
     """One forward pass per batch of `records`; the softmax statistics only at scored positions, in
     chunks, so a 128k-token vocabulary does not multiply the logits' memory."""
     examples = encode(records, tokenizer, max_length=max_length, response_only=response_only)
     rows: list[tuple[np.ndarray, ...]] = []
     model.eval()
-    for batch in batches(examples, batch_size=batch_size, pad_id=tokenizer.pad_token_id):
+    for batch in tqdm(batches(examples, batch_size=batch_size, pad_id=tokenizer.pad_token_id), desc="scoring",
+                      unit="batch", total=-(-len(examples) // batch_size), disable=not progress, leave=False):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
         targets = batch["labels"][:, 1:]
         mask = targets != IGNORE
@@ -140,7 +142,8 @@ def shared_stats(target, records: Sequence[Record], *, model: str = TARGET, vari
         texts = [lowercased(r) for r in records] if variant == LOWERCASE else list(records)
         with context:
             cache[key] = compute_stats(net, tokenizer, texts, max_length=target.max_length,
-                                       response_only=target.response_only, batch_size=target.batch_size)
+                                       response_only=target.response_only, batch_size=target.batch_size,
+                                       progress=target.env is not None and target.env.progress)
     return cache[key]
 
 

@@ -1,0 +1,184 @@
+"""Expand a matrix config into work: trainings (algorithm, defense, scenario, seed), each probed by
+the attacks its rules allow on the observers they allow, cut by `--only` patterns; and the dry-run
+description of that work."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass, field
+
+from fedleak.eval.config import CLEAN, ComponentSpec, RunConfig, ScenarioSpec, did_you_mean
+from fedleak.federated.errors import FedleakError
+
+NO_DEFENSE = ComponentSpec("none")
+
+
+@dataclass(frozen=True)
+class TrainingUnit:
+    """One training: trained once, reused by every attack that probes it."""
+
+    algorithm: ComponentSpec
+    defense: ComponentSpec
+    scenario: ScenarioSpec | None  # None: the clean federation
+    seed: int
+
+    @property
+    def scenario_name(self) -> str:
+        return self.scenario.name if self.scenario else CLEAN
+
+    @property
+    def label(self) -> str:
+        return f"{self.algorithm.label}/{self.defense.label}" + (f"/{self.scenario.name}" if self.scenario else "")
+
+    @property
+    def stem(self) -> str:
+        """The training's folder under `trainings/`."""
+        return (f"{self.algorithm.label}-{self.defense.label}" + (f"-{self.scenario.name}" if self.scenario else "")
+                + f"-seed{self.seed}")
+
+    def key(self) -> dict:
+        return {"algorithm": self.algorithm.label, "defense": self.defense.label, "scenario": self.scenario_name,
+                "seed": self.seed}
+
+
+@dataclass
+class PlannedTraining:
+    unit: TrainingUnit
+    attacks: list[tuple[ComponentSpec, tuple[str, ...]]] = field(default_factory=list)  # (attack, observers)
+
+
+def _federated(spec: ComponentSpec) -> bool:
+    from fedleak.federated.rounds import ALGORITHMS
+
+    return ALGORITHMS.get(spec.name).federated
+
+
+def all_trainings(config: RunConfig) -> list[TrainingUnit]:
+    """Every (algorithm, defense, scenario, seed) the rules keep: defenses and malicious clients hook
+    into a federation, so non-federated baselines (CENIT, LOCIT) train once per seed, clean and without
+    a defense."""
+    units = []
+    for seed in config.run_seeds:
+        for algorithm in config.matrix.algorithms:
+            if _federated(algorithm):
+                units += [TrainingUnit(algorithm, defense, scenario, seed)
+                          for scenario in [None, *config.matrix.scenarios] for defense in config.matrix.defenses]
+            else:
+                units.append(TrainingUnit(algorithm, NO_DEFENSE, None, seed))
+    include, exclude = config.matrix.include, config.matrix.exclude
+    return [u for u in units
+            if (not include or any(r.covers(u.algorithm, u.defense, u.scenario_name) for r in include))
+            and not any(not r.selects_cells and r.covers(u.algorithm, u.defense, u.scenario_name) for r in exclude)]
+
+
+def attacks_of(config: RunConfig, unit: TrainingUnit) -> list[tuple[ComponentSpec, tuple[str, ...]]]:
+    """The privacy attacks that probe one training, each with the observers the rules leave it."""
+    include, exclude = config.matrix.include, config.matrix.exclude
+    out = []
+    for spec in config.matrix.attacks:
+        if unit.scenario_name not in spec.scenarios:
+            continue
+        observers = tuple(
+            o for o in spec.observers
+            if (not include or any(r.covers_cell(spec, o, unit.algorithm, unit.defense, unit.scenario_name)
+                                   for r in include))
+            and not any(r.selects_cells and r.covers_cell(spec, o, unit.algorithm, unit.defense, unit.scenario_name)
+                        for r in exclude))
+        if observers:
+            out.append((spec, observers))
+    return out
+
+
+class Selection:
+    """`--only` patterns. `a/b/c/d` globs (algorithm, defense, scenario, attack) in order, missing
+    trailing parts match anything; a pattern without "/" matches any one of them (name or label).
+    A pattern that selects a training selects all its attacks."""
+
+    def __init__(self, patterns: tuple[str, ...] = ()):
+        self.patterns = tuple(patterns)
+
+    @staticmethod
+    def _hit(pattern: str, *names: str) -> bool:
+        return any(fnmatch.fnmatchcase(n, pattern) for n in names)
+
+    def _training_parts(self, pattern: str, unit: TrainingUnit) -> bool | None:
+        """True/False when the pattern decides on the training alone; None when it names an attack."""
+        parts = pattern.split("/")
+        if len(parts) == 1:
+            if self._hit(pattern, unit.algorithm.name, unit.algorithm.label, unit.defense.name, unit.defense.label,
+                         unit.scenario_name):
+                return True
+            return None
+        names = [(unit.algorithm.name, unit.algorithm.label), (unit.defense.name, unit.defense.label),
+                 (unit.scenario_name,)]
+        if not all(self._hit(p, *n) for p, n in zip(parts[:3], names)):
+            return False
+        return True if len(parts) <= 3 else None
+
+    def selects_attack(self, unit: TrainingUnit, spec: ComponentSpec) -> bool:
+        if not self.patterns:
+            return True
+        for pattern in self.patterns:
+            decided = self._training_parts(pattern, unit)
+            if decided or (decided is None and self._hit(pattern.split("/")[-1], spec.name, spec.label)):
+                return True
+        return False
+
+    def selects_training(self, unit: TrainingUnit, attacks: list[ComponentSpec]) -> bool:
+        if not self.patterns:
+            return True
+        return (any(self._training_parts(p, unit) for p in self.patterns)
+                or any(self.selects_attack(unit, spec) for spec in attacks))
+
+
+def plan(config: RunConfig, only: tuple[str, ...] = ()) -> list[PlannedTraining]:
+    selection = Selection(only)
+    planned = []
+    for unit in all_trainings(config):
+        attacks = attacks_of(config, unit)
+        if not selection.selects_training(unit, [spec for spec, _ in attacks]):
+            continue
+        planned.append(PlannedTraining(unit, [(s, o) for s, o in attacks if selection.selects_attack(unit, s)]))
+    if only and not planned:
+        known = list(dict.fromkeys(n for spec in (*config.matrix.algorithms, *config.matrix.defenses,
+                                                  *config.matrix.attacks) for n in (spec.name, spec.label)))
+        known += [CLEAN, *(s.name for s in config.matrix.scenarios)]
+        raise FedleakError(f"--only {' '.join(only)}: matches no training or attack of the matrix: "
+                           f"{did_you_mean(only[0].split('/')[-1], known)}use names such as {', '.join(known[:8])}, "
+                           f"or algorithm/defense/scenario/attack globs")
+    return planned
+
+
+def views_per_round(config: RunConfig, unit: TrainingUnit, observer: str) -> int:
+    """How many views of `observer` one round writes (an estimate for the dry run)."""
+    from fedleak.defenses.base import DEFENSES
+    from fedleak.federated.rounds import ALGORITHMS
+
+    algorithm = ALGORITHMS.get(unit.algorithm.name)
+    per_round = config.federation.clients_per_round if algorithm.federated else config.federation.clients
+    if observer == "global":
+        return int(algorithm.has_server)
+    if observer == "upload":
+        hidden = any(getattr(DEFENSES.get(p.name), "hides_uploads", False) for p in (unit.defense.parts or (unit.defense,)))
+        return per_round if algorithm.has_server and algorithm.record_uploads and not hidden else 0
+    return per_round
+
+
+def attack_cells(config: RunConfig, unit: TrainingUnit, spec: ComponentSpec, observers: tuple[str, ...]) -> int:
+    rounds = config.federation.rounds
+    probed = {"final": 1, "all": rounds + 1}.get(spec.rounds) if isinstance(spec.rounds, str) else len(spec.rounds)
+    return probed * sum(views_per_round(config, unit, o) for o in observers)
+
+
+def training_steps(config: RunConfig, unit: TrainingUnit, client_records: list[int]) -> int:
+    """Optimizer steps of one training: rounds x sampled clients x local epochs x batches (a malicious
+    client's own epochs counted for its share)."""
+    fed = config.federation
+    per_round = fed.clients_per_round if _federated(unit.algorithm) else len(client_records)
+    epochs = float(fed.local_epochs)
+    if unit.scenario and unit.scenario.local_epochs:
+        share = len(unit.scenario.malicious(num_clients=fed.clients, seed=unit.seed)) / fed.clients
+        epochs = (1 - share) * fed.local_epochs + share * unit.scenario.local_epochs
+    mean_batches = sum(math.ceil(n / fed.batch_size) for n in client_records) / max(1, len(client_records))
+    return int(round(fed.rounds * per_round * epochs * mean_batches))

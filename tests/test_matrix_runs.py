@@ -1,0 +1,191 @@
+"""The run machinery on a matrix that trains in seconds: cache, resume after kill -9, --jobs, --only,
+--dry-run, seeds, the results schema, `fedleak train` and `fedleak attack`."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedleak.eval.results import validate_results
+
+MATRIX = """
+[matrix]
+algorithms = ["fedit", "locit"]
+defenses = ["none", "median"]
+attacks = [{ name = "loss", observers = ["global"], rounds = "all" }, { name = "loss", observers = ["upload", "client"] },
+           { name = "zlib", observers = ["global"] }]
+exclude = [{ defense = "median", observer = "!global" }]
+"""
+TIMING_KEYS = {"started_at", "finished_at", "machine", "timings", "cost", "seconds", "train_seconds",
+               "utility_seconds", "config_path"}
+
+
+@pytest.fixture(scope="module")
+def env():
+    # One thread per run: numbers depend on torch's thread count, and these runs must agree exactly.
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def config_path(tmp_path_factory, tiny_run_config):
+    path = tmp_path_factory.mktemp("matrix") / "run.toml"
+    path.write_text("seeds = [0, 1]\n" + tiny_run_config + MATRIX)
+    return path
+
+
+def fedleak(*args, env, check=True):
+    proc = subprocess.run([sys.executable, "-m", "fedleak", *map(str, args)], capture_output=True, text=True, env=env)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def without_timings(obj):
+    if isinstance(obj, dict):
+        return {k: without_timings(v) for k, v in obj.items() if k not in TIMING_KEYS}
+    if isinstance(obj, list):
+        return [without_timings(v) for v in obj]
+    return obj
+
+
+def results_of(folder: Path) -> dict:
+    return json.loads((folder / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def reference(config_path, env, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference") / "out"
+    fedleak("run", config_path, "--out", out, "--quiet", env=env)
+    return out
+
+
+def test_results_follow_the_schema_with_seeds_and_costs(reference):
+    results = results_of(reference)
+    validate_results(results)
+    assert results["seeds"] == [0, 1] and results["machine"]["torch_threads"] == 1
+    assert [(t["algorithm"], t["defense"], t["seed"]) for t in results["trainings"]] == [
+        (a, d, s) for s in (0, 1) for a, d in (("fedit", "none"), ("fedit", "median"), ("locit", "none"))]
+    # The observer rule: median trainings are attacked on the global view only; LocIT has no global view.
+    views = {(c["algorithm"], c["defense"], c["observer"]) for c in results["cells"] if c["attack"] == "loss"}
+    assert views == {("fedit", "none", "global"), ("fedit", "none", "upload"), ("fedit", "none", "client"),
+                     ("fedit", "median", "global"), ("locit", "none", "client")}
+    keys = [tuple(c[k] for k in ("algorithm", "defense", "seed", "attack", "observer", "client", "round"))
+            for c in results["cells"]]
+    assert len(keys) == len(set(keys))  # loss is listed twice (disjoint observers): each cell once
+    assert sorted(r for a, d, s, at, o, c, r in keys if (a, d, s, at, o) == ("fedit", "none", 0, "loss", "global")) \
+        == [0, 1, 2]
+    # Across seeds: each aggregate's mean is the mean of its per-seed cells.
+    for agg in results["aggregates"]:
+        per_seed = [c["metrics"]["auc"] for c in results["cells"]
+                    if all(c[k] == agg[k] for k in ("algorithm", "defense", "attack", "observer", "client", "round"))]
+        assert agg["seeds"] == [0, 1] and len(per_seed) == 2
+        assert agg["metrics"]["auc"]["mean"] == pytest.approx(sum(per_seed) / 2)
+        assert agg["metrics"]["auc"]["ci_low"] <= agg["metrics"]["auc"]["mean"] <= agg["metrics"]["auc"]["ci_high"]
+    fedit = results["trainings"][0]
+    assert fedit["cost"]["upload_bytes_per_client_per_round"] > 0
+    assert results["trainings"][2]["cost"]["upload_bytes_per_client_per_round"] is None  # LocIT uploads nothing
+    assert (reference / "run.log").read_text().count("training fedit/none seed 0") == 1
+    bad = json.loads(json.dumps(results))
+    bad["cells"][0]["observer"] = "spy"
+    with pytest.raises(ValueError, match="observer"):
+        validate_results(bad)
+
+
+def test_kill_9_then_rerun_gives_the_uninterrupted_results(reference, config_path, env, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "fedleak", "run", str(config_path), "--out", str(out), "--quiet"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    # Kill in the middle of a training, after an earlier one finished.
+    while time.time() < deadline and proc.poll() is None:
+        done = list(out.glob("trainings/*/training.json"))
+        if done and list(out.glob("trainings/.*.partial-*/round-0001")):
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "results.json").exists()
+    finished = {p.parent.name for p in out.glob("trainings/*/training.json")}
+    assert finished and len(finished) < 6
+    fedleak("run", config_path, "--out", out, "--quiet", env=env)
+    log = (out / "run.log").read_text()
+    labels = [name.rsplit("-seed", 1)[0].replace("-", "/") + " seed " + name.rsplit("-seed", 1)[1] for name in finished]
+    assert all(f"training {label}: cached" in log for label in labels)
+    assert without_timings(results_of(out)) == without_timings(results_of(reference))
+    assert not list(out.glob("trainings/.*"))  # the killed training's scratch folder was replaced
+
+
+def test_a_new_attack_runs_alone_and_jobs_2_gives_the_same_numbers(reference, config_path, env, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    before = {p: p.stat().st_mtime_ns for p in out.glob("trainings/*/*.json")}
+    extended = tmp_path / "run.toml"
+    extended.write_text(config_path.read_text().replace('{ name = "zlib"', '{ name = "min_k" }, { name = "zlib"'))
+    fedleak("run", extended, "--out", out, "--quiet", env=env)
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # no training or evaluation redone
+    log = (out / "run.log").read_text()
+    log = log[log.rindex(": run "):]  # the second run's lines
+    assert "attacks on fedit/none seed 0: 1 run, 3 cached" in log and log.count(": cached") == 6
+    new, old = results_of(out), results_of(reference)
+    assert [without_timings(c) for c in new["cells"] if c["attack"] != "min_k"] == without_timings(old["cells"])
+    assert {c["algorithm"] for c in new["cells"] if c["attack"] == "min_k"} == {"fedit"}
+
+    parallel = tmp_path / "parallel"
+    fedleak("run", config_path, "--out", parallel, "--quiet", "--jobs", "2", env=env)
+    assert results_of(parallel)["machine"]["jobs"] == 2
+    assert without_timings(results_of(parallel)) == without_timings(old)
+
+
+def test_dry_run_and_only(reference, config_path, env):
+    dry = fedleak("run", config_path, "--out", reference, "--dry-run", env=env).stdout
+    assert "training fedit/median seed 1: cached" in dry and "6 trainings (0 to train" in dry
+    assert "(0 to run)" in dry
+    only = fedleak("run", config_path, "--out", reference.parent / "nothing", "--dry-run", "--only", "median",
+                   env=env).stdout
+    assert [line.split(":")[0] for line in only.splitlines() if line.startswith("training")] == [
+        "training fedit/median seed 0", "training fedit/median seed 1"]
+    assert "2 trainings (2 to train" in only and not (reference.parent / "nothing").exists()
+    zlib = fedleak("run", config_path, "--out", reference, "--dry-run", "--only", "fedit/none/clean/zlib", env=env).stdout
+    assert "attack zlib" in zlib and "attack loss" not in zlib and "seed 1" in zlib
+    bad = fedleak("run", config_path, "--out", reference, "--dry-run", "--only", "medain", env=env, check=False)
+    assert bad.returncode == 2 and "did you mean 'median'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_only_runs_a_subset(config_path, env, tmp_path):
+    fedleak("run", config_path, "--out", tmp_path, "--quiet", "--only", "locit", env=env)
+    results = results_of(tmp_path)
+    assert {t["algorithm"] for t in results["trainings"]} == {"locit"} and results["only"] == ["locit"]
+    assert results["cells"] and {c["algorithm"] for c in results["cells"]} == {"locit"}
+
+
+def test_train_then_attack_its_checkpoints_and_a_foreign_copy(reference, config_path, env, tmp_path):
+    out = tmp_path / "trained"
+    printed = fedleak("train", config_path, "--out", out, "--defense", "none", "--seed", "1", "--quiet",
+                      env=env).stdout.strip()
+    training = Path(printed)
+    assert training == out / "trainings" / "fedit-none-seed1" and (training / "training.json").exists()
+    ref_cells = [c for c in results_of(reference)["cells"]
+                 if (c["algorithm"], c["defense"], c["seed"]) == ("fedit", "none", 1)]
+    attacked = fedleak("attack", training, "--config", config_path, "--out", tmp_path / "a", "--quiet", env=env)
+    assert attacked.returncode == 0
+    cells = results_of(tmp_path / "a")["cells"]
+    validate_results(results_of(tmp_path / "a"))
+    assert without_timings(cells) == without_timings(ref_cells)
+    # Another tool's checkpoints: the round folders alone (no training.json), the algorithm named.
+    foreign = tmp_path / "foreign"
+    for folder in training.glob("round-*"):
+        shutil.copytree(folder, foreign / folder.name)
+    fedleak("attack", foreign, "--config", config_path, "--algorithm", "fedit", "--seed", "1", "--out",
+            tmp_path / "b", "--quiet", env=env)
+    metrics = {(c["attack"], c["observer"], c["client"]): c["metrics"] for c in results_of(tmp_path / "b")["cells"]}
+    assert metrics == {(c["attack"], c["observer"], c["client"]): c["metrics"] for c in ref_cells}
+    assert (tmp_path / "b" / "report.html").exists()
+    missing = fedleak("attack", tmp_path, "--config", config_path, env=env, check=False)
+    assert missing.returncode == 2 and "no round-XXXX/manifest.json" in missing.stderr
