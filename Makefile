@@ -23,7 +23,7 @@ $(DEV_STAMP): $(STAMP)
 	touch $(DEV_STAMP)
 
 demo: $(STAMP)
-	$(BIN)/fedleak run configs/quick.toml --out runs/quick
+	$(BIN)/fedleak run configs/quick.toml --out runs/quick --jobs 2
 	@echo "report: runs/quick/report.html (also report.md, results.json, results.csv)"
 
 test: $(DEV_STAMP)

@@ -49,13 +49,18 @@ class _LogFile:
         log.addHandler(self.handler)
         return self
 
+    def _only_ours(self) -> bool:
+        from fedleak.eval.matrix import LOCK_FILE
+
+        return {p.name for p in self.path.parent.iterdir()} <= {self.path.name, LOCK_FILE}
+
     def __exit__(self, exc_type, exc, tb):
         if exc is not None:  # the one-line error (or the interruption) ends the log file too
             self.handler.handle(logging.makeLogRecord({"name": log.name, "levelno": logging.ERROR, "levelname": "ERROR",
                                                        "msg": f"stopped: {type(exc).__name__}: {exc}"}))
         log.removeHandler(self.handler)
         self.handler.close()
-        if exc is not None and self.created and [p.name for p in self.path.parent.iterdir()] == [self.path.name]:
+        if exc is not None and self.created and self._only_ours():
             shutil.rmtree(self.path.parent)  # failed before writing anything: leave nothing behind
 
 
@@ -85,7 +90,7 @@ def cmd_run(args) -> int:
     out = _out(args, config)
     only = tuple(args.only or ())
     if args.dry_run:
-        print(describe(config, plan(config, only), out, base_dir=Path(args.config).parent))
+        print(describe(config, plan(config, only), out, base_dir=Path(args.config).parent, use_cache=not args.fresh))
         return 0
     quiet_libraries()
     with _LogFile(out):
@@ -119,12 +124,16 @@ def cmd_train(args) -> int:
     config = load_config(args.config)
     out = _out(args, config)
     algorithm = _pick(config.matrix.algorithms, args.algorithm, "algorithm")
-    defense = _pick(config.matrix.defenses, args.defense, "defense") if _federated(algorithm) else NO_DEFENSE
+    federated = _federated(algorithm)
+    if not federated and (args.defense or args.scenario not in (None, "clean")):
+        raise FedleakError(f"--algorithm {algorithm.label} is not federated: it trains without a defense or a "
+                           f"poisoning scenario; drop --defense and --scenario")
+    defense = _pick(config.matrix.defenses, args.defense, "defense") if federated else NO_DEFENSE
     scenario = None
     if args.scenario not in (None, "clean"):
-        scenario = _pick(config.matrix.scenarios, args.scenario, "scenario") if config.matrix.scenarios else None
-        if scenario is None:
-            raise FedleakError(f"--scenario {args.scenario}: the config has no matrix.scenarios")
+        if not config.matrix.scenarios:
+            raise FedleakError(f"--scenario {args.scenario}: {args.config} declares no matrix.scenarios")
+        scenario = _pick(config.matrix.scenarios, args.scenario, "scenario")
     seed = config.run_seeds[0] if args.seed is None else args.seed
     quiet_libraries()
     with _LogFile(out):
@@ -141,16 +150,18 @@ def cmd_train(args) -> int:
 
 def cmd_attack(args) -> int:
     from fedleak.eval.config import load_config
-    from fedleak.eval.matrix import attack_checkpoint
+    from fedleak.eval.matrix import attack_checkpoint, checkpoint_rounds
     from fedleak.reports.report import write_report
 
     config = load_config(args.config)
     checkpoint_dir = Path(args.checkpoint_dir)
+    checkpoint_rounds(checkpoint_dir)  # a wrong folder fails before any output folder exists
     out = Path(args.out) if args.out else checkpoint_dir.parent / f"{checkpoint_dir.name}-attacks"
     quiet_libraries()
     with _LogFile(out):
         attack_checkpoint(config, checkpoint_dir, out, config_path=str(args.config), algorithm=args.algorithm,
-                          seed=args.seed, only=tuple(args.only or ()), progress=not args.quiet)
+                          seed=args.seed, only=tuple(args.only or ()), progress=not args.quiet,
+                          use_cache=not args.fresh)
         md, html = write_report(out, show_secrets=args.show_secrets)
         _headline(out)
         log.info("wrote %s, %s, %s and %s", out / "results.json", out / "results.csv", md, html)
@@ -229,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--out", help="output folder (default: CHECKPOINT_DIR-attacks beside it)")
     attack.add_argument("--algorithm", help="for checkpoints without training.json: the algorithm (default fedit)")
     attack.add_argument("--seed", type=int, help="for checkpoints without training.json: the data seed")
+    attack.add_argument("--fresh", action="store_true", help="ignore cached attack results in the output folder")
     attack.set_defaults(func=cmd_attack)
     report = sub.add_parser("report", parents=[secrets], help="(re)write report.md and report.html from results.json")
     report.add_argument("run_dir", help="output folder of a finished run")

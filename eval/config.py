@@ -226,11 +226,9 @@ class RunConfig:
     def to_dict(self) -> dict:
         return plain(self)
 
-    def hash(self, *parts: str) -> str:
-        """sha256 of the named top-level parts (all if none): what produced a checkpoint."""
-        d = self.to_dict()
-        chosen = {k: d[k] for k in parts} if parts else d
-        return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
+    def hash(self) -> str:
+        """sha256 of the whole config (the training and attack caches key only the parts that matter)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def plain(obj):

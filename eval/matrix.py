@@ -17,9 +17,10 @@ share their forward passes (`attacks/membership/stats.py`)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import functools
 import datetime as dt
+import functools
 import hashlib
 import json
 import logging
@@ -63,6 +64,7 @@ log = logging.getLogger("fedleak")
 
 SYNTHETIC_EXAMPLES = 3  # synthetic records per training quoted in the results (and report)
 TRAINING_FILE, EVALUATION_FILE, ATTACKS_DIR = "training.json", "evaluation.json", "attacks"
+LOCK_FILE = ".fedleak.lock"
 
 
 def cache_key(*parts) -> str:
@@ -138,7 +140,7 @@ def _view_truth(algorithm, history: list[dict], data: FederatedData, observer: s
                 rnd: int) -> _ViewTruth:
     if observer == "global":
         # Round 0 is the initial adapter: scored against the final members, it is the pre-training baseline.
-        upto = history if rnd == 0 else history[:rnd]
+        upto = history if rnd == 0 else [entry for entry in history if entry["round"] <= rnd]
         contributors = {c for entry in upto for c in entry["clients"]}
         clients = algorithm.global_clients(data, contributors)
         others = data.heldout
@@ -158,7 +160,7 @@ class SeedContext:
 
     config: RunConfig  # config.for_seed(seed)
     data: FederatedData
-    data_fingerprint: str | None
+    data_sha256: str | None  # a user data file's content
     env: AttackEnvironment | None = None
     scorable_cache: dict = field(default_factory=dict)
 
@@ -211,10 +213,50 @@ def seed_context(config: RunConfig, seed: int, base_dir: Path) -> SeedContext:
     return _CONTEXTS[key]
 
 
+CODE_FOLDERS = ("attacks", "defenses", "eval", "federated")  # what trains, evaluates and attacks (not reports/)
+
+
+@functools.cache
+def code_fingerprint(plugins: tuple[str, ...] = ()) -> str:
+    """sha256 of fedleak's training, evaluation and attack code and of the plug-in modules: an edited
+    algorithm, defense or attack invalidates what it produced (results.json's git_commit would lie)."""
+    import importlib
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    files = sorted(p for folder in CODE_FOLDERS for p in (root / folder).rglob("*.py"))
+    for module in plugins:
+        path = getattr(sys.modules.get(module) or importlib.import_module(module), "__file__", None)
+        files += [Path(path)] if path else []
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path.relative_to(root) if path.is_relative_to(root) else path.name).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def model_fingerprint(config: RunConfig) -> dict:
+    """What the base model is: the embedded build's settings, or the name plus, for a local folder, its
+    files' names and sizes (reading gigabytes of weights to hash them would cost more than it saves).
+    A hub id is taken at its name: pin a revision by downloading it to a folder."""
+    model = plain(config.model)
+    out = {"name": model["name"], "lora": model["lora"]}
+    if model["name"] == "embedded":
+        out["embedded"] = model["embedded"]
+    elif Path(model["name"]).is_dir():
+        out["files"] = sorted((p.name, p.stat().st_size) for p in Path(model["name"]).iterdir() if p.is_file())
+    return out
+
+
+def data_fingerprint(ctx: SeedContext) -> dict:
+    data = plain(ctx.config.data)
+    return {"source": data["source"], data["source"]: data[data["source"]], "file_sha256": ctx.data_sha256}
+
+
 def training_key(ctx: SeedContext, unit: TrainingUnit) -> str:
-    d = ctx.config.to_dict()
-    return cache_key("training", __version__, {k: d[k] for k in ("seed", "model", "data", "federation")},
-                     ctx.data_fingerprint, plain(unit.algorithm), plain(unit.defense),
+    cfg = ctx.config
+    return cache_key("training", __version__, code_fingerprint(cfg.plugins), cfg.seed, model_fingerprint(cfg),
+                     data_fingerprint(ctx), plain(cfg.federation), plain(unit.algorithm), plain(unit.defense),
                      plain(unit.scenario) if unit.scenario else None)
 
 
@@ -286,6 +328,16 @@ def _synthetic_examples(training_dir: Path, final_round: int) -> list[dict]:
     return rows[:SYNTHETIC_EXAMPLES]
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _train(ctx: SeedContext, unit: TrainingUnit, training_dir: Path, key: str, base_model, tokenizer,
            progress: bool):
     """Train into a scratch folder and move it into place once complete: a killed training leaves no
@@ -295,7 +347,8 @@ def _train(ctx: SeedContext, unit: TrainingUnit, training_dir: Path, key: str, b
                             f"matrix.algorithms: {unit.algorithm.label}")
     defense = build_defense(unit.defense, f"matrix.defenses: {unit.defense.label}")
     for stale in training_dir.parent.glob(f".{training_dir.name}.partial-*"):  # left by a killed run
-        shutil.rmtree(stale, ignore_errors=True)
+        if not _alive(int(stale.name.rsplit("-", 1)[1])):
+            shutil.rmtree(stale, ignore_errors=True)
     scratch = training_dir.with_name(f".{training_dir.name}.partial-{os.getpid()}")
     setup = TrainingSetup(base_model=base_model, tokenizer=tokenizer, data=ctx.data, federation=cfg.federation,
                           lora=cfg.model.lora, hooks=defense, seed=cfg.seed, out_dir=scratch,
@@ -371,6 +424,18 @@ def _training_record(unit: TrainingUnit, trained: dict, evaluated: dict, trainin
                  "upload_bytes_total": trained["upload_bytes_total"], "torch_threads": trained["torch_threads"]},
         "rounds": trained["rounds"],
     }
+
+
+def cached_training(config: RunConfig, unit: TrainingUnit, out_dir: Path, *, base_dir: Path) -> dict | None:
+    """The training's results record when its checkpoints and evaluation are cached under their keys."""
+    ctx = seed_context(config, unit.seed, base_dir)
+    training_dir = Path(out_dir) / "trainings" / unit.stem
+    t_key = training_key(ctx, unit)
+    trained = _read_json(training_dir / TRAINING_FILE)
+    evaluated = _read_json(training_dir / EVALUATION_FILE)
+    if (trained or {}).get("key") == t_key and (evaluated or {}).get("key") == evaluation_key(ctx, unit, t_key):
+        return _training_record(unit, trained, evaluated, training_dir, Path(out_dir))
+    return None
 
 
 def train_unit(config: RunConfig, unit: TrainingUnit, out_dir: Path, *, base_dir: Path, progress: bool = False,
@@ -481,13 +546,38 @@ def attack_training(ctx: SeedContext, unit: TrainingUnit, record: dict, training
     return [cell for spec, _ in attacks for cell in results[_cache_name(spec)]], len(todo)
 
 
-def _worker_init(plugins: tuple[str, ...], base_dir: str, threads: int) -> None:
-    from fedleak.cli import quiet_libraries
+def _worker_init(plugins: tuple[str, ...], base_dir: str, threads: int, log_path: str | None) -> None:
+    import signal
+
+    from fedleak.cli import LOG_FORMAT, quiet_libraries
     from fedleak.eval.config import load_plugins
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops the workers
+    _die_with_parent()
     quiet_libraries()
     torch.set_num_threads(threads)
     load_plugins(plugins, "plugins", Path(base_dir))
+    if log_path:  # the worker's lines go to the run's log file too (appended line by line)
+        handler = logging.FileHandler(log_path, encoding="utf-8")
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def _die_with_parent() -> None:
+    """A worker whose parent was killed (kill -9) must not go on writing into the run folder that a
+    resumed run is using: on Linux the kernel kills it with the parent (prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
+def _log_file() -> str | None:
+    return next((h.baseFilename for h in log.handlers if isinstance(h, logging.FileHandler)), None)
 
 
 def _train_all(config: RunConfig, units: list[TrainingUnit], out_dir: Path, *, base_dir: Path, jobs: int,
@@ -501,27 +591,45 @@ def _train_all(config: RunConfig, units: list[TrainingUnit], out_dir: Path, *, b
                  "cached" if cached else f"{record['cost']['wall_seconds']:.1f} s")
         bar.update()
 
-    if jobs <= 1 or len(units) <= 1:
-        for unit in units:
+    todo = []
+    for unit in units:  # cached ones are read here: a worker would import torch to read a JSON file
+        record = cached_training(config, unit, out_dir, base_dir=base_dir) if use_cache else None
+        if record:
+            done(unit, record, True)
+        else:
+            todo.append(unit)
+    if jobs <= 1:
+        for unit in todo:
             done(unit, *train_unit(config, unit, out_dir, base_dir=base_dir, progress=progress, use_cache=use_cache))
-    else:
+    elif todo:
         threads = max(1, torch.get_num_threads() // jobs)  # OMP_NUM_THREADS or the cores, shared out
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_worker_init, initargs=(config.plugins, str(base_dir), threads)) as pool:
+        pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_worker_init,
+                                   initargs=(config.plugins, str(base_dir), threads, _log_file()))
+        try:
             futures = {pool.submit(train_unit, config, unit, out_dir, base_dir=base_dir, use_cache=use_cache): unit
-                       for unit in units}
-            try:
-                for future in as_completed(futures):
-                    done(futures[future], *future.result())
-            except BrokenProcessPool:
-                raise FedleakError("a training process died (out of memory or killed; or a script calling run_matrix "
-                                   "with jobs > 1 lacks `if __name__ == \"__main__\":`): rerun, finished trainings "
-                                   "are cached") from None
+                       for unit in todo}
+            for future in as_completed(futures):
+                done(futures[future], *future.result())
+        except BaseException as exc:  # an error or Ctrl-C stops at once: queued trainings cancelled, running killed
+            processes = list(getattr(pool, "_processes", {}).values())  # the executor has no public terminate
+            pool.shutdown(wait=False, cancel_futures=True)
+            for process in processes:
+                if process.is_alive():
+                    process.terminate()
+            pool.shutdown(wait=True)  # the executor notices the dead workers and releases its queues
+            if isinstance(exc, BrokenProcessPool):
+                raise FedleakError("a training process died (out of memory or killed; or a script calling "
+                                   "run_matrix with jobs > 1 lacks `if __name__ == \"__main__\":`): rerun, "
+                                   "finished trainings are cached") from None
+            raise
+        pool.shutdown(wait=True)
     bar.close()
-    return records
+    return {unit: records[unit] for unit in units}
 
 
-def describe(config: RunConfig, planned: list[PlannedTraining], out_dir: Path, *, base_dir: Path) -> str:
+def describe(config: RunConfig, planned: list[PlannedTraining], out_dir: Path, *, base_dir: Path,
+             use_cache: bool = True) -> str:
     """The dry run: every training and attack with its cache state, and the work left."""
     lines, trainings_left, steps_left, cells_left, cells_total = [], 0, 0, 0, 0
     for item in planned:
@@ -529,7 +637,7 @@ def describe(config: RunConfig, planned: list[PlannedTraining], out_dir: Path, *
         ctx = seed_context(config, unit.seed, base_dir)
         training_dir = Path(out_dir) / "trainings" / unit.stem
         t_key = training_key(ctx, unit)
-        cached = (_read_json(training_dir / TRAINING_FILE) or {}).get("key") == t_key
+        cached = use_cache and cached_training(config, unit, out_dir, base_dir=base_dir) is not None
         algorithm = instantiate(ALGORITHMS.get(unit.algorithm.name), unit.algorithm.kwargs,
                                 f"matrix.algorithms: {unit.algorithm.label}")
         steps = training_steps(ctx.config, unit, [len(records) for records in algorithm.client_data(ctx.data)])
@@ -555,7 +663,7 @@ def _base_utility(ctx: SeedContext, out_dir: Path, use_cache: bool) -> dict:
     """The untrained base model's utility: the floor every training's utility is read against."""
     cfg = ctx.config
     path = Path(out_dir) / f"base-utility-seed{cfg.seed}.json"
-    key = cache_key("base-utility", ctx.model_ref, plain(cfg.model), plain(cfg.data), ctx.data_fingerprint,
+    key = cache_key("base-utility", code_fingerprint(cfg.plugins), model_fingerprint(cfg), data_fingerprint(ctx),
                     plain(cfg.utility), cfg.federation.max_length)
     cached = _read_json(path) if use_cache else None
     if cached and cached.get("key") == key:
@@ -568,14 +676,44 @@ def _base_utility(ctx: SeedContext, out_dir: Path, use_cache: bool) -> dict:
     return utility
 
 
+@contextlib.contextmanager
+def run_lock(out_dir: Path):
+    """One fedleak process per output folder: a second would train into the same cache. The kernel drops
+    the lock when its holder dies, kill -9 included."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / LOCK_FILE, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise FedleakError(f"{out_dir}: another fedleak process (pid {handle.read().strip() or '?'}) is using "
+                               f"this output folder: wait for it to finish or pass another --out") from None
+        handle.truncate(0)
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+
+
 def run_matrix(config: RunConfig, out_dir: Path, *, config_path: str | None = None, progress: bool = True,
                jobs: int = 1, only: tuple[str, ...] = (), use_cache: bool = True) -> dict:
-    started = dt.datetime.now(dt.timezone.utc)
-    out_dir = Path(out_dir)
-    base_dir = Path(config_path).parent if config_path else Path(".")
+    """Run (or resume) the matrix into `out_dir` and write results.json and results.csv."""
     if jobs < 1:
         raise FedleakError(f"--jobs {jobs}: give at least 1 (the number of trainings run at once)")
     planned = plan(config, only)
+    with run_lock(Path(out_dir)):
+        return _run_planned(config, planned, Path(out_dir), config_path=config_path, progress=progress, jobs=jobs,
+                            only=only, use_cache=use_cache)
+
+
+def _run_planned(config: RunConfig, planned: list[PlannedTraining], out_dir: Path, *, config_path: str | None,
+                 progress: bool, jobs: int, only: tuple[str, ...], use_cache: bool) -> dict:
+    started = dt.datetime.now(dt.timezone.utc)
+    base_dir = Path(config_path).parent if config_path else Path(".")
     seeds = list(config.run_seeds)
     _, model_info = resolve_model(config)  # built once here, before any worker needs it
     base_utility = {s: _base_utility(seed_context(config, s, base_dir), out_dir, use_cache) for s in seeds}
@@ -613,6 +751,17 @@ def run_matrix(config: RunConfig, out_dir: Path, *, config_path: str | None = No
     return results
 
 
+def checkpoint_rounds(training_dir: Path) -> list[int]:
+    """A training folder's complete rounds, or a one-line error saying what a training folder is."""
+    rounds = checkpoint.rounds(training_dir) if Path(training_dir).is_dir() else []
+    for r in rounds:
+        checkpoint.read_manifest(checkpoint.round_dir(training_dir, r))  # its one-line errors, before any work
+    if not rounds:
+        raise FedleakError(f"{training_dir}: no round-XXXX/manifest.json in it: give a training folder "
+                           f"(trainings/<name> of a run, or checkpoints in the layout of README 'Checkpoint format')")
+    return rounds
+
+
 def _external_history(training_dir: Path, rounds: list[int], num_clients: int) -> list[dict]:
     """Per-round participants from the manifests (every client when a manifest does not say)."""
     return [{"round": r, "clients": checkpoint.read_manifest(checkpoint.round_dir(training_dir, r)).get(
@@ -621,7 +770,7 @@ def _external_history(training_dir: Path, rounds: list[int], num_clients: int) -
 
 def attack_checkpoint(config: RunConfig, training_dir: Path, out_dir: Path, *, config_path: str | None = None,
                       algorithm: str | None = None, seed: int | None = None, only: tuple[str, ...] = (),
-                      progress: bool = True) -> dict:
+                      progress: bool = True, use_cache: bool = True) -> dict:
     """Run the config's privacy attacks on the checkpoints of one training: fedleak's own (its
     training.json names the algorithm, defense, scenario and seed) or another tool's written in the
     documented layout (round-XXXX/manifest.json + safetensors adapters; `algorithm` says whose
@@ -631,60 +780,74 @@ def attack_checkpoint(config: RunConfig, training_dir: Path, out_dir: Path, *, c
     started = dt.datetime.now(dt.timezone.utc)
     training_dir, out_dir = Path(training_dir), Path(out_dir)
     base_dir = Path(config_path).parent if config_path else Path(".")
-    rounds = checkpoint.rounds(training_dir)
-    if not rounds:
-        raise FedleakError(f"{training_dir}: no round-XXXX/manifest.json in it: give a training folder "
-                           f"(trainings/<name> of a run, or checkpoints in the layout of README 'Checkpoint format')")
+    rounds = checkpoint_rounds(training_dir)
     trained = _read_json(training_dir / TRAINING_FILE)
     if trained:
         u = trained["unit"]
-        unit = TrainingUnit(component_spec(u["algorithm"], "algorithms"), component_spec(u["defense"], "defenses"),
-                            None, u["seed"])
+        scenario = None
         if u["scenario"]:
-            raise FedleakError(f"{training_dir}: a poisoned training ({u['scenario']['name']}): privacy attacks "
-                               f"probe clean trainings; run the matrix to measure poisoning")
+            scenario = next((s for s in config.matrix.scenarios if s.name == u["scenario"]["name"]), None)
+            if scenario is None:
+                raise FedleakError(f"{training_dir}: a training under poisoning scenario {u['scenario']['name']!r}, "
+                                   f"which {config_path} does not declare: pass the config it was trained with")
+        unit = TrainingUnit(component_spec(u["algorithm"], "algorithms"), component_spec(u["defense"], "defenses"),
+                            scenario, u["seed"])
         ctx = seed_context(config, unit.seed, base_dir)
         if training_key(ctx, unit) != trained["key"]:
-            raise FedleakError(f"{training_dir}/{TRAINING_FILE}: trained with other model, data or federation "
-                               f"settings than {config_path}: pass the config it was trained with")
+            raise FedleakError(f"{training_dir}/{TRAINING_FILE}: trained with other model, data, federation or "
+                               f"fedleak code than {config_path} here: pass the config it was trained with (or "
+                               f"retrain: `fedleak train`)")
         history, privacy, key = trained["rounds"], trained["privacy"], trained["key"]
     else:
         unit = TrainingUnit(component_spec({"name": algorithm or "fedit"}, "algorithms"), ComponentSpec("none"), None,
                             config.run_seeds[0] if seed is None else seed)
         ctx = seed_context(config, unit.seed, base_dir)
         history, privacy = _external_history(training_dir, rounds, config.federation.clients), None
+        # The checkpoints and everything that says who trained on what (seed, data, algorithm).
         key = cache_key("external", [(checkpoint.round_dir(training_dir, r) / "manifest.json").read_text()
-                                     for r in rounds])
+                                     for r in rounds], training_key(ctx, unit))
     one = dataclasses.replace(config, seed=unit.seed, seeds=(), matrix=dataclasses.replace(
-        config.matrix, algorithms=(unit.algorithm,), defenses=(unit.defense,), scenarios=()))
-    attacks = next((p.attacks for p in plan(one, only)), [])
-    base_model, tokenizer = load_base_model(ctx.model_ref, allow_download=config.model.allow_download)
-    final_dir = checkpoint.round_dir(training_dir, rounds[-1])
-    views = checkpoint.available_views(final_dir)
-    algorithm_obj = instantiate(ALGORITHMS.get(unit.algorithm.name), unit.algorithm.kwargs, f"--algorithm {unit.algorithm.label}")
-    utility = _utility(add_lora(base_model, config.model.lora, seed=0), ctx.config, ctx.data, tokenizer, final_dir, views)
-    record = {**unit.key(), "algorithm_name": unit.algorithm.name, "algorithm_params": algorithm_obj.params(),
-              "defense_name": unit.defense.name, "defense_params": {}, "checkpoint_dir": str(training_dir),
-              "training_key": key, "train_seconds": (trained or {}).get("train_seconds", 0.0), "utility_seconds": 0.0,
-              "utility": utility, "poisoning": None, "views": views, "synthetic": None, "privacy": privacy,
-              "synthetic_examples": [], "rounds": history,
-              "cost": {"wall_seconds": 0.0, "train_seconds": (trained or {}).get("train_seconds", 0.0),
-                       "upload_bytes_per_client_per_round": _upload_bytes(history)[0],
-                       "upload_bytes_total": _upload_bytes(history)[1], "torch_threads": torch.get_num_threads()}}
-    cells, _ = attack_training(ctx, unit, record, training_dir, attacks, algorithm=algorithm_obj, progress=progress,
-                               cache_dir=out_dir / ATTACKS_DIR)
-    versions = library_versions()
-    results = {
-        "schema": SCHEMA, "fedleak_version": versions["fedleak"], "versions": versions, "git_commit": git_commit(),
-        "seed": unit.seed, "seeds": [unit.seed], "config_path": config_path, "config": config.to_dict(),
-        "only": list(only), "machine": machine_info(), "checkpoint_dir": str(training_dir),
-        "started_at": started.isoformat(timespec="seconds"),
-        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": resolve_model(config)[1], "data": ctx.data.summary(), "data_per_seed": {str(unit.seed): ctx.data.summary()},
-        "base_utility": _base_utility(ctx, out_dir, True), "base_utility_per_seed": {},
-        "trainings": [record], "cells": cells, "aggregates": aggregate_cells(cells),
-        "training_aggregates": aggregate_trainings([record]),
-    }
-    results["base_utility_per_seed"] = {str(unit.seed): results["base_utility"]}
-    write_results(out_dir, results)
-    return results
+        config.matrix, algorithms=(unit.algorithm,), defenses=(unit.defense,),
+        scenarios=(unit.scenario,) if unit.scenario else ()))
+    attacks = next((p.attacks for p in plan(one, only) if p.unit.scenario_name == unit.scenario_name), [])
+    if not attacks:
+        raise FedleakError(f"{config_path}: matrix.attacks run no privacy attack on {unit.label} (its rules, the "
+                           f"attacks' scenarios or --only leave none): add one or change matrix.exclude")
+    with run_lock(out_dir):
+        base_model, tokenizer = load_base_model(ctx.model_ref, allow_download=config.model.allow_download)
+        final_dir = checkpoint.round_dir(training_dir, rounds[-1])
+        views = checkpoint.available_views(final_dir)
+        algorithm_obj = instantiate(ALGORITHMS.get(unit.algorithm.name), unit.algorithm.kwargs,
+                                    f"--algorithm {unit.algorithm.label}")
+        start = time.perf_counter()
+        utility = _utility(add_lora(base_model, config.model.lora, seed=0), ctx.config, ctx.data, tokenizer,
+                           final_dir, views if unit.scenario is None else ["global"])
+        upload_per_round, upload_total = _upload_bytes(history)
+        train_seconds = (trained or {}).get("train_seconds", 0.0)
+        record = {
+            **unit.key(), "algorithm_name": unit.algorithm.name, "algorithm_params": algorithm_obj.params(),
+            "defense_name": unit.defense.name, "defense_params": (trained or {}).get("defense_params", {}),
+            "checkpoint_dir": str(training_dir.resolve()), "training_key": key, "train_seconds": train_seconds,
+            "utility_seconds": time.perf_counter() - start, "utility": utility, "poisoning": None, "views": views,
+            "synthetic": (trained or {}).get("synthetic"), "privacy": privacy,
+            "synthetic_examples": (trained or {}).get("synthetic_examples", []), "rounds": history,
+            "cost": {"wall_seconds": train_seconds, "train_seconds": train_seconds,
+                     "upload_bytes_per_client_per_round": upload_per_round, "upload_bytes_total": upload_total,
+                     "torch_threads": (trained or {}).get("torch_threads", torch.get_num_threads())}}
+        cells, _ = attack_training(ctx, unit, record, training_dir, attacks, algorithm=algorithm_obj,
+                                   progress=progress, cache_dir=out_dir / ATTACKS_DIR, use_cache=use_cache)
+        versions = library_versions()
+        results = {
+            "schema": SCHEMA, "fedleak_version": versions["fedleak"], "versions": versions, "git_commit": git_commit(),
+            "seed": unit.seed, "seeds": [unit.seed], "config_path": config_path, "config": config.to_dict(),
+            "only": list(only), "machine": machine_info(), "checkpoint_dir": str(training_dir),
+            "started_at": started.isoformat(timespec="seconds"),
+            "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "model": resolve_model(config)[1], "data": ctx.data.summary(), "data_per_seed": {str(unit.seed): ctx.data.summary()},
+            "base_utility": _base_utility(ctx, out_dir, True), "base_utility_per_seed": {},
+            "trainings": [record], "cells": cells, "aggregates": aggregate_cells(cells),
+            "training_aggregates": aggregate_trainings([record]),
+        }
+        results["base_utility_per_seed"] = {str(unit.seed): results["base_utility"]}
+        write_results(out_dir, results)
+        return results

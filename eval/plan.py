@@ -5,10 +5,12 @@ description of that work."""
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import math
+import re
 from dataclasses import dataclass, field
 
-from fedleak.eval.config import CLEAN, ComponentSpec, RunConfig, ScenarioSpec, did_you_mean
+from fedleak.eval.config import CLEAN, ComponentSpec, MatrixRule, RunConfig, ScenarioSpec, did_you_mean
 from fedleak.federated.errors import FedleakError
 
 NO_DEFENSE = ComponentSpec("none")
@@ -33,9 +35,13 @@ class TrainingUnit:
 
     @property
     def stem(self) -> str:
-        """The training's folder under `trainings/`."""
-        return (f"{self.algorithm.label}-{self.defense.label}" + (f"-{self.scenario.name}" if self.scenario else "")
-                + f"-seed{self.seed}")
+        """The training's folder under `trainings/`: the labels, made safe as one folder name (a long or
+        odd one shortened and told apart by a hash of the whole)."""
+        text = f"{self.algorithm.label}-{self.defense.label}" + (f"-{self.scenario.name}" if self.scenario else "")
+        safe = re.sub(r"[^A-Za-z0-9_.=,+()-]+", "_", text)
+        if safe != text or len(safe) > 120:
+            safe = f"{safe[:100]}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+        return f"{safe}-seed{self.seed}"
 
     def key(self) -> dict:
         return {"algorithm": self.algorithm.label, "defense": self.defense.label, "scenario": self.scenario_name,
@@ -68,8 +74,18 @@ def all_trainings(config: RunConfig) -> list[TrainingUnit]:
                 units.append(TrainingUnit(algorithm, NO_DEFENSE, None, seed))
     include, exclude = config.matrix.include, config.matrix.exclude
     return [u for u in units
-            if (not include or any(r.covers(u.algorithm, u.defense, u.scenario_name) for r in include))
+            if (not include or any(_admits(config, r, u) for r in include))
             and not any(not r.selects_cells and r.covers(u.algorithm, u.defense, u.scenario_name) for r in exclude)]
+
+
+def _admits(config: RunConfig, rule: MatrixRule, unit: TrainingUnit) -> bool:
+    """An include rule admits a training it covers; one that names attack cells, only a training that
+    some such cell probes."""
+    if not rule.covers(unit.algorithm, unit.defense, unit.scenario_name):
+        return False
+    return not rule.selects_cells or any(
+        rule.covers_cell(spec, o, unit.algorithm, unit.defense, unit.scenario_name)
+        for spec in config.matrix.attacks if unit.scenario_name in spec.scenarios for o in spec.observers)
 
 
 def attacks_of(config: RunConfig, unit: TrainingUnit) -> list[tuple[ComponentSpec, tuple[str, ...]]]:
@@ -92,62 +108,65 @@ def attacks_of(config: RunConfig, unit: TrainingUnit) -> list[tuple[ComponentSpe
 
 class Selection:
     """`--only` patterns. `a/b/c/d` globs (algorithm, defense, scenario, attack) in order, missing
-    trailing parts match anything; a pattern without "/" matches any one of them (name or label).
-    A pattern that selects a training selects all its attacks."""
+    trailing parts match anything; a pattern without "/" matches any one of them (name or label, or a
+    part of a composed defense). A pattern that selects a training selects all its attacks."""
 
     def __init__(self, patterns: tuple[str, ...] = ()):
+        for pattern in patterns:
+            if len(pattern.split("/")) > 4 or not pattern.strip("/"):
+                raise FedleakError(f"--only {pattern}: give a name, or algorithm/defense/scenario/attack globs "
+                                   f"(at most four parts)")
         self.patterns = tuple(patterns)
 
     @staticmethod
     def _hit(pattern: str, *names: str) -> bool:
         return any(fnmatch.fnmatchcase(n, pattern) for n in names)
 
-    def _training_parts(self, pattern: str, unit: TrainingUnit) -> bool | None:
+    @staticmethod
+    def _defense_names(unit: TrainingUnit) -> tuple[str, ...]:
+        parts = unit.defense.parts or (unit.defense,)
+        return (unit.defense.name, unit.defense.label, *(n for p in parts for n in (p.name, p.label)))
+
+    def _decides(self, pattern: str, unit: TrainingUnit) -> bool | None:
         """True/False when the pattern decides on the training alone; None when it names an attack."""
         parts = pattern.split("/")
         if len(parts) == 1:
-            if self._hit(pattern, unit.algorithm.name, unit.algorithm.label, unit.defense.name, unit.defense.label,
+            if self._hit(pattern, unit.algorithm.name, unit.algorithm.label, *self._defense_names(unit),
                          unit.scenario_name):
                 return True
             return None
-        names = [(unit.algorithm.name, unit.algorithm.label), (unit.defense.name, unit.defense.label),
-                 (unit.scenario_name,)]
+        names = [(unit.algorithm.name, unit.algorithm.label), self._defense_names(unit), (unit.scenario_name,)]
         if not all(self._hit(p, *n) for p, n in zip(parts[:3], names)):
             return False
         return True if len(parts) <= 3 else None
 
-    def selects_attack(self, unit: TrainingUnit, spec: ComponentSpec) -> bool:
-        if not self.patterns:
-            return True
-        for pattern in self.patterns:
-            decided = self._training_parts(pattern, unit)
-            if decided or (decided is None and self._hit(pattern.split("/")[-1], spec.name, spec.label)):
-                return True
-        return False
+    def _selects(self, pattern: str, unit: TrainingUnit, spec: ComponentSpec) -> bool:
+        decided = self._decides(pattern, unit)
+        return bool(decided) or (decided is None and self._hit(pattern.split("/")[-1], spec.name, spec.label))
 
-    def selects_training(self, unit: TrainingUnit, attacks: list[ComponentSpec]) -> bool:
-        if not self.patterns:
+    def selects_attack(self, unit: TrainingUnit, spec: ComponentSpec) -> bool:
+        return not self.patterns or any(self._selects(p, unit, spec) for p in self.patterns)
+
+    def selects_training(self, unit: TrainingUnit, attacks: list[ComponentSpec], pattern: str | None = None) -> bool:
+        patterns = (pattern,) if pattern else self.patterns
+        if not patterns:
             return True
-        return (any(self._training_parts(p, unit) for p in self.patterns)
-                or any(self.selects_attack(unit, spec) for spec in attacks))
+        return any(self._decides(p, unit) or any(self._selects(p, unit, s) for s in attacks) for p in patterns)
 
 
 def plan(config: RunConfig, only: tuple[str, ...] = ()) -> list[PlannedTraining]:
     selection = Selection(only)
-    planned = []
-    for unit in all_trainings(config):
-        attacks = attacks_of(config, unit)
-        if not selection.selects_training(unit, [spec for spec, _ in attacks]):
-            continue
-        planned.append(PlannedTraining(unit, [(s, o) for s, o in attacks if selection.selects_attack(unit, s)]))
-    if only and not planned:
-        known = list(dict.fromkeys(n for spec in (*config.matrix.algorithms, *config.matrix.defenses,
-                                                  *config.matrix.attacks) for n in (spec.name, spec.label)))
-        known += [CLEAN, *(s.name for s in config.matrix.scenarios)]
-        raise FedleakError(f"--only {' '.join(only)}: matches no training or attack of the matrix: "
-                           f"{did_you_mean(only[0].split('/')[-1], known)}use names such as {', '.join(known[:8])}, "
-                           f"or algorithm/defense/scenario/attack globs")
-    return planned
+    candidates = [(unit, attacks_of(config, unit)) for unit in all_trainings(config)]
+    for pattern in only:  # each pattern must select something: a typo would silently run less
+        if not any(selection.selects_training(u, [s for s, _ in a], pattern) for u, a in candidates):
+            known = list(dict.fromkeys(n for spec in (*config.matrix.algorithms, *config.matrix.defenses,
+                                                      *config.matrix.attacks) for n in (spec.name, spec.label)))
+            known += [CLEAN, *(s.name for s in config.matrix.scenarios)]
+            raise FedleakError(f"--only {pattern}: matches no training or attack of the matrix: "
+                               f"{did_you_mean(pattern.split('/')[-1], known)}use names such as "
+                               f"{', '.join(known[:8])}, or algorithm/defense/scenario/attack globs")
+    return [PlannedTraining(unit, [(s, o) for s, o in attacks if selection.selects_attack(unit, s)])
+            for unit, attacks in candidates if selection.selects_training(unit, [s for s, _ in attacks])]
 
 
 def views_per_round(config: RunConfig, unit: TrainingUnit, observer: str) -> int:

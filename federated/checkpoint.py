@@ -21,6 +21,7 @@ exists is complete. Loading checks every hash and never unpickles (safetensors o
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -81,9 +82,18 @@ def read_manifest(folder: Path) -> dict:
         raise FedleakError(f"{path} is missing: the round was not finished; rerun the training") from None
     except json.JSONDecodeError as exc:
         raise FedleakError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno}): rerun the training") from None
-    if manifest.get("format") != FORMAT:
-        raise FedleakError(f"{path}: field 'format' is {manifest.get('format')!r}, expected {FORMAT!r}: "
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise FedleakError(f"{path}: field 'format' is {found!r}, expected {FORMAT!r}: "
                            f"write checkpoints with fedleak's documented layout")
+    for field_name in ("files", "views"):
+        if not isinstance(manifest.get(field_name), dict):
+            raise FedleakError(f"{path}: field {field_name!r} is missing or not an object: see README "
+                               f"'Checkpoint format'")
+    for key in manifest["views"]:
+        observer, _, client = key.partition("/")
+        if observer not in OBSERVERS or (client and not client.isdigit()) or (observer != "global") != bool(client):
+            raise FedleakError(f"{path}: view {key!r}: use 'global', 'upload/N' or 'client/N' (N a client index)")
     return manifest
 
 
@@ -124,6 +134,9 @@ def rounds(training_dir: Path) -> list[int]:
     """Round numbers with a complete (manifest-bearing) folder, ascending."""
     found = []
     for folder in Path(training_dir).glob("round-*"):
-        if (folder / "manifest.json").exists():
-            found.append(int(folder.name.split("-")[1]))
+        if not (folder / "manifest.json").exists():
+            continue
+        if not re.fullmatch(r"round-\d{4}", folder.name):
+            raise FedleakError(f"{folder}: round folders are named round-NNNN with four digits (round-0001): rename it")
+        found.append(int(folder.name.split("-")[1]))
     return sorted(found)

@@ -1144,7 +1144,10 @@ def provenance_table(results: dict) -> Table:
             ["seeds", ", ".join(map(str, run_seeds(results))) or "n/a"], ["config", fmt(results.get("config_path"))],
             ["machine", _machine(results.get("machine"))],
             ["started", fmt(results.get("started_at"))], ["finished", fmt(results.get("finished_at"))],
-            ["run wall time", _duration(results.get("started_at"), results.get("finished_at"))],
+            ["run wall time", _duration(results.get("started_at"), results.get("finished_at"))
+             + " (cached trainings and attacks: their own cost below)"],
+            ["subset (--only)", ", ".join(results.get("only") or []) or "none: the whole matrix"],
+            *([["checkpoints attacked", results["checkpoint_dir"]]] if results.get("checkpoint_dir") else []),
             ["model", f"{model.get('name')} ({model.get('parameters', '?')} parameters)"],
             ["data", json.dumps(results.get("data", {}))]]
     rows += [[name, fmt(version)] for name, version in results.get("versions", {}).items()]

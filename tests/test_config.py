@@ -158,3 +158,38 @@ def test_seeds_and_only_patterns():
     with pytest.raises(FedleakError, match="repeats a seed"):
         parse_config({"seeds": [1, 1]}, "x.toml")
     assert config.for_seed(1).seed == 1 and config.for_seed(1).run_seeds == (1,)
+
+
+def test_a_cell_include_rule_admits_only_the_trainings_its_cells_probe():
+    from fedleak.eval.plan import all_trainings
+
+    config = parse_config({"matrix": {
+        "defenses": ["none", "median"], "attacks": [{"name": "lira", "observers": ["global"]}],
+        "scenarios": [{"name": "b", "clients": [0], "attacks": ["backdoor"]}],
+        "include": [{"attack": "lira", "observer": "global"}, {"defense": "median", "scenario": "b"}]}})
+    # LiRA probes clean trainings only: the poisoned FedAvg training is not pulled in by the LiRA rule.
+    assert [u.label for u in all_trainings(config)] == ["fedit/none", "fedit/median", "fedit/median/b"]
+
+
+def test_only_patterns_each_must_match_and_see_composed_defenses():
+    from fedleak.eval.plan import plan
+
+    config = parse_config({"matrix": {"defenses": ["none", [{"name": "dp_sgd", "noise_multiplier": 1.0}, "secagg"]],
+                                      "attacks": ["loss"]}})
+    assert [p.unit.defense.label for p in plan(config, ("secagg",))] == ["dp_sgd(noise_multiplier=1.0)+secagg"]
+    with pytest.raises(FedleakError, match="--only typo: matches no training"):
+        plan(config, ("fedit", "typo"))
+    with pytest.raises(FedleakError, match="at most four parts"):
+        plan(config, ("fedit/none/clean/loss/x",))
+
+
+def test_training_folder_names_are_safe_and_distinct():
+    from fedleak.eval.config import ComponentSpec
+    from fedleak.eval.plan import TrainingUnit
+
+    unit = lambda **params: TrainingUnit(ComponentSpec("fedit"), ComponentSpec("norm_bound", tuple(params.items())),
+                                         None, 0)
+    assert unit(max_norm=4.0).stem == "fedit-norm_bound(max_norm=4.0)-seed0"
+    odd, other = unit(path="a/b c").stem, unit(path="a/b_c").stem
+    assert "/" not in odd and " " not in odd and odd != other and odd.endswith("-seed0")
+    assert len(unit(path="x" * 300).stem) < 130

@@ -187,5 +187,38 @@ def test_train_then_attack_its_checkpoints_and_a_foreign_copy(reference, config_
     metrics = {(c["attack"], c["observer"], c["client"]): c["metrics"] for c in results_of(tmp_path / "b")["cells"]}
     assert metrics == {(c["attack"], c["observer"], c["client"]): c["metrics"] for c in ref_cells}
     assert (tmp_path / "b" / "report.html").exists()
+    # Another seed says other clients trained on other records: nothing cached under the first is reused.
+    fedleak("attack", foreign, "--config", config_path, "--algorithm", "fedit", "--seed", "0", "--out",
+            tmp_path / "b", "--quiet", env=env)
+    reseeded = results_of(tmp_path / "b")["cells"]
+    assert {c["seed"] for c in reseeded} == {0} and [c["metrics"] for c in reseeded] != [c["metrics"] for c in ref_cells]
     missing = fedleak("attack", tmp_path, "--config", config_path, env=env, check=False)
     assert missing.returncode == 2 and "no round-XXXX/manifest.json" in missing.stderr
+
+
+def test_one_process_per_output_folder_and_clear_train_errors(config_path, env, tmp_path):
+    from fedleak.eval.matrix import run_lock
+
+    out = tmp_path / "busy"
+    with run_lock(out):  # held as a running `fedleak run` would hold it
+        busy = fedleak("run", config_path, "--out", out, "--quiet", env=env, check=False)
+    assert busy.returncode == 2 and "another fedleak process" in busy.stderr and "Traceback" not in busy.stderr
+    assert not (out / "trainings").exists()
+    bad = fedleak("train", config_path, "--out", tmp_path / "t", "--algorithm", "locit", "--defense", "median",
+                  env=env, check=False)
+    assert bad.returncode == 2 and "locit is not federated" in bad.stderr and not (tmp_path / "t").exists()
+    typo = fedleak("train", config_path, "--out", tmp_path / "t", "--defense", "mediam", env=env, check=False)
+    assert typo.returncode == 2 and "did you mean 'median'" in typo.stderr
+
+
+def test_the_cache_key_follows_the_code_of_plug_ins(tmp_path, monkeypatch):
+    from fedleak.eval.matrix import code_fingerprint
+
+    (tmp_path / "my_plugin.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code_fingerprint.cache_clear()
+    before = code_fingerprint(("my_plugin",))
+    assert before != code_fingerprint()
+    (tmp_path / "my_plugin.py").write_text("X = 2\n")
+    code_fingerprint.cache_clear()
+    assert code_fingerprint(("my_plugin",)) != before
