@@ -1144,8 +1144,7 @@ def provenance_table(results: dict) -> Table:
             ["seeds", ", ".join(map(str, run_seeds(results))) or "n/a"], ["config", fmt(results.get("config_path"))],
             ["machine", _machine(results.get("machine"))],
             ["started", fmt(results.get("started_at"))], ["finished", fmt(results.get("finished_at"))],
-            ["run wall time", _duration(results.get("started_at"), results.get("finished_at"))
-             + " (cached trainings and attacks: their own cost below)"],
+            ["run wall time", _duration(results.get("started_at"), results.get("finished_at"))],
             ["subset (--only)", ", ".join(results.get("only") or []) or "none: the whole matrix"],
             *([["checkpoints attacked", results["checkpoint_dir"]]] if results.get("checkpoint_dir") else []),
             ["model", f"{model.get('name')} ({model.get('parameters', '?')} parameters)"],
