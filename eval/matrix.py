@@ -503,9 +503,9 @@ def attack_training(ctx: SeedContext, unit: TrainingUnit, record: dict, training
         # The empirical epsilon is a bound at the accountant's delta when there is one.
         delta = privacy.get("record_level_delta", privacy.get("user_level_delta", cfg.attack.delta))
         fresh: dict[str, list[dict]] = {_cache_name(spec): [] for spec, *_ in todo}
-        timed = [(r, v) for r in sorted({r for spec, *_ in todo for r in _rounds_of(spec, final_round)} & set(present))
+        probes = [(r, v) for r in sorted({r for spec, *_ in todo for r in _rounds_of(spec, final_round)} & set(present))
                  for v in checkpoint.available_views(checkpoint.round_dir(training_dir, r))]
-        for rnd, view in tqdm(timed, desc=f"{unit.label} attacks", unit="view", disable=not progress, leave=False):
+        for rnd, view in tqdm(probes, desc=f"{unit.label} attacks", unit="view", disable=not progress, leave=False):
             folder = checkpoint.round_dir(training_dir, rnd)
             observer, client = checkpoint.parse_view_key(view)
             wanted = [(spec, attack) for spec, observers, _, attack in todo
