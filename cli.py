@@ -71,20 +71,22 @@ def _out(args, config) -> Path:
     return Path(out)
 
 
-def _headline(out: Path) -> None:
-    from fedleak.reports.report import leakage_table, load_results, poisoning_table
+def _report(out: Path, *, show_secrets: bool) -> None:
+    """Write the report, log the headline tables (from the file: NaN is null there) and what was written."""
+    from fedleak.reports.report import leakage_table, load_results, poisoning_table, write_report
 
-    results = load_results(out)  # the headline tables, from the file (NaN is null there)
+    md, html = write_report(out, show_secrets=show_secrets)
+    results = load_results(out)
     for table in (leakage_table(results), poisoning_table(results)):
         for row in table.rows:
             log.info("%s", "; ".join(f"{h}: {v}" for h, v in zip(table.header, row) if v != "n/a"))
+    log.info("wrote %s, %s, %s and %s", out / "results.json", out / "results.csv", md, html)
 
 
 def cmd_run(args) -> int:
     from fedleak.eval.config import load_config
     from fedleak.eval.matrix import describe, run_matrix
     from fedleak.eval.plan import plan
-    from fedleak.reports.report import write_report
 
     config = load_config(args.config)
     out = _out(args, config)
@@ -97,9 +99,7 @@ def cmd_run(args) -> int:
         log.info("fedleak %s: run %s into %s", __version__, args.config, out)
         run_matrix(config, out, config_path=str(args.config), progress=not args.quiet, jobs=args.jobs, only=only,
                    use_cache=not args.fresh)
-        md, html = write_report(out, show_secrets=args.show_secrets)
-        _headline(out)
-        log.info("wrote %s, %s, %s and %s", out / "results.json", out / "results.csv", md, html)
+        _report(out, show_secrets=args.show_secrets)
     return 0
 
 
@@ -151,7 +151,6 @@ def cmd_train(args) -> int:
 def cmd_attack(args) -> int:
     from fedleak.eval.config import load_config
     from fedleak.eval.matrix import attack_checkpoint, checkpoint_rounds
-    from fedleak.reports.report import write_report
 
     config = load_config(args.config)
     checkpoint_dir = Path(args.checkpoint_dir)
@@ -162,9 +161,7 @@ def cmd_attack(args) -> int:
         attack_checkpoint(config, checkpoint_dir, out, config_path=str(args.config), algorithm=args.algorithm,
                           seed=args.seed, only=tuple(args.only or ()), progress=not args.quiet,
                           use_cache=not args.fresh)
-        md, html = write_report(out, show_secrets=args.show_secrets)
-        _headline(out)
-        log.info("wrote %s, %s, %s and %s", out / "results.json", out / "results.csv", md, html)
+        _report(out, show_secrets=args.show_secrets)
     return 0
 
 

@@ -733,22 +733,32 @@ def _run_planned(config: RunConfig, planned: list[PlannedTraining], out_dir: Pat
         log.info("attacks on %s seed %d: %d run, %d cached (%.1f s)", item.unit.label, item.unit.seed, ran,
                  len(item.attacks) - ran, time.perf_counter() - start)
     cells += poisoning_cells(trainings, config.matrix.scenarios)
-    versions = library_versions()
     contexts = {s: seed_context(config, s, base_dir) for s in seeds}
-    results = {
+    results = _results(config, config_path=config_path, only=only, jobs=jobs, started=started, model_info=model_info,
+                       data={s: c.data for s, c in contexts.items()}, base_utility=base_utility,
+                       trainings=trainings, cells=cells)
+    write_results(out_dir, results)
+    return results
+
+
+def _results(config: RunConfig, *, config_path: str | None, only: tuple[str, ...], jobs: int, started: dt.datetime,
+             model_info: dict, data: dict[int, FederatedData], base_utility: dict[int, dict], trainings: list[dict],
+             cells: list[dict], **extra) -> dict:
+    """The results file's record (eval/results.schema.json): provenance, then the run's records."""
+    versions = library_versions()
+    seeds = list(data)
+    return {
         "schema": SCHEMA, "fedleak_version": versions["fedleak"], "versions": versions,
         "git_commit": git_commit(), "seed": seeds[0], "seeds": seeds, "config_path": config_path,
-        "config": config.to_dict(), "only": list(only), "machine": machine_info(jobs=jobs),
+        "config": config.to_dict(), "only": list(only), "machine": machine_info(jobs=jobs), **extra,
         "started_at": started.isoformat(timespec="seconds"),
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": model_info, "data": contexts[seeds[0]].data.summary(),
-        "data_per_seed": {str(s): c.data.summary() for s, c in contexts.items()},
+        "model": model_info, "data": data[seeds[0]].summary(),
+        "data_per_seed": {str(s): d.summary() for s, d in data.items()},
         "base_utility": base_utility[seeds[0]], "base_utility_per_seed": {str(s): u for s, u in base_utility.items()},
         "trainings": trainings, "cells": cells,
         "aggregates": aggregate_cells(cells), "training_aggregates": aggregate_trainings(trainings),
     }
-    write_results(out_dir, results)
-    return results
 
 
 def checkpoint_rounds(training_dir: Path) -> list[int]:
@@ -836,18 +846,9 @@ def attack_checkpoint(config: RunConfig, training_dir: Path, out_dir: Path, *, c
                      "torch_threads": (trained or {}).get("torch_threads", torch.get_num_threads())}}
         cells, _ = attack_training(ctx, unit, record, training_dir, attacks, algorithm=algorithm_obj,
                                    progress=progress, cache_dir=out_dir / ATTACKS_DIR, use_cache=use_cache)
-        versions = library_versions()
-        results = {
-            "schema": SCHEMA, "fedleak_version": versions["fedleak"], "versions": versions, "git_commit": git_commit(),
-            "seed": unit.seed, "seeds": [unit.seed], "config_path": config_path, "config": config.to_dict(),
-            "only": list(only), "machine": machine_info(), "checkpoint_dir": str(training_dir),
-            "started_at": started.isoformat(timespec="seconds"),
-            "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "model": resolve_model(config)[1], "data": ctx.data.summary(), "data_per_seed": {str(unit.seed): ctx.data.summary()},
-            "base_utility": _base_utility(ctx, out_dir, True), "base_utility_per_seed": {},
-            "trainings": [record], "cells": cells, "aggregates": aggregate_cells(cells),
-            "training_aggregates": aggregate_trainings([record]),
-        }
-        results["base_utility_per_seed"] = {str(unit.seed): results["base_utility"]}
+        results = _results(config, config_path=config_path, only=only, jobs=1, started=started,
+                           model_info=resolve_model(config)[1], data={unit.seed: ctx.data},
+                           base_utility={unit.seed: _base_utility(ctx, out_dir, use_cache)}, trainings=[record],
+                           cells=cells, checkpoint_dir=str(training_dir))
         write_results(out_dir, results)
         return results
