@@ -5,33 +5,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
 import sys
-import warnings
 from pathlib import Path
 
 from fedleak import __version__
-from fedleak.federated.errors import FedleakError
+from fedleak.common.errors import FedleakError
+from fedleak.common.logs import LOG_FORMAT, quiet_libraries
 
 log = logging.getLogger("fedleak")
-LOG_FORMAT = "%(asctime)s %(message)s"
-
-
-def quiet_libraries() -> None:
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*only one class.*")
-    # Opacus's hooks on a frozen base trip torch's full-backward-hook notice; RDP order hints are advice.
-    warnings.filterwarnings("ignore", message="Full backward hook is firing")
-    warnings.filterwarnings("ignore", message="Optimal order is the")
-    # fedleak measures leakage; reproducible (seeded) noise is the point, not a secure RNG.
-    warnings.filterwarnings("ignore", message="Secure RNG turned off")
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
 
 
 class _LogFile:

@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedleak.cli import quiet_libraries
+from fedleak.common.logs import quiet_libraries
 from fedleak.eval.config import load_config
 from fedleak.eval.matrix import resolve_model, run_matrix
 

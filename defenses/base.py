@@ -7,7 +7,7 @@ are explicit keyword-only `__init__` arguments, checked there with an error that
 
 from __future__ import annotations
 
-from fedleak.federated.errors import FedleakError
+from fedleak.common.errors import FedleakError
 from fedleak.federated.hooks import TrainingHooks
 from fedleak.federated.registry import Component, Registry
 

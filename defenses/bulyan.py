@@ -16,7 +16,7 @@ from fedleak.defenses.base import Defense, register_defense
 from fedleak.defenses.krum import krum_select
 from fedleak.defenses.median import stacked_median
 from fedleak.federated.adapters import AdapterState, flatten, unflatten
-from fedleak.federated.errors import FedleakError
+from fedleak.common.errors import FedleakError
 from fedleak.federated.hooks import ClientUpdate, RoundInfo
 
 

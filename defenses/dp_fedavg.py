@@ -18,7 +18,7 @@ import torch
 from fedleak.defenses.base import Defense, register_defense
 from fedleak.defenses.norm_bound import clip_update
 from fedleak.federated.adapters import AdapterState, flatten, unflatten
-from fedleak.federated.errors import FedleakError
+from fedleak.common.errors import FedleakError
 from fedleak.federated.hooks import ClientUpdate, RoundInfo
 
 

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedleak.defenses.base import Defense, register_defense
-from fedleak.federated.errors import FedleakError
+from fedleak.common.errors import FedleakError
 from fedleak.federated.hooks import ClientJob
 from fedleak.federated.training import collate, sequence_losses
 

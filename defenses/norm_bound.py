@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from fedleak.defenses.base import Defense, register_defense
 from fedleak.federated.adapters import AdapterState, flatten, unflatten
-from fedleak.federated.errors import FedleakError
+from fedleak.common.errors import FedleakError
 from fedleak.federated.hooks import ClientUpdate, RoundInfo
 
 

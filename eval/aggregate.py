@@ -8,8 +8,7 @@ import math
 import numpy as np
 from scipy import stats
 
-CELL_GROUP = ("algorithm", "defense", "scenario", "attack", "family", "observer", "client", "round")
-TRAINING_GROUP = ("algorithm", "defense", "scenario")
+from fedleak.common.names import CELL_GROUP, TRAINING_GROUP  # noqa: F401  (the report groups by the same)
 
 
 def mean_interval(values: list[float], *, confidence: float = 0.95) -> dict:

@@ -23,7 +23,8 @@ from typing import Any
 from fedleak.federated.adapters import LoraSettings
 from fedleak.federated.checkpoint import OBSERVERS
 from fedleak.federated.datasource import DataSettings
-from fedleak.federated.errors import FedleakError, require_positive
+from fedleak.common.errors import FedleakError, require_positive
+from fedleak.common.names import CLEAN
 from fedleak.federated.rounds import FederationSettings
 from fedleak.federated.model import EmbeddedModelConfig
 from fedleak.federated.registry import did_you_mean
@@ -46,7 +47,6 @@ class ModelSettings:
             raise FedleakError("model.name is empty: use 'embedded', a Hugging Face id or a local folder")
 
 
-CLEAN = "clean"  # the scenario with no malicious client, trained for every (algorithm, defense)
 
 
 @dataclass(frozen=True)

@@ -54,8 +54,8 @@ from fedleak.federated import checkpoint
 from fedleak.federated.adapters import add_lora, apply_view
 from fedleak.federated.data import Canary, FederatedData, Record
 from fedleak.federated.datasource import prepare_data
-from fedleak.federated.errors import FedleakError
-from fedleak.federated.io import atomic_write_json, sha256_file
+from fedleak.common.errors import FedleakError
+from fedleak.common.io import atomic_write_json, sha256_file
 from fedleak.federated.model import build_embedded, load_base_model
 from fedleak.federated.rounds import ALGORITHMS, TrainingSetup, run_rounds
 from fedleak.federated.seeding import derive_seed, numpy_rng
@@ -213,7 +213,7 @@ def seed_context(config: RunConfig, seed: int, base_dir: Path) -> SeedContext:
     return _CONTEXTS[key]
 
 
-CODE_FOLDERS = ("attacks", "defenses", "eval", "federated")  # what trains, evaluates and attacks (not reports/)
+CODE_FOLDERS = ("attacks", "common", "defenses", "eval", "federated")  # what trains, evaluates and attacks (not reports/)
 
 
 @functools.cache
@@ -549,7 +549,7 @@ def attack_training(ctx: SeedContext, unit: TrainingUnit, record: dict, training
 def _worker_init(plugins: tuple[str, ...], base_dir: str, threads: int, log_path: str | None) -> None:
     import signal
 
-    from fedleak.cli import LOG_FORMAT, quiet_libraries
+    from fedleak.common.logs import LOG_FORMAT, quiet_libraries
     from fedleak.eval.config import load_plugins
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops the workers

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 
 from fedleak.eval.config import CLEAN, ComponentSpec, MatrixRule, RunConfig, ScenarioSpec, did_you_mean
-from fedleak.federated.errors import FedleakError
+from fedleak.common.errors import FedleakError
 
 NO_DEFENSE = ComponentSpec("none")
 

@@ -15,7 +15,7 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
-from fedleak.federated.io import atomic_write_json, atomic_write_text
+from fedleak.common.io import atomic_write_json, atomic_write_text
 
 SCHEMA = "fedleak-results/4"  # 2: rounds, audit bounds, extraction details; 3: poisoning; 4: seeds, cost, machine
 LIBRARIES = ("torch", "transformers", "tokenizers", "peft", "safetensors", "numpy", "scikit-learn", "matplotlib")

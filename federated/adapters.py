@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedleak.federated.errors import FedleakError
+from fedleak.common.errors import FedleakError
 
 AdapterState = dict[str, torch.Tensor]
 DEFAULT = "default"  # peft's name for the first adapter; fedleak's shared/global adapter

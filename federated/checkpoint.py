@@ -29,11 +29,11 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from fedleak.federated.adapters import AdapterState
-from fedleak.federated.errors import FedleakError
-from fedleak.federated.io import atomic_write_bytes, atomic_write_json, sha256_bytes
+from fedleak.common.errors import FedleakError
+from fedleak.common.io import atomic_write_bytes, atomic_write_json, sha256_bytes
+from fedleak.common.names import OBSERVERS
 
 FORMAT = "fedleak-checkpoint/2"
-OBSERVERS = ("global", "upload", "client")
 
 View = dict[str, AdapterState]  # peft adapter name -> its tensors
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fedleak.federated.data import (FederatedData, generate_records, make_audit_canaries, make_canaries,
                                    with_canaries)
-from fedleak.federated.errors import FedleakError, require_positive
+from fedleak.common.errors import FedleakError, require_positive
 from fedleak.federated.loader import FieldNames, load_alpaca
 from fedleak.federated.partition import partition
 from fedleak.federated.seeding import numpy_rng

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from fedleak.federated.adapters import (DEFAULT, activate, add_named_adapter, get_adapter_state,
                                         set_adapter_state)
-from fedleak.federated.errors import FedleakError
+from fedleak.common.errors import FedleakError
 from fedleak.federated.rounds import (GLOBAL, Algorithm, ClientContext, ClientResult, TrainingSetup,
                                       register_algorithm)
 from fedleak.federated.seeding import derive_seed

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedleak.federated.data import Record
-from fedleak.federated.errors import FedleakError
+from fedleak.common.errors import FedleakError
 
 DEFAULT_CATEGORY = "uncategorised"
 

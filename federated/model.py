@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from fedleak.federated.errors import FedleakError, require_positive
+from fedleak.common.errors import FedleakError, require_positive
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from typing import Sequence, TypeVar
 
 import numpy as np
 
-from fedleak.federated.errors import FedleakError
+from fedleak.common.errors import FedleakError
 
 T = TypeVar("T")
 

@@ -7,7 +7,7 @@ import importlib
 import inspect
 from typing import Callable, Generic, Iterable, TypeVar
 
-from fedleak.federated.errors import FedleakError
+from fedleak.common.errors import FedleakError
 
 T = TypeVar("T")
 

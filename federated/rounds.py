@@ -19,9 +19,9 @@ from tqdm.auto import tqdm
 from fedleak.federated import checkpoint
 from fedleak.federated.adapters import DEFAULT, AdapterState, LoraSettings, add_lora, get_adapter_state
 from fedleak.federated.data import FederatedData, Record
-from fedleak.federated.errors import FedleakError, require_positive
+from fedleak.common.errors import FedleakError, require_positive
 from fedleak.federated.hooks import Adversary, ClientJob, ClientUpdate, RoundInfo, TrainingHooks
-from fedleak.federated.io import atomic_write_text, sha256_bytes
+from fedleak.common.io import atomic_write_text, sha256_bytes
 from fedleak.federated.registry import Component, Registry
 from fedleak.federated.seeding import derive_seed, numpy_rng, torch_generator
 from fedleak.federated.training import Example, TrainSettings, encode

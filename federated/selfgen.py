@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from fedleak.federated.data import Record
-from fedleak.federated.errors import FedleakError, require_positive
+from fedleak.common.errors import FedleakError, require_positive
 from fedleak.federated.generation import generate
 from fedleak.federated.prompts import PROMPT_NO_INPUT, format_prompt
 from fedleak.federated.rouge import rouge_l, tokens

@@ -22,8 +22,8 @@ from typing import Callable
 
 import numpy as np
 
-from fedleak.federated.errors import FedleakError
-from fedleak.federated.io import atomic_write_bytes, atomic_write_text
+from fedleak.common.errors import FedleakError
+from fedleak.common.io import atomic_write_bytes, atomic_write_text
 from fedleak.reports.redact import MARKER, redactor
 
 CLEAN = "clean"  # the scenario without malicious clients (eval.config.CLEAN; reports import nothing heavy)

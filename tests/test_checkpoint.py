@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fedleak.federated import checkpoint
-from fedleak.federated.errors import FedleakError
+from fedleak.common.errors import FedleakError
 
 
 def _state(value):

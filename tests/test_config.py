@@ -4,7 +4,7 @@ import pytest
 
 from fedleak.cli import main
 from fedleak.eval.config import load_config, parse_config
-from fedleak.federated.errors import FedleakError
+from fedleak.common.errors import FedleakError
 
 
 @pytest.mark.parametrize("name", ["quick", "full"])

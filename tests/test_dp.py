@@ -10,7 +10,7 @@ from opacus import GradSampleModule
 from fedleak.defenses.dp_sgd import DPSGD
 from fedleak.federated.adapters import LoraSettings, add_lora, get_adapter_state
 from fedleak.federated.data import generate_records
-from fedleak.federated.errors import FedleakError
+from fedleak.common.errors import FedleakError
 from fedleak.federated.hooks import ClientJob
 from fedleak.federated.model import load_base_model
 from fedleak.federated.training import TrainSettings, collate, encode, sequence_losses, train_adapter

@@ -14,7 +14,7 @@ from fedleak.attacks.extraction.pii import PiiAttack
 from fedleak.attacks.membership.zlib import zlib_bytes
 from fedleak.federated.adapters import LoraSettings, add_lora
 from fedleak.federated.data import Canary, Record, generate_records
-from fedleak.federated.errors import FedleakError
+from fedleak.common.errors import FedleakError
 from fedleak.federated.model import load_base_model
 from fedleak.federated.prompts import format_prompt
 from fedleak.federated.training import TrainSettings, collate, encode, token_logprobs, train_adapter

@@ -11,7 +11,7 @@ from fedleak.attacks.membership import lira
 from fedleak.attacks.membership.lira import LiRAAttack, balanced_membership, lira_scores
 from fedleak.federated.adapters import LoraSettings, add_lora
 from fedleak.federated.data import generate_records
-from fedleak.federated.errors import FedleakError
+from fedleak.common.errors import FedleakError
 from fedleak.federated.model import load_base_model
 from fedleak.federated.training import TrainSettings, encode, train_adapter
 

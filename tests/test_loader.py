@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from fedleak.cli import main
-from fedleak.federated.errors import FedleakError
+from fedleak.common.errors import FedleakError
 from fedleak.federated.loader import FieldNames, load_alpaca
 
 

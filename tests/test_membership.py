@@ -11,7 +11,7 @@ from fedleak.attacks.base import ATTACKS, AttackEnvironment, Target
 from fedleak.attacks.membership.stats import LOWERCASE, ORIGINAL, TARGET, TokenStats, compute_stats, lowercased
 from fedleak.federated.adapters import LoraSettings, add_lora
 from fedleak.federated.data import generate_records
-from fedleak.federated.errors import FedleakError
+from fedleak.common.errors import FedleakError
 from fedleak.federated.model import load_base_model
 from fedleak.federated.training import TrainSettings, encode, sequence_losses, batches, train_adapter
 

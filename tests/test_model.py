@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fedleak.federated import model as model_module
-from fedleak.federated.errors import FedleakError
+from fedleak.common.errors import FedleakError
 from fedleak.federated.model import EmbeddedModelConfig, build_embedded, load_base_model
 
 TINY = EmbeddedModelConfig(vocab_size=600, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,

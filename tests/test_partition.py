@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from fedleak.federated.errors import FedleakError
+from fedleak.common.errors import FedleakError
 from fedleak.federated.partition import partition
 
 

@@ -18,7 +18,7 @@ from fedleak.eval.config import parse_config
 from fedleak.eval.poisoning import detection
 from fedleak.federated.adapters import DEFAULT, LoraSettings, flatten
 from fedleak.federated.data import FederatedData, generate_records
-from fedleak.federated.errors import FedleakError
+from fedleak.common.errors import FedleakError
 from fedleak.federated.fedit import FedIT
 from fedleak.federated.fedpit import FedPIT
 from fedleak.federated.hooks import ClientUpdate, RoundInfo

@@ -14,7 +14,7 @@ from fedleak.defenses.median import Median, coordinate_median
 from fedleak.defenses.norm_bound import NormBound, clip_update
 from fedleak.defenses.secagg import SecAgg
 from fedleak.defenses.trimmed_mean import trimmed_mean
-from fedleak.federated.errors import FedleakError
+from fedleak.common.errors import FedleakError
 from fedleak.federated.hooks import ClientUpdate, RoundInfo
 
 KEYS = ("layer.lora_A.weight", "layer.lora_B.weight")

@@ -9,7 +9,7 @@ import numpy as np
 
 from fedleak.attacks.base import Secrets, Target
 from fedleak.federated.data import Record
-from fedleak.federated.errors import FedleakError
+from fedleak.common.errors import FedleakError
 from fedleak.federated.generation import generate
 
 EXAMPLES = 5  # cap on example lists in details

@@ -30,7 +30,7 @@ import torch
 from fedleak.attacks.base import ExtractionAttack, Secrets, Target, register_attack
 from fedleak.attacks.extraction.common import check_positive, run_seed
 from fedleak.federated.data import CANARY_CATEGORY, Canary, Record
-from fedleak.federated.errors import FedleakError
+from fedleak.common.errors import FedleakError
 from fedleak.federated.seeding import numpy_rng
 from fedleak.federated.training import IGNORE, Example, collate, encode
 

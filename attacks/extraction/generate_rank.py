@@ -29,7 +29,7 @@ from fedleak.attacks.extraction.common import (EXAMPLES, canary_records, check_p
                                                run_seed, view_key)
 from fedleak.attacks.membership.stats import BASE, reference_model
 from fedleak.attacks.membership.zlib import zlib_bytes
-from fedleak.federated.errors import FedleakError
+from fedleak.common.errors import FedleakError
 from fedleak.federated.generation import generate
 from fedleak.federated.prompts import format_prompt
 from fedleak.federated.rouge import tokens

@@ -35,7 +35,7 @@ from fedleak.attacks.base import AttackEnvironment, MembershipAttack, register_a
 from fedleak.attacks.membership.stats import compute_stats, shared_stats
 from fedleak.federated.adapters import add_lora
 from fedleak.federated.data import Record
-from fedleak.federated.errors import FedleakError
+from fedleak.common.errors import FedleakError
 from fedleak.federated.seeding import derive_seed, numpy_rng, torch_generator
 from fedleak.federated.training import encode, train_adapter
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from fedleak.attacks.base import register_attack
 from fedleak.attacks.membership.stats import ORIGINAL, TARGET, LogitAttack, TokenStats
-from fedleak.federated.errors import FedleakError
+from fedleak.common.errors import FedleakError
 
 
 def lowest_k_mean(values: np.ndarray, mask: np.ndarray, *, k: float) -> np.ndarray:

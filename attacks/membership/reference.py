@@ -13,7 +13,7 @@ import numpy as np
 
 from fedleak.attacks.base import register_attack
 from fedleak.attacks.membership.stats import BASE, ORIGINAL, REFERENCE, TARGET, LogitAttack, TokenStats
-from fedleak.federated.errors import FedleakError
+from fedleak.common.errors import FedleakError
 
 
 @register_attack("reference")

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from fedleak.attacks.base import MembershipAttack
 from fedleak.federated.data import Record
-from fedleak.federated.errors import FedleakError
+from fedleak.common.errors import FedleakError
 from fedleak.federated.training import IGNORE, batches, encode
 
 ORIGINAL, LOWERCASE = "original", "lowercase"

@@ -14,7 +14,7 @@ import torch
 
 from fedleak.attacks.base import register_attack
 from fedleak.attacks.poisoning.base import ModelPoisoning, RoundUpdates
-from fedleak.federated.errors import FedleakError
+from fedleak.common.errors import FedleakError
 
 
 def gaussian_update(like: torch.Tensor, *, norm: float, generator: torch.Generator) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 
 from fedleak.attacks.base import register_attack
 from fedleak.attacks.poisoning.base import ModelPoisoning, RoundUpdates
-from fedleak.federated.errors import FedleakError
+from fedleak.common.errors import FedleakError
 
 
 def ipm_update(honest: torch.Tensor, *, epsilon: float) -> torch.Tensor:

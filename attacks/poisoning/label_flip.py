@@ -14,7 +14,7 @@ import numpy as np
 from fedleak.attacks.base import register_attack
 from fedleak.attacks.poisoning.base import DataPoisoning
 from fedleak.federated.data import Record
-from fedleak.federated.errors import FedleakError
+from fedleak.common.errors import FedleakError
 
 
 @register_attack("label_flip")

@@ -16,7 +16,7 @@ import torch
 
 from fedleak.attacks.base import register_attack
 from fedleak.attacks.poisoning.base import ModelPoisoning, RoundUpdates
-from fedleak.federated.errors import FedleakError
+from fedleak.common.errors import FedleakError
 
 
 def scale_update(delta: torch.Tensor, *, boost: float) -> torch.Tensor:
