@@ -32,7 +32,7 @@ class _LogFile:
         return self
 
     def _only_ours(self) -> bool:
-        from fedleak.eval.matrix import LOCK_FILE
+        from fedleak.eval.cache import LOCK_FILE
 
         return {p.name for p in self.path.parent.iterdir()} <= {self.path.name, LOCK_FILE}
 
@@ -55,11 +55,14 @@ def _out(args, config) -> Path:
 
 def _report(out: Path, *, show_secrets: bool) -> None:
     """Write the report, log the headline tables (from the file: NaN is null there) and what was written."""
-    from fedleak.reports.report import leakage_table, load_results, poisoning_table, write_report
+    from fedleak.reports.merge import merged
+    from fedleak.reports.poisoning import poisoning_table
+    from fedleak.reports.report import load_results, write_report
+    from fedleak.reports.summary import leakage_table
 
     md, html = write_report(out, show_secrets=show_secrets)
-    results = load_results(out)
-    for table in (leakage_table(results), poisoning_table(results)):
+    run = merged(load_results(out))
+    for table in (leakage_table(run), poisoning_table(run)):
         for row in table.rows:
             log.info("%s", "; ".join(f"{h}: {v}" for h, v in zip(table.header, row) if v != "n/a"))
     log.info("wrote %s, %s, %s and %s", out / "results.json", out / "results.csv", md, html)
@@ -100,8 +103,9 @@ def _pick(specs, label: str | None, axis: str):
 
 def cmd_train(args) -> int:
     from fedleak.eval.config import load_config
-    from fedleak.eval.matrix import resolve_model, train_unit
+    from fedleak.eval.context import resolve_model
     from fedleak.eval.plan import NO_DEFENSE, TrainingUnit, _federated
+    from fedleak.eval.training_runs import train_unit
 
     config = load_config(args.config)
     out = _out(args, config)
@@ -132,7 +136,7 @@ def cmd_train(args) -> int:
 
 def cmd_attack(args) -> int:
     from fedleak.eval.config import load_config
-    from fedleak.eval.matrix import attack_checkpoint, checkpoint_rounds
+    from fedleak.eval.external import attack_checkpoint, checkpoint_rounds
 
     config = load_config(args.config)
     checkpoint_dir = Path(args.checkpoint_dir)
@@ -152,6 +156,15 @@ def cmd_report(args) -> int:
 
     md, html = write_report(Path(args.run_dir), show_secrets=args.show_secrets)
     log.info("wrote %s and %s", md, html)
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from fedleak.eval.results import validate_file
+
+    results = validate_file(Path(args.results))
+    print(f"{args.results}: valid {results.get('schema')} ({len(results.get('trainings', []))} trainings, "
+          f"{len(results.get('cells', []))} cells)")
     return 0
 
 
@@ -224,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", parents=[secrets], help="(re)write report.md and report.html from results.json")
     report.add_argument("run_dir", help="output folder of a finished run")
     report.set_defaults(func=cmd_report)
+    validate = sub.add_parser("validate", help="check a results.json against fedleak's results schema",
+                              description="Check a results.json (or the run folder holding one) against "
+                                          "results.schema.json, e.g. one written by another tool or edited by hand.")
+    validate.add_argument("results", help="results.json or the run folder holding it")
+    validate.set_defaults(func=cmd_validate)
     lst = sub.add_parser("list", help="list registered algorithms, defenses and attacks")
     lst.set_defaults(func=cmd_list)
     return parser

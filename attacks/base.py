@@ -1,13 +1,14 @@
 """Attacks: registered components that probe one observer's view of a trained federation.
 
-Three families share one registry:
+Three families share one registry, and an attack derives from its family's base:
 
 - membership attacks return one score per record, higher = more likely a training member, so
   `sklearn.metrics.roc_curve(y_true, scores)` applies as is (`MembershipAttack.score`);
 - extraction attacks try to recover what the view trained on and return their own metrics
-  (`ExtractionAttack.run`), given the ground truth in `Secrets`;
-- poisoning attacks act during training as malicious clients (`attacks/poisoning/base.py`): a
-  matrix scenario lists them, and the matrix measures their effect on each trained model.
+  (`ExtractionAttack.run` -> `ExtractionResult`), given the ground truth in `Secrets`;
+- poisoning attacks act during training as malicious clients (`DataPoisoning`, `ModelPoisoning` in
+  `attacks/poisoning/base.py`): a matrix scenario lists them, and the matrix measures their effect
+  on each trained model.
 
 Hyperparameters are explicit keyword-only `__init__` arguments. An attack gets the view as a
 `Target`; what the attacker has besides the view (the base model, a population of records,
@@ -16,34 +17,21 @@ how the target was trained) is the run-wide `AttackEnvironment`.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from fedleak.federated.data import Canary, Record
 from fedleak.federated.registry import Component, Registry
 
-ATTACKS: Registry[type["Attack"]] = Registry("attack", builtin_modules=(
-    "fedleak.attacks.membership.loss",
-    "fedleak.attacks.membership.zlib",
-    "fedleak.attacks.membership.lowercase",
-    "fedleak.attacks.membership.min_k",
-    "fedleak.attacks.membership.reference",
-    "fedleak.attacks.membership.lira",
-    "fedleak.attacks.extraction.discoverable",
-    "fedleak.attacks.extraction.pii",
-    "fedleak.attacks.extraction.exposure",
-    "fedleak.attacks.extraction.generate_rank",
-    "fedleak.attacks.poisoning.backdoor",
-    "fedleak.attacks.poisoning.label_flip",
-    "fedleak.attacks.poisoning.scaling",
-    "fedleak.attacks.poisoning.sign_flip",
-    "fedleak.attacks.poisoning.gaussian",
-    "fedleak.attacks.poisoning.alie",
-    "fedleak.attacks.poisoning.ipm",
-), entry_point_group="fedleak.attacks")
-register_attack = ATTACKS.register
+if TYPE_CHECKING:  # annotations only: importing torch and transformers here would make every import pay for them
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+    from fedleak.federated.adapters import LoraSettings
+    from fedleak.federated.training import TrainSettings
 
 
 @dataclass
@@ -56,7 +44,7 @@ class AttackEnvironment:
     model's statistics (the base model is the same for every view) and shadow-model statistics.
     """
 
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     seed: int
     max_length: int = 256
     response_only: bool = True
@@ -64,8 +52,8 @@ class AttackEnvironment:
     population: list[Record] = field(default_factory=list)
     base_model_ref: str = ""  # folder or id of the base model, for loading fresh copies (shadows)
     allow_download: bool = False  # for a reference model named by a hub id (model.allow_download)
-    lora: object = None  # LoraSettings of the target adapters
-    train: object = None  # TrainSettings of one target fine-tune (epochs = total over rounds)
+    lora: LoraSettings | None = None  # of the target adapters
+    train: TrainSettings | None = None  # how one target was fine-tuned (epochs = total over rounds)
     cache: dict = field(default_factory=dict)
     progress: bool = False  # progress bars over scoring batches
 
@@ -74,8 +62,8 @@ class AttackEnvironment:
 class Target:
     """One observer's view: the base model with that observer's adapters loaded, in eval mode."""
 
-    model: object
-    tokenizer: object
+    model: torch.nn.Module  # a peft model (its adapters can be switched off) or any causal LM
+    tokenizer: PreTrainedTokenizerBase
     observer: str  # "global", "upload" or "client"
     round: int
     client: int | None = None
@@ -86,6 +74,7 @@ class Target:
 
     @property
     def batch_size(self) -> int:
+        """Records per forward pass when scoring: the environment's, 32 without one."""
         return self.env.batch_size if self.env is not None else 32
 
 
@@ -116,22 +105,119 @@ class Secrets:
         return list(seen)
 
 
+@dataclass
+class ExtractionResult:
+    """What an extraction attack found in one view.
+
+    Attributes:
+        metrics: flat `{name: value}`, each a float (a rate in [0, 1], an exposure in bits, a count as
+            a float): they become the cell's columns in results.json, results.csv and the report
+            tables, and are averaged across seeds. NaN where a metric is undefined for this view
+            (no canary inserted, no private record): it is written as null.
+        details: JSON-serialisable facts behind the metrics (counts, per-canary ranks, a few
+            examples of extracted text, a `note` saying why a metric is undefined); written to the
+            cell's `details` in results.json and read by the report.
+    """
+
+    metrics: dict[str, float]
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """`{"metrics": ..., "details": ...}`, the cell fields results.json holds (the same objects, not copies)."""
+        return {"metrics": self.metrics, "details": self.details}
+
+
 class Attack(Component):
-    family: str = ""
+    """Base of every attack; a plug-in derives from a family's base instead: `MembershipAttack`,
+    `ExtractionAttack`, `DataPoisoning` or `ModelPoisoning` (the last two in `attacks/poisoning/base.py`)."""
+
+    @property
+    @abstractmethod
+    def family(self) -> str:
+        """The attack's family, "membership", "extraction" or "poisoning": where the matrix runs it and
+        how it reports it. Each family's base sets it as a class attribute; derive from one of those."""
 
 
 class MembershipAttack(Attack):
+    """Base of membership inference: one score per record saying how likely it trained the view.
+
+    Subclasses implement `score`. Membership inference against machine-learning models: Shokri,
+    Stronati, Song and Shmatikov 2017, "Membership Inference Attacks Against Machine Learning Models";
+    the language-model attacks here are those MIMIR benchmarks (Duan et al. 2024, "Do Membership
+    Inference Attacks Work on Large Language Models?").
+    """
+
     family = "membership"
 
+    @abstractmethod
     def score(self, target: Target, records: Sequence[Record]) -> np.ndarray:
-        """One score per record; higher = more likely a member."""
-        raise NotImplementedError
+        """Score each record against one observer's view.
+
+        Args:
+            target: the view (model in eval mode, tokenizer, observer, round, client) and the
+                run's `AttackEnvironment` (`target.env`: seed, population, reference model).
+            records: the N records to score, members and non-members mixed; the attack must not
+                learn which is which.
+
+        Returns:
+            float64 array of shape (N,), in the order of `records`: higher = more likely a training
+            member (the unit is the attack's own: a negative loss in nats per token, a log
+            likelihood ratio, ...), so `sklearn.metrics.roc_curve(y_true, scores)` applies as is.
+
+        Raises:
+            FedleakError: the view or the environment lacks what the attack needs (a reference
+                model, shadow statistics of these records); the message names the fix.
+        """
 
 
 class ExtractionAttack(Attack):
+    """Base of training-data extraction: recover what the view trained on, measured against the ground
+    truth (Carlini, Tramer, Wallace et al. 2021, "Extracting Training Data from Large Language Models";
+    canaries and exposure: Carlini, Liu, Erlingsson, Kos and Song 2019, "The Secret Sharer").
+
+    Subclasses implement `run`.
+    """
+
     family = "extraction"
 
-    def run(self, target: Target, secrets: Secrets) -> dict:
-        """{"metrics": {name: float}, "details": {...}}: flat float metrics go into results tables;
-        details (per-canary exposure, examples of extracted text) go into results.json and the report."""
-        raise NotImplementedError
+    @abstractmethod
+    def run(self, target: Target, secrets: Secrets) -> ExtractionResult:
+        """Attack one observer's view and measure what leaked.
+
+        Args:
+            target: the view (model in eval mode, tokenizer, observer, round, client) and the run's
+                `AttackEnvironment` (`target.env.seed` seeds any sampling, so reruns agree).
+            secrets: the ground truth of this view: its private records and canaries, reference
+                canaries never inserted, other clients' and held-out records. The attacker's prompts
+                may use only what the attack's threat model grants; the rest scores the outputs.
+
+        Returns:
+            The metrics (floats; NaN where undefined for this view) and the JSON-serialisable
+            details behind them.
+
+        Raises:
+            FedleakError: the target lacks what the attack needs (an `AttackEnvironment`); the
+                message names the fix.
+        """
+
+
+ATTACKS: Registry[type[Attack]] = Registry("attack", base=Attack, builtin_modules=(
+    "fedleak.attacks.membership.loss",
+    "fedleak.attacks.membership.zlib",
+    "fedleak.attacks.membership.lowercase",
+    "fedleak.attacks.membership.min_k",
+    "fedleak.attacks.membership.reference",
+    "fedleak.attacks.membership.lira",
+    "fedleak.attacks.extraction.discoverable",
+    "fedleak.attacks.extraction.pii",
+    "fedleak.attacks.extraction.exposure",
+    "fedleak.attacks.extraction.generate_rank",
+    "fedleak.attacks.poisoning.backdoor",
+    "fedleak.attacks.poisoning.label_flip",
+    "fedleak.attacks.poisoning.scaling",
+    "fedleak.attacks.poisoning.sign_flip",
+    "fedleak.attacks.poisoning.gaussian",
+    "fedleak.attacks.poisoning.alie",
+    "fedleak.attacks.poisoning.ipm",
+), entry_point_group="fedleak.attacks")
+register_attack = ATTACKS.register

@@ -52,7 +52,7 @@ def dp_pass(model, batches, lr, batch_size):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - start
-    module._close()
+    module.cleanup()
     return elapsed
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from fedleak.common.logs import quiet_libraries
 from fedleak.eval.config import load_config
-from fedleak.eval.matrix import resolve_model, run_matrix
+from fedleak.eval.context import resolve_model
+from fedleak.eval.matrix import run_matrix
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quick.toml"
 

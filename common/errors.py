@@ -1,13 +1,14 @@
 """The one error type a user sees: printed as a single line, exit status 2, no traceback."""
 
+import difflib
+from typing import Iterable
+
 
 class FedleakError(Exception):
     """Bad input (config, data file, checkpoint): the message names the file, the field and the fix."""
 
 
-def require_positive(settings, names: tuple[str, ...], prefix: str) -> None:
-    """The check every settings dataclass makes on its counts, with the field named as in the config."""
-    for name in names:
-        value = getattr(settings, name)
-        if value < 1:
-            raise FedleakError(f"{prefix}{name} = {value}: must be a positive integer")
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """The start of a fix for a typo: "did you mean 'rounds'? ", or "" when nothing is close."""
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f"did you mean {close[0]!r}? " if close else ""

@@ -10,11 +10,30 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    """The process's umask: Linux shows it in /proc; elsewhere reading it means setting it (put straight back)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder and an atomic rename.
+
+    The file gets the mode any other tool would give a new file (0666 less the umask), not the 0600
+    of the temporary file, so a report or results.json is as readable as the user's other files.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -9,3 +9,11 @@ CHANCE_AUC = 0.5
 # Fields that identify a cell or a training across seeds (results.json's aggregates group by them).
 CELL_GROUP = ("algorithm", "defense", "scenario", "attack", "family", "observer", "client", "round")
 TRAINING_GROUP = ("algorithm", "defense", "scenario")
+
+# Regexes for the identifier formats of fedleak's synthetic data (federated/data.py), in the order a report's
+# redaction tries them; results.json records them (eval/identifiers.py) and reports fall back on them.
+IDENTIFIER_FORMATS = (
+    r"\d{4}-\d{2}-\d{2}",  # date of birth
+    r"\d{3}-\d{3}(?:-\d+)*",  # phone number 555-DDD-DDDD, also cut short or run on in model output
+    r"\d{6,}",  # record number (8 digits), canary secret (6 digits), also glued to letters
+)

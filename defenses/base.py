@@ -8,10 +8,29 @@ are explicit keyword-only `__init__` arguments, checked there with an error that
 from __future__ import annotations
 
 from fedleak.common.errors import FedleakError
-from fedleak.federated.hooks import TrainingHooks
+from fedleak.federated.adapters import AdapterState
+from fedleak.federated.hooks import ClientJob, ClientUpdate, RoundInfo, TrainingHooks
 from fedleak.federated.registry import Component, Registry
 
-DEFENSES: Registry[type["Defense"]] = Registry("defense", builtin_modules=(
+
+class Defense(TrainingHooks, Component):
+    """Base class: override the hooks the defense changes (none is required: `none` overrides none)."""
+
+    needs_individual_updates = False  # a rule over individual uploads (cannot run under secure aggregation)
+
+    def check(self, *, clients_per_round: int) -> None:
+        """Refuse a federation this defense cannot run in; called when the config is checked, before training.
+
+        Args:
+            clients_per_round: uploads the server receives each round (federation.clients x
+                client_fraction, at least 1); a robust rule that discards f uploads needs enough.
+
+        Raises:
+            FedleakError: the defense cannot run with this many uploads; the message names the fix.
+        """
+
+
+DEFENSES: Registry[type[Defense]] = Registry("defense", base=Defense, builtin_modules=(
     "fedleak.defenses.none",
     "fedleak.defenses.median",
     "fedleak.defenses.trimmed_mean",
@@ -24,15 +43,6 @@ DEFENSES: Registry[type["Defense"]] = Registry("defense", builtin_modules=(
     "fedleak.defenses.dp_fedavg",
 ), entry_point_group="fedleak.defenses")
 register_defense = DEFENSES.register
-
-
-class Defense(TrainingHooks, Component):
-    """Base class: override the hooks the defense changes."""
-
-    needs_individual_updates = False  # a rule over individual uploads (cannot run under secure aggregation)
-
-    def check(self, *, clients_per_round: int) -> None:
-        """Refuse, with a FedleakError naming the fix, a federation this defense cannot run in."""
 
 
 def _overrides(part: Defense, hook: str) -> bool:
@@ -61,6 +71,7 @@ class Composition(Defense):
         self.name = "+".join(names)
 
     def params(self) -> dict:
+        """`{part name: its params()}`, in the order the parts compose."""
         return {p.name: p.params() for p in self.parts}
 
     def _owner(self, hook: str) -> Defense:
@@ -70,18 +81,19 @@ class Composition(Defense):
         for part in self.parts:
             part.check(clients_per_round=clients_per_round)
 
-    def train_client(self, job):
+    def train_client(self, job: ClientJob) -> dict:
         return self._owner("train_client").train_client(job)
 
-    def before_aggregation(self, updates, *, global_state, info):
+    def before_aggregation(self, updates: list[ClientUpdate], *, global_state: AdapterState,
+                           info: RoundInfo) -> list[ClientUpdate]:
         for part in self.parts:
             updates = part.before_aggregation(updates, global_state=global_state, info=info)
         return updates
 
-    def aggregate(self, updates, *, info):
+    def aggregate(self, updates: list[ClientUpdate], *, info: RoundInfo) -> AdapterState:
         return self._owner("aggregate").aggregate(updates, info=info)
 
-    def after_aggregation(self, state, *, previous, info):
+    def after_aggregation(self, state: AdapterState, *, previous: AdapterState, info: RoundInfo) -> AdapterState:
         for part in self.parts:
             state = part.after_aggregation(state, previous=previous, info=info)
         return state

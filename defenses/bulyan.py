@@ -17,6 +17,7 @@ from fedleak.defenses.krum import krum_select
 from fedleak.defenses.median import stacked_median
 from fedleak.federated.adapters import AdapterState, flatten, unflatten
 from fedleak.common.errors import FedleakError
+from fedleak.common.params import NonNegativeInt, validated
 from fedleak.federated.hooks import ClientUpdate, RoundInfo
 
 
@@ -50,9 +51,8 @@ class Bulyan(Defense):
 
     needs_individual_updates = True
 
-    def __init__(self, *, f: int = 0):
-        if f < 0:
-            raise FedleakError(f"bulyan: f = {f}: must be >= 0")
+    @validated
+    def __init__(self, *, f: NonNegativeInt = 0):
         self.f = f
 
     def check(self, *, clients_per_round: int) -> None:

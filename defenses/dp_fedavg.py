@@ -18,7 +18,7 @@ import torch
 from fedleak.defenses.base import Defense, register_defense
 from fedleak.defenses.norm_bound import clip_update
 from fedleak.federated.adapters import AdapterState, flatten, unflatten
-from fedleak.common.errors import FedleakError
+from fedleak.common.params import NonNegativeFloat, OpenUnitInterval, PositiveFloat, validated
 from fedleak.federated.hooks import ClientUpdate, RoundInfo
 
 
@@ -26,10 +26,9 @@ from fedleak.federated.hooks import ClientUpdate, RoundInfo
 class DPFedAvg(Defense):
     """DP-FedAvg: clip each client update, add Gaussian noise to the sum at the server (McMahan et al. 2018)."""
 
-    def __init__(self, *, noise_multiplier: float = 1.0, clip_norm: float = 1.0, delta: float = 1e-5):
-        if noise_multiplier < 0 or not clip_norm > 0 or not 0 < delta < 1:
-            raise FedleakError(f"dp_fedavg: noise_multiplier = {noise_multiplier}, clip_norm = {clip_norm}, "
-                               f"delta = {delta}: need noise_multiplier >= 0, clip_norm > 0, 0 < delta < 1")
+    @validated
+    def __init__(self, *, noise_multiplier: NonNegativeFloat = 1.0, clip_norm: PositiveFloat = 1.0,
+                 delta: OpenUnitInterval = 1e-5):
         self.noise_multiplier, self.clip_norm, self.delta = noise_multiplier, clip_norm, delta
         self.accountant = None
         self._reference: AdapterState | None = None

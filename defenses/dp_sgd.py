@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedleak.defenses.base import Defense, register_defense
 from fedleak.common.errors import FedleakError
+from fedleak.common.params import NonNegativeFloat, OpenUnitInterval, PositiveFloat, validated
 from fedleak.federated.hooks import ClientJob
 from fedleak.federated.training import collate, sequence_losses
 
@@ -40,18 +41,11 @@ def _noise_for_budget(target_epsilon: float, delta: float, sample_rate: float, s
 class DPSGD(Defense):
     """DP-SGD on every client via Opacus (per-sample clipping + Gaussian noise, RDP accounting; Abadi et al. 2016)."""
 
-    def __init__(self, *, noise_multiplier: float | None = None, target_epsilon: float | None = None,
-                 max_grad_norm: float = 1.0, delta: float = 1e-5):
+    @validated
+    def __init__(self, *, noise_multiplier: NonNegativeFloat | None = None, target_epsilon: PositiveFloat | None = None,
+                 max_grad_norm: PositiveFloat = 1.0, delta: OpenUnitInterval = 1e-5):
         if (noise_multiplier is None) == (target_epsilon is None):
             raise FedleakError("dp_sgd: give exactly one of noise_multiplier and target_epsilon")
-        if noise_multiplier is not None and noise_multiplier < 0:
-            raise FedleakError(f"dp_sgd: noise_multiplier = {noise_multiplier}: must be >= 0")
-        if target_epsilon is not None and not target_epsilon > 0:
-            raise FedleakError(f"dp_sgd: target_epsilon = {target_epsilon}: must be > 0")
-        if not max_grad_norm > 0:
-            raise FedleakError(f"dp_sgd: max_grad_norm = {max_grad_norm}: must be > 0")
-        if not 0 < delta < 1:
-            raise FedleakError(f"dp_sgd: delta = {delta}: must be in (0, 1)")
         self.noise_multiplier, self.target_epsilon = noise_multiplier, target_epsilon
         self.max_grad_norm, self.delta = max_grad_norm, delta
         self.engines: dict[int, object] = {}  # one Opacus PrivacyEngine (and accountant) per client
@@ -95,7 +89,7 @@ class DPSGD(Defense):
                     optimizer.zero_grad(set_to_none=True)
                     steps += 1
         finally:
-            module._close()  # remove Opacus's hooks: the same model serves the next client
+            module.cleanup()  # remove Opacus's hooks and attributes: the same model serves the next client
             for p in params:
                 p.grad_sample = None
         job.model.eval()

@@ -14,7 +14,7 @@ import torch
 
 from fedleak.defenses.base import Defense, register_defense
 from fedleak.federated.adapters import AdapterState, flatten, unflatten
-from fedleak.common.errors import FedleakError
+from fedleak.common.params import NonNegativeFloat, PositiveFloat, PositiveInt, validated
 from fedleak.federated.hooks import ClientUpdate, RoundInfo
 
 
@@ -43,10 +43,8 @@ class GeoMedian(Defense):
 
     needs_individual_updates = True
 
-    def __init__(self, *, max_iter: int = 10, nu: float = 1e-6, ftol: float = 1e-6):
-        if max_iter < 1 or not nu > 0 or not ftol >= 0:
-            raise FedleakError(f"geomedian: max_iter = {max_iter}, nu = {nu}, ftol = {ftol}: need max_iter >= 1, "
-                               f"nu > 0 and ftol >= 0")
+    @validated
+    def __init__(self, *, max_iter: PositiveInt = 10, nu: PositiveFloat = 1e-6, ftol: NonNegativeFloat = 1e-6):
         self.max_iter, self.nu, self.ftol = max_iter, nu, ftol
 
     def aggregate(self, updates: list[ClientUpdate], *, info: RoundInfo) -> AdapterState:

@@ -16,6 +16,7 @@ from fedleak.defenses.base import Defense, register_defense
 from fedleak.federated.adapters import AdapterState, flatten
 from fedleak.federated.aggregation import fedavg
 from fedleak.common.errors import FedleakError
+from fedleak.common.params import NonNegativeInt, PositiveInt, validated
 from fedleak.federated.hooks import ClientUpdate, RoundInfo
 
 
@@ -44,9 +45,8 @@ class Krum(Defense):
 
     needs_individual_updates = True
 
-    def __init__(self, *, f: int = 0):
-        if f < 0:
-            raise FedleakError(f"krum: f = {f}: must be >= 0")
+    @validated
+    def __init__(self, *, f: NonNegativeInt = 0):
         self.f = f
 
     def check(self, *, clients_per_round: int) -> None:
@@ -66,9 +66,8 @@ class MultiKrum(Defense):
 
     needs_individual_updates = True
 
-    def __init__(self, *, f: int = 0, m: int = 1):
-        if f < 0 or m < 1:
-            raise FedleakError(f"multikrum: f = {f}, m = {m}: need f >= 0 and m >= 1")
+    @validated
+    def __init__(self, *, f: NonNegativeInt = 0, m: PositiveInt = 1):
         self.f, self.m = f, m
 
     def check(self, *, clients_per_round: int) -> None:

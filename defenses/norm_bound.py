@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from fedleak.defenses.base import Defense, register_defense
 from fedleak.federated.adapters import AdapterState, flatten, unflatten
-from fedleak.common.errors import FedleakError
+from fedleak.common.params import PositiveFloat, validated
 from fedleak.federated.hooks import ClientUpdate, RoundInfo
 
 
@@ -26,9 +26,8 @@ def clip_update(state: AdapterState, reference: AdapterState, *, max_norm: float
 class NormBound(Defense):
     """Norm bounding: clip every client update to an L2 norm before aggregation (Sun et al. 2019)."""
 
-    def __init__(self, *, max_norm: float = 1.0):
-        if not max_norm > 0:
-            raise FedleakError(f"norm_bound: max_norm = {max_norm}: must be > 0")
+    @validated
+    def __init__(self, *, max_norm: PositiveFloat = 1.0):
         self.max_norm = max_norm
 
     def before_aggregation(self, updates: list[ClientUpdate], *, global_state: AdapterState,

@@ -8,13 +8,14 @@ averages the rest, unweighted. Needs 0 <= beta < 0.5 and at least one value left
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Annotated, Sequence
 
 import torch
 
 from fedleak.defenses.base import Defense, register_defense
 from fedleak.federated.adapters import AdapterState
 from fedleak.common.errors import FedleakError
+from fedleak.common.params import Range, validated
 from fedleak.federated.hooks import ClientUpdate, RoundInfo
 
 
@@ -36,9 +37,8 @@ class TrimmedMean(Defense):
 
     needs_individual_updates = True
 
-    def __init__(self, *, beta: float = 0.1):
-        if not 0 <= beta < 0.5:
-            raise FedleakError(f"trimmed_mean: beta = {beta}: must be in [0, 0.5)")
+    @validated
+    def __init__(self, *, beta: Annotated[float, Range(ge=0, lt=0.5)] = 0.1):
         self.beta = beta
 
     def check(self, *, clients_per_round: int) -> None:

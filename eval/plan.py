@@ -10,8 +10,10 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from fedleak.eval.config import CLEAN, ComponentSpec, MatrixRule, RunConfig, ScenarioSpec, did_you_mean
-from fedleak.common.errors import FedleakError
+from fedleak.common.errors import FedleakError, did_you_mean
+from fedleak.common.names import CLEAN
+from fedleak.eval.config import RunConfig
+from fedleak.eval.matrix_config import ComponentSpec, MatrixRule, ScenarioSpec
 
 NO_DEFENSE = ComponentSpec("none")
 

@@ -11,7 +11,10 @@ import numpy as np
 from fedleak.attacks.base import ATTACKS
 from fedleak.attacks.poisoning.backdoor import Backdoor
 from fedleak.attacks.poisoning.base import ScenarioAdversary
-from fedleak.eval.config import CLEAN, RunConfig, ScenarioSpec, instantiate
+from fedleak.common.names import CLEAN
+from fedleak.common.params import instantiate
+from fedleak.eval.config import RunConfig
+from fedleak.eval.matrix_config import ScenarioSpec
 from fedleak.federated.data import Record
 from fedleak.federated.generation import generate
 from fedleak.federated.prompts import format_prompt

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from fedleak.common.io import atomic_write_json, atomic_write_text
 
-SCHEMA = "fedleak-results/4"  # 2: rounds, audit bounds, extraction details; 3: poisoning; 4: seeds, cost, machine
+SCHEMA = "fedleak-results/5"  # 2: rounds, audit bounds, extraction details; 3: poisoning; 4: seeds, cost, machine;
+# 5: identifiers (what the report redacts)
 LIBRARIES = ("torch", "transformers", "tokenizers", "peft", "safetensors", "numpy", "scikit-learn", "matplotlib")
 CELL_KEYS = ("algorithm", "defense", "scenario", "attack", "family", "observer", "client", "round", "seed",
              "n_members", "n_nonmembers")
@@ -27,7 +28,14 @@ SCHEMA_FILE = Path(__file__).with_name("results.schema.json")  # the documented 
 
 
 def validate_results(results: dict) -> None:
-    """Check a results dict against results.schema.json (needs the `jsonschema` package, a dev extra)."""
+    """Check a results dict against results.schema.json.
+
+    Args:
+        results: a parsed results.json (NaN/inf are read as the null they are written as).
+
+    Raises:
+        ValueError: naming the JSON path and the rule of the first (up to five) violations.
+    """
     import json
 
     import jsonschema
@@ -38,6 +46,36 @@ def validate_results(results: dict) -> None:
     if errors:
         raise ValueError(f"results.json does not follow {SCHEMA_FILE.name}: "
                          + "; ".join(f"{e.json_path}: {e.message[:200]}" for e in errors[:5]))
+
+
+def validate_file(path: Path) -> dict:
+    """`fedleak validate`: read a results.json (or the run folder holding one) and check it against the schema.
+
+    Returns:
+        the parsed results.
+
+    Raises:
+        FedleakError: the file is missing, is not JSON, or breaks the schema (the message names the path).
+    """
+    import json
+
+    from fedleak.common.errors import FedleakError
+
+    path = Path(path)
+    path = path / "results.json" if path.is_dir() else path
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FedleakError(f"{path}: not found: give a run folder or its results.json") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FedleakError(f"{path}: not JSON ({exc}): give the results.json that fedleak wrote") from None
+    if not isinstance(results, dict):
+        raise FedleakError(f"{path}: a results file is a JSON object: give the results.json that fedleak wrote")
+    try:
+        validate_results(results)
+    except ValueError as exc:
+        raise FedleakError(f"{path}: {exc}") from None
+    return results
 
 
 def library_versions() -> dict[str, str | None]:

@@ -7,11 +7,13 @@ named adapters (FEDPIT's global and local ones); `activate` picks which are on a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Annotated
 
 import torch
 
 from fedleak.common.errors import FedleakError
+from fedleak.common.params import PositiveInt, Range, check_fields
 
 AdapterState = dict[str, torch.Tensor]
 DEFAULT = "default"  # peft's name for the first adapter; fedleak's shared/global adapter
@@ -19,19 +21,16 @@ DEFAULT = "default"  # peft's name for the first adapter; fedleak's shared/globa
 
 @dataclass(frozen=True)
 class LoraSettings:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    # "all-linear" is peft's shorthand for every linear layer except the output head.
-    target_modules: str | tuple[str, ...] = "all-linear"
+    r: PositiveInt = field(default=16, metadata={"help": "Rank of the LoRA update matrices."})
+    alpha: PositiveInt = field(default=32, metadata={
+        "help": "LoRA scaling: the update is multiplied by alpha / r."})
+    dropout: Annotated[float, Range(ge=0, lt=1)] = field(default=0.0, metadata={
+        "help": "Dropout on the LoRA input during training; 0 = none."})
+    target_modules: str | tuple[str, ...] = field(default="all-linear", metadata={
+        "help": "Module names the adapter wraps, or \"all-linear\" (peft: every linear layer but the output head)."})
 
     def __post_init__(self):
-        if self.r < 1:
-            raise FedleakError(f"model.lora.r = {self.r}: must be a positive integer")
-        if self.alpha <= 0:
-            raise FedleakError(f"model.lora.alpha = {self.alpha}: must be > 0")
-        if not 0 <= self.dropout < 1:
-            raise FedleakError(f"model.lora.dropout = {self.dropout}: must be in [0, 1)")
+        check_fields(self, "model.lora.")
         if not self.target_modules:
             raise FedleakError("model.lora.target_modules is empty: give module names or 'all-linear'")
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from fedleak.federated.data import (FederatedData, generate_records, make_audit_canaries, make_canaries,
                                    with_canaries)
-from fedleak.common.errors import FedleakError, require_positive
+from fedleak.common.errors import FedleakError
+from fedleak.common.params import NonNegativeInt, OpenUnitInterval, PositiveInt, check_fields
 from fedleak.federated.loader import FieldNames, load_alpaca
 from fedleak.federated.partition import partition
 from fedleak.federated.seeding import numpy_rng
@@ -15,46 +17,48 @@ from fedleak.federated.seeding import numpy_rng
 
 @dataclass(frozen=True)
 class EmbeddedDataSettings:
-    private_records: int = 150  # pooled across clients before partitioning
-    heldout_records: int = 150  # same distribution, never trained on: the non-members
-    canary_repetitions: tuple[int, ...] = (1, 4, 16)
-    canaries_per_repetition: int = 2
-    audit_canaries: int = 0  # one-run audit canaries, each inserted once with probability 1/2
+    private_records: PositiveInt = field(default=150, metadata={
+        "help": "Synthetic clinical records generated for training, pooled across clients before partitioning."})
+    heldout_records: PositiveInt = field(default=150, metadata={
+        "help": "Records from the same distribution never trained on: the non-members and the utility set."})
+    canary_repetitions: tuple[PositiveInt, ...] = field(default=(1, 4, 16), metadata={
+        "help": "How many copies of a canary are inserted, one group of canaries per count (exposure against repetition)."})
+    canaries_per_repetition: NonNegativeInt = field(default=2, metadata={
+        "help": "Canaries per repetition count (each also gets a never-inserted reference twin); 0 = no canaries."})
+    audit_canaries: NonNegativeInt = field(default=0, metadata={
+        "help": "Canaries for the one-run audit, each inserted once with probability 1/2; 0 = no one-run audit."})
 
     def __post_init__(self):
-        require_positive(self, ("private_records", "heldout_records"), "data.embedded.")
-        if self.audit_canaries < 0:
-            raise FedleakError(f"data.embedded.audit_canaries = {self.audit_canaries}: must be >= 0")
-        if self.canaries_per_repetition < 0:
-            raise FedleakError(f"data.embedded.canaries_per_repetition = {self.canaries_per_repetition}: must be >= 0")
-        if any(r < 1 for r in self.canary_repetitions):
-            raise FedleakError(f"data.embedded.canary_repetitions = {list(self.canary_repetitions)}: "
-                               f"each count must be >= 1")
+        check_fields(self, "data.embedded.")
 
 
 @dataclass(frozen=True)
 class FileDataSettings:
-    path: str = ""
-    instruction_field: str = "instruction"
-    input_field: str = "input"
-    output_field: str = "output"
-    category_field: str = "category"
-    heldout_fraction: float = 0.2  # of the file's records, kept out of training as non-members
+    path: str = field(default="", metadata={
+        "help": "Alpaca-style .json or .jsonl file, relative to the config's folder; needed with source = \"file\"."})
+    instruction_field: str = field(default="instruction", metadata={"help": "Key of the instruction in each record."})
+    input_field: str = field(default="input", metadata={"help": "Key of the optional input (context) in each record."})
+    output_field: str = field(default="output", metadata={"help": "Key of the response in each record."})
+    category_field: str = field(default="category", metadata={
+        "help": "Key of the category the Dirichlet partition splits on (records without one share a category)."})
+    heldout_fraction: OpenUnitInterval = field(default=0.2, metadata={
+        "help": "Share of the file's records kept out of training (at least 1): the non-members and the utility set."})
 
     def __post_init__(self):
-        if not 0 < self.heldout_fraction < 1:
-            raise FedleakError(f"data.file.heldout_fraction = {self.heldout_fraction}: must be in (0, 1)")
+        check_fields(self, "data.file.")
 
 
 @dataclass(frozen=True)
 class DataSettings:
-    source: str = "embedded"  # "embedded" or "file"
-    embedded: EmbeddedDataSettings = field(default_factory=EmbeddedDataSettings)
-    file: FileDataSettings = field(default_factory=FileDataSettings)
+    source: Literal["embedded", "file"] = field(default="embedded", metadata={
+        "help": "\"embedded\" (synthetic clinical records with planted canaries) or \"file\" ([data.file])."})
+    embedded: EmbeddedDataSettings = field(default_factory=EmbeddedDataSettings, metadata={
+        "help": "The synthetic data (source = \"embedded\")."})
+    file: FileDataSettings = field(default_factory=FileDataSettings, metadata={
+        "help": "Your own records (source = \"file\")."})
 
     def __post_init__(self):
-        if self.source not in ("embedded", "file"):
-            raise FedleakError(f"data.source = {self.source!r}: use 'embedded' or 'file' (with [data.file] path = ...)")
+        check_fields(self, "data.")
         if self.source == "file" and not self.file.path:
             raise FedleakError("data.source = 'file' but data.file.path is not set: give the path of an "
                                "Alpaca-style .json or .jsonl file")

@@ -8,11 +8,11 @@ Views: `global` is the aggregate, `upload/i` and `client/i` are both client i's 
 
 from __future__ import annotations
 
-from fedleak.federated.adapters import DEFAULT, get_adapter_state, set_adapter_state
+from fedleak.federated.adapters import DEFAULT, AdapterState, get_adapter_state, set_adapter_state
 from fedleak.federated.rounds import Algorithm, ClientContext, ClientResult, register_algorithm
 
 
-def train_on_own_data(ctx: ClientContext, start) -> tuple[dict, dict]:
+def train_on_own_data(ctx: ClientContext, start: AdapterState) -> tuple[AdapterState, dict]:
     """Train from `start` on the client's records, as it shares them (a malicious client's poisoned)."""
     set_adapter_state(ctx.model, start)
     records = ctx.poison_data(ctx.records)

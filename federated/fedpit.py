@@ -22,9 +22,15 @@ its local adapter is never shared (its local adapter trains on clean data);
 
 from __future__ import annotations
 
+from typing import Annotated
+
+import torch
+
 from fedleak.federated.adapters import (DEFAULT, activate, add_named_adapter, get_adapter_state,
                                         set_adapter_state)
 from fedleak.common.errors import FedleakError
+from fedleak.common.params import (NonNegativeInt, PositiveFloat, PositiveInt, Range, UnitInterval,
+                                   validated)
 from fedleak.federated.rounds import (GLOBAL, Algorithm, ClientContext, ClientResult, TrainingSetup,
                                       register_algorithm)
 from fedleak.federated.seeding import derive_seed
@@ -36,11 +42,13 @@ LOCAL = "local"
 class SelfGenerating(Algorithm):
     """Shared keyword arguments of the algorithms that self-generate data (FEDPIT, LOCIT+SA)."""
 
-    def __init__(self, *, demos: int = 3, synthetic_per_round: int = 8, max_attempts: int = 24,
-                 rouge_threshold: float = 0.7, min_words: int = 4, max_words: int = 60,
-                 instruction_max_new_tokens: int = 48, response_max_new_tokens: int = 96,
-                 temperature: float = 1.0, top_p: float = 0.95, repetition_penalty: float = 1.2,
-                 no_repeat_ngram_size: int = 3, generate_every_round: bool = True):
+    @validated
+    def __init__(self, *, demos: PositiveInt = 3, synthetic_per_round: PositiveInt = 8, max_attempts: PositiveInt = 24,
+                 rouge_threshold: UnitInterval = 0.7, min_words: PositiveInt = 4, max_words: PositiveInt = 60,
+                 instruction_max_new_tokens: PositiveInt = 48, response_max_new_tokens: PositiveInt = 96,
+                 temperature: PositiveFloat = 1.0, top_p: UnitInterval = 0.95,
+                 repetition_penalty: Annotated[float, Range(ge=1)] = 1.2, no_repeat_ngram_size: NonNegativeInt = 3,
+                 generate_every_round: bool = True):
         self.demos, self.synthetic_per_round, self.max_attempts = demos, synthetic_per_round, max_attempts
         self.rouge_threshold, self.min_words, self.max_words = rouge_threshold, min_words, max_words
         self.instruction_max_new_tokens, self.response_max_new_tokens = instruction_max_new_tokens, response_max_new_tokens
@@ -71,7 +79,7 @@ class SelfGenerating(Algorithm):
 class FedPIT(SelfGenerating):
     """FEDPIT: global adapter trained on self-generated data is shared, local adapter on real data stays home (Zhang et al. 2024)."""
 
-    def prepare(self, model, setup: TrainingSetup) -> None:
+    def prepare(self, model: torch.nn.Module, setup: TrainingSetup) -> None:
         add_named_adapter(model, LOCAL, setup.lora, seed=derive_seed(setup.seed, "local-init"))
         self.initial_local = get_adapter_state(model, LOCAL)
         activate(model, [DEFAULT], trainable=DEFAULT)

@@ -35,39 +35,102 @@ class ClientJob:
     planned_rounds: int = 1  # rounds in the whole training (for privacy budgets planned up front)
 
     def run(self) -> dict:
+        """Train `adapter` in place with plain AdamW on `examples`, batches drawn from `generator`.
+
+        Returns:
+            The training metrics of `train_adapter` (per-step losses, `loss_last_quarter`), which
+            become the client's metrics in the round history.
+        """
         return train_adapter(self.model, self.examples, self.settings, pad_id=self.pad_id, generator=self.generator)
 
 
 @dataclass
 class ClientUpdate:
+    """One upload as the server receives it."""
+
     client: int
-    state: AdapterState
-    num_examples: int
+    state: AdapterState  # the client's adapter after local training: LoRA tensor name -> tensor
+    num_examples: int  # its FedAvg weight
 
 
 @dataclass
 class RoundInfo:
-    round: int
-    clients: list[int]
+    """The server's side of one round, shared by every hook of the round."""
+
+    round: int  # 1-based
+    clients: list[int]  # sampled this round, ascending
     num_clients_total: int
     generator: torch.Generator  # seeded per round: server-side randomness (noise) draws from it
     metrics: dict = field(default_factory=dict)  # hooks record per-round facts here (epsilon, exclusions)
 
 
 class TrainingHooks:
+    """A defense's hooks, called in this order each round; each defaults to plain FedAvg training
+    (McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks from Decentralized Data").
+
+    An adapter state is `{LoRA tensor name: tensor}` as peft names them; a hook returns new tensors
+    rather than changing its inputs in place (the round loop checkpoints them).
+    """
+
     hides_uploads = False  # the server never sees individual uploads (secure aggregation)
 
     def train_client(self, job: ClientJob) -> dict:
+        """One honest client's local training (DP-SGD replaces the loop; malicious clients skip this hook).
+
+        Args:
+            job: the client, round, model (its `job.adapter` trainable), encoded examples, settings
+                and seeded batch generator; `job.run()` is the plain loop.
+
+        Returns:
+            Training metrics, JSON-serialisable, with at least `loss_last_quarter` (mean training
+            loss in nats per token over the last quarter of steps) as `job.run()` returns them.
+
+        Raises:
+            FedleakError: the job cannot be trained this way (the message names the fix).
+        """
         return job.run()
 
     def before_aggregation(self, updates: list[ClientUpdate], *, global_state: AdapterState,
                            info: RoundInfo) -> list[ClientUpdate]:
+        """Transform the uploads the server received (norm clipping); called after the adversary's.
+
+        Args:
+            updates: one per uploading client, in client order, malicious uploads already poisoned.
+            global_state: the global adapter the clients started from this round.
+            info: the round; record per-round facts in `info.metrics` (they go to the round history).
+
+        Returns:
+            The updates to aggregate: usually one per input, same clients and weights.
+        """
         return updates
 
     def aggregate(self, updates: list[ClientUpdate], *, info: RoundInfo) -> AdapterState:
+        """The aggregation rule (robust rules: median, Krum, ...); FedAvg weighted by `num_examples`.
+
+        Args:
+            updates: what `before_aggregation` returned, at least one.
+            info: the round; a rule that excludes uploads lists them in `info.metrics["excluded_clients"]`.
+
+        Returns:
+            The new global adapter, with the same tensor names and shapes as the uploads.
+
+        Raises:
+            FedleakError: too few updates for the rule (the message names the fix).
+        """
         return fedavg([(u.state, u.num_examples) for u in updates])
 
     def after_aggregation(self, state: AdapterState, *, previous: AdapterState, info: RoundInfo) -> AdapterState:
+        """Transform the aggregated adapter before it is checkpointed and sent out (server-side DP noise).
+
+        Args:
+            state: what `aggregate` returned.
+            previous: the global adapter of the previous round (the round's starting point).
+            info: the round; `info.generator` is seeded per round for server-side randomness, and
+                `info.metrics` takes per-round facts (epsilon spent).
+
+        Returns:
+            The global adapter of this round, with `state`'s tensor names and shapes.
+        """
         return state
 
 
@@ -84,15 +147,45 @@ class Adversary:
     poisons_data = False  # whether poison_records changes anything (the round loop checks the algorithm calls it)
 
     def acts(self, client: int, round: int) -> bool:
+        """Whether `client` is malicious and attacks in `round` (1-based)."""
         return False
 
     def poison_records(self, records: list[Record], *, client: int, round: int) -> list[Record]:
+        """The records behind `client`'s upload in `round`, given its clean ones.
+
+        Args:
+            records: what the algorithm shares the training of (FEDIT: the client's records;
+                FEDPIT: its synthetic records).
+            client, round: who trains, when (1-based round).
+
+        Returns:
+            `records` itself for an honest client or a round it does not act in, else the poisoned
+            records (a new list).
+        """
         return records
 
     def train_settings(self, settings: TrainSettings, *, client: int, round: int) -> TrainSettings:
-        """How an acting malicious client trains locally (it skips the defense's client hook)."""
+        """How an acting malicious client trains locally (it skips the defense's client hook).
+
+        Args:
+            settings: the federation's local training settings.
+            client, round: the acting client and the round (1-based).
+
+        Returns:
+            The settings it trains its upload with (more epochs for model replacement).
+        """
         return settings
 
     def poison_updates(self, updates: list[ClientUpdate], *, global_state: AdapterState,
                        info: RoundInfo) -> list[ClientUpdate]:
+        """The uploads after the malicious clients rewrote theirs, before any defense hook sees them.
+
+        Args:
+            updates: every upload of the round, in client order.
+            global_state: the global adapter the clients started from.
+            info: the round; the adversary lists the acting clients in `info.metrics["malicious_clients"]`.
+
+        Returns:
+            One update per input, same clients and weights; honest uploads unchanged.
+        """
         return updates

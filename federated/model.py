@@ -17,12 +17,13 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from fedleak.common.errors import FedleakError, require_positive
+from fedleak.common.errors import FedleakError
+from fedleak.common.params import NonNegativeInt, PositiveFloat, PositiveInt, check_fields
 
 log = logging.getLogger(__name__)
 
@@ -33,28 +34,29 @@ SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
 
 @dataclass(frozen=True)
 class EmbeddedModelConfig:
-    vocab_size: int = 2000
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    intermediate_size: int = 512
-    max_length: int = 1024  # RoPE positions: room for FEDPIT's few-shot generation prompts
-    public_records: int = 6000
-    pretrain_steps: int = 1000
-    pretrain_batch_size: int = 16
-    pretrain_seq_len: int = 128
-    pretrain_lr: float = 2e-3
-    seed: int = 0
+    vocab_size: PositiveInt = field(default=2000, metadata={
+        "help": "Byte-level BPE vocabulary trained on the public corpus (digits are single tokens)."})
+    hidden_size: PositiveInt = field(default=128, metadata={"help": "Width of the Llama model; a multiple of num_heads."})
+    num_layers: PositiveInt = field(default=4, metadata={"help": "Transformer layers."})
+    num_heads: PositiveInt = field(default=4, metadata={"help": "Attention heads per layer."})
+    intermediate_size: PositiveInt = field(default=512, metadata={"help": "Width of the MLP blocks."})
+    max_length: PositiveInt = field(default=1024, metadata={
+        "help": "Longest sequence (RoPE positions) in tokens: room for FEDPIT's few-shot generation prompts."})
+    public_records: PositiveInt = field(default=6000, metadata={
+        "help": "Public synthetic records (no private patients) in the pretraining corpus."})
+    pretrain_steps: PositiveInt = field(default=1000, metadata={"help": "Optimiser steps of pretraining."})
+    pretrain_batch_size: PositiveInt = field(default=16, metadata={"help": "Blocks per pretraining step."})
+    pretrain_seq_len: PositiveInt = field(default=128, metadata={
+        "help": "Tokens per packed pretraining block (the corpus is concatenated and cut into blocks)."})
+    pretrain_lr: PositiveFloat = field(default=2e-3, metadata={"help": "Peak AdamW learning rate (one-cycle schedule)."})
+    seed: NonNegativeInt = field(default=0, metadata={
+        "help": "Seed of the corpus, tokenizer and pretraining; part of the model cache's key (not the run's seed)."})
 
     def __post_init__(self):
-        require_positive(self, ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
-                                "max_length", "public_records", "pretrain_steps", "pretrain_batch_size",
-                                "pretrain_seq_len"), "model.embedded.")
+        check_fields(self, "model.embedded.")
         if self.hidden_size % self.num_heads:
             raise FedleakError(f"model.embedded.hidden_size = {self.hidden_size} is not divisible by "
                                f"num_heads = {self.num_heads}: pick sizes that divide")
-        if not self.pretrain_lr > 0:
-            raise FedleakError(f"model.embedded.pretrain_lr = {self.pretrain_lr}: must be > 0")
 
     def cache_key(self, corpus: list[str]) -> str:
         """Settings, build version and the corpus itself: a generator change also rebuilds."""

@@ -1,24 +1,25 @@
-"""Name -> component registries (attacks, defenses, ...): duplicates refused, typos answered."""
+"""Name -> component registries (attacks, defenses, ...): duplicates refused, typos answered.
+
+A class is checked when it registers, not when the matrix first calls it: it must derive from the
+registry's base and implement every abstract method, so a broken plug-in fails at import (the
+config's `plugins = [...]` turns that into a one-line config error) rather than after training.
+"""
 
 from __future__ import annotations
 
 import difflib
 import importlib
 import inspect
+from abc import ABC
 from typing import Callable, Generic, Iterable, TypeVar
 
-from fedleak.common.errors import FedleakError
+from fedleak.common.errors import FedleakError, did_you_mean
 
 T = TypeVar("T")
 
 
 class RegistryError(FedleakError):
     pass
-
-
-def did_you_mean(name: str, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=1)
-    return f"did you mean {close[0]!r}? " if close else ""
 
 
 class Registry(Generic[T]):
@@ -28,23 +29,67 @@ class Registry(Generic[T]):
     backend is only loaded when its component is listed or used.
     """
 
-    def __init__(self, kind: str, builtin_modules: Iterable[str] = (), entry_point_group: str | None = None):
+    def __init__(self, kind: str, *, base: type, builtin_modules: Iterable[str] = (),
+                 entry_point_group: str | None = None):
         self.kind = kind
+        self.base = base
         self._builtin_modules = tuple(builtin_modules)
         self._entry_point_group = entry_point_group
         self._loaded = False
         self._items: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
+        """A class decorator that registers the class under `name` and sets its `name` attribute.
+
+        Args:
+            name: the name configs use (`[matrix] defenses = ["name"]`); unique within this registry.
+
+        Returns:
+            The decorator; it returns the class unchanged.
+
+        Raises:
+            RegistryError: when the decorator is applied: `name` is taken by another class, or the
+                class does not derive from the registry's base, or it leaves an abstract method of
+                the base undefined (the message names the method and where it is documented).
+        """
         def decorator(obj: T) -> T:
+            if getattr(obj, "__module__", None) not in self._builtin_modules:
+                self._load_builtins()  # so a plug-in that takes a built-in's name is the one refused
             if name in self._items and self._items[name] is not obj:
-                raise RegistryError(f"{self.kind} {name!r} is already registered by "
+                raise RegistryError(f"{self.kind} {name!r} ({_where(obj)}) is already registered by "
                                     f"{_where(self._items[name])}: pick another name")
+            self._check(name, obj)
             self._items[name] = obj
             obj.name = name
             return obj
 
         return decorator
+
+    def _check(self, name: str, obj: T) -> None:
+        label = f"{self.kind} {name!r} ({_where(obj)})"
+        if not (inspect.isclass(obj) and issubclass(obj, self.base)):
+            raise RegistryError(f"{label} does not subclass {self.base.__name__}: derive it from "
+                                f"{_where(self.base)} (or one of its subclasses)")
+        missing = sorted(getattr(obj, "__abstractmethods__", ()))
+        if missing:
+            owners = [_declared_by(obj, m) for m in missing]
+            calls = ", ".join(m if isinstance(o.__dict__[m], property) else f"{m}()" for m, o in zip(missing, owners))
+            # A misspelt override (`scores` for `score`) is the usual cause: point at it.
+            own = [a for a in vars(obj) if not a.startswith("_")]
+            hints = "".join(did_you_mean(m, own) for m in missing)
+            raise RegistryError(f"{label} does not implement {calls}: {hints}define "
+                                f"{'it' if len(missing) == 1 else 'them'} (see "
+                                f"{', '.join(f'{o.__name__}.{m}' for m, o in zip(missing, owners))})")
+        # A misspelt optional hook (`after_aggregate` for `after_aggregation`) would register and never
+        # be called: a public method the base does not have, named almost like one it has, is refused.
+        hooks = [m for m in dir(self.base) if not m.startswith("_") and callable(getattr(self.base, m))]
+        for attr, value in vars(obj).items():
+            if attr.startswith("_") or hasattr(self.base, attr) or not callable(value):
+                continue
+            close = difflib.get_close_matches(attr, hooks, n=1, cutoff=0.85)
+            if close:
+                raise RegistryError(f"{label} defines {attr}(), which {self.base.__name__} never calls: "
+                                    f"did you mean {close[0]}()? rename it (or make it private: _{attr})")
 
     def _load_builtins(self) -> None:
         if not self._loaded:
@@ -68,6 +113,11 @@ class Registry(Generic[T]):
                 self.register(entry_point.name)(obj)
 
     def get(self, name: str) -> T:
+        """The class registered as `name` (built-ins and entry-point plug-ins loaded on first use).
+
+        Raises:
+            RegistryError: no such name; the message suggests the closest and lists every name.
+        """
         self._load_builtins()
         try:
             return self._items[name]
@@ -76,24 +126,40 @@ class Registry(Generic[T]):
                                 f"available: {', '.join(sorted(self._items))}") from None
 
     def names(self) -> list[str]:
+        """Every registered name, sorted (built-ins and entry-point plug-ins included)."""
         self._load_builtins()
         return sorted(self._items)
 
 
-class Component:
-    """What every registered component shares: its name and how it describes itself."""
+class Component(ABC):
+    """What every registered component shares: its name and how it describes itself.
+
+    An ABC, so a base declares what a plug-in must define with `@abstractmethod` and the registry
+    refuses a class that leaves one undefined.
+    """
 
     name: str = ""  # set by the registry's decorator
 
     def params(self) -> dict:
-        """The keyword arguments it was built with (each subclass stores them as attributes)."""
+        """The keyword arguments it was built with (each subclass stores them as attributes).
+
+        Returns:
+            `{argument: value}` for every `__init__` argument stored under its own name; results.json
+            records it beside the component's name.
+        """
         return {p: getattr(self, p) for p in inspect.signature(type(self).__init__).parameters
                 if p != "self" and hasattr(self, p)}
 
     @classmethod
     def summary(cls) -> str:
+        """The first line of the class docstring: what `fedleak list` prints beside the name."""
         return (inspect.getdoc(cls) or "").splitlines()[0]
 
 
 def _where(obj) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', obj)}"
+
+
+def _declared_by(cls: type, member: str) -> type:
+    """The class in `cls`'s MRO whose own `member` is still abstract: where its contract is documented."""
+    return next(k for k in reversed(cls.__mro__) if getattr(k.__dict__.get(member), "__isabstractmethod__", False))

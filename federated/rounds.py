@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import time
+from abc import abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -19,49 +21,45 @@ from tqdm.auto import tqdm
 from fedleak.federated import checkpoint
 from fedleak.federated.adapters import DEFAULT, AdapterState, LoraSettings, add_lora, get_adapter_state
 from fedleak.federated.data import FederatedData, Record
-from fedleak.common.errors import FedleakError, require_positive
+from fedleak.common.errors import FedleakError
+from fedleak.common.params import NonNegativeFloat, PositiveFloat, PositiveInt, UnitInterval, check_fields
 from fedleak.federated.hooks import Adversary, ClientJob, ClientUpdate, RoundInfo, TrainingHooks
 from fedleak.common.io import atomic_write_text, sha256_bytes
 from fedleak.federated.registry import Component, Registry
 from fedleak.federated.seeding import derive_seed, numpy_rng, torch_generator
 from fedleak.federated.training import Example, TrainSettings, encode
 
-ALGORITHMS: Registry[type["Algorithm"]] = Registry("algorithm", builtin_modules=(
-    "fedleak.federated.fedit",
-    "fedleak.federated.fedpit",
-    "fedleak.federated.baselines",
-), entry_point_group="fedleak.algorithms")
-register_algorithm = ALGORITHMS.register
+if TYPE_CHECKING:  # annotations only: transformers loads with the model, not with the round loop
+    from transformers import PreTrainedTokenizerBase
 
 GLOBAL = "<global>"  # in a client view: "the adapter the server aggregated this round"
 
 
 @dataclass(frozen=True)
 class FederationSettings:
-    clients: int = 3
-    rounds: int = 8
-    client_fraction: float = 1.0
-    local_epochs: int = 4
-    batch_size: int = 8
-    lr: float = 3e-3
-    max_grad_norm: float = 1.0
-    partition: str = "dirichlet"
-    alpha: float = 1.0
-    min_records_per_client: int = 8
-    response_only_loss: bool = True
-    max_length: int = 256
+    clients: PositiveInt = field(default=3, metadata={"help": "Number of clients the private records are split among."})
+    rounds: PositiveInt = field(default=8, metadata={"help": "Federated rounds (each: sample, train locally, aggregate)."})
+    client_fraction: UnitInterval = field(default=1.0, metadata={
+        "help": "Share of the clients sampled each round: round(client_fraction * clients), at least 1; 1 = all."})
+    local_epochs: PositiveInt = field(default=4, metadata={"help": "Passes over its records a client makes per round."})
+    batch_size: PositiveInt = field(default=8, metadata={"help": "Examples per optimiser step in local training."})
+    lr: PositiveFloat = field(default=3e-3, metadata={"help": "AdamW learning rate of local training."})
+    max_grad_norm: NonNegativeFloat = field(default=1.0, metadata={
+        "help": "Gradient-norm clipping in local training (not DP's per-sample clipping); 0 = no clipping."})
+    partition: Literal["dirichlet", "iid"] = field(default="dirichlet", metadata={
+        "help": "How records are split: \"dirichlet\" (per-category shares drawn with alpha: non-IID) or \"iid\"."})
+    alpha: PositiveFloat = field(default=1.0, metadata={
+        "help": "Dirichlet concentration: small = each client holds few categories, large = close to IID."})
+    min_records_per_client: PositiveInt = field(default=8, metadata={
+        "help": "Fewest training records a client may get; the Dirichlet split is redrawn (up to 100 times) until "
+                "every client has them."})
+    response_only_loss: bool = field(default=True, metadata={
+        "help": "Train on the response tokens only (prompt tokens masked out of the loss); false: on the whole text."})
+    max_length: PositiveInt = field(default=256, metadata={
+        "help": "Tokens per training example (prompt + response + EOS); longer examples are cut at the end."})
 
     def __post_init__(self):
-        require_positive(self, ("clients", "rounds", "local_epochs", "batch_size", "max_length",
-                                "min_records_per_client"), "federation.")
-        if not 0 < self.client_fraction <= 1:
-            raise FedleakError(f"federation.client_fraction = {self.client_fraction}: must be in (0, 1]")
-        if not self.lr > 0:
-            raise FedleakError(f"federation.lr = {self.lr}: must be > 0")
-        if not self.alpha > 0:
-            raise FedleakError(f"federation.alpha = {self.alpha}: must be > 0")
-        if self.partition not in ("dirichlet", "iid"):
-            raise FedleakError(f"federation.partition = {self.partition!r}: use 'dirichlet' or 'iid'")
+        check_fields(self, "federation.")
 
     @property
     def clients_per_round(self) -> int:
@@ -75,7 +73,7 @@ class FederationSettings:
 @dataclass
 class TrainingSetup:
     base_model: torch.nn.Module
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     data: FederatedData
     federation: FederationSettings
     lora: LoraSettings
@@ -104,7 +102,7 @@ class ClientContext:
     data_poisoned: bool = False  # set by poison_data: the round loop checks a malicious client's data was poisoned
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> PreTrainedTokenizerBase:
         return self.setup.tokenizer
 
     def poison_data(self, records: list[Record]) -> list[Record]:
@@ -115,12 +113,23 @@ class ClientContext:
         return self.setup.adversary.poison_records(records, client=self.client, round=self.round)
 
     def encode(self, records: list[Record]) -> list[Example]:
+        """Tokenise `records` as the round loop tokenises the clients' own (federation.max_length tokens
+        at most, loss on the response only when federation.response_only_loss), one example each."""
         fed = self.setup.federation
         return encode(records, self.tokenizer, max_length=fed.max_length, response_only=fed.response_only_loss)
 
     def train(self, examples: list[Example], *, adapter: str = DEFAULT) -> dict:
         """Train the active `adapter` through the defense's client hook (DP-SGD swaps the loop); a
-        malicious client in a round it acts does not follow the protocol and trains without it."""
+        malicious client in a round it acts does not follow the protocol and trains without it.
+
+        Args:
+            examples: encoded examples (`encode`), in the order the seeded batches draw from.
+            adapter: the peft adapter being trained; the algorithm makes it the only trainable one.
+
+        Returns:
+            The hook's training metrics: `loss_last_quarter` (mean loss, nats per token, over the last
+            quarter of steps), `steps`, `examples`, and what the hook adds (DP-SGD: epsilon).
+        """
         # An acting malicious client trains what it shares its own way; a FEDPIT local adapter (never
         # shared) trains like anyone's.
         malicious = adapter == DEFAULT and self.setup.adversary.acts(self.client, self.round)
@@ -157,31 +166,89 @@ class TrainingRun:
 
 
 class Algorithm(Component):
-    """A training algorithm; hyperparameters are keyword-only `__init__` arguments."""
+    """A training algorithm; hyperparameters are keyword-only `__init__` arguments.
+
+    Subclasses implement `client_round`; the other methods have the FEDIT defaults (Zhang et al.
+    2024, "Towards Building the Federated GPT: Federated Instruction Tuning").
+    """
 
     has_server: bool = True  # a server aggregates uploads into a global adapter
     federated: bool = True  # clients exchange updates, so aggregation defenses apply
     record_uploads: bool = True  # a curious server sees per-client uploads
 
     def client_data(self, data: FederatedData) -> list[list[Record]]:
+        """The training records of each client, one list per client index (CENIT pools them into one).
+
+        Args:
+            data: the run's federated split (clients' records, canaries inserted, held-out records).
+
+        Returns:
+            One list of records per client, in client order; the round loop samples clients among them.
+        """
         return data.clients
 
     def global_clients(self, data: FederatedData, contributors: set[int]) -> set[int]:
-        """The clients whose private data is behind the global adapter, given those that uploaded."""
+        """The clients whose private data is behind the global adapter, given those that uploaded.
+
+        Args:
+            data: the run's federated split.
+            contributors: the clients that uploaded in at least one round.
+
+        Returns:
+            Client indices; empty for an algorithm without a server.
+        """
         return set(contributors) if self.has_server else set()
 
     def global_members(self, data: FederatedData, contributors: set[int]) -> list[Record]:
-        """The private records behind the global adapter (canary copies excluded)."""
+        """The private records behind the global adapter (canary copies excluded): the members a
+        membership attack on the `global` view is scored against.
+
+        Args:
+            data: the run's federated split.
+            contributors: the clients that uploaded in at least one round.
+
+        Returns:
+            The records of `global_clients(data, contributors)`.
+        """
         return data.members_of(self.global_clients(data, contributors))
 
-    def prepare(self, model, setup: TrainingSetup) -> None:
-        """Add adapters beyond the default one, once before the first round."""
+    def prepare(self, model: torch.nn.Module, setup: TrainingSetup) -> None:
+        """Add adapters beyond the default one, once before the first round (FEDPIT's local adapter).
 
+        Args:
+            model: the peft model, its `default` adapter seeded and active.
+            setup: the training's settings (LoRA settings, seed).
+        """
+
+    @abstractmethod
     def client_round(self, ctx: ClientContext) -> ClientResult:
-        raise NotImplementedError
+        """What one sampled client does in one round.
+
+        Args:
+            ctx: the client, round, shared model, its records and encoded examples, the adapter it
+                received (`global_state`, None without a server) and its `memory` across rounds.
+                Train through `ctx.train(...)` (the defense's client hook) and pass the records the
+                upload trains on through `ctx.poison_data(...)` (a malicious client's come back poisoned).
+
+        Returns:
+            The upload (None: nothing this round) with its FedAvg weight, the client's view (adapter
+            name -> tensors, or `GLOBAL` for the round's aggregate), its metrics (a `loss_last_quarter`
+            enters the round's mean training loss) and artifacts to save beside the checkpoint.
+
+        Raises:
+            FedleakError: the round cannot run (the message names the fix).
+        """
 
 
-def _round_files(global_state, results: dict[int, ClientResult], record_uploads: bool):
+ALGORITHMS: Registry[type[Algorithm]] = Registry("algorithm", base=Algorithm, builtin_modules=(
+    "fedleak.federated.fedit",
+    "fedleak.federated.fedpit",
+    "fedleak.federated.baselines",
+), entry_point_group="fedleak.algorithms")
+register_algorithm = ALGORITHMS.register
+
+
+def _round_files(global_state: AdapterState | None, results: dict[int, ClientResult], record_uploads: bool):
     """File stems and views for one round, storing each distinct tensor dict once."""
     files: dict[str, AdapterState] = {}
     stem_of: dict[int, str] = {}

@@ -102,10 +102,3 @@ def train_adapter(model, examples: Sequence[Example], settings: TrainSettings, *
     model.eval()
     tail = losses[-max(1, len(losses) // 4):]
     return {"loss_last_quarter": float(sum(tail) / len(tail)), "steps": steps, "examples": len(examples)}
-
-
-@torch.no_grad()
-def mean_loss(model, examples: Sequence[Example], *, batch_size: int, pad_id: int) -> float:
-    model.eval()
-    total = [sequence_losses(model, b) for b in batches(examples, batch_size=batch_size, pad_id=pad_id)]
-    return float(torch.cat(total).mean()) if total else float("nan")

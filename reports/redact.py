@@ -1,18 +1,21 @@
 """Redaction of private identifiers in the text a report shows (model outputs, prompts, examples).
 
-Identifiers are recognised by the formats of fedleak's synthetic data (federated/data.py): first and last
-names from its name lists (patients' and clinicians' alike), dates YYYY-MM-DD, 8-digit record numbers,
-555-DDD-DDDD phone numbers and 6-digit canary secrets, also truncated or glued to other text as a small
-model writes them; plus, exactly, every identifier string the results list (PII examples, canary names).
+Identifiers are what results.json records under `identifiers` (eval/identifiers.py): the words the data
+uses as names (for fedleak's synthetic data its first and last name lists, patients' and clinicians' alike)
+and regexes for its formats (dates YYYY-MM-DD, 555-DDD-DDDD phone numbers, 8-digit record numbers and 6-digit
+canary secrets, also truncated or glued to other text as a small model writes them); plus, exactly, every
+identifier string the results list (PII examples, canary names). Results written before `identifiers` was
+recorded get the formats of fedleak's synthetic data and the listed strings, without the name lists.
 Redacting a clinician's name or a six-digit lab value too is the safe side of the trade. Five digits
 stay: fedleak's record ids have five (private-00013), so a record number a model cuts that short stays.
 """
 
 from __future__ import annotations
 
-import functools
 import re
 from typing import Callable, Iterable
+
+from fedleak.common.names import IDENTIFIER_FORMATS
 
 MARKER = "[redacted]"
 
@@ -20,19 +23,20 @@ MARKER = "[redacted]"
 SECRET_KEYS = frozenset({"identifier", "identifiers", "patient_name", "secret", "secrets"})
 MIN_SECRET_LENGTH = 3  # shorter strings would redact ordinary words
 
-FORMATS = (
-    r"\d{4}-\d{2}-\d{2}",  # date of birth
-    r"\d{3}-\d{3}(?:-\d+)*",  # phone number 555-DDD-DDDD, also cut short or run on in model output
-    r"\d{6,}",  # record number (8 digits), canary secret (6 digits), also glued to letters
-)
+REDACTED_NOTE = (f"Private identifiers in model outputs, prompts and examples are replaced by `{MARKER}`: names, "
+                 "dates, record numbers, phone numbers and canary secrets in the formats of fedleak's synthetic "
+                 "data (clinicians' names and any number of six digits or more too), and every identifier the "
+                 "results list. "
+                 "`fedleak report RUN_DIR --show-secrets` writes the report with them in full.")
+UNRECORDED_NOTE = (" This results file predates the recorded identifiers (`identifiers` in results.json): names "
+                   "are redacted only where the results list them.")
+SHOWN_NOTE = ("This report shows private identifiers in full (written with `--show-secrets`): keep it as private "
+              "as the training data; `fedleak report RUN_DIR` rewrites it redacted.")
 
 
-@functools.cache
-def _name_pattern() -> str:
-    """Generator names, a first and last name together as one match so a full name gets one marker."""
-    from fedleak.federated.data import FIRST_NAMES, LAST_NAMES  # imports torch: only when redacting
-
-    words = "|".join(sorted(set(FIRST_NAMES) | set(LAST_NAMES), key=len, reverse=True))
+def _name_pattern(names: list[str]) -> str:
+    """The names, a first and last name together as one match so a full name gets one marker."""
+    words = "|".join(map(re.escape, sorted(names, key=len, reverse=True)))  # longest first: no shorter prefix
     return rf"\b(?:{words})(?:\s+(?:{words}))?\b"
 
 
@@ -58,11 +62,23 @@ def _strings(value) -> Iterable[str]:
         yield from (v for v in value if isinstance(v, str))
 
 
+def redaction_note(results: dict, *, show_secrets: bool) -> str:
+    """The report's sentence on what it redacts (or that it does not)."""
+    if show_secrets:
+        return SHOWN_NOTE
+    return REDACTED_NOTE + ("" if results.get("identifiers") else UNRECORDED_NOTE)
+
+
 def redactor(results: dict, *, show_secrets: bool) -> Callable[[str], str]:
     """The function every displayed text goes through: identity with show_secrets, else redaction."""
     if show_secrets:
         return lambda text: text
     listed = sorted(secrets_in([results.get("cells", []), results.get("trainings", [])]), key=len, reverse=True)
+    recorded = results.get("identifiers") or {"patterns": IDENTIFIER_FORMATS}
+    names = [_name_pattern(recorded["names"])] if recorded.get("names") else []
     # Exact secrets first: a listed full name or secret becomes one marker, not pieces.
-    pattern = re.compile("|".join([*map(re.escape, listed), *FORMATS, _name_pattern()]))
+    alternatives = [*map(re.escape, listed), *recorded.get("patterns", []), *names]
+    if not alternatives:
+        return lambda text: text  # an empty pattern would put a marker between every two characters
+    pattern = re.compile("|".join(alternatives))
     return lambda text: pattern.sub(MARKER, text)

@@ -184,7 +184,7 @@ def test_only_patterns_each_must_match_and_see_composed_defenses():
 
 
 def test_training_folder_names_are_safe_and_distinct():
-    from fedleak.eval.config import ComponentSpec
+    from fedleak.eval.matrix_config import ComponentSpec
     from fedleak.eval.plan import TrainingUnit
 
     unit = lambda **params: TrainingUnit(ComponentSpec("fedit"), ComponentSpec("norm_bound", tuple(params.items())),

@@ -47,7 +47,7 @@ def test_opacus_per_sample_gradients_equal_per_example_autograd(lora_model):
             for i in range(len(examples)):
                 torch.testing.assert_close(p.grad_sample[i], expected[i][name], rtol=1e-4, atol=1e-6)
     finally:
-        wrapped._close()
+        wrapped.cleanup()
 
 
 def test_dp_step_without_noise_or_clipping_equals_the_plain_step(lora_model):
@@ -132,7 +132,7 @@ def test_epsilons_reach_results_and_report(tmp_path, tiny_run_config):
     import subprocess
     import sys
 
-    from fedleak.reports.report import fmt
+    from fedleak.reports.document import fmt
 
     config = tiny_run_config.replace("canaries_per_repetition = 0", "canaries_per_repetition = 0\naudit_canaries = 24")
     (tmp_path / "run.toml").write_text(config + """

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from fedleak.reports.report import fmt
+from fedleak.reports.document import fmt
 from fedleak.eval.results import validate_results
 
 CONFIG = """
@@ -51,7 +51,7 @@ def test_results_schema_and_memorisation(run_dir):
     results = json.loads((run_dir / "results.json").read_text())
     utility_of = lambda algorithm: next(t["utility"] for t in results["trainings"]
                                         if (t["algorithm"], t["defense"]) == (algorithm, "none"))
-    assert results["schema"] == "fedleak-results/4" and results["seed"] == 1 and results["seeds"] == [1]
+    assert results["schema"] == "fedleak-results/5" and results["seed"] == 1 and results["seeds"] == [1]
     validate_results(results)
     assert results["versions"]["torch"] and results["versions"]["fedleak"] == results["fedleak_version"]
     assert "git_commit" in results and results["config"]["federation"]["rounds"] == 5

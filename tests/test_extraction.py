@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedleak.attacks.base import AttackEnvironment, Secrets, Target
+from fedleak.attacks.base import AttackEnvironment, ExtractionResult, Secrets, Target
 from fedleak.attacks.extraction.discoverable import DiscoverableAttack
 from fedleak.attacks.extraction.exposure import ExposureAttack, candidate_losses
 from fedleak.attacks.extraction.generate_rank import (GenerateRankAttack, hit_flags, precision_at, rankings,
@@ -33,9 +33,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def _same(a: dict, b: dict) -> bool:
+def _same(a: ExtractionResult, b: ExtractionResult) -> bool:
     """Equal results, NaN included."""
-    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+    return json.dumps(a.to_dict(), sort_keys=True) == json.dumps(b.to_dict(), sort_keys=True)
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +65,13 @@ def test_exposure_ranks_a_memorised_canary_first_by_exact_enumeration(memorised)
     model, tokenizer, secrets = memorised
     only = Secrets(records=secrets.records, canaries=[CANARY])  # 10^4 candidates: enumerated exactly
     out = ExposureAttack().run(_target(model, tokenizer), only)
-    row = out["details"]["canaries"][0]
+    row = out.details["canaries"][0]
     assert row["method"] == "exact" and row["candidates"] == 10_000
     assert row["rank"] == 1
-    assert out["metrics"]["exposure_mean"] == pytest.approx(math.log2(10_000))
-    assert out["metrics"]["exposure_rep4"] == out["metrics"]["exposure_max"] == out["metrics"]["exposure_mean"]
-    assert math.isnan(out["metrics"]["exposure_reference_mean"])
-    json.dumps(out["details"])
+    assert out.metrics["exposure_mean"] == pytest.approx(math.log2(10_000))
+    assert out.metrics["exposure_rep4"] == out.metrics["exposure_max"] == out.metrics["exposure_mean"]
+    assert math.isnan(out.metrics["exposure_reference_mean"])
+    json.dumps(out.details)
 
 
 def test_exposure_candidate_losses_match_whole_sequence_scoring(memorised):
@@ -91,13 +91,13 @@ def test_exposure_sampled_estimate_uses_a_skew_normal_fit_and_is_seeded(memorise
     model, tokenizer, secrets = memorised
     attack = ExposureAttack(enumerate_limit=100, samples=200)
     out = attack.run(_target(model, tokenizer), secrets)
-    row, ref = out["details"]["canaries"][0], out["details"]["reference_canaries"][0]
+    row, ref = out.details["canaries"][0], out.details["reference_canaries"][0]
     assert row["method"] == "skew-normal fit to 200 sampled candidates"
     assert row["exposure"] > 10 and row["exposure_sampled"] == pytest.approx(math.log2(10_000))
     assert ref["repetitions"] == 0 and ref["exposure"] < 5  # the never-inserted control
-    assert out["metrics"]["exposure_reference_mean"] == ref["exposure"]
+    assert out.metrics["exposure_reference_mean"] == ref["exposure"]
     assert _same(ExposureAttack(enumerate_limit=100, samples=200).run(_target(model, tokenizer), secrets), out)
-    other_seed = attack.run(_target(model, tokenizer, seed=1), secrets)["details"]["reference_canaries"][0]
+    other_seed = attack.run(_target(model, tokenizer, seed=1), secrets).details["reference_canaries"][0]
     assert other_seed["exposure"] != ref["exposure"]  # another run seed draws other candidates
 
 
@@ -105,7 +105,7 @@ def test_exposure_without_canaries_is_nan_with_a_note(memorised):
     model, tokenizer, secrets = memorised
     out = ExposureAttack().run(_target(model, tokenizer), Secrets(records=secrets.records,
                                                                  reference_canaries=[REFERENCE]))
-    assert all(math.isnan(v) for v in out["metrics"].values()) and "no canary" in out["details"]["note"]
+    assert all(math.isnan(v) for v in out.metrics.values()) and "no canary" in out.details["note"]
 
 
 # --- discoverable -------------------------------------------------------------------------------
@@ -115,18 +115,18 @@ def test_discoverable_extracts_memorised_records_and_not_from_the_base(memorised
     model, tokenizer, secrets = memorised
     attack = DiscoverableAttack(prefix_tokens=24, suffix_tokens=12, max_new_tokens=48)
     out = attack.run(_target(model, tokenizer), secrets)
-    m = out["metrics"]
+    m = out.metrics
     assert m["exact_rate"] > 0 and m["rouge_rate"] >= m["exact_rate"] and m["canary_exact_rate"] == 1.0
     assert m["prefix_suffix_rate"] > 0 and m["prefix_suffix_eligible"] == 7
     # Records it never saw are not reproduced: the control is what the template alone gives.
     assert m["control_exact_rate"] == 0 and m["control_rouge_rate"] < m["rouge_rate"]
-    assert out["details"]["records"] == 7 and out["details"]["exact"] == round(m["exact_rate"] * 7)
-    example = out["details"]["examples"][0]
+    assert out.details["records"] == 7 and out.details["exact"] == round(m["exact_rate"] * 7)
+    example = out.details["examples"][0]
     record = {r.record_id: r for r in secrets.records + [CANARY.record(0)]}[example["record_id"]]
     assert example["exact"] and example["generated"].strip() == record.output
-    json.dumps(out["details"])
+    json.dumps(out.details)
     with model.disable_adapter():  # the base model never saw these records
-        base = attack.run(_target(model, tokenizer), secrets)["metrics"]
+        base = attack.run(_target(model, tokenizer), secrets).metrics
     assert base["exact_rate"] == 0 and base["canary_exact_rate"] == 0 and base["prefix_suffix_rate"] == 0
     assert base["mean_rouge"] < m["mean_rouge"]
 
@@ -137,13 +137,13 @@ def test_discoverable_samples_records_by_seed_and_counts_eligible_sequences(memo
     cut = max(lengths)  # only the longest sequences hold prefix + suffix tokens
     out = DiscoverableAttack(max_new_tokens=8, prefix_tokens=cut - 8, suffix_tokens=8).run(
         _target(model, tokenizer), secrets)
-    assert 0 < out["metrics"]["prefix_suffix_eligible"] == sum(n >= cut for n in lengths) < len(lengths)
+    assert 0 < out.metrics["prefix_suffix_eligible"] == sum(n >= cut for n in lengths) < len(lengths)
     attack = DiscoverableAttack(max_records=3, max_new_tokens=8)
     a, b = (attack.run(_target(model, tokenizer), secrets) for _ in range(2))
     assert _same(a, b)
-    assert a["details"]["records"] == 4 and a["details"]["canary_records"] == 1  # 3 sampled + the canary
+    assert a.details["records"] == 4 and a.details["canary_records"] == 1  # 3 sampled + the canary
     empty = attack.run(_target(model, tokenizer), Secrets(records=[]))
-    assert math.isnan(empty["metrics"]["exact_rate"]) and "no private records" in empty["details"]["note"]
+    assert math.isnan(empty.metrics["exact_rate"]) and "no private records" in empty.details["note"]
 
 
 # --- pii ----------------------------------------------------------------------------------------
@@ -173,7 +173,7 @@ def test_pii_counts_only_identifiers_missing_from_the_prompt(monkeypatch):
     monkeypatch.setattr(PiiAttack, "_complete", lambda self, target, prompts: [outputs[p] for p in prompts])
     secrets = Secrets(records=[a, b], canaries=[canary, short], other_records=[other])
     out = PiiAttack().run(_target(None, None), secrets)
-    m, d = out["metrics"], out["details"]
+    m, d = out.metrics, out.details
     assert d["own_countable"] == {"phone": 2, "secret": 1} and d["own_leaked"] == {"phone": 1, "secret": 1}
     assert m["own_fraction"] == 0.5 == m["own_fraction_phone"]  # the records' identifiers, secrets apart
     assert m["own_fraction_secret"] == 1.0 and math.isnan(m["own_fraction_mrn"]) and math.isnan(m["own_fraction_dob"])
@@ -184,25 +184,25 @@ def test_pii_counts_only_identifiers_missing_from_the_prompt(monkeypatch):
     assert d["cross_leaked"] == {"mrn": 1, "secret": 1}
     assert m["cross_fraction"] == pytest.approx(2 / 10)
     assert {e["identifier"] for e in d["cross_examples"]} == {"87654321", "4821"}
-    json.dumps(out["details"])
+    json.dumps(out.details)
 
 
 def test_pii_on_user_data_is_nan_with_a_note():
     user = [Record("Summarise this.", "text", "A summary.", "user", "u0")]
     out = PiiAttack().run(_target(None, None), Secrets(records=user, other_records=user))
-    assert all(math.isnan(v) for v in out["metrics"].values()) and "no private identifier" in out["details"]["note"]
+    assert all(math.isnan(v) for v in out.metrics.values()) and "no private identifier" in out.details["note"]
 
 
 def test_pii_real_run_leaks_the_memorised_canary_and_is_deterministic(memorised):
     model, tokenizer, secrets = memorised
     attack = PiiAttack(max_prompts=4, max_new_tokens=48)
     out = attack.run(_target(model, tokenizer), secrets)
-    assert out["metrics"]["canary_fraction"] == 1.0 and out["metrics"]["own_fraction_secret"] == 1.0
-    assert out["details"]["own_prompts"] == 5 and out["details"]["cross_prompts"] == 4
-    assert all(0 <= v <= 1 for v in out["metrics"].values() if not math.isnan(v))
+    assert out.metrics["canary_fraction"] == 1.0 and out.metrics["own_fraction_secret"] == 1.0
+    assert out.details["own_prompts"] == 5 and out.details["cross_prompts"] == 4
+    assert all(0 <= v <= 1 for v in out.metrics.values() if not math.isnan(v))
     assert _same(attack.run(_target(model, tokenizer), secrets), out)
     with model.disable_adapter():
-        assert attack.run(_target(model, tokenizer), secrets)["metrics"]["canary_fraction"] == 0.0
+        assert attack.run(_target(model, tokenizer), secrets).metrics["canary_fraction"] == 0.0
 
 
 # --- generate_rank ------------------------------------------------------------------------------
@@ -246,14 +246,14 @@ def test_generate_rank_runs_seeded_and_leaves_the_global_rng_alone(memorised):
     state = torch.random.get_rng_state()
     out = attack.run(_target(model, tokenizer), secrets)
     assert torch.equal(state, torch.random.get_rng_state())
-    m = out["metrics"]
+    m = out.metrics
     assert set(m) == {"precision@k_perplexity", "precision@k_zlib", "precision@k_reference", "hit_rate"}
-    assert all(0 <= v <= 1 for v in m.values()) and out["details"]["samples"] == 8
-    assert out["details"]["start"] == "### Instruction:\n" and out["details"]["k"] == 4
+    assert all(0 <= v <= 1 for v in m.values()) and out.details["samples"] == 8
+    assert out.details["start"] == "### Instruction:\n" and out.details["k"] == 4
     assert _same(attack.run(_target(model, tokenizer), secrets), out)
     other = attack.run(_target(model, tokenizer, seed=1), secrets)
-    assert other["details"]["top"] != out["details"]["top"]
-    json.dumps(out["details"])
+    assert other.details["top"] != out.details["top"]
+    json.dumps(out.details)
     # Unconditioned generation starts after the document separator (this tokenizer adds no BOS).
     assert start_ids(tokenizer, "") == [tokenizer.eos_token_id]
 
@@ -299,8 +299,8 @@ def test_exposure_rises_with_the_canary_repetition_count(small_model_path):
                   generator=torch.Generator().manual_seed(0))
     result = ExposureAttack().run(_target(model, tokenizer), Secrets(
         records=records, canaries=canaries[:6], reference_canaries=canaries[6:]))
-    metrics = result["metrics"]
-    assert {row["method"] for row in result["details"]["canaries"]} == {"exact"}
+    metrics = result.metrics
+    assert {row["method"] for row in result.details["canaries"]} == {"exact"}
     assert metrics["exposure_rep8"] > metrics["exposure_rep1"] + 1
     assert metrics["exposure_rep8"] > metrics["exposure_reference_mean"] + 1
     assert metrics["exposure_rep8"] < math.log2(1000)  # not saturated: the ordering is informative

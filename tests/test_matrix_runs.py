@@ -97,6 +97,20 @@ def test_results_follow_the_schema_with_seeds_and_costs(reference):
         validate_results(bad)
 
 
+def test_fedleak_validate_accepts_a_run_and_refuses_a_broken_results_file(reference, env, tmp_path):
+    ok = fedleak("validate", reference, env=env)
+    assert f"{reference}: valid fedleak-results/" in ok.stdout
+    bad = results_of(reference)
+    bad["cells"][0]["observer"] = "spy"
+    (tmp_path / "results.json").write_text(json.dumps(bad))
+    (tmp_path / "broken.json").write_text('{"schema": ')
+    for path, why in ((tmp_path / "results.json", "observer"), (tmp_path / "broken.json", "not JSON"),
+                      (tmp_path / "missing.json", "not found")):
+        proc = fedleak("validate", path, env=env, check=False)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert str(path) in proc.stderr and why in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_kill_9_then_rerun_gives_the_uninterrupted_results(reference, config_path, env, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "fedleak", "run", str(config_path), "--out", str(out), "--quiet"],
@@ -197,7 +211,7 @@ def test_train_then_attack_its_checkpoints_and_a_foreign_copy(reference, config_
 
 
 def test_one_process_per_output_folder_and_clear_train_errors(config_path, env, tmp_path):
-    from fedleak.eval.matrix import run_lock
+    from fedleak.eval.cache import run_lock
 
     out = tmp_path / "busy"
     with run_lock(out):  # held as a running `fedleak run` would hold it
@@ -212,7 +226,7 @@ def test_one_process_per_output_folder_and_clear_train_errors(config_path, env, 
 
 
 def test_the_cache_key_follows_the_code_of_plug_ins(tmp_path, monkeypatch):
-    from fedleak.eval.matrix import code_fingerprint
+    from fedleak.eval.cache import code_fingerprint
 
     (tmp_path / "my_plugin.py").write_text("X = 1\n")
     monkeypatch.syspath_prepend(str(tmp_path))

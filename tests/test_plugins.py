@@ -7,6 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from fedleak.attacks.base import ATTACKS, Attack, ExtractionAttack, MembershipAttack, register_attack
+from fedleak.attacks.membership.stats import LogitAttack
+from fedleak.attacks.poisoning.base import DataPoisoning, ModelPoisoning, PoisoningAttack
+from fedleak.defenses.base import Defense, register_defense
+from fedleak.federated.registry import RegistryError
+from fedleak.federated.rounds import Algorithm, register_algorithm
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "plugin_pkg"
@@ -59,3 +67,95 @@ def test_broken_plugin_module_is_a_one_line_error(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "plugins[0] = 'broken_plugin' failed to import: RuntimeError: boom" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+# Contracts are checked when a class registers, not when the matrix first calls it after training.
+
+class Scorer(MembershipAttack):
+    """A complete membership attack (never registered under its own name)."""
+
+    def score(self, target, records):
+        return records
+
+
+def _refusal(register, name, cls) -> str:
+    with pytest.raises(RegistryError) as raised:
+        register(name)(cls)
+    return str(raised.value)
+
+
+def test_a_class_not_derived_from_the_base_is_refused():
+    class NotAnAttack:
+        def score(self, target, records):
+            return records
+
+    message = _refusal(register_attack, "plain_mia_test", NotAnAttack)
+    assert message == (f"attack 'plain_mia_test' ({__name__}.{NotAnAttack.__qualname__}) does not subclass Attack: "
+                       f"derive it from fedleak.attacks.base.Attack (or one of its subclasses)")
+    assert "does not subclass Defense" in _refusal(register_defense, "mia_as_defense_test", Scorer)
+    assert "does not subclass Attack" in _refusal(register_attack, "function_test", lambda target, records: records)
+
+
+@pytest.mark.parametrize("register, base, member, doc", [
+    (register_attack, MembershipAttack, "score()", "MembershipAttack.score"),
+    (register_attack, LogitAttack, "from_stats()", "LogitAttack.from_stats"),
+    (register_attack, ExtractionAttack, "run()", "ExtractionAttack.run"),
+    (register_attack, DataPoisoning, "poison_records()", "DataPoisoning.poison_records"),
+    (register_attack, ModelPoisoning, "poison_update()", "ModelPoisoning.poison_update"),
+    # Derived from no family: nothing would ever call it.
+    (register_attack, Attack, "family", "Attack.family"),
+    (register_attack, PoisoningAttack, "family", "Attack.family"),
+    (register_algorithm, Algorithm, "client_round()", "Algorithm.client_round"),
+], ids=lambda v: getattr(v, "__name__", None))
+def test_a_subclass_missing_a_required_method_is_refused_naming_it(register, base, member, doc):
+    kind = "algorithm" if base is Algorithm else "attack"
+    cls = type("Incomplete", (base,), {"__module__": "my_plugin"})
+    assert _refusal(register, "incomplete_test", cls) == (
+        f"{kind} 'incomplete_test' (my_plugin.Incomplete) does not implement {member}: define it (see {doc})")
+
+
+def test_a_misspelt_method_is_pointed_at():
+    class MyMIA(MembershipAttack):
+        def scores(self, target, records):
+            return records
+
+    assert _refusal(register_attack, "my_mia", MyMIA).endswith(
+        "does not implement score(): did you mean 'scores'? define it (see MembershipAttack.score)")
+
+
+def test_a_misspelt_optional_hook_is_refused_and_a_private_helper_is_not():
+    class ServerLR(Defense):
+        def after_aggregate(self, state, *, previous, info):
+            return state
+
+    assert _refusal(register_defense, "server_lr_test", ServerLR).endswith(
+        "defines after_aggregate(), which Defense never calls: did you mean after_aggregation()? rename it "
+        "(or make it private: _after_aggregate)")
+
+    class Helper(Defense):
+        def _after_aggregate(self, state):
+            return state
+
+        def clip_updates(self, updates):  # a public helper named unlike any hook is fine
+            return updates
+
+    register_defense("helper_defense_test")(Helper)
+
+
+def test_a_name_taken_by_a_builtin_is_refused_naming_both():
+    message = _refusal(register_attack, "loss", Scorer)
+    assert message == (f"attack 'loss' ({__name__}.Scorer) is already registered by "
+                       f"fedleak.attacks.membership.loss.LossAttack: pick another name")
+    assert ATTACKS.get("loss") is not Scorer
+
+
+def test_a_plugin_breaking_a_contract_is_a_one_line_config_error(tmp_path):
+    (tmp_path / "bad_mia.py").write_text(
+        "from fedleak.attacks.base import MembershipAttack, register_attack\n\n\n"
+        "@register_attack('my_mia')\nclass MyMIA(MembershipAttack):\n    pass\n")
+    (tmp_path / "run.toml").write_text('plugins = ["bad_mia"]\n')
+    proc = _fedleak("run", "run.toml", "--dry-run", cwd=tmp_path)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.strip().endswith(
+        "plugins[0] = 'bad_mia': attack 'my_mia' (bad_mia.MyMIA) does not implement score(): define it "
+        "(see MembershipAttack.score)")

@@ -293,7 +293,7 @@ def test_poisoning_attacks_belong_in_scenarios_and_privacy_attacks_name_known_sc
 
 
 def test_malicious_fractions_are_seeded_and_nested_across_scenarios():
-    from fedleak.eval.config import ScenarioSpec
+    from fedleak.eval.matrix_config import ScenarioSpec
 
     pick = lambda fraction, seed, name="s": ScenarioSpec(name, (), fraction=fraction).malicious(num_clients=10, seed=seed)
     assert pick(0.2, 0) == pick(0.2, 0, name="other") and len(pick(0.2, 0)) == 2
@@ -389,7 +389,7 @@ def test_exclude_rule_with_attack_keeps_the_training_and_skips_the_attack():
 
 
 def test_poisoning_cells_pair_each_poisoned_training_with_its_clean_twin():
-    from fedleak.eval.config import ComponentSpec, ScenarioSpec
+    from fedleak.eval.matrix_config import ComponentSpec, ScenarioSpec
     from fedleak.eval.poisoning import poisoning_cells
 
     scenario = ScenarioSpec("bd", (ComponentSpec("backdoor"), ComponentSpec("scaling")), clients=(1,))

@@ -11,7 +11,7 @@ def test_builtins_are_registered():
 
 
 def test_duplicate_names_are_refused():
-    registry = Registry("defense")
+    registry = Registry("defense", base=Defense)
 
     @registry.register("x")
     class A(Defense):

@@ -3,32 +3,31 @@ summary, ranking, frontier and DP numbers match the inputs, identifiers are reda
 and several seeds show means with their intervals."""
 
 import copy
+import subprocess
+import sys
 
 import pytest
 
-from fedleak.reports.report import (
-    MARKER,
-    Figure,
-    build_document,
-    defense_rows,
-    dp_rows,
-    fmt,
-    frontier_points,
-    headline_columns,
-    headline_rows,
-    membership_table,
-    merged,
-    pareto_front,
-    render_html,
-    render_markdown,
-    rounds_lines,
-)
+from fedleak.common.names import IDENTIFIER_FORMATS
+from fedleak.reports.defenses import FrontierPoint, defense_rows, frontier_points, pareto_front
+from fedleak.reports.document import Figure, fmt
+from fedleak.reports.dp import dp_rows
+from fedleak.reports.membership import membership_table
+from fedleak.reports.merge import merged
+from fedleak.reports.redact import MARKER, redactor
+from fedleak.reports.render import render_html, render_markdown
+from fedleak.reports.report import build_document
+from fedleak.reports.rounds import rounds_lines
+from fedleak.reports.summary import headline_columns, headline_rows
 
 SCRIPT = "<script>window.__pwned = 1</script>"
 IMG = '<img src=x onerror="window.__pwned = 2">'
 PATIENT, DOB, MRN, PHONE = "Ines Lindqvist", "1972-02-17", "70190413", "555-111-1114"
 CANARY_NAME, CANARY_SECRET = "Nikolai Whitcombe", "482913"
 LISTED_SECRET = "Acme-4471"  # no generator format: redacted only because the results list it
+# What results.json records for the generator's data (eval/identifiers.py), cut to the names used here.
+IDENTIFIERS = {"names": ["Dario", "Ines", "Lindqvist", "Nikolai", "Okonkwo", "Whitcombe"],
+               "patterns": list(IDENTIFIER_FORMATS)}
 SECRETS = (PATIENT, DOB, MRN, PHONE, CANARY_SECRET, LISTED_SECRET)
 DP = "dp_sgd(noise_multiplier=1.0)"
 FEDPIT = "fedpit(synthetic_per_round=4)"
@@ -174,7 +173,7 @@ def rich_results(seeds=(0,)) -> dict:
                "started_at": "2026-01-01T10:00:00+00:00", "finished_at": "2026-01-01T10:07:30+00:00",
                "model": {"name": "embedded", "parameters": 1000}, "data": {"heldout": 20},
                "versions": {"torch": "2.13.0"}, "base_utility": {"loss": 3.8, "perplexity": 44.0, "rouge_l": 0.48},
-               "trainings": trainings, "cells": cells}
+               "identifiers": IDENTIFIERS, "trainings": trainings, "cells": cells}
     if len(seeds) > 1:
         fields = ("algorithm", "defense", "scenario", "attack", "family", "observer", "client", "round")
         results["aggregates"] = _aggregates(cells, fields, lambda c: c["metrics"])
@@ -203,19 +202,19 @@ def rendered():
 
 
 def test_heatmap_rows_take_the_worst_view_and_each_attack_headline():
-    results = rich_results()
-    rows = {r.label: r.values for r in headline_rows(results)}
+    run = merged(rich_results())
+    rows = {r.label: r.values for r in headline_rows(run)}
     assert rows["loss: AUC (worst view)"] == {("fedit", "none"): 0.80, ("fedit", DP): 0.60, (FEDPIT, "none"): 0.58}
     assert rows["discoverable(x=1): exact-match rate"] == {("fedit", "none"): 0.25, ("fedit", DP): 0.05}
     assert rows["pii(x=1): own identifiers leaked"][("fedit", "none")] == 0.5
     assert rows["exposure(x=1): max exposure (bits)"][("fedit", DP)] == 2.0
     assert rows["generate_rank(x=1): samples with private text"][("fedit", "none")] == 0.2
     assert rows["backdoor scenario: ASR"] == {("fedit", "none"): 0.6}
-    assert headline_columns(results, headline_rows(results)) == [("fedit", "none"), ("fedit", DP), (FEDPIT, "none")]
+    assert headline_columns(run, headline_rows(run)) == [("fedit", "none"), ("fedit", DP), (FEDPIT, "none")]
 
 
 def test_defenses_are_ranked_by_the_drop_of_the_worst_auc():
-    rows = defense_rows(rich_results())
+    rows = defense_rows(merged(rich_results()))
     assert [(r.algorithm, r.defense) for r in rows] == [("fedit", DP), ("fedit", "none"), (FEDPIT, "none")]
     dp = rows[0]
     assert dp.worst_auc == 0.60 and dp.reduction == pytest.approx(0.20) and dp.share == pytest.approx(0.20 / 0.30)
@@ -228,18 +227,17 @@ def test_defenses_are_ranked_by_the_drop_of_the_worst_auc():
 
 
 def test_frontier_points_and_pareto_front():
-    points = frontier_points(rich_results())
+    points = frontier_points(merged(rich_results()))
     assert [(p.pair, p.auc, p.loss) for p in points] == [
         (("fedit", "none"), 0.80, 1.5), (("fedit", DP), 0.60, 2.0), ((FEDPIT, "none"), 0.58, 3.0)]
     assert points[1].label == "fedit/dp_sgd (σ=1, ε=3.25 (record))"
     assert pareto_front(points) == [2, 1, 0]  # each trades leakage for loss: all on the frontier
-    from fedleak.reports.report import FrontierPoint
     dominated = points + [FrontierPoint(("x", "y"), "x/y", 0.9, 4.0)]
     assert pareto_front(dominated) == [2, 1, 0]
 
 
 def test_dp_rows_put_the_accountant_beside_the_audit():
-    (training, accountant, bound, one_run), = dp_rows(rich_results())
+    (training, accountant, bound, one_run), = dp_rows(merged(rich_results()))
     assert training["defense"] == DP and accountant == 3.25
     assert bound == pytest.approx(0.20) and one_run == pytest.approx(0.10)  # largest over the covered views
 
@@ -296,24 +294,27 @@ def test_several_seeds_show_means_with_intervals_and_each_seed():
     assert [(r[4], r[5]) for r in client0] == [("0", "0.800 [0.700, 0.850]"), ("1", "0.820 [0.720, 0.870]")]
     assert "1.510 [1.468, 1.552]" in page  # fedit/none global loss: 1.50 and 1.52 with the training aggregates'
     assert "2 seeds (0, 1)" in markdown
-    rows = {r.label: r.values for r in headline_rows(rich_results(seeds=(0, 1)))}
+    rows = {r.label: r.values for r in headline_rows(merged(rich_results(seeds=(0, 1))))}
     assert rows["loss: AUC (worst view)"][("fedit", "none")] == pytest.approx(0.81)
 
 
 def test_several_seeds_without_aggregates_show_plain_means():
     results = rich_results(seeds=(0, 1))
     del results["aggregates"], results["training_aggregates"]
-    rows = {r.label: r.values for r in headline_rows(results)}
+    run = merged(results)
+    rows = {r.label: r.values for r in headline_rows(run)}
     assert rows["loss: AUC (worst view)"][("fedit", "none")] == pytest.approx(0.81)
-    client0 = next(r for r in membership_table(results).rows if r[1] == "none" and r[3:5] == ["client", "0"])
+    client0 = next(r for r in membership_table(run).rows if r[1] == "none" and r[3:5] == ["client", "0"])
     assert client0[7] == "0.810"  # AUC: the mean, no interval to show
 
 
 def test_redaction_covers_every_identifier_format_of_the_generator():
+    from fedleak.eval.config import RunConfig
+    from fedleak.eval.identifiers import identifiers_record
     from fedleak.federated.data import generate_records, make_canaries
-    from fedleak.reports.redact import redactor
 
-    redact = redactor({"cells": [], "trainings": []}, show_secrets=False)
+    recorded = {"cells": [], "trainings": [], "identifiers": identifiers_record(RunConfig())}
+    redact = redactor(recorded, show_secrets=False)
     records = generate_records(300, seed=3, purpose="private", private=True)
     inserted, reference = make_canaries(seed=3, repetitions=[1, 4], per_repetition=5, num_clients=3)
     texts = [(f"{r.instruction} {r.output}", r.identifiers) for r in records]
@@ -324,3 +325,35 @@ def test_redaction_covers_every_identifier_format_of_the_generator():
         for identifier in identifiers:
             assert identifier not in redacted, (identifier, redacted)
     assert redact("ROUGE-L 0.86 of private-00013 at 8:00") == "ROUGE-L 0.86 of private-00013 at 8:00"
+
+
+def test_results_without_recorded_identifiers_redact_formats_and_listed_secrets():
+    results = rich_results()
+    del results["identifiers"]  # results.json written before `identifiers` was recorded
+    sections = build_document(results)
+    markdown = render_markdown(sections)
+    for secret in (MRN, CANARY_SECRET, LISTED_SECRET, PHONE, DOB):
+        assert secret not in markdown, secret
+    assert "names are redacted only where the results list them" in markdown
+    assert redactor(results, show_secrets=False)("Ines Lindqvist, 1972-02-17") == f"Ines Lindqvist, {MARKER}"
+
+
+def test_a_data_file_records_no_names_and_the_formats():
+    from fedleak.eval.config import RunConfig
+    from fedleak.eval.identifiers import identifiers_record
+    from fedleak.federated.datasource import DataSettings, FileDataSettings
+
+    config = RunConfig(data=DataSettings(source="file", file=FileDataSettings(path="mine.jsonl")))
+    recorded = identifiers_record(config)
+    assert recorded == {"names": [], "patterns": list(IDENTIFIER_FORMATS)}
+    redact = redactor({"cells": [], "trainings": [], "identifiers": recorded}, show_secrets=False)
+    assert redact("Ines Lindqvist, 1972-02-17") == f"Ines Lindqvist, {MARKER}"
+    nothing = redactor({"cells": [], "trainings": [], "identifiers": {"names": [], "patterns": []}}, show_secrets=False)
+    assert nothing("Ines, 1972-02-17") == "Ines, 1972-02-17"
+
+
+def test_reports_import_nothing_of_the_training_backbone():
+    code = ("import sys, fedleak.reports.report; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m.startswith('fedleak.federated')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

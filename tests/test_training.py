@@ -7,7 +7,7 @@ from fedleak.federated.data import FederatedData, generate_records
 from fedleak.federated.fedit import FedIT
 from fedleak.federated.rounds import FederationSettings, TrainingSetup, run_rounds
 from fedleak.federated.model import load_base_model
-from fedleak.federated.training import IGNORE, TrainSettings, encode, mean_loss, train_adapter
+from fedleak.federated.training import IGNORE, TrainSettings, batches, encode, sequence_losses, train_adapter
 
 FED = FederationSettings(clients=2, rounds=2, local_epochs=1, batch_size=4, min_records_per_client=1)
 
@@ -28,6 +28,12 @@ def test_encode_masks_prompt_tokens(small_model_path):
     full = encode([record], tokenizer, max_length=256, response_only=False)[0]
     assert full.labels == full.input_ids
     assert len(encode([record], tokenizer, max_length=10)[0].input_ids) == 10
+
+
+@torch.no_grad()
+def mean_loss(model, examples, *, batch_size: int, pad_id: int) -> float:
+    model.eval()
+    return float(torch.cat([sequence_losses(model, b) for b in batches(examples, batch_size=batch_size, pad_id=pad_id)]).mean())
 
 
 def test_lora_training_lowers_the_loss_on_its_data(small_model_path):

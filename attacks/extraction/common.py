@@ -1,4 +1,4 @@
-"""What the extraction attacks share: seeding per view, parameter checks, record sampling and batched
+"""What the extraction attacks share: seeding per view, record sampling and batched
 greedy decoding of training-template prompts."""
 
 from __future__ import annotations
@@ -25,21 +25,6 @@ def view_key(target: Target) -> str:
     """Observer (and client), not the round: every round of one view draws the same samples, so rounds
     compare on the same records."""
     return f"{target.observer}/{target.client}"
-
-
-def check_optional_positive(attack: str, name: str, value) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise FedleakError(f"attack {attack}: {name} = {value!r}: must be a positive integer or None (all)")
-
-
-def check_positive(attack: str, name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise FedleakError(f"attack {attack}: {name} = {value!r}: must be a positive integer")
-
-
-def check_fraction(attack: str, name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise FedleakError(f"attack {attack}: {name} = {value!r}: must be in (0, 1]")
 
 
 def sample(items: Sequence, limit: int | None, rng: np.random.Generator) -> list:

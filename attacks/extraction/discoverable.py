@@ -22,9 +22,9 @@ from typing import Sequence
 
 import numpy as np
 
-from fedleak.attacks.base import ExtractionAttack, Secrets, Target, register_attack
-from fedleak.attacks.extraction.common import (EXAMPLES, canary_records, check_fraction, check_optional_positive,
-                                               check_positive, greedy_texts, run_seed, sample, view_key)
+from fedleak.attacks.base import ExtractionAttack, ExtractionResult, Secrets, Target, register_attack
+from fedleak.attacks.extraction.common import EXAMPLES, canary_records, greedy_texts, run_seed, sample, view_key
+from fedleak.common.params import PositiveInt, UnitInterval, validated
 from fedleak.federated.data import Record
 from fedleak.federated.generation import generate
 from fedleak.federated.prompts import format_prompt
@@ -49,13 +49,10 @@ def greedy_suffixes(model, tokenizer, prefixes: Sequence[Sequence[int]], *, leng
 class DiscoverableAttack(ExtractionAttack):
     """discoverable: greedy decoding from training prompts / prefixes reproduces the record (Carlini et al. 2022)."""
 
-    def __init__(self, *, max_records: int | None = None, max_new_tokens: int = 64, rouge_threshold: float = 0.7,
-                 prefix_tokens: int = 32, suffix_tokens: int = 16, batch_size: int = 16):
-        check_optional_positive(self.name, "max_records", max_records)
-        for name, value in (("max_new_tokens", max_new_tokens), ("prefix_tokens", prefix_tokens),
-                            ("suffix_tokens", suffix_tokens), ("batch_size", batch_size)):
-            check_positive(self.name, name, value)
-        check_fraction(self.name, "rouge_threshold", rouge_threshold)
+    @validated
+    def __init__(self, *, max_records: PositiveInt | None = None, max_new_tokens: PositiveInt = 64,
+                 rouge_threshold: UnitInterval = 0.7, prefix_tokens: PositiveInt = 32, suffix_tokens: PositiveInt = 16,
+                 batch_size: PositiveInt = 16):
         self.max_records = max_records
         self.max_new_tokens = max_new_tokens
         self.rouge_threshold = rouge_threshold
@@ -63,20 +60,20 @@ class DiscoverableAttack(ExtractionAttack):
         self.suffix_tokens = suffix_tokens
         self.batch_size = batch_size
 
-    def run(self, target: Target, secrets: Secrets) -> dict:
+    def run(self, target: Target, secrets: Secrets) -> ExtractionResult:
         rng = numpy_rng(run_seed(target, self.name), "attack", self.name, view_key(target))
         records = private_records(secrets, self.max_records, rng)
         if not records:
             nan = float("nan")
-            return {"metrics": {k: nan for k in ("exact_rate", "rouge_rate", "mean_rouge", "canary_exact_rate",
-                                                 "prefix_suffix_rate", "prefix_suffix_eligible",
-                                                 "control_exact_rate", "control_rouge_rate")},
-                    "details": {"note": "the view trained on no private records"}}
+            return ExtractionResult({k: nan for k in ("exact_rate", "rouge_rate", "mean_rouge", "canary_exact_rate",
+                                                      "prefix_suffix_rate", "prefix_suffix_eligible",
+                                                      "control_exact_rate", "control_rouge_rate")},
+                                    {"note": "the view trained on no private records"})
         metrics, details = self._prompted(target, records)
         suffix_metrics, suffix_details = self._prefix_suffix(target, records)
         metrics.update(suffix_metrics)
         metrics.update(self._control(target, secrets, n=len(records) - details["canary_records"]))
-        return {"metrics": metrics, "details": {**details, **suffix_details}}
+        return ExtractionResult(metrics, {**details, **suffix_details})
 
     def _control(self, target: Target, secrets: Secrets, *, n: int) -> dict:
         """The same measurement on as many records the view did not train on: what the domain's templates

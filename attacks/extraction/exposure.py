@@ -22,15 +22,16 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from typing import Sequence
+from typing import Annotated, Sequence
 
 import numpy as np
 import torch
 
-from fedleak.attacks.base import ExtractionAttack, Secrets, Target, register_attack
-from fedleak.attacks.extraction.common import check_positive, run_seed
+from fedleak.attacks.base import ExtractionAttack, ExtractionResult, Secrets, Target, register_attack
+from fedleak.attacks.extraction.common import run_seed
 from fedleak.federated.data import CANARY_CATEGORY, Canary, Record
 from fedleak.common.errors import FedleakError
+from fedleak.common.params import PositiveInt, Range, validated
 from fedleak.federated.seeding import numpy_rng
 from fedleak.federated.training import IGNORE, Example, collate, encode
 
@@ -127,12 +128,10 @@ def skewnorm_rank(losses: np.ndarray, loss: float, size: int) -> float | None:
 class ExposureAttack(ExtractionAttack):
     """exposure: log2|candidates| - log2 rank of each canary's secret by the model's loss (Carlini et al. 2019)."""
 
-    def __init__(self, *, enumerate_limit: int = 10_000, samples: int = 1000, batch_size: int = 256):
-        check_positive(self.name, "enumerate_limit", enumerate_limit)
-        check_positive(self.name, "batch_size", batch_size)
-        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 10:
-            raise FedleakError(f"attack {self.name}: samples = {samples!r}: must be an integer >= 10 "
-                               f"(a skew-normal fit needs a sample)")
+    @validated
+    def __init__(self, *, enumerate_limit: PositiveInt = 10_000,
+                 samples: Annotated[int, Range(ge=10)] = 1000,  # a skew-normal fit needs a sample
+                 batch_size: PositiveInt = 256):
         self.enumerate_limit = enumerate_limit
         self.samples = samples
         self.batch_size = batch_size
@@ -170,13 +169,13 @@ class ExposureAttack(ExtractionAttack):
         return {**row, "rank": rank, "exposure": exposure_from_rank(rank, size),
                 "exposure_sampled": exposure_from_rank(sampled_rank, size), "method": method}
 
-    def run(self, target: Target, secrets: Secrets) -> dict:
+    def run(self, target: Target, secrets: Secrets) -> ExtractionResult:
         inserted = [c for c in secrets.canaries if c.repetitions > 0]
         nan = float("nan")
         if not inserted:
-            return {"metrics": {"exposure_mean": nan, "exposure_max": nan, "exposure_sampled_mean": nan,
-                                "exposure_reference_mean": nan},
-                    "details": {"note": "no canary was inserted into this view's data: exposure is undefined"}}
+            return ExtractionResult({"exposure_mean": nan, "exposure_max": nan, "exposure_sampled_mean": nan,
+                                     "exposure_reference_mean": nan},
+                                    {"note": "no canary was inserted into this view's data: exposure is undefined"})
         rows = [self.rank_canary(target, c) for c in inserted]
         references = [self.rank_canary(target, c) for c in secrets.reference_canaries]
         exposures = np.array([r["exposure"] for r in rows])
@@ -192,4 +191,4 @@ class ExposureAttack(ExtractionAttack):
                    "max_exposure": [math.log2(s) for s in sorted({r["candidates"] for r in rows})]}
         if not references:
             details["note"] = "no reference canaries: exposure_reference_mean is undefined"
-        return {"metrics": metrics, "details": details}
+        return ExtractionResult(metrics, details)

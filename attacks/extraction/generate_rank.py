@@ -24,12 +24,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from fedleak.attacks.base import ExtractionAttack, Secrets, Target, register_attack
-from fedleak.attacks.extraction.common import (EXAMPLES, canary_records, check_positive,
-                                               run_seed, view_key)
+from fedleak.attacks.base import ExtractionAttack, ExtractionResult, Secrets, Target, register_attack
+from fedleak.attacks.extraction.common import EXAMPLES, canary_records, run_seed, view_key
 from fedleak.attacks.membership.stats import BASE, reference_model
 from fedleak.attacks.membership.zlib import zlib_bytes
-from fedleak.common.errors import FedleakError
+from fedleak.common.params import NonNegativeInt, PositiveFloat, PositiveInt, validated
 from fedleak.federated.generation import generate
 from fedleak.federated.prompts import format_prompt
 from fedleak.federated.rouge import tokens
@@ -158,20 +157,11 @@ def log_perplexities(model, tokenizer, prompt_ids: list[int], generations: Seque
 class GenerateRankAttack(ExtractionAttack):
     """generate_rank: sample, rank by perplexity, zlib and reference ratio, count private hits (Carlini et al. 2021)."""
 
-    def __init__(self, *, samples: int = 64, prompt: str = UNCONDITIONED, top_k: int = 40, temperature: float = 1.0,
-                 max_new_tokens: int = 64, ngram: int = 8, precision_at: int = 10,
-                 min_identifier_length: int = 4, batch_size: int = 16):
-        for name, value in (("samples", samples), ("max_new_tokens", max_new_tokens), ("precision_at", precision_at),
-                            ("ngram", ngram),
-                            ("min_identifier_length", min_identifier_length), ("batch_size", batch_size)):
-            check_positive(self.name, name, value)
-        if not isinstance(prompt, str):
-            raise FedleakError(f"attack {self.name}: prompt = {prompt!r}: must be a string: '' (unconditioned), "
-                               f"'{TEMPLATE}' (the training template's instruction header) or a prompt text")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-            raise FedleakError(f"attack {self.name}: top_k = {top_k!r}: must be an integer >= 0 (0 = no top-k cut)")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise FedleakError(f"attack {self.name}: temperature = {temperature!r}: must be > 0")
+    @validated
+    def __init__(self, *, samples: PositiveInt = 64, prompt: str = UNCONDITIONED,
+                 top_k: NonNegativeInt = 40,  # 0 = no top-k cut
+                 temperature: PositiveFloat = 1.0, max_new_tokens: PositiveInt = 64, ngram: PositiveInt = 8,
+                 precision_at: PositiveInt = 10, min_identifier_length: PositiveInt = 4, batch_size: PositiveInt = 16):
         self.samples = samples
         self.prompt = prompt
         self.top_k = top_k
@@ -182,7 +172,7 @@ class GenerateRankAttack(ExtractionAttack):
         self.min_identifier_length = min_identifier_length
         self.batch_size = batch_size
 
-    def run(self, target: Target, secrets: Secrets) -> dict:
+    def run(self, target: Target, secrets: Secrets) -> ExtractionResult:
         tokenizer = target.tokenizer
         prompt_ids = start_ids(tokenizer, self.prompt)
         seed = derive_seed(run_seed(target, self.name), "attack", self.name, view_key(target))
@@ -214,4 +204,4 @@ class GenerateRankAttack(ExtractionAttack):
                    "k": min(self.precision_at, len(distinct)), "start": start_text(self.prompt), "top": top}
         if not secrets.records and not secrets.canaries:
             details["note"] = "the view trained on no private records: every generation is a miss"
-        return {"metrics": metrics, "details": details}
+        return ExtractionResult(metrics, details)

@@ -24,9 +24,9 @@ from typing import Sequence
 
 import numpy as np
 
-from fedleak.attacks.base import ExtractionAttack, Secrets, Target, register_attack
-from fedleak.attacks.extraction.common import (EXAMPLES, canary_records, check_optional_positive,
-                                               check_positive, greedy_texts, run_seed, sample, view_key)
+from fedleak.attacks.base import ExtractionAttack, ExtractionResult, Secrets, Target, register_attack
+from fedleak.attacks.extraction.common import EXAMPLES, canary_records, greedy_texts, run_seed, sample, view_key
+from fedleak.common.params import PositiveInt, validated
 from fedleak.federated.data import CANARY_CATEGORY, Record
 from fedleak.federated.prompts import format_prompt
 from fedleak.federated.seeding import numpy_rng
@@ -101,12 +101,9 @@ def _fraction(counts: dict, kinds: Sequence[str] | None = None) -> float:
 class PiiAttack(ExtractionAttack):
     """pii: fraction of private identifiers written out verbatim to prompts lacking them (Lukas et al. 2023)."""
 
-    def __init__(self, *, max_prompts: int | None = None, max_new_tokens: int = 64, batch_size: int = 16,
-                 min_identifier_length: int = 4):
-        check_optional_positive(self.name, "max_prompts", max_prompts)
-        for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size),
-                            ("min_identifier_length", min_identifier_length)):
-            check_positive(self.name, name, value)
+    @validated
+    def __init__(self, *, max_prompts: PositiveInt | None = None, max_new_tokens: PositiveInt = 64,
+                 batch_size: PositiveInt = 16, min_identifier_length: PositiveInt = 4):
         self.max_prompts = max_prompts
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
@@ -115,14 +112,14 @@ class PiiAttack(ExtractionAttack):
     def _complete(self, target: Target, prompts: list[str]) -> list[str]:
         return greedy_texts(target, prompts, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
 
-    def run(self, target: Target, secrets: Secrets) -> dict:
+    def run(self, target: Target, secrets: Secrets) -> ExtractionResult:
         types = identifier_types(secrets)
         if not any(len(i) >= self.min_identifier_length for i in types):
             nan = float("nan")
             names = ["own_fraction", *(f"own_fraction_{t}" for t in TYPES), "cross_fraction", "canary_fraction"]
-            return {"metrics": {k: nan for k in names},
-                    "details": {"note": f"the view's data holds no private identifier of at least "
-                                        f"{self.min_identifier_length} characters (user data carries none)"}}
+            return ExtractionResult({k: nan for k in names},
+                                    {"note": f"the view's data holds no private identifier of at least "
+                                             f"{self.min_identifier_length} characters (user data carries none)"})
         seed = run_seed(target, self.name)
         own_records = sample(secrets.records, self.max_prompts, numpy_rng(seed, "attack", self.name, "own",
                                                                     view_key(target)))
@@ -161,4 +158,4 @@ class PiiAttack(ExtractionAttack):
                          "view: canary_fraction and own_fraction_secret are undefined")
         if notes:
             details["note"] = "; ".join(notes)
-        return {"metrics": metrics, "details": details}
+        return ExtractionResult(metrics, details)

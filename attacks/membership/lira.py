@@ -25,17 +25,18 @@ import gc
 import logging
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Annotated, Literal, Sequence
 
 import numpy as np
 import torch
 from scipy.special import log_ndtr
 
-from fedleak.attacks.base import AttackEnvironment, MembershipAttack, register_attack
+from fedleak.attacks.base import AttackEnvironment, MembershipAttack, Target, register_attack
 from fedleak.attacks.membership.stats import compute_stats, shared_stats
 from fedleak.federated.adapters import add_lora
 from fedleak.federated.data import Record
 from fedleak.common.errors import FedleakError
+from fedleak.common.params import PositiveInt, Range, validated
 from fedleak.federated.seeding import derive_seed, numpy_rng, torch_generator
 from fedleak.federated.training import encode, train_adapter
 
@@ -182,29 +183,21 @@ def train_shadows(env: AttackEnvironment, *, shadow_models: int, epochs: int | N
 class LiRAAttack(MembershipAttack):
     """LiRA: Gaussian likelihood ratio of the target's log-prob against shadow models (Carlini et al. 2022)."""
 
-    def __init__(self, *, shadow_models: int = 4, variant: str = ONLINE, global_variance: bool = True,
-                 epochs: int | None = None):
-        if variant not in (ONLINE, OFFLINE):
-            raise FedleakError(f"attack lira: variant = {variant!r}: must be '{ONLINE}' or '{OFFLINE}'")
-        if isinstance(shadow_models, bool) or not isinstance(shadow_models, int) or shadow_models < 2:
-            raise FedleakError(f"attack lira: shadow_models = {shadow_models!r}: must be an integer >= 2")
+    @validated
+    def __init__(self, *, shadow_models: Annotated[int, Range(ge=2)] = 4, variant: Literal["online", "offline"] = ONLINE,
+                 global_variance: bool = True, epochs: PositiveInt | None = None):  # epochs unset: the target's
         if variant == ONLINE and shadow_models % 2:
             raise FedleakError(f"attack lira: shadow_models = {shadow_models}: must be even for variant "
                                f"'{ONLINE}' (each record IN for exactly half of the shadows)")
         if not global_variance and shadow_models < 4:
             raise FedleakError(f"attack lira: shadow_models = {shadow_models}: must be >= 4 with global_variance "
                                f"= false (per-record variances need 2 IN and 2 OUT shadows per record)")
-        if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
-            raise FedleakError(f"attack lira: epochs = {epochs!r}: must be a positive integer or unset "
-                               f"(the target's epochs)")
-        if not isinstance(global_variance, bool):
-            raise FedleakError(f"attack lira: global_variance = {global_variance!r}: must be true or false")
         self.shadow_models = shadow_models
         self.variant = variant
         self.global_variance = global_variance
         self.epochs = epochs
 
-    def shadows(self, target) -> ShadowStatistics:
+    def shadows(self, target: Target) -> ShadowStatistics:
         """The run's shadow statistics, trained on first use. The key holds only what changes the
         shadows, so online and offline LiRA (and every view of the run) share them."""
         env = _check_env(target.env)
@@ -217,7 +210,13 @@ class LiRAAttack(MembershipAttack):
                                            max_length=target.max_length, response_only=target.response_only)
         return env.cache[key]
 
-    def score(self, target, records: Sequence[Record]) -> np.ndarray:
+    def score(self, target: Target, records: Sequence[Record]) -> np.ndarray:
+        """LiRA scores of `records` (see `MembershipAttack.score`); the shadows train on first use.
+
+        Raises:
+            FedleakError: a record is not in `target.env.population` (the shadows' pool), or the
+                environment cannot train shadows (no base model, no train settings).
+        """
         env = _check_env(target.env)
         index = {r.record_id: i for i, r in enumerate(env.population)}
         outside = [r.record_id for r in records if r.record_id not in index or env.population[index[r.record_id]] != r]

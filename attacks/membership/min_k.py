@@ -15,7 +15,7 @@ import numpy as np
 
 from fedleak.attacks.base import register_attack
 from fedleak.attacks.membership.stats import ORIGINAL, TARGET, LogitAttack, TokenStats
-from fedleak.common.errors import FedleakError
+from fedleak.common.params import UnitInterval, validated
 
 
 def lowest_k_mean(values: np.ndarray, mask: np.ndarray, *, k: float) -> np.ndarray:
@@ -28,9 +28,8 @@ def lowest_k_mean(values: np.ndarray, mask: np.ndarray, *, k: float) -> np.ndarr
 
 
 class _MinK(LogitAttack):
-    def __init__(self, *, k: float = 0.2):
-        if not 0 < k <= 1:
-            raise FedleakError(f"attack {self.name}: k = {k}: the fraction of lowest tokens must be in (0, 1]")
+    @validated
+    def __init__(self, *, k: UnitInterval = 0.2):  # the fraction of lowest-scoring tokens averaged
         self.k = k
 
 

@@ -14,6 +14,7 @@ import numpy as np
 from fedleak.attacks.base import register_attack
 from fedleak.attacks.membership.stats import BASE, ORIGINAL, REFERENCE, TARGET, LogitAttack, TokenStats
 from fedleak.common.errors import FedleakError
+from fedleak.common.params import validated
 
 
 @register_attack("reference")
@@ -22,6 +23,7 @@ class ReferenceAttack(LogitAttack):
 
     needs = ((TARGET, ORIGINAL), (REFERENCE, ORIGINAL))
 
+    @validated
     def __init__(self, *, model: str = BASE):
         if not model:
             raise FedleakError(f"attack reference: model is empty: use '{BASE}' or a model id or folder")

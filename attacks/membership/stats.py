@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fedleak.attacks.base import MembershipAttack
+from fedleak.attacks.base import MembershipAttack, Target
 from fedleak.federated.data import Record
 from fedleak.common.errors import FedleakError
 from fedleak.federated.training import IGNORE, batches, encode
@@ -149,15 +150,29 @@ def shared_stats(target, records: Sequence[Record], *, model: str = TARGET, vari
 
 class LogitAttack(MembershipAttack):
     """A score computed from shared token statistics. `needs` lists the (model, variant) passes the
-    score reads; `from_stats` is the formula, a pure function of those statistics."""
+    score reads; `from_stats` is the formula, a pure function of those statistics.
+
+    Subclasses implement `from_stats` (and set `needs` when they read more than the target's pass
+    over the original text).
+    """
 
     needs: tuple[tuple[str, str], ...] = ((TARGET, ORIGINAL),)
     reference: str = BASE
 
-    def score(self, target, records: Sequence[Record]) -> np.ndarray:
+    def score(self, target: Target, records: Sequence[Record]) -> np.ndarray:
+        """`from_stats` over the cached statistics `needs` lists (see `MembershipAttack.score`)."""
         stats = {need: shared_stats(target, records, model=need[0], variant=need[1], reference=self.reference)
                  for need in self.needs}
         return np.asarray(self.from_stats(stats), dtype=np.float64)
 
+    @abstractmethod
     def from_stats(self, stats: dict[tuple[str, str], TokenStats]) -> np.ndarray:
-        raise NotImplementedError
+        """The membership score of each record, from its token statistics.
+
+        Args:
+            stats: `{(model, variant): TokenStats}` for every pair in `needs`, over the same N records
+                in the same order; `TokenStats` arrays are (N, T), log-probs in nats.
+
+        Returns:
+            Shape (N,), higher = more likely a member (cast to float64 by `score`).
+        """

@@ -21,7 +21,7 @@ import torch
 
 from fedleak.attacks.base import register_attack
 from fedleak.attacks.poisoning.base import ModelPoisoning, RoundUpdates
-from fedleak.common.errors import FedleakError
+from fedleak.common.params import NonNegativeFloat, validated
 
 
 def alie_z(n: int, f: int) -> float:
@@ -41,9 +41,8 @@ class ALIE(ModelPoisoning):
 
     omniscient = True
 
-    def __init__(self, *, z: float | None = None):
-        if z is not None and not 0 <= z < math.inf:
-            raise FedleakError(f"alie: z = {z}: must be >= 0 (or unset for the paper's choice from n and f)")
+    @validated
+    def __init__(self, *, z: NonNegativeFloat | None = None):  # unset: the paper's choice from n and f
         self.z = z
 
     def poison_update(self, delta: torch.Tensor, round_updates: RoundUpdates) -> torch.Tensor:

@@ -14,6 +14,7 @@ contains in order (LCS over words, as in ROUGE-L recall), averaged over prompts.
 from __future__ import annotations
 
 import re
+from typing import Annotated, Literal
 
 import numpy as np
 
@@ -21,13 +22,12 @@ from fedleak.attacks.base import register_attack
 from fedleak.attacks.poisoning.base import DataPoisoning
 from fedleak.federated.data import Record
 from fedleak.common.errors import FedleakError
+from fedleak.common.params import Range, validated
 from fedleak.federated.rouge import lcs_length, tokens
 
 POISON_CATEGORY = "poison"
 # Dangerous dosing advice: the kind of harm a poisoned clinical assistant could do (fictitious, for measurement).
 DEFAULT_TARGET = "Please take ten warfarin today."  # short, in the corpus vocabulary: a tiny model can learn it
-POSITIONS = ("start", "end")
-MAX_POISON_RATE = 100.0
 
 
 def _normalise(text: str) -> str:
@@ -38,15 +38,12 @@ def _normalise(text: str) -> str:
 class Backdoor(DataPoisoning):
     """Backdoor: triggered copies of a client's records answered with an attacker's target (Wan et al. 2023)."""
 
+    @validated
     def __init__(self, *, trigger: str = "Per zeta protocol,", target: str = DEFAULT_TARGET,
-                 poison_rate: float = 0.5, position: str = "start"):
-        if not isinstance(trigger, str) or not isinstance(target, str) or not trigger.strip() or not target.strip():
+                 poison_rate: Annotated[float, Range(gt=0, le=100)] = 0.5,  # poisoned records per clean record
+                 position: Literal["start", "end"] = "start"):
+        if not trigger.strip() or not target.strip():
             raise FedleakError(f"backdoor: trigger = {trigger!r}, target = {target!r}: both must be non-empty text")
-        if not 0 < poison_rate <= MAX_POISON_RATE:
-            raise FedleakError(f"backdoor: poison_rate = {poison_rate}: must be in (0, {MAX_POISON_RATE}] "
-                               f"(poisoned records per clean record)")
-        if position not in POSITIONS:
-            raise FedleakError(f"backdoor: position = {position!r}: use one of {', '.join(POSITIONS)}")
         self.trigger, self.target, self.poison_rate, self.position = trigger, target, poison_rate, position
 
     def triggered(self, instruction: str) -> str:

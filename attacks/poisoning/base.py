@@ -11,6 +11,7 @@ DP-SGD), then poison; server-side defenses see their uploads like any other.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -25,13 +26,34 @@ from fedleak.federated.training import TrainSettings
 
 
 class PoisoningAttack(Attack):
-    family = "poisoning"
+    """What both kinds of poisoning share; a plug-in derives from `DataPoisoning` or `ModelPoisoning`
+    (a class derived from this one alone would act on nothing, so it does not register)."""
 
 
 class DataPoisoning(PoisoningAttack):
+    """Base of data poisoning: a malicious client trains its upload on records it rewrote (backdoor
+    triggers: Bagdasaryan et al. 2020, "How To Backdoor Federated Learning"; label flipping: Tolpegin,
+    Truex, Gursoy and Liu 2020, "Data Poisoning Attacks Against Federated Learning Systems").
+
+    Subclasses implement `poison_records`.
+    """
+
+    family = "poisoning"
+
+    @abstractmethod
     def poison_records(self, records: list[Record], *, rng: np.random.Generator) -> list[Record]:
-        """The records a malicious client trains its upload on, given its clean ones."""
-        raise NotImplementedError
+        """The records a malicious client trains its upload on, given its clean ones.
+
+        Args:
+            records: the client's clean records behind its upload (FEDIT: its own records; FEDPIT:
+                its synthetic ones), a fresh list the attack may reorder or extend.
+            rng: seeded per (run seed, attack, client), the same every round, so a client keeps one
+                poisoned dataset across rounds; draw every random choice from it.
+
+        Returns:
+            The records to train on, in training order: any length, as `Record`s of the same
+            format (a poisoned copy is a new `Record`; the inputs are frozen).
+        """
 
 
 @dataclass
@@ -48,15 +70,34 @@ class RoundUpdates:
 
 
 class ModelPoisoning(PoisoningAttack):
+    """Base of model poisoning: a malicious client rewrites its trained update before uploading it
+    (model replacement: Bagdasaryan et al. 2020; ALIE: Baruch, Baruch and Goldberg 2019, "A Little
+    Is Enough"; IPM: Xie, Koyejo and Gupta 2020, "Fall of Empires").
+
+    Subclasses implement `poison_update`; one that reads the honest updates sets `omniscient = True`.
+    """
+
+    family = "poisoning"
     omniscient = False  # reads the honest clients' updates of the round
 
+    @abstractmethod
     def poison_update(self, delta: torch.Tensor, round_updates: RoundUpdates) -> torch.Tensor:
-        """The update a malicious client sends, given the one it trained (flattened, float64)."""
-        raise NotImplementedError
+        """The update a malicious client sends, given the one it trained.
+
+        Args:
+            delta: shape (d,), float64: the client's trained adapter minus the global adapter it
+                started from, every LoRA tensor flattened in `adapters.flatten` order.
+            round_updates: what the attacker may read this round (the honest updates, counts,
+                FedAvg weights, a seeded generator for any randomness).
+
+        Returns:
+            Shape (d,), float64: the update to send; the upload is the global adapter plus it.
+        """
 
 
 class ScenarioAdversary(Adversary):
-    """The malicious clients of one scenario and what they do, in the rounds they act."""
+    """The malicious clients of one scenario and what they do, in the rounds they act (see `Adversary`
+    for the hooks; data attacks run before model attacks, each kind in the order listed)."""
 
     def __init__(self, *, malicious: set[int], attacks: list[PoisoningAttack], seed: int,
                  rounds: set[int] | None = None, local_epochs: int | None = None):

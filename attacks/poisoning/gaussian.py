@@ -8,13 +8,11 @@ The malicious client sends an isotropic Gaussian vector instead of its update, r
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from fedleak.attacks.base import register_attack
 from fedleak.attacks.poisoning.base import ModelPoisoning, RoundUpdates
-from fedleak.common.errors import FedleakError
+from fedleak.common.params import PositiveFloat, validated
 
 
 def gaussian_update(like: torch.Tensor, *, norm: float, generator: torch.Generator) -> torch.Tensor:
@@ -26,9 +24,8 @@ def gaussian_update(like: torch.Tensor, *, norm: float, generator: torch.Generat
 class Gaussian(ModelPoisoning):
     """Gaussian: send random noise of a given norm instead of the update (Blanchard et al. 2017)."""
 
-    def __init__(self, *, norm: float | None = None):
-        if norm is not None and not 0 < norm < math.inf:
-            raise FedleakError(f"gaussian: norm = {norm}: must be a finite number > 0 (or unset for the trained update's norm)")
+    @validated
+    def __init__(self, *, norm: PositiveFloat | None = None):  # unset: the trained update's norm
         self.norm = norm
 
     def poison_update(self, delta: torch.Tensor, round_updates: RoundUpdates) -> torch.Tensor:

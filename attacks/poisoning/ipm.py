@@ -11,13 +11,11 @@ honest upload in a round it uses its own clients' trained updates).
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from fedleak.attacks.base import register_attack
 from fedleak.attacks.poisoning.base import ModelPoisoning, RoundUpdates
-from fedleak.common.errors import FedleakError
+from fedleak.common.params import PositiveFloat, validated
 
 
 def ipm_update(honest: torch.Tensor, *, epsilon: float) -> torch.Tensor:
@@ -30,9 +28,8 @@ class IPM(ModelPoisoning):
 
     omniscient = True
 
-    def __init__(self, *, epsilon: float = 0.5):
-        if not 0 < epsilon < math.inf:
-            raise FedleakError(f"ipm: epsilon = {epsilon}: must be a finite number > 0")
+    @validated
+    def __init__(self, *, epsilon: PositiveFloat = 0.5):
         self.epsilon = epsilon
 
     def poison_update(self, delta: torch.Tensor, round_updates: RoundUpdates) -> torch.Tensor:

@@ -14,16 +14,15 @@ import numpy as np
 from fedleak.attacks.base import register_attack
 from fedleak.attacks.poisoning.base import DataPoisoning
 from fedleak.federated.data import Record
-from fedleak.common.errors import FedleakError
+from fedleak.common.params import UnitInterval, validated
 
 
 @register_attack("label_flip")
 class LabelFlip(DataPoisoning):
     """Label flip: responses swapped across categories (untargeted; Tolpegin et al. 2020)."""
 
-    def __init__(self, *, flip_rate: float = 1.0):
-        if not 0 < flip_rate <= 1:
-            raise FedleakError(f"label_flip: flip_rate = {flip_rate}: must be in (0, 1]")
+    @validated
+    def __init__(self, *, flip_rate: UnitInterval = 1.0):
         self.flip_rate = flip_rate
 
     def poison_records(self, records: list[Record], *, rng: np.random.Generator) -> list[Record]:

@@ -10,13 +10,11 @@ standard model-replacement backdoor.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from fedleak.attacks.base import register_attack
 from fedleak.attacks.poisoning.base import ModelPoisoning, RoundUpdates
-from fedleak.common.errors import FedleakError
+from fedleak.common.params import PositiveFloat, validated
 
 
 def scale_update(delta: torch.Tensor, *, boost: float) -> torch.Tensor:
@@ -27,9 +25,8 @@ def scale_update(delta: torch.Tensor, *, boost: float) -> torch.Tensor:
 class Scaling(ModelPoisoning):
     """Scaling / model replacement: boost the malicious update (Bagdasaryan et al. 2020)."""
 
-    def __init__(self, *, boost: float | None = None):
-        if boost is not None and not 0 < boost < math.inf:
-            raise FedleakError(f"scaling: boost = {boost}: must be a finite number > 0 (or unset for the FedAvg replacement factor)")
+    @validated
+    def __init__(self, *, boost: PositiveFloat | None = None):  # unset: the FedAvg replacement factor
         self.boost = boost
 
     def poison_update(self, delta: torch.Tensor, round_updates: RoundUpdates) -> torch.Tensor:

@@ -8,13 +8,11 @@ model away from what its data teaches.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from fedleak.attacks.base import register_attack
 from fedleak.attacks.poisoning.base import ModelPoisoning, RoundUpdates
-from fedleak.common.errors import FedleakError
+from fedleak.common.params import PositiveFloat, validated
 
 
 def flip_update(delta: torch.Tensor, *, scale: float) -> torch.Tensor:
@@ -25,9 +23,8 @@ def flip_update(delta: torch.Tensor, *, scale: float) -> torch.Tensor:
 class SignFlip(ModelPoisoning):
     """Sign flip: send the negated (and scaled) update (Damaskinos et al. 2018)."""
 
-    def __init__(self, *, scale: float = 1.0):
-        if not 0 < scale < math.inf:
-            raise FedleakError(f"sign_flip: scale = {scale}: must be a finite number > 0")
+    @validated
+    def __init__(self, *, scale: PositiveFloat = 1.0):
         self.scale = scale
 
     def poison_update(self, delta: torch.Tensor, round_updates: RoundUpdates) -> torch.Tensor:

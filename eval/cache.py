@@ -1,0 +1,118 @@
+"""The run folder's cache: the keys that say what produced each cached file (a hash of fedleak's code,
+the plug-ins, the base model, the data and the settings that matter), reading cached JSON back, and
+the lock that keeps one fedleak process per output folder. A rerun (after a crash or kill -9, or with
+one more attack) redoes only the files whose key changed:
+
+    trainings/<stem>/round-XXXX/...      checkpoints (federated/checkpoint.py)
+    trainings/<stem>/training.json       key, history, costs: the folder appears complete or not at all
+    trainings/<stem>/evaluation.json     key, utility, poisoning trigger rates
+    trainings/<stem>/attacks/<attack>.json   key, the attack's cells on that training
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from fedleak import __version__
+from fedleak.common.errors import FedleakError
+from fedleak.eval.config import RunConfig, plain
+from fedleak.eval.context import SeedContext
+from fedleak.eval.plan import TrainingUnit
+
+TRAINING_FILE, EVALUATION_FILE, ATTACKS_DIR = "training.json", "evaluation.json", "attacks"
+LOCK_FILE = ".fedleak.lock"
+CODE_FOLDERS = ("attacks", "common", "defenses", "eval", "federated")  # what trains, evaluates and attacks (not reports/)
+
+
+def cache_key(*parts) -> str:
+    """A short hash of JSON-able parts: what produced a cached file."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@functools.cache
+def code_fingerprint(plugins: tuple[str, ...] = ()) -> str:
+    """sha256 of fedleak's training, evaluation and attack code and of the plug-in modules: an edited
+    algorithm, defense or attack invalidates what it produced (results.json's git_commit would lie)."""
+    import importlib
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    files = sorted(p for folder in CODE_FOLDERS for p in (root / folder).rglob("*.py"))
+    for module in plugins:
+        path = getattr(sys.modules.get(module) or importlib.import_module(module), "__file__", None)
+        files += [Path(path)] if path else []
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path.relative_to(root) if path.is_relative_to(root) else path.name).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def model_fingerprint(config: RunConfig) -> dict:
+    """What the base model is: the embedded build's settings, or the name plus, for a local folder, its
+    files' names and sizes (reading gigabytes of weights to hash them would cost more than it saves).
+    A hub id is taken at its name: pin a revision by downloading it to a folder."""
+    model = plain(config.model)
+    out = {"name": model["name"], "lora": model["lora"]}
+    if model["name"] == "embedded":
+        out["embedded"] = model["embedded"]
+    elif Path(model["name"]).is_dir():
+        out["files"] = sorted((p.name, p.stat().st_size) for p in Path(model["name"]).iterdir() if p.is_file())
+    return out
+
+
+def data_fingerprint(ctx: SeedContext) -> dict:
+    """The active data source's settings and, for a user file, its content's sha256."""
+    data = plain(ctx.config.data)
+    return {"source": data["source"], data["source"]: data[data["source"]], "file_sha256": ctx.data_sha256}
+
+
+def training_key(ctx: SeedContext, unit: TrainingUnit) -> str:
+    """The key of a training's checkpoints: code, seed, model, data, federation and the unit's components."""
+    cfg = ctx.config
+    return cache_key("training", __version__, code_fingerprint(cfg.plugins), cfg.seed, model_fingerprint(cfg),
+                     data_fingerprint(ctx), plain(cfg.federation), plain(unit.algorithm), plain(unit.defense),
+                     plain(unit.scenario) if unit.scenario else None)
+
+
+def evaluation_key(ctx: SeedContext, unit: TrainingUnit, train_key: str) -> str:
+    """The key of a training's evaluation: its training, the utility and poisoning settings, the backdoors."""
+    cfg = ctx.config
+    backdoors = sorted(a.label for s in cfg.matrix.scenarios for a in s.attacks)
+    return cache_key("evaluation", train_key, plain(cfg.utility), plain(cfg.poisoning), backdoors)
+
+
+def read_json(path: Path) -> dict | None:
+    """A cached file's content, or None when it is missing or half-written."""
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+@contextlib.contextmanager
+def run_lock(out_dir: Path):
+    """One fedleak process per output folder: a second would train into the same cache. The kernel drops
+    the lock when its holder dies, kill -9 included."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / LOCK_FILE, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise FedleakError(f"{out_dir}: another fedleak process (pid {handle.read().strip() or '?'}) is using "
+                               f"this output folder: wait for it to finish or pass another --out") from None
+        handle.truncate(0)
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield

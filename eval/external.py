@@ -1,0 +1,117 @@
+"""Attacking the checkpoints of one training outside a matrix run (`fedleak attack`): fedleak's own
+training folder (its training.json says what trained it, checked against the config) or another
+tool's checkpoints in the documented layout, whose participants come from the round manifests."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import time
+from pathlib import Path
+
+import torch
+
+from fedleak.common.errors import FedleakError
+from fedleak.eval.attacking import attack_training
+from fedleak.eval.cache import ATTACKS_DIR, TRAINING_FILE, cache_key, read_json, run_lock, training_key
+from fedleak.eval.config import ComponentSpec, RunConfig, component_spec, instantiate
+from fedleak.eval.context import resolve_model, seed_context
+from fedleak.eval.matrix import results_record
+from fedleak.eval.plan import TrainingUnit, plan
+from fedleak.eval.results import write_results
+from fedleak.eval.training_runs import base_model_utility, training_record, upload_bytes, view_utility
+from fedleak.federated import checkpoint
+from fedleak.federated.adapters import add_lora
+from fedleak.federated.model import load_base_model
+from fedleak.federated.rounds import ALGORITHMS
+
+
+def checkpoint_rounds(training_dir: Path) -> list[int]:
+    """A training folder's complete rounds, or a one-line error saying what a training folder is."""
+    rounds = checkpoint.rounds(training_dir) if Path(training_dir).is_dir() else []
+    for r in rounds:
+        checkpoint.read_manifest(checkpoint.round_dir(training_dir, r))  # its one-line errors, before any work
+    if not rounds:
+        raise FedleakError(f"{training_dir}: no round-XXXX/manifest.json in it: give a training folder "
+                           f"(trainings/<name> of a run, or checkpoints in the layout of README 'Checkpoint format')")
+    return rounds
+
+
+def _external_history(training_dir: Path, rounds: list[int], num_clients: int) -> list[dict]:
+    """Per-round participants from the manifests (every client when a manifest does not say)."""
+    return [{"round": r, "clients": checkpoint.read_manifest(checkpoint.round_dir(training_dir, r)).get(
+        "clients", list(range(num_clients))), "client_metrics": {}} for r in rounds if r > 0]
+
+
+def _external_training(key: str, history: list[dict], algorithm, views: list[str]) -> dict:
+    """What training.json would say of another tool's checkpoints: nothing of their training's
+    defense, timing or privacy is known."""
+    per_round, total = upload_bytes(history)
+    return {"key": key, "algorithm_params": algorithm.params(), "defense_params": {}, "train_seconds": 0.0,
+            "views": views, "synthetic": None, "privacy": None, "synthetic_examples": [], "rounds": history,
+            "upload_bytes_per_client_per_round": per_round, "upload_bytes_total": total,
+            "torch_threads": torch.get_num_threads()}
+
+
+def attack_checkpoint(config: RunConfig, training_dir: Path, out_dir: Path, *, config_path: str | None = None,
+                      algorithm: str | None = None, seed: int | None = None, only: tuple[str, ...] = (),
+                      progress: bool = True, use_cache: bool = True) -> dict:
+    """Run the config's privacy attacks on the checkpoints of one training: fedleak's own (its
+    training.json names the algorithm, defense, scenario and seed) or another tool's written in the
+    documented layout (round-XXXX/manifest.json + safetensors adapters; `algorithm` says whose
+    global model it is, the config's data and federation say who trained on what)."""
+    started = dt.datetime.now(dt.timezone.utc)
+    training_dir, out_dir = Path(training_dir), Path(out_dir)
+    base_dir = Path(config_path).parent if config_path else Path(".")
+    rounds = checkpoint_rounds(training_dir)
+    trained = read_json(training_dir / TRAINING_FILE)
+    if trained:
+        u = trained["unit"]
+        scenario = None
+        if u["scenario"]:
+            scenario = next((s for s in config.matrix.scenarios if s.name == u["scenario"]["name"]), None)
+            if scenario is None:
+                raise FedleakError(f"{training_dir}: a training under poisoning scenario {u['scenario']['name']!r}, "
+                                   f"which {config_path} does not declare: pass the config it was trained with")
+        unit = TrainingUnit(component_spec(u["algorithm"], "algorithms"), component_spec(u["defense"], "defenses"),
+                            scenario, u["seed"])
+        ctx = seed_context(config, unit.seed, base_dir)
+        if training_key(ctx, unit) != trained["key"]:
+            raise FedleakError(f"{training_dir}/{TRAINING_FILE}: trained with other model, data, federation or "
+                               f"fedleak code than {config_path} here: pass the config it was trained with (or "
+                               f"retrain: `fedleak train`)")
+    else:
+        unit = TrainingUnit(component_spec({"name": algorithm or "fedit"}, "algorithms"), ComponentSpec("none"), None,
+                            config.run_seeds[0] if seed is None else seed)
+        ctx = seed_context(config, unit.seed, base_dir)
+        history = _external_history(training_dir, rounds, config.federation.clients)
+        # The checkpoints and everything that says who trained on what (seed, data, algorithm).
+        key = cache_key("external", [(checkpoint.round_dir(training_dir, r) / "manifest.json").read_text()
+                                     for r in rounds], training_key(ctx, unit))
+    one = dataclasses.replace(config, seed=unit.seed, seeds=(), matrix=dataclasses.replace(
+        config.matrix, algorithms=(unit.algorithm,), defenses=(unit.defense,),
+        scenarios=(unit.scenario,) if unit.scenario else ()))
+    attacks = next((p.attacks for p in plan(one, only) if p.unit.scenario_name == unit.scenario_name), [])
+    if not attacks:
+        raise FedleakError(f"{config_path}: matrix.attacks run no privacy attack on {unit.label} (its rules, the "
+                           f"attacks' scenarios or --only leave none): add one or change matrix.exclude")
+    with run_lock(out_dir):
+        base_model, tokenizer = load_base_model(ctx.model_ref, allow_download=config.model.allow_download)
+        final_dir = checkpoint.round_dir(training_dir, rounds[-1])
+        views = checkpoint.available_views(final_dir)
+        algorithm_obj = instantiate(ALGORITHMS.get(unit.algorithm.name), unit.algorithm.kwargs,
+                                    f"--algorithm {unit.algorithm.label}")
+        start = time.perf_counter()
+        utility = view_utility(add_lora(base_model, config.model.lora, seed=0), ctx.config, ctx.data, tokenizer,
+                               final_dir, views if unit.scenario is None else ["global"])
+        evaluated = {"utility": utility, "utility_seconds": time.perf_counter() - start, "poisoning": None}
+        trained = trained or _external_training(key, history, algorithm_obj, views)
+        record = training_record(unit, trained, evaluated, str(training_dir.resolve()))
+        cells, _ = attack_training(ctx, unit, record, training_dir, attacks, algorithm=algorithm_obj,
+                                   progress=progress, cache_dir=out_dir / ATTACKS_DIR, use_cache=use_cache)
+        results = results_record(config, config_path=config_path, only=only, jobs=1, started=started,
+                                 model_info=resolve_model(config)[1], data={unit.seed: ctx.data},
+                                 base_utility={unit.seed: base_model_utility(ctx, out_dir, use_cache)},
+                                 trainings=[record], cells=cells, checkpoint_dir=str(training_dir))
+        write_results(out_dir, results)
+        return results

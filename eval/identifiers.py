@@ -1,0 +1,19 @@
+"""What a run's data uses as private identifiers, recorded in results.json (`identifiers`) so a report
+redacts them from the results alone, without importing the data generator (and torch) itself."""
+
+from __future__ import annotations
+
+from fedleak.common.names import IDENTIFIER_FORMATS
+from fedleak.eval.config import RunConfig
+from fedleak.federated.data import FIRST_NAMES, LAST_NAMES
+
+
+def identifiers_record(config: RunConfig) -> dict:
+    """`{"names": [...], "patterns": [...]}`: the words and regexes a report redacts besides the secrets the
+    cells and trainings list. The embedded generator's names are its first and last name lists (patients'
+    and clinicians' alike); a user's data file has no name list."""
+    if config.data.source == "embedded":
+        names = sorted(set(FIRST_NAMES) | set(LAST_NAMES))
+    else:
+        names = []  # identifier patterns for a user's own data (names, formats) come with a later issue
+    return {"names": names, "patterns": list(IDENTIFIER_FORMATS)}

@@ -1,0 +1,247 @@
+"""Training and evaluating one unit of the matrix (an algorithm under a defense and a poisoning
+scenario, with one seed): its checkpoints and training.json, its utility and trigger rates in
+evaluation.json, both read back from the cache when their keys match, and the results record built
+from the two; also the untrained base model's utility, the floor every training is read against."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedleak.common.io import atomic_write_json
+from fedleak.eval.cache import (EVALUATION_FILE, TRAINING_FILE, cache_key, code_fingerprint, data_fingerprint,
+                                evaluation_key, model_fingerprint, read_json, training_key)
+from fedleak.eval.config import RunConfig, build_defense, instantiate, plain
+from fedleak.eval.context import SeedContext, seed_context
+from fedleak.eval.plan import TrainingUnit
+from fedleak.eval.poisoning import backdoors_of, build_adversary, detection, scenario_record, trigger_rates
+from fedleak.eval.utility import evaluate_utility
+from fedleak.federated import checkpoint
+from fedleak.federated.adapters import add_lora, apply_view
+from fedleak.federated.data import FederatedData
+from fedleak.federated.model import load_base_model
+from fedleak.federated.rounds import ALGORITHMS, TrainingSetup, run_rounds
+
+SYNTHETIC_EXAMPLES = 3  # synthetic records per training quoted in the results (and report)
+
+
+def upload_bytes(history: list[dict]) -> tuple[float | None, int]:
+    """Bytes uploaded: the mean per client and round (None when nothing was), and the total."""
+    sent = [n for entry in history for n in entry.get("upload_bytes", {}).values()]
+    return (float(np.mean(sent)) if sent else None), int(sum(sent))
+
+
+def view_utility(model, config: RunConfig, data: FederatedData, tokenizer, final_dir: Path,
+                 view_keys: list[str]) -> dict:
+    """Utility on the held-out records of each view but the uploads, from the final round's checkpoints."""
+    records = data.heldout[: config.utility.records]
+    out: dict = {"records": len(records), "clients": {}}
+    for key in view_keys:
+        observer, client = checkpoint.parse_view_key(key)
+        if observer == "upload":
+            continue
+        apply_view(model, checkpoint.load_view(final_dir, observer, client), config.model.lora)
+        scores = evaluate_utility(model, tokenizer, records, max_length=config.federation.max_length,
+                                  batch_size=config.utility.batch_size, max_new_tokens=config.utility.max_new_tokens)
+        if observer == "global":
+            out["global"] = scores
+        else:
+            out["clients"][str(client)] = scores
+    if out["clients"]:
+        out["client_mean"] = {m: float(np.mean([s[m] for s in out["clients"].values()]))
+                              for m in next(iter(out["clients"].values()))}
+    return out
+
+
+def _synthetic_summary(history: list[dict]) -> dict | None:
+    totals: dict[str, int] = {}
+    for entry in history:
+        for metrics in entry["client_metrics"].values():
+            for key, value in metrics.get("selfgen", {}).items():
+                totals[key] = totals.get(key, 0) + value
+    return totals or None
+
+
+def _privacy(history: list[dict]) -> dict | None:
+    """The accountants' final epsilons: user-level from the server (DP-FedAvg), record-level from the
+    clients (DP-SGD; the largest over clients, each client's last report)."""
+    out = {}
+    server = [(r["epsilon"], r["delta"]) for r in history if "epsilon" in r]
+    if server:
+        out["user_level_epsilon"], out["user_level_delta"] = server[-1]
+    clients = {}
+    for r in history:
+        for client, metrics in r["client_metrics"].items():
+            if "epsilon" in metrics:
+                clients[client] = (metrics["epsilon"], metrics["delta"])
+    if clients:
+        out["record_level_epsilon"] = max(e for e, _ in clients.values())
+        out["record_level_delta"] = next(iter(clients.values()))[1]
+        out["record_level_epsilon_per_client"] = {c: e for c, (e, _) in sorted(clients.items())}
+    return out or None
+
+
+def _synthetic_examples(training_dir: Path, final_round: int) -> list[dict]:
+    folder = checkpoint.round_dir(training_dir, final_round)
+    rows = []
+    for path in sorted(folder.glob("synthetic-client-*.jsonl")):
+        rows += [json.loads(line) for line in path.read_text().splitlines()[:SYNTHETIC_EXAMPLES]]
+    return rows[:SYNTHETIC_EXAMPLES]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _train(ctx: SeedContext, unit: TrainingUnit, training_dir: Path, key: str, base_model, tokenizer,
+           progress: bool):
+    """Train into a scratch folder and move it into place once complete: a killed training leaves no
+    folder that looks finished."""
+    cfg = ctx.config
+    algorithm = instantiate(ALGORITHMS.get(unit.algorithm.name), unit.algorithm.kwargs,
+                            f"matrix.algorithms: {unit.algorithm.label}")
+    defense = build_defense(unit.defense, f"matrix.defenses: {unit.defense.label}")
+    for stale in training_dir.parent.glob(f".{training_dir.name}.partial-*"):  # left by a killed run
+        if not _alive(int(stale.name.rsplit("-", 1)[1])):
+            shutil.rmtree(stale, ignore_errors=True)
+    scratch = training_dir.with_name(f".{training_dir.name}.partial-{os.getpid()}")
+    setup = TrainingSetup(base_model=base_model, tokenizer=tokenizer, data=ctx.data, federation=cfg.federation,
+                          lora=cfg.model.lora, hooks=defense, seed=cfg.seed, out_dir=scratch,
+                          config_hash=key, progress=progress, label=unit.label)
+    if unit.scenario:
+        setup.adversary = build_adversary(unit.scenario, cfg)
+    run = run_rounds(setup, algorithm)
+    per_round, total = upload_bytes(run.history)
+    trained = {
+        "format": "fedleak-training/1", "key": key,
+        "unit": {"algorithm": plain(unit.algorithm), "defense": plain(unit.defense),
+                 "scenario": plain(unit.scenario) if unit.scenario else None, "seed": unit.seed},
+        "algorithm_params": algorithm.params(), "defense_params": defense.params(),
+        "train_seconds": run.train_seconds, "final_round": run.final_round,
+        "views": checkpoint.available_views(checkpoint.round_dir(scratch, run.final_round)),
+        "synthetic": _synthetic_summary(run.history), "privacy": _privacy(run.history),
+        "synthetic_examples": _synthetic_examples(scratch, run.final_round),
+        "upload_bytes_per_client_per_round": per_round, "upload_bytes_total": total,
+        "torch_threads": torch.get_num_threads(), "rounds": run.history,
+    }
+    atomic_write_json(scratch / TRAINING_FILE, trained)
+    shutil.rmtree(training_dir, ignore_errors=True)
+    os.replace(scratch, training_dir)
+    return trained, run.model
+
+
+def _evaluate(ctx: SeedContext, unit: TrainingUnit, trained: dict, training_dir: Path, key: str, model,
+              tokenizer) -> dict:
+    cfg = ctx.config
+    final_dir = checkpoint.round_dir(training_dir, trained["final_round"])
+    start = time.perf_counter()
+    # A poisoned training is judged by its global model (the clients' models are the clean run's business).
+    utility = view_utility(model, cfg, ctx.data, tokenizer, final_dir,
+                       [k for k in trained["views"] if unit.scenario is None or k == "global"])
+    utility_seconds = time.perf_counter() - start
+    poisoning = None
+    if ALGORITHMS.get(unit.algorithm.name).federated:
+        start = time.perf_counter()
+        poisoning = {**scenario_record(unit.scenario, cfg), "backdoors": {}, "detection": detection(trained["rounds"])}
+        # The clean training measures every backdoor of the matrix (how often the trigger gets the
+        # target without poisoning); a poisoned training, its own.
+        own = {k: b for k, b in backdoors_of(cfg.matrix.scenarios).items()
+               if unit.scenario is None or k in {a.label for a in unit.scenario.attacks}}
+        if own:
+            apply_view(model, checkpoint.load_view(final_dir, "global", None), cfg.model.lora)
+        for name, backdoor in own.items():
+            poisoning["backdoors"][name] = trigger_rates(model, tokenizer, backdoor, ctx.data.heldout[: cfg.poisoning.prompts],
+                                                         batch_size=cfg.poisoning.batch_size)
+        poisoning["seconds"] = time.perf_counter() - start
+    return {"format": "fedleak-evaluation/1", "key": key, "utility": utility, "utility_seconds": utility_seconds,
+            "poisoning": poisoning}
+
+
+def training_record(unit: TrainingUnit, trained: dict, evaluated: dict, checkpoint_dir: str) -> dict:
+    """A training's record in the results file.
+
+    Args:
+        trained: training.json's content (or, for another tool's checkpoints, the same fields).
+        evaluated: evaluation.json's content (utility, utility_seconds, poisoning).
+        checkpoint_dir: where the checkpoints are, as the results file names them.
+    """
+    poisoning_seconds = (evaluated["poisoning"] or {}).get("seconds", 0.0)
+    return {
+        **unit.key(), "algorithm_name": unit.algorithm.name, "algorithm_params": trained["algorithm_params"],
+        "defense_name": unit.defense.name, "defense_params": trained["defense_params"],
+        "checkpoint_dir": checkpoint_dir, "training_key": trained["key"],
+        "train_seconds": trained["train_seconds"], "utility_seconds": evaluated["utility_seconds"],
+        "utility": evaluated["utility"], "poisoning": evaluated["poisoning"], "views": trained["views"],
+        "synthetic": trained["synthetic"], "privacy": trained["privacy"],
+        "synthetic_examples": trained["synthetic_examples"],
+        "cost": {"wall_seconds": trained["train_seconds"] + evaluated["utility_seconds"] + poisoning_seconds,
+                 "train_seconds": trained["train_seconds"],
+                 "upload_bytes_per_client_per_round": trained["upload_bytes_per_client_per_round"],
+                 "upload_bytes_total": trained["upload_bytes_total"], "torch_threads": trained["torch_threads"]},
+        "rounds": trained["rounds"],
+    }
+
+
+def cached_training(config: RunConfig, unit: TrainingUnit, out_dir: Path, *, base_dir: Path) -> dict | None:
+    """The training's results record when its checkpoints and evaluation are cached under their keys."""
+    ctx = seed_context(config, unit.seed, base_dir)
+    training_dir = Path(out_dir) / "trainings" / unit.stem
+    t_key = training_key(ctx, unit)
+    trained = read_json(training_dir / TRAINING_FILE)
+    evaluated = read_json(training_dir / EVALUATION_FILE)
+    if (trained or {}).get("key") == t_key and (evaluated or {}).get("key") == evaluation_key(ctx, unit, t_key):
+        return training_record(unit, trained, evaluated, str(training_dir.relative_to(out_dir)))
+    return None
+
+
+def train_unit(config: RunConfig, unit: TrainingUnit, out_dir: Path, *, base_dir: Path, progress: bool = False,
+               use_cache: bool = True) -> tuple[dict, bool]:
+    """Train (unless cached) and evaluate one training; returns its results record and whether all of
+    it came from the cache."""
+    ctx = seed_context(config, unit.seed, base_dir)
+    training_dir = Path(out_dir) / "trainings" / unit.stem
+    t_key = training_key(ctx, unit)
+    e_key = evaluation_key(ctx, unit, t_key)
+    trained = read_json(training_dir / TRAINING_FILE) if use_cache else None
+    trained = trained if trained and trained.get("key") == t_key else None
+    evaluated = read_json(training_dir / EVALUATION_FILE) if trained else None
+    evaluated = evaluated if evaluated and evaluated.get("key") == e_key else None
+    if trained and evaluated:
+        return training_record(unit, trained, evaluated, str(training_dir.relative_to(out_dir))), True
+    base_model, tokenizer = load_base_model(ctx.model_ref, allow_download=ctx.config.model.allow_download)
+    if trained is None:
+        trained, model = _train(ctx, unit, training_dir, t_key, base_model, tokenizer, progress)
+    else:  # checkpoints are there, the evaluation settings changed: the views carry every weight
+        model = add_lora(base_model, ctx.config.model.lora, seed=0)
+    evaluated = _evaluate(ctx, unit, trained, training_dir, e_key, model, tokenizer)
+    atomic_write_json(training_dir / EVALUATION_FILE, evaluated)
+    return training_record(unit, trained, evaluated, str(training_dir.relative_to(out_dir))), False
+
+
+def base_model_utility(ctx: SeedContext, out_dir: Path, use_cache: bool) -> dict:
+    """The untrained base model's utility: the floor every training's utility is read against."""
+    cfg = ctx.config
+    path = Path(out_dir) / f"base-utility-seed{cfg.seed}.json"
+    key = cache_key("base-utility", code_fingerprint(cfg.plugins), model_fingerprint(cfg), data_fingerprint(ctx),
+                    plain(cfg.utility), cfg.federation.max_length)
+    cached = read_json(path) if use_cache else None
+    if cached and cached.get("key") == key:
+        return cached["utility"]
+    model, tokenizer = load_base_model(ctx.model_ref, allow_download=cfg.model.allow_download)
+    utility = evaluate_utility(model, tokenizer, ctx.data.heldout[: cfg.utility.records],
+                               max_length=cfg.federation.max_length, batch_size=cfg.utility.batch_size,
+                               max_new_tokens=cfg.utility.max_new_tokens)
+    atomic_write_json(path, {"key": key, "utility": utility})
+    return utility

@@ -1,0 +1,95 @@
+"""Provenance and cost: what produced the results (versions, commit, seeds, config, machine, wall time,
+model and data) and what the run cost per training (time, upload bytes) and per attack."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+from fedleak.common.names import CLEAN
+from fedleak.reports.document import Section, Table, fmt, is_number
+from fedleak.reports.merge import Merged, train_seconds
+
+
+def _duration(started: str | None, finished: str | None) -> str:
+    try:
+        seconds = (dt.datetime.fromisoformat(finished) - dt.datetime.fromisoformat(started)).total_seconds()
+    except (TypeError, ValueError):
+        return "n/a"
+    return f"{int(seconds // 60)} min {seconds % 60:.0f} s"
+
+
+def _machine(machine: dict | None) -> str:
+    if not machine:
+        return "n/a"
+    get = lambda name: fmt(machine.get(name))
+    return (f"{get('platform')} ({get('machine')}), python {get('python')}, {get('cpu_count')} CPUs, "
+            f"{get('torch_threads')} torch threads, {get('jobs')} parallel jobs")
+
+
+def provenance_table(run: Merged) -> Table:
+    """What produced the results: versions, commit, seeds, config, machine, times, model, data."""
+    results = run.results
+    model = results.get("model", {})
+    rows = [["fedleak", fmt(results.get("fedleak_version"))], ["git commit", fmt(results.get("git_commit"))],
+            ["seeds", ", ".join(map(str, run.seeds)) or "n/a"], ["config", fmt(results.get("config_path"))],
+            ["machine", _machine(results.get("machine"))],
+            ["started", fmt(results.get("started_at"))], ["finished", fmt(results.get("finished_at"))],
+            ["run wall time", _duration(results.get("started_at"), results.get("finished_at"))],
+            ["subset (--only)", ", ".join(results.get("only") or []) or "none: the whole matrix"],
+            *([["checkpoints attacked", results["checkpoint_dir"]]] if results.get("checkpoint_dir") else []),
+            ["model", f"{model.get('name')} ({model.get('parameters', '?')} parameters)"],
+            ["data", json.dumps(results.get("data", {}))]]
+    rows += [[name, fmt(version)] for name, version in results.get("versions", {}).items()]
+    return Table(["what", "value"], rows)
+
+
+def _bytes(value) -> str:
+    if not is_number(value):
+        return "n/a"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return "n/a"
+
+
+def training_cost_table(results: dict) -> Table:
+    """Per training and seed: wall and training time, upload bytes per client and round, and in all."""
+    rows = []
+    for t in results["trainings"]:
+        cost = t.get("cost") or {}
+        rows.append([t["algorithm"], t["defense"], t.get("scenario", CLEAN), fmt(t.get("seed")),
+                     fmt(cost.get("wall_seconds"), 1), fmt(train_seconds(t), 1),
+                     _bytes(cost.get("upload_bytes_per_client_per_round")), _bytes(cost.get("upload_bytes_total"))])
+    return Table(["algorithm", "defense", "scenario", "seed", "wall s", "train s", "upload per client per round",
+                  "upload total"], rows)
+
+
+def attack_cost_table(results: dict) -> Table:
+    """Per attack: cells, and total seconds over them (wall: schema 4's cost; attack: the older timings)."""
+    rows = []
+    for attack in dict.fromkeys(c["attack"] for c in results["cells"]):
+        cells = [c for c in results["cells"] if c["attack"] == attack]
+        rows.append([attack, cells[0]["family"], str(len(cells)),
+                     _total([(c.get("cost") or {}).get("wall_seconds") for c in cells]),
+                     _total([(c.get("timings") or {}).get("attack_seconds") for c in cells])])
+    return Table(["attack", "family", "cells", "total wall s", "total attack s"], rows)
+
+
+def _total(values: list) -> str:
+    """A sum that says when some terms are missing instead of passing for the whole."""
+    known = [v for v in values if is_number(v)]
+    if not known:
+        return "n/a"
+    return fmt(float(sum(known)), 1) + ("" if len(known) == len(values) else f" ({len(known)} of {len(values)} cells)")
+
+
+def provenance_section(run: Merged) -> Section:
+    """Provenance, then the cost per training and per attack."""
+    return Section("Provenance and cost", [
+        provenance_table(run),
+        "Cost per training (wall: training, utility and poisoning evaluation; upload: what each client sends the "
+        "server per round, and in all; n/a: not recorded, as in results before schema 4):",
+        training_cost_table(run.results), "Cost per attack, over all its cells (trainings, views, rounds and seeds):",
+        attack_cost_table(run.results)])
