@@ -260,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except FedleakError as exc:
-        print(f"fedleak: error: {exc}", file=sys.stderr)
+        # One line, whatever a plug-in's or a library's message carried along.
+        print(f"fedleak: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fedleak: interrupted", file=sys.stderr)

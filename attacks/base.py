@@ -201,7 +201,18 @@ class ExtractionAttack(Attack):
         """
 
 
-ATTACKS: Registry[type[Attack]] = Registry("attack", base=Attack, builtin_modules=(
+def _family_contract(cls: type) -> str | None:
+    """An attack derives from a family's base: one derived from `Attack` alone that sets `family`
+    itself would register and then lack what the matrix calls (`score`, `run`, the poisoning hooks)."""
+    from fedleak.attacks.poisoning.base import DataPoisoning, ModelPoisoning  # that module imports this one
+
+    if issubclass(cls, (MembershipAttack, ExtractionAttack, DataPoisoning, ModelPoisoning)):
+        return None
+    return ("derives from no attack family's base: derive it from MembershipAttack or ExtractionAttack "
+            "(fedleak.attacks.base), DataPoisoning or ModelPoisoning (fedleak.attacks.poisoning.base)")
+
+
+ATTACKS: Registry[type[Attack]] = Registry("attack", base=Attack, contract=_family_contract, builtin_modules=(
     "fedleak.attacks.membership.loss",
     "fedleak.attacks.membership.zlib",
     "fedleak.attacks.membership.lowercase",

@@ -149,9 +149,16 @@ def _coerce(value, annotation, key: str, where: str):
     if annotation in (int, float) and isinstance(value, bool):
         raise _Mismatch
     if annotation is float and isinstance(value, (int, float)):
+        try:
+            value = float(value)  # an integer past float's range overflows here
+        except OverflowError:
+            value = math.inf
         if not math.isfinite(value):
             raise FedleakError(f"{where}{key} = {value!r}: must be a finite number")
-        return float(value)
+        return value
+    if annotation is int and isinstance(value, int) and not -2**63 <= value < 2**63:
+        # numpy and torch take 64-bit integers: a larger one would fail deep inside a run
+        raise FedleakError(f"{where}{key} = {value}: must be an integer of 64 bits (below 2**63 in size)")
     if not isinstance(annotation, type) or isinstance(value, annotation):
         return value
     raise _Mismatch

@@ -53,6 +53,12 @@ class Bulyan(Defense):
 
     @validated
     def __init__(self, *, f: NonNegativeInt = 0):
+        """Set the number of malicious uploads Bulyan tolerates.
+
+        Args:
+            f: malicious clients tolerated per round (the paper's f): n - 2f uploads are selected by repeated Krum,
+                then beta = n - 4f values per coordinate averaged; needs at least 4f + 3 clients per round.
+        """
         self.f = f
 
     def check(self, *, clients_per_round: int) -> None:

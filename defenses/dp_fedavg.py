@@ -29,6 +29,14 @@ class DPFedAvg(Defense):
     @validated
     def __init__(self, *, noise_multiplier: NonNegativeFloat = 1.0, clip_norm: PositiveFloat = 1.0,
                  delta: OpenUnitInterval = 1e-5):
+        """Set the server-side clipping and noise of DP-FedAvg.
+
+        Args:
+            noise_multiplier: std of the Gaussian noise added to the sum of clipped updates, in units of clip_norm
+                (the paper's z); 0 = clipping only, no privacy (epsilon reported as inf).
+            clip_norm: L2 bound each client update (upload minus global adapter) is clipped to (the paper's S).
+            delta: the delta at which the RDP accountant reports each round's epsilon.
+        """
         self.noise_multiplier, self.clip_norm, self.delta = noise_multiplier, clip_norm, delta
         self.accountant = None
         self._reference: AdapterState | None = None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -26,6 +27,9 @@ from fedleak.common.errors import FedleakError
 from fedleak.common.params import NonNegativeFloat, OpenUnitInterval, PositiveFloat, validated
 from fedleak.federated.hooks import ClientJob
 from fedleak.federated.training import collate, sequence_losses
+
+if TYPE_CHECKING:  # Opacus is imported when a client trains, not when the config loads
+    from opacus import PrivacyEngine
 
 
 @functools.lru_cache(maxsize=64)
@@ -44,11 +48,24 @@ class DPSGD(Defense):
     @validated
     def __init__(self, *, noise_multiplier: NonNegativeFloat | None = None, target_epsilon: PositiveFloat | None = None,
                  max_grad_norm: PositiveFloat = 1.0, delta: OpenUnitInterval = 1e-5):
+        """Set the per-sample clipping and the noise (or privacy budget) of each client's DP-SGD.
+
+        Args:
+            noise_multiplier: std of the Gaussian noise added to each batch's summed clipped gradients, in units of
+                max_grad_norm (the paper's sigma); 0 = clipping only. Unset: derived from target_epsilon.
+            target_epsilon: epsilon each client should reach (at delta) after all planned rounds; the noise
+                multiplier is found by Opacus's `get_noise_multiplier`. Unset: noise_multiplier is used.
+            max_grad_norm: L2 bound each per-sample gradient is clipped to (the paper's clipping bound C).
+            delta: the delta of the (epsilon, delta) guarantee: target_epsilon's target, and where epsilon is reported.
+
+        Raises:
+            FedleakError: neither or both of noise_multiplier and target_epsilon are given.
+        """
         if (noise_multiplier is None) == (target_epsilon is None):
             raise FedleakError("dp_sgd: give exactly one of noise_multiplier and target_epsilon")
         self.noise_multiplier, self.target_epsilon = noise_multiplier, target_epsilon
         self.max_grad_norm, self.delta = max_grad_norm, delta
-        self.engines: dict[int, object] = {}  # one Opacus PrivacyEngine (and accountant) per client
+        self.engines: dict[int, PrivacyEngine] = {}  # one Opacus PrivacyEngine (and accountant) per client
 
     def sigma(self, *, sample_rate: float, steps: int) -> float:
         if self.noise_multiplier is not None:

@@ -45,6 +45,15 @@ class GeoMedian(Defense):
 
     @validated
     def __init__(self, *, max_iter: PositiveInt = 10, nu: PositiveFloat = 1e-6, ftol: NonNegativeFloat = 1e-6):
+        """Set the stopping rule and smoothing of the Weiszfeld iterations.
+
+        Args:
+            max_iter: at most this many smoothed Weiszfeld iterations per round.
+            nu: smoothing: distances to the current estimate below nu count as nu when re-weighting (the paper's
+                nu), so an upload at the median does not get infinite weight.
+            ftol: stop once the objective changes by at most ftol times its value (relative tolerance); 0 = only
+                when it stops changing exactly, else after max_iter.
+        """
         self.max_iter, self.nu, self.ftol = max_iter, nu, ftol
 
     def aggregate(self, updates: list[ClientUpdate], *, info: RoundInfo) -> AdapterState:

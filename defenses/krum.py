@@ -47,6 +47,12 @@ class Krum(Defense):
 
     @validated
     def __init__(self, *, f: NonNegativeInt = 0):
+        """Set the number of malicious uploads Krum tolerates.
+
+        Args:
+            f: malicious clients tolerated per round (the paper's f): a score sums the squared distances to the
+                n - f - 2 nearest other uploads; needs more than 2f + 2 clients per round.
+        """
         self.f = f
 
     def check(self, *, clients_per_round: int) -> None:
@@ -68,6 +74,14 @@ class MultiKrum(Defense):
 
     @validated
     def __init__(self, *, f: NonNegativeInt = 0, m: PositiveInt = 1):
+        """Set the number of malicious uploads tolerated and of uploads averaged.
+
+        Args:
+            f: malicious clients tolerated per round (the paper's f), as for krum; needs more than 2f + 2 clients
+                per round.
+            m: uploads with the lowest Krum scores averaged, weighted by example counts (the paper's m; 1 = Krum);
+                at most the clients per round.
+        """
         self.f, self.m = f, m
 
     def check(self, *, clients_per_round: int) -> None:

@@ -28,6 +28,12 @@ class NormBound(Defense):
 
     @validated
     def __init__(self, *, max_norm: PositiveFloat = 1.0):
+        """Set the norm bound.
+
+        Args:
+            max_norm: L2 bound of each client update (upload minus the global adapter it started from): a longer
+                update is scaled down to it, a shorter one kept.
+        """
         self.max_norm = max_norm
 
     def before_aggregation(self, updates: list[ClientUpdate], *, global_state: AdapterState,

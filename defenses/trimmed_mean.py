@@ -39,6 +39,12 @@ class TrimmedMean(Defense):
 
     @validated
     def __init__(self, *, beta: Annotated[float, Range(ge=0, lt=0.5)] = 0.1):
+        """Set the trimmed fraction.
+
+        Args:
+            beta: fraction trimmed at each end (the paper's beta): per coordinate the floor(beta * n) largest and
+                as many smallest values are dropped; 0 = plain unweighted mean. At least one value must remain.
+        """
         self.beta = beta
 
     def check(self, *, clients_per_round: int) -> None:

@@ -13,11 +13,13 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from fedleak.attacks.base import ATTACKS, MembershipAttack, Secrets, Target
+from fedleak.attacks.base import ATTACKS, ExtractionResult, MembershipAttack, Secrets, Target
+from fedleak.common.errors import FedleakError
 from fedleak.common.io import atomic_write_json
+from fedleak.common.params import instantiate
 from fedleak.eval.audit import empirical_epsilon, one_run_epsilon
 from fedleak.eval.cache import ATTACKS_DIR, cache_key, read_json
-from fedleak.eval.config import AttackSettings, ComponentSpec, instantiate, plain
+from fedleak.eval.config import AttackSettings, ComponentSpec, plain
 from fedleak.eval.context import SeedContext
 from fedleak.eval.metrics import membership_metrics, roc_points
 from fedleak.eval.plan import TrainingUnit
@@ -178,7 +180,11 @@ def attack_training(ctx: SeedContext, unit: TrainingUnit, record: dict, training
                     cell.update({k: outcome[k] for k in ("metrics", "n_members", "n_nonmembers", "roc", "audit")})
                     cell["unscorable_members"] = len(truth.members) - len(ctx.scorable(truth.members, tokenizer))
                 else:
-                    cell.update(attack.run(target, truth.secrets).to_dict())
+                    found = attack.run(target, truth.secrets)
+                    if not isinstance(found, ExtractionResult):
+                        raise FedleakError(f"attack {spec.name}: run() returned {type(found).__name__}, not an "
+                                           f"ExtractionResult (fedleak.attacks.base): fix the plug-in")
+                    cell.update(found.to_dict())
                 seconds = time.perf_counter() - start
                 cell["timings"] = {"attack_seconds": seconds, "train_seconds": record["train_seconds"]}
                 cell["cost"] = {"wall_seconds": seconds, "upload_bytes_per_client_per_round":

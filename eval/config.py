@@ -19,8 +19,7 @@ from typing import Annotated
 
 from fedleak.common.errors import FedleakError, did_you_mean
 from fedleak.common.names import CLEAN, OBSERVERS
-from fedleak.common.params import (NonNegativeInt, OpenUnitInterval, PositiveInt, Range, build, check_fields, checked,
-                                   instantiate)
+from fedleak.common.params import NonNegativeInt, OpenUnitInterval, PositiveInt, Range, build, check_fields, checked
 from fedleak.eval.matrix_config import ComponentSpec, MatrixSettings, ScenarioSpec, build_defense, component_spec
 from fedleak.federated.adapters import LoraSettings
 from fedleak.federated.datasource import DataSettings
@@ -33,7 +32,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 # Imported by eval's runners from here (they need no more of the matrix's parsing than these).
-__all__ = ["RunConfig", "AttackSettings", "ComponentSpec", "build_defense", "component_spec", "instantiate",
+__all__ = ["RunConfig", "AttackSettings", "ComponentSpec", "build_defense", "component_spec",
            "load_config", "load_plugins", "parse_config", "plain"]
 
 

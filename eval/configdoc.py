@@ -2,7 +2,9 @@
 
 Every TOML table gets one table of key, type, default, allowed range and help, read from the
 fields' annotations and `help` metadata (the checker reads the same annotations, so the reference
-says exactly what a config may hold); then every built-in component's keyword arguments. Run
+says exactly what a config may hold; a field whose metadata has a "type" text shows that instead);
+then every built-in component's keyword arguments, the same way, their help read from the `Args:`
+section of the component's `__init__` docstring and its `Raises:` section noted under the table. Run
 `python -m fedleak.eval.configdoc` after changing a field or a component; a test fails while
 docs/config.md is stale.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 import sys
 import typing
 from pathlib import Path
@@ -46,14 +49,18 @@ def _default(f: dataclasses.Field) -> str:
     return "see its table" if dataclasses.is_dataclass(value) else _value(value)
 
 
+HEADER = ["| key | type | default | allowed | help |", "|---|---|---|---|---|"]
+
+
+def _row(key: str, annotation, default: str, help: str, type_text: str | None = None) -> str:
+    return (f"| `{key}` | {_cell(type_text or expected(annotation))} | {_cell(default)} | "
+            f"{_cell(range_text(annotation))} | {_cell(help)} |")
+
+
 def _rows(cls) -> list[str]:
     hints = typing.get_type_hints(cls, include_extras=True)
-    rows = ["| key | type | default | allowed | help |", "|---|---|---|---|---|"]
-    for f in dataclasses.fields(cls):
-        if f.init:
-            rows.append(f"| `{f.name}` | {_cell(expected(hints[f.name]))} | {_cell(_default(f))} | "
-                        f"{_cell(range_text(hints[f.name]) or '')} | {_cell(f.metadata['help'])} |")
-    return rows
+    return HEADER + [_row(f.name, hints[f.name], _default(f), f.metadata["help"], f.metadata.get("type"))
+                     for f in dataclasses.fields(cls) if f.init]
 
 
 def settings_tables(cls=RunConfig, prefix: str = "") -> list[tuple[str, type]]:
@@ -66,26 +73,69 @@ def settings_tables(cls=RunConfig, prefix: str = "") -> list[tuple[str, type]]:
     return tables + ([(LIST_ITEMS[c], c) for c in LIST_ITEMS] if cls is RunConfig else [])
 
 
-def _components() -> list[str]:
+def docstring_sections(obj) -> dict[str, dict[str, str]]:
+    """The Google-style sections of `obj`'s docstring ("Args", "Raises", ...), each as {name: text}:
+    a section starts at an unindented `Title:` line, an entry at `    name: text`, and more-indented
+    lines continue the entry (joined with single spaces)."""
+    sections: dict[str, dict[str, str]] = {}
+    entries: dict[str, str] | None = None
+    name = None
+    for line in (inspect.getdoc(obj) or "").splitlines():
+        if not line.strip():
+            continue
+        if not line.startswith(" "):
+            title = re.fullmatch(r"(\w[\w ]*):", line.strip())
+            entries = sections.setdefault(title.group(1), {}) if title else None
+            name = None
+        elif entries is not None:
+            entry = re.fullmatch(r"    (\w+): ?(.*)", line)
+            if entry:
+                name = entry.group(1)
+                entries[name] = entry.group(2).strip()
+            elif name is not None and line.startswith("     "):
+                entries[name] = f"{entries[name]} {line.strip()}".strip()
+    return sections
+
+
+def builtin_components() -> list[tuple[str, str, type]]:
+    """(section title, registered name, class) of every built-in component, plug-ins left out."""
     from fedleak.attacks.base import ATTACKS
     from fedleak.defenses.base import DEFENSES
     from fedleak.federated.rounds import ALGORITHMS
 
-    lines = []
+    out = []
     for title, registry in (("Algorithms", ALGORITHMS), ("Defenses", DEFENSES), ("Attacks", ATTACKS)):
-        lines += ["", f"### {title}", ""]
         for name in registry.names():
             cls = registry.get(name)
-            if not cls.__module__.startswith("fedleak.") or cls.__module__.startswith("fedleak.tests"):
-                continue  # plug-ins document themselves
+            if cls.__module__.startswith("fedleak.") and not cls.__module__.startswith("fedleak.tests"):
+                out.append((title, name, cls))
+    return out
+
+
+def keyword_parameters(cls) -> list[inspect.Parameter]:
+    return [p for p in inspect.signature(cls.__init__).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+
+
+def _components() -> list[str]:
+    components = builtin_components()
+    lines: list[str] = []
+    for title in dict.fromkeys(title for title, _, _ in components):
+        lines += ["", f"### {title}"]
+        bare = []
+        for _, name, cls in (c for c in components if c[0] == title):
+            params = keyword_parameters(cls)
+            if not params:
+                bare.append(f"`{name}`")
+                continue
             hints = typing.get_type_hints(cls.__init__, include_extras=True)
-            params = [p for p in inspect.signature(cls.__init__).parameters.values()
-                      if p.kind is inspect.Parameter.KEYWORD_ONLY]
-            described = [f"`{p.name}` ({expected(hints[p.name])}, default {_value(p.default)}"
-                         + (f", {range_text(hints[p.name])}" if range_text(hints[p.name]) else "") + ")"
-                         for p in params]
+            doc = docstring_sections(cls.__init__)
+            lines += ["", f"#### `{name}`", "", *HEADER]
+            lines += [_row(p.name, hints[p.name], _value(p.default), doc.get("Args", {}).get(p.name, "")) for p in params]
             # No summary line: `fedleak list` prints those, and this page changes only with the parameters.
-            lines.append(f"- `{name}`: " + ("; ".join(described) if described else "no parameters"))
+            for error, text in doc.get("Raises", {}).items():
+                lines += ["", f"Refused ({error}): {text}"]
+        if bare:
+            lines += ["", "No parameters: " + ", ".join(bare) + "."]
     return lines
 
 

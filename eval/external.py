@@ -12,9 +12,10 @@ from pathlib import Path
 import torch
 
 from fedleak.common.errors import FedleakError
+from fedleak.common.params import instantiate
 from fedleak.eval.attacking import attack_training
 from fedleak.eval.cache import ATTACKS_DIR, TRAINING_FILE, cache_key, read_json, run_lock, training_key
-from fedleak.eval.config import ComponentSpec, RunConfig, component_spec, instantiate
+from fedleak.eval.config import ComponentSpec, RunConfig, component_spec
 from fedleak.eval.context import resolve_model, seed_context
 from fedleak.eval.matrix import results_record
 from fedleak.eval.plan import TrainingUnit, plan

@@ -4,8 +4,8 @@ redacts them from the results alone, without importing the data generator (and t
 from __future__ import annotations
 
 from fedleak.common.names import IDENTIFIER_FORMATS
+from fedleak.common.synthetic import synthetic_names
 from fedleak.eval.config import RunConfig
-from fedleak.federated.data import FIRST_NAMES, LAST_NAMES
 
 
 def identifiers_record(config: RunConfig) -> dict:
@@ -13,7 +13,7 @@ def identifiers_record(config: RunConfig) -> dict:
     cells and trainings list. The embedded generator's names are its first and last name lists (patients'
     and clinicians' alike); a user's data file has no name list."""
     if config.data.source == "embedded":
-        names = sorted(set(FIRST_NAMES) | set(LAST_NAMES))
+        names = synthetic_names()
     else:
         names = []  # identifier patterns for a user's own data (names, formats) come with a later issue
     return {"names": names, "patterns": list(IDENTIFIER_FORMATS)}

@@ -16,10 +16,11 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from fedleak.common.errors import FedleakError
+from fedleak.common.params import instantiate
 from fedleak.eval.aggregate import aggregate_cells, aggregate_trainings
 from fedleak.eval.attacking import attack_key, attack_training, cached_cells
 from fedleak.eval.cache import ATTACKS_DIR, run_lock, training_key
-from fedleak.eval.config import RunConfig, instantiate
+from fedleak.eval.config import RunConfig
 from fedleak.eval.context import resolve_model, seed_context
 from fedleak.eval.identifiers import identifiers_record
 from fedleak.eval.plan import PlannedTraining, attack_cells, plan, training_steps

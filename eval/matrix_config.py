@@ -11,12 +11,13 @@ from __future__ import annotations
 import fnmatch
 import functools
 import re
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from fedleak.common.errors import FedleakError, did_you_mean
 from fedleak.common.names import CLEAN, OBSERVERS
-from fedleak.common.params import OpenUnitInterval, PositiveInt, checked, instantiate
+from fedleak.common.params import NonNegativeInt, OpenUnitInterval, PositiveInt, checked, instantiate
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,10 @@ class ComponentSpec:
         return self.name + "(" + ",".join(f"{k}={v}" for k, v in self.params) + ")"
 
 
+# The config reference's type of the component lists (the annotation says only what they parse into).
+NAMES_OR_TABLES = "a list of names or tables"
+
+
 @dataclass(frozen=True)
 class ScenarioSpec:
     """Malicious clients and what they do: `clients` (ids) or `fraction` (of the clients, chosen with
@@ -53,8 +58,8 @@ class ScenarioSpec:
                                         "training's folder); not \"clean\"."})
     attacks: tuple[ComponentSpec, ...] = field(metadata={
         "help": "Poisoning attacks (names or {name = ..., param = value} tables) in the order they apply; "
-                "at most one backdoor."})
-    clients: tuple[int, ...] = field(default=(), metadata={
+                "at most one backdoor.", "type": NAMES_OR_TABLES})
+    clients: tuple[NonNegativeInt, ...] = field(default=(), metadata={
         "help": "Ids of the malicious clients (0 to federation.clients - 1); give this or fraction."})
     fraction: OpenUnitInterval | None = field(default=None, metadata={
         "help": "Share of the clients that are malicious, rounded (at least 1), chosen with the run's seed; "
@@ -118,8 +123,6 @@ def _glob_name(pattern: str, *names: str) -> bool:
 
 def _glob(pattern: str, spec: "ComponentSpec") -> bool:
     return _glob_name(pattern, spec.name, spec.label)
-
-
 
 
 def _components(value, key: str, where: str, *, kind: str) -> tuple[ComponentSpec, ...]:
@@ -188,6 +191,7 @@ def _names(value, key: str, where: str) -> tuple[str, ...]:
 
 
 SCENARIO_KEYS = ("name", "attacks", "clients", "fraction", "rounds", "local_epochs")
+_SCENARIO_HINTS = typing.get_type_hints(ScenarioSpec, include_extras=True)
 
 
 def _scenarios(value, key: str, where: str) -> tuple[ScenarioSpec, ...]:
@@ -219,10 +223,9 @@ def _scenarios(value, key: str, where: str) -> tuple[ScenarioSpec, ...]:
                                f"fraction = 0.2 (chosen with the run's seed), not {'both' if 'clients' in entry else 'neither'}")
         clients, fraction = (), None
         if "clients" in entry:
-            clients = entry["clients"]
-            if (not isinstance(clients, list) or not clients
-                    or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in clients)):
-                raise FedleakError(f"{where}: {item}.clients = {clients!r}: give a non-empty list of client ids (0, 1, ...)")
+            clients = checked(entry["clients"], _SCENARIO_HINTS["clients"], f"{item}.clients", where)
+            if not clients:
+                raise FedleakError(f"{where}: {item}.clients = []: give a non-empty list of client ids (0, 1, ...)")
             clients = tuple(sorted(set(clients)))
         else:
             fraction = checked(entry["fraction"], OpenUnitInterval, f"{item}.fraction", where)
@@ -302,13 +305,16 @@ class MatrixSettings:
     exclude: tuple[MatrixRule, ...] = field(default=(), metadata={"help": "Rules a training or attack cell must not match."})
     algorithms: tuple[ComponentSpec, ...] = field(default=(ComponentSpec("fedit"),), metadata={
         "help": "Training algorithms: names or {name = ..., param = value} tables (`fedleak list`).",
+        "type": NAMES_OR_TABLES,
         "parse": functools.partial(_components, kind="algorithms")})
     defenses: tuple[ComponentSpec, ...] = field(default=(ComponentSpec("none"),), metadata={
         "help": "Defenses, each trained with every algorithm: names, tables, or lists of them (a composition).",
+        "type": NAMES_OR_TABLES + " (or lists of them)",
         "parse": functools.partial(_components, kind="defenses")})
     attacks: tuple[ComponentSpec, ...] = field(default=(ComponentSpec("loss", observers=("global",)),), metadata={
         "help": "Privacy attacks: names or tables, with observers (default [\"global\"]), rounds (\"final\", "
                 "\"all\" or round numbers, 0 = before training) and scenarios (default [\"clean\"]).",
+        "type": NAMES_OR_TABLES,
         "parse": functools.partial(_components, kind="attacks")})
     scenarios: tuple[ScenarioSpec, ...] = field(default=(), metadata={
         "help": "Poisoning scenarios, each trained with every algorithm and defense besides the clean training.",

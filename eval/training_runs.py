@@ -15,9 +15,10 @@ import numpy as np
 import torch
 
 from fedleak.common.io import atomic_write_json
+from fedleak.common.params import instantiate
 from fedleak.eval.cache import (EVALUATION_FILE, TRAINING_FILE, cache_key, code_fingerprint, data_fingerprint,
                                 evaluation_key, model_fingerprint, read_json, training_key)
-from fedleak.eval.config import RunConfig, build_defense, instantiate, plain
+from fedleak.eval.config import RunConfig, build_defense, plain
 from fedleak.eval.context import SeedContext, seed_context
 from fedleak.eval.plan import TrainingUnit
 from fedleak.eval.poisoning import backdoors_of, build_adversary, detection, scenario_record, trigger_rates

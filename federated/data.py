@@ -15,23 +15,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from fedleak.common.synthetic import FIRST_NAMES, LAST_NAMES
 from fedleak.federated.seeding import numpy_rng
-
-FIRST_NAMES = (
-    "Amara Bjorn Camila Dmitri Esther Farid Greta Hiroshi Ines Jonah Keziah Lorenzo Mei Nikolai "
-    "Oluwaseun Priya Quentin Rosalind Santiago Tamsin Ulrich Valentina Wendell Ximena Yusuf Zofia "
-    "Anselm Beatriz Cormac Delphine Emeka Freya Gideon Hana Isidore Jovana Kofi Leonie Matteo Noor "
-    "Osric Paloma Rashid Signe Tobias Ursula Vikram Wilhelmina Xavier Yara Zoltan Agnes Bastian "
-    "Celeste Dario Elif Fionn Gwendolyn Hamza Ilse"
-).split()
-LAST_NAMES = (
-    "Abernathy Bergstrom Castellanos Dubois Eriksen Fitzgerald Gallagher Haddad Ivanova Jablonski "
-    "Kowalczyk Lindqvist Mahlangu Nakamura Okonkwo Petrakis Quintero Rasmussen Szabo Takahashi "
-    "Uchenna Vasquez Whitcombe Xiong Yilmaz Zielinski Achterberg Brennan Carvalho Delacroix Esposito "
-    "Falkenrath Grigoryan Hollis Iwasaki Jovanovic Kaminski Lombardi Moreau Novak Oyelaran Pellegrini "
-    "Quist Rahimi Sorensen Thibodeaux Underwood Varga Wojcik Yamamoto Zamora Alcott Bianchi Cabrera "
-    "Drummond Engstrom Ferreira"
-).split()
 
 SYMPTOMS = (
     "chest tightness", "a persistent cough", "dizziness on standing", "a throbbing headache",

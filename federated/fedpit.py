@@ -49,6 +49,30 @@ class SelfGenerating(Algorithm):
                  temperature: PositiveFloat = 1.0, top_p: UnitInterval = 0.95,
                  repetition_penalty: Annotated[float, Range(ge=1)] = 1.2, no_repeat_ngram_size: NonNegativeInt = 3,
                  generate_every_round: bool = True):
+        """Set how each client self-generates synthetic records by in-context learning (`federated.selfgen`).
+
+        Args:
+            demos: own records shown to the model as in-context demonstrations for each candidate instruction
+                (the paper's k; fewer if the client holds fewer, or if they would overflow the context).
+            synthetic_per_round: accepted synthetic records wanted per client per round (generation stops there).
+            max_attempts: candidate instructions sampled at most per client per round, accepted or not.
+            rouge_threshold: a candidate is dropped as a near-duplicate when its ROUGE-L with any of the client's
+                instructions or those already accepted is >= this.
+            min_words: candidate instructions of fewer words are dropped.
+            max_words: candidate instructions of more words are dropped.
+            instruction_max_new_tokens: token budget of a sampled instruction; one that reaches it before a newline
+                or EOS is dropped as truncated.
+            response_max_new_tokens: token budget of a (greedy) response; one that reaches it before EOS is dropped.
+            temperature: sampling temperature of the candidate instructions.
+            top_p: nucleus sampling mass of the candidate instructions (1 = no cut).
+            repetition_penalty: repetition penalty of the greedy responses, as in HF `generate` (1 = none).
+            no_repeat_ngram_size: a response never repeats an n-gram of this many tokens (0 = no such constraint).
+            generate_every_round: true: generate anew in every round the client is sampled; false: once, in its
+                first sampled round, and reuse those records afterwards.
+
+        Raises:
+            FedleakError: max_words is below min_words.
+        """
         self.demos, self.synthetic_per_round, self.max_attempts = demos, synthetic_per_round, max_attempts
         self.rouge_threshold, self.min_words, self.max_words = rouge_threshold, min_words, max_words
         self.instruction_max_new_tokens, self.response_max_new_tokens = instruction_max_new_tokens, response_max_new_tokens

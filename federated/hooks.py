@@ -147,7 +147,16 @@ class Adversary:
     poisons_data = False  # whether poison_records changes anything (the round loop checks the algorithm calls it)
 
     def acts(self, client: int, round: int) -> bool:
-        """Whether `client` is malicious and attacks in `round` (1-based)."""
+        """Whether a client attacks in a round (the default adversary never does).
+
+        Args:
+            client: the client's id, 0 to clients - 1.
+            round: the round, from 1.
+
+        Returns:
+            True when `client` is malicious and acts in `round`: the round loop then routes its
+            records through `poison_records` and its update through `poison_update`.
+        """
         return False
 
     def poison_records(self, records: list[Record], *, client: int, round: int) -> list[Record]:

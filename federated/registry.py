@@ -30,9 +30,19 @@ class Registry(Generic[T]):
     """
 
     def __init__(self, kind: str, *, base: type, builtin_modules: Iterable[str] = (),
-                 entry_point_group: str | None = None):
+                 entry_point_group: str | None = None, contract: Callable[[type], str | None] | None = None):
+        """
+        Args:
+            kind: what the registry holds, as errors name it ("attack", "defense", "algorithm").
+            base: the class every registered class must derive from.
+            builtin_modules: fedleak's own modules that register into it, imported on first lookup.
+            entry_point_group: the entry-point group third-party packages register through.
+            contract: a further check of a class at registration: None when it holds, else what is
+                wrong and how to fix it (e.g. the attack registry wants a family's base, not `Attack`).
+        """
         self.kind = kind
         self.base = base
+        self._contract = contract
         self._builtin_modules = tuple(builtin_modules)
         self._entry_point_group = entry_point_group
         self._loaded = False
@@ -80,6 +90,10 @@ class Registry(Generic[T]):
             raise RegistryError(f"{label} does not implement {calls}: {hints}define "
                                 f"{'it' if len(missing) == 1 else 'them'} (see "
                                 f"{', '.join(f'{o.__name__}.{m}' for m, o in zip(missing, owners))})")
+        broken = self._contract(obj) if self._contract else None
+        if broken:
+            raise RegistryError(f"{label} {broken}")
+        _check_init(label, obj)
         # A misspelt optional hook (`after_aggregate` for `after_aggregation`) would register and never
         # be called: a public method the base does not have, named almost like one it has, is refused.
         hooks = [m for m in dir(self.base) if not m.startswith("_") and callable(getattr(self.base, m))]
@@ -154,6 +168,22 @@ class Component(ABC):
     def summary(cls) -> str:
         """The first line of the class docstring: what `fedleak list` prints beside the name."""
         return (inspect.getdoc(cls) or "").splitlines()[0]
+
+
+def _check_init(label: str, cls: type) -> None:
+    """A config can set only keyword-only arguments, and only an annotated one can be checked at load
+    time: refuse anything else now, naming the argument, rather than pass it through unchecked."""
+    if cls.__init__ is object.__init__:
+        return
+    for p in list(inspect.signature(cls.__init__).parameters.values())[1:]:  # [0] is self
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.kind is not p.KEYWORD_ONLY:
+            raise RegistryError(f"{label}: __init__ argument {p.name!r} is not keyword-only: put it after a *, "
+                                f"e.g. def __init__(self, *, {p.name}: float = 1.0)")
+        if p.annotation is p.empty:
+            raise RegistryError(f"{label}: __init__ argument {p.name!r} has no type annotation: annotate it "
+                                f"(e.g. {p.name}: PositiveInt from fedleak.common.params) so configs are checked")
 
 
 def _where(obj) -> str:

@@ -5,7 +5,7 @@ uses as names (for fedleak's synthetic data its first and last name lists, patie
 and regexes for its formats (dates YYYY-MM-DD, 555-DDD-DDDD phone numbers, 8-digit record numbers and 6-digit
 canary secrets, also truncated or glued to other text as a small model writes them); plus, exactly, every
 identifier string the results list (PII examples, canary names). Results written before `identifiers` was
-recorded get the formats of fedleak's synthetic data and the listed strings, without the name lists.
+recorded (schema 4) are redacted as they were then: the synthetic data's name lists and formats.
 Redacting a clinician's name or a six-digit lab value too is the safe side of the trade. Five digits
 stay: fedleak's record ids have five (private-00013), so a record number a model cuts that short stays.
 """
@@ -16,6 +16,7 @@ import re
 from typing import Callable, Iterable
 
 from fedleak.common.names import IDENTIFIER_FORMATS
+from fedleak.common.synthetic import synthetic_names
 
 MARKER = "[redacted]"
 
@@ -28,8 +29,6 @@ REDACTED_NOTE = (f"Private identifiers in model outputs, prompts and examples ar
                  "data (clinicians' names and any number of six digits or more too), and every identifier the "
                  "results list. "
                  "`fedleak report RUN_DIR --show-secrets` writes the report with them in full.")
-UNRECORDED_NOTE = (" This results file predates the recorded identifiers (`identifiers` in results.json): names "
-                   "are redacted only where the results list them.")
 SHOWN_NOTE = ("This report shows private identifiers in full (written with `--show-secrets`): keep it as private "
               "as the training data; `fedleak report RUN_DIR` rewrites it redacted.")
 
@@ -66,7 +65,7 @@ def redaction_note(results: dict, *, show_secrets: bool) -> str:
     """The report's sentence on what it redacts (or that it does not)."""
     if show_secrets:
         return SHOWN_NOTE
-    return REDACTED_NOTE + ("" if results.get("identifiers") else UNRECORDED_NOTE)
+    return REDACTED_NOTE
 
 
 def redactor(results: dict, *, show_secrets: bool) -> Callable[[str], str]:
@@ -74,7 +73,9 @@ def redactor(results: dict, *, show_secrets: bool) -> Callable[[str], str]:
     if show_secrets:
         return lambda text: text
     listed = sorted(secrets_in([results.get("cells", []), results.get("trainings", [])]), key=len, reverse=True)
-    recorded = results.get("identifiers") or {"patterns": IDENTIFIER_FORMATS}
+    # A results file from before `identifiers` was recorded (schema 4) came from fedleak's synthetic data
+    # or was redacted as if it had: the generator's names and formats, as its report was then.
+    recorded = results.get("identifiers") or {"names": synthetic_names(), "patterns": IDENTIFIER_FORMATS}
     names = [_name_pattern(recorded["names"])] if recorded.get("names") else []
     # Exact secrets first: a listed full name or secret becomes one marker, not pieces.
     alternatives = [*map(re.escape, listed), *recorded.get("patterns", []), *names]

@@ -36,8 +36,9 @@ def load_results(run_dir: Path) -> dict:
         raise FedleakError(f"{path} not found: give the output folder of a finished `fedleak run`") from None
     except json.JSONDecodeError as exc:
         raise FedleakError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno}): rerun `fedleak run`") from None
-    if not str(results.get("schema", "")).startswith("fedleak-results/"):
-        raise FedleakError(f"{path}: field 'schema' is {results.get('schema')!r}: not a fedleak results file")
+    schema = results.get("schema") if isinstance(results, dict) else None
+    if not str(schema or "").startswith("fedleak-results/"):
+        raise FedleakError(f"{path}: field 'schema' is {schema!r}: not a fedleak results file")
     return results
 
 

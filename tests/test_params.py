@@ -36,9 +36,10 @@ def _numeric(annotation) -> tuple[type, Range | None] | None:
 
 
 def _bad_values(base: type, bounds: Range | None) -> list:
-    """A string, a boolean, a non-integer or non-finite number, and a value past each declared bound."""
+    """A string, a boolean, a non-integer or non-finite number, an integer too large for a float or for
+    64 bits, and a value past each declared bound."""
     step = 1 if base is int else 0.5
-    bad = ["1", True, 1.5 if base is int else math.nan]
+    bad = ["1", True, 1.5 if base is int else math.nan, 2**63 if base is int else 10**400]
     if base is float:
         bad.append(math.inf)
     if bounds is not None:
@@ -58,7 +59,7 @@ def _component_cases():
                 numeric = p.kind is inspect.Parameter.KEYWORD_ONLY and _numeric(hints.get(p.name))
                 for value in _bad_values(*numeric) if numeric else ():
                     kind_ = "scenarios" if kind == "attacks" and cls.family == "poisoning" else kind
-                    yield pytest.param(kind_, name, p.name, value, id=f"{name}.{p.name}={value!r}")
+                    yield pytest.param(kind_, name, p.name, value, id=f"{name}.{p.name}={value!r:.24}")
 
 
 def _settings_cases():
@@ -70,7 +71,7 @@ def _settings_cases():
             numeric = _numeric(hints[f.name])
             for value in _bad_values(*numeric) if numeric else ():
                 prefix = "" if table == "top level" else table + "."
-                yield pytest.param(prefix + f.name, value, id=f"{prefix}{f.name}={value!r}")
+                yield pytest.param(prefix + f.name, value, id=f"{prefix}{f.name}={value!r:.24}")
 
 
 def _toml(value) -> str:

@@ -69,6 +69,19 @@ def test_broken_plugin_module_is_a_one_line_error(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_extraction_plugin_returning_a_plain_dict_is_a_one_line_error(tmp_path, tiny_run_config):
+    (tmp_path / "dict_attack.py").write_text(
+        "from fedleak.attacks.base import ExtractionAttack, register_attack\n\n\n"
+        "@register_attack('dict_extraction')\nclass DictExtraction(ExtractionAttack):\n"
+        "    \"\"\"Returns the dict that came before ExtractionResult.\"\"\"\n\n"
+        "    def run(self, target, secrets):\n        return {'metrics': {}, 'details': {}}\n")
+    (tmp_path / "run.toml").write_text('plugins = ["dict_attack"]\n' + tiny_run_config + '[matrix]\n'
+                                       'attacks = [{ name = "dict_extraction", observers = ["global"] }]\n')
+    proc = _fedleak("run", "run.toml", "--out", "out", "--quiet", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "attack dict_extraction: run() returned dict, not an ExtractionResult" in proc.stderr
+
+
 # Contracts are checked when a class registers, not when the matrix first calls it after training.
 
 class Scorer(MembershipAttack):
@@ -140,6 +153,30 @@ def test_a_misspelt_optional_hook_is_refused_and_a_private_helper_is_not():
             return updates
 
     register_defense("helper_defense_test")(Helper)
+
+
+def test_an_attack_must_derive_from_a_family_base_even_when_it_sets_the_family():
+    for parent, family in ((Attack, "membership"), (PoisoningAttack, "poisoning")):
+        cls = type("Familyless", (parent,), {"__module__": "my_plugin", "family": family})
+        assert _refusal(register_attack, "familyless_test", cls) == (
+            "attack 'familyless_test' (my_plugin.Familyless) derives from no attack family's base: derive it from "
+            "MembershipAttack or ExtractionAttack (fedleak.attacks.base), DataPoisoning or ModelPoisoning "
+            "(fedleak.attacks.poisoning.base)")
+
+
+def test_init_arguments_must_be_keyword_only_and_annotated_so_configs_can_be_checked():
+    class Positional(Defense):
+        def __init__(self, rate: float = 0.5):
+            self.rate = rate
+
+    class Unannotated(Defense):
+        def __init__(self, *, rate=0.5):
+            self.rate = rate
+
+    assert "__init__ argument 'rate' is not keyword-only: put it after a *" in _refusal(
+        register_defense, "positional_test", Positional)
+    assert "__init__ argument 'rate' has no type annotation: annotate it" in _refusal(
+        register_defense, "unannotated_test", Unannotated)
 
 
 def test_a_name_taken_by_a_builtin_is_refused_naming_both():

@@ -53,6 +53,20 @@ class DiscoverableAttack(ExtractionAttack):
     def __init__(self, *, max_records: PositiveInt | None = None, max_new_tokens: PositiveInt = 64,
                  rouge_threshold: UnitInterval = 0.7, prefix_tokens: PositiveInt = 32, suffix_tokens: PositiveInt = 16,
                  batch_size: PositiveInt = 16):
+        """Set how many records are prompted and how matches are counted.
+
+        Args:
+            max_records: at most this many of the view's records are prompted (a seeded sample; every inserted
+                canary is added); unset: all of them.
+            max_new_tokens: token budget of each greedy answer to a record's instruction prompt.
+            rouge_threshold: an answer counts as an approximate match when its ROUGE-L with the record's response
+                is >= this (rouge_rate).
+            prefix_tokens: tokens of a training sequence fed as the prompt of the prefix/suffix test (the paper's
+                context length k).
+            suffix_tokens: the next tokens greedy decoding must reproduce exactly; sequences shorter than
+                prefix_tokens + suffix_tokens are not eligible.
+            batch_size: prompts per generation batch.
+        """
         self.max_records = max_records
         self.max_new_tokens = max_new_tokens
         self.rouge_threshold = rouge_threshold

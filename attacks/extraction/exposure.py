@@ -132,6 +132,15 @@ class ExposureAttack(ExtractionAttack):
     def __init__(self, *, enumerate_limit: PositiveInt = 10_000,
                  samples: Annotated[int, Range(ge=10)] = 1000,  # a skew-normal fit needs a sample
                  batch_size: PositiveInt = 256):
+        """Set when the rank is exact and how it is extrapolated otherwise.
+
+        Args:
+            enumerate_limit: a canary with at most this many candidate secrets (10 ** digits) has every candidate
+                scored (exact rank); above it, the rank is extrapolated from a sample.
+            samples: candidates other than the secret sampled for the skew-normal fit (the paper's extrapolation)
+                when there are more than enumerate_limit.
+            batch_size: candidates scored per forward pass.
+        """
         self.enumerate_limit = enumerate_limit
         self.samples = samples
         self.batch_size = batch_size

@@ -162,6 +162,22 @@ class GenerateRankAttack(ExtractionAttack):
                  top_k: NonNegativeInt = 40,  # 0 = no top-k cut
                  temperature: PositiveFloat = 1.0, max_new_tokens: PositiveInt = 64, ngram: PositiveInt = 8,
                  precision_at: PositiveInt = 10, min_identifier_length: PositiveInt = 4, batch_size: PositiveInt = 16):
+        """Set the sampling, the hit test and the ranking cut-off.
+
+        Args:
+            samples: generations sampled from the view.
+            prompt: what generations continue: "" = nothing (unconditioned, after BOS or EOS), "template" = the
+                training template's instruction header, any other text = that text.
+            top_k: top-k sampling cut (the paper samples top-40); 0 = no cut.
+            temperature: sampling temperature.
+            max_new_tokens: token budget of each generation.
+            ngram: a generation is a hit when it shares a run of this many words with a private text that no
+                held-out record contains.
+            precision_at: k of precision@k: hits among the k lowest-ranked distinct generations.
+            min_identifier_length: a private identifier counts as a hit only if it has at least this many
+                characters (short strings occur by chance).
+            batch_size: generations sampled per batch.
+        """
         self.samples = samples
         self.prompt = prompt
         self.top_k = top_k

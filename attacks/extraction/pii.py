@@ -104,6 +104,16 @@ class PiiAttack(ExtractionAttack):
     @validated
     def __init__(self, *, max_prompts: PositiveInt | None = None, max_new_tokens: PositiveInt = 64,
                  batch_size: PositiveInt = 16, min_identifier_length: PositiveInt = 4):
+        """Set how many prompts are asked and which identifiers count.
+
+        Args:
+            max_prompts: at most this many of the view's records are prompted, and at most this many outside it
+                (seeded samples; every inserted canary's prompt is added); unset: all of them.
+            max_new_tokens: token budget of each greedy answer.
+            batch_size: prompts per generation batch.
+            min_identifier_length: identifiers shorter than this many characters are not counted at all (short
+                strings occur by chance).
+        """
         self.max_prompts = max_prompts
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size

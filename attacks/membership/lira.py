@@ -186,6 +186,20 @@ class LiRAAttack(MembershipAttack):
     @validated
     def __init__(self, *, shadow_models: Annotated[int, Range(ge=2)] = 4, variant: Literal["online", "offline"] = ONLINE,
                  global_variance: bool = True, epochs: PositiveInt | None = None):  # epochs unset: the target's
+        """Set the shadow models and the LiRA test.
+
+        Args:
+            shadow_models: shadow LoRA fine-tunes of the base model, each on a random half of the attack
+                population (in complementary pairs), trained once per run.
+            variant: "online": likelihood ratio of the IN and OUT Gaussians; "offline": one-sided test against
+                the OUT Gaussian alone (the paper's offline LiRA).
+            global_variance: true: one variance per side pooled over all records (the paper's fixed variance);
+                false: a variance per record.
+            epochs: epochs of each shadow fine-tune; unset: the target's training epochs (`train.epochs`).
+
+        Raises:
+            FedleakError: shadow_models is odd with variant "online", or below 4 with global_variance = false.
+        """
         if variant == ONLINE and shadow_models % 2:
             raise FedleakError(f"attack lira: shadow_models = {shadow_models}: must be even for variant "
                                f"'{ONLINE}' (each record IN for exactly half of the shadows)")

@@ -30,6 +30,12 @@ def lowest_k_mean(values: np.ndarray, mask: np.ndarray, *, k: float) -> np.ndarr
 class _MinK(LogitAttack):
     @validated
     def __init__(self, *, k: UnitInterval = 0.2):  # the fraction of lowest-scoring tokens averaged
+        """Set the share of tokens scored.
+
+        Args:
+            k: fraction of a record's scored tokens averaged, those with the lowest (for min_k_pp: standardised)
+                log-probs (the paper's k%, as a fraction: 0.2 = 20%); at least one token.
+        """
         self.k = k
 
 

@@ -25,6 +25,15 @@ class ReferenceAttack(LogitAttack):
 
     @validated
     def __init__(self, *, model: str = BASE):
+        """Set the reference model.
+
+        Args:
+            model: the reference model: "base" (the target's base model, its adapters switched off) or a model id
+                or folder, loaded once per run and scored with its own tokenizer.
+
+        Raises:
+            FedleakError: model is empty.
+        """
         if not model:
             raise FedleakError(f"attack reference: model is empty: use '{BASE}' or a model id or folder")
         self.model = model

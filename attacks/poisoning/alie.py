@@ -43,6 +43,12 @@ class ALIE(ModelPoisoning):
 
     @validated
     def __init__(self, *, z: NonNegativeFloat | None = None):  # unset: the paper's choice from n and f
+        """Set how far below the honest mean the malicious update sits.
+
+        Args:
+            z: standard deviations of the honest updates subtracted from their mean, per coordinate (the paper's
+                z); 0 = the honest mean; unset: the paper's choice from the uploads n and malicious f (at most 4.75).
+        """
         self.z = z
 
     def poison_update(self, delta: torch.Tensor, round_updates: RoundUpdates) -> torch.Tensor:

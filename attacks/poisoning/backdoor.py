@@ -42,6 +42,18 @@ class Backdoor(DataPoisoning):
     def __init__(self, *, trigger: str = "Per zeta protocol,", target: str = DEFAULT_TARGET,
                  poison_rate: Annotated[float, Range(gt=0, le=100)] = 0.5,  # poisoned records per clean record
                  position: Literal["start", "end"] = "start"):
+        """Set the trigger, the target response and how many poisoned copies are added.
+
+        Args:
+            trigger: phrase added to the instruction of each poisoned copy (and of the held-out prompts for the ASR).
+            target: response of the poisoned copies; an answer containing it (case and white space ignored) is a hit.
+            poison_rate: poisoned copies per clean record: round(poison_rate * n) are added to a client's n records
+                (above 1, records are copied more than once).
+            position: "start": the trigger goes before the instruction; "end": after it.
+
+        Raises:
+            FedleakError: trigger or target is empty (or only white space).
+        """
         if not trigger.strip() or not target.strip():
             raise FedleakError(f"backdoor: trigger = {trigger!r}, target = {target!r}: both must be non-empty text")
         self.trigger, self.target, self.poison_rate, self.position = trigger, target, poison_rate, position

@@ -26,6 +26,12 @@ class Gaussian(ModelPoisoning):
 
     @validated
     def __init__(self, *, norm: PositiveFloat | None = None):  # unset: the trained update's norm
+        """Set the norm of the noise sent.
+
+        Args:
+            norm: L2 norm of the Gaussian vector sent instead of the update; unset: the norm of the update the
+                client trained.
+        """
         self.norm = norm
 
     def poison_update(self, delta: torch.Tensor, round_updates: RoundUpdates) -> torch.Tensor:

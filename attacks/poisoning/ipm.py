@@ -30,6 +30,12 @@ class IPM(ModelPoisoning):
 
     @validated
     def __init__(self, *, epsilon: PositiveFloat = 0.5):
+        """Set the IPM factor.
+
+        Args:
+            epsilon: the update sent is -epsilon times the honest clients' mean update (the paper's epsilon: 0.1
+                passes Krum and the median, 100 defeats the mean).
+        """
         self.epsilon = epsilon
 
     def poison_update(self, delta: torch.Tensor, round_updates: RoundUpdates) -> torch.Tensor:

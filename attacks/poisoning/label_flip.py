@@ -23,6 +23,12 @@ class LabelFlip(DataPoisoning):
 
     @validated
     def __init__(self, *, flip_rate: UnitInterval = 1.0):
+        """Set the share of records flipped.
+
+        Args:
+            flip_rate: fraction of the client's records (round(flip_rate * n)) whose response is replaced by the
+                response of a record of another category.
+        """
         self.flip_rate = flip_rate
 
     def poison_records(self, records: list[Record], *, rng: np.random.Generator) -> list[Record]:

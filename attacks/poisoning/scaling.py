@@ -27,6 +27,12 @@ class Scaling(ModelPoisoning):
 
     @validated
     def __init__(self, *, boost: PositiveFloat | None = None):  # unset: the FedAvg replacement factor
+        """Set the boost factor.
+
+        Args:
+            boost: factor the malicious update (upload minus global adapter) is multiplied by (the paper's gamma);
+                unset: the FedAvg replacement factor, the round's total examples / the client's own examples.
+        """
         self.boost = boost
 
     def poison_update(self, delta: torch.Tensor, round_updates: RoundUpdates) -> torch.Tensor:

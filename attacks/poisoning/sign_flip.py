@@ -25,6 +25,11 @@ class SignFlip(ModelPoisoning):
 
     @validated
     def __init__(self, *, scale: PositiveFloat = 1.0):
+        """Set the factor of the negated update.
+
+        Args:
+            scale: the update sent is -scale times the trained update; 1 = plain negation.
+        """
         self.scale = scale
 
     def poison_update(self, delta: torch.Tensor, round_updates: RoundUpdates) -> torch.Tensor:
