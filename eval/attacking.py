@@ -24,7 +24,7 @@ from fedleak.eval.context import SeedContext
 from fedleak.eval.metrics import membership_metrics, roc_points
 from fedleak.eval.plan import TrainingUnit
 from fedleak.federated import checkpoint
-from fedleak.federated.adapters import add_lora, apply_view
+from fedleak.federated.adapters import add_lora
 from fedleak.federated.data import Canary, FederatedData, Record
 from fedleak.federated.model import load_base_model
 from fedleak.federated.rounds import ALGORITHMS
@@ -160,7 +160,7 @@ def attack_training(ctx: SeedContext, unit: TrainingUnit, record: dict, training
                       if observer in observers and rnd in _rounds_of(spec, final_round)]
             if not wanted:
                 continue
-            apply_view(model, checkpoint.load_view(folder, observer, client), cfg.model.lora)
+            checkpoint.apply_saved_view(model, folder, observer, client, cfg.model.lora)
             truth = _view_truth(algorithm, history, data, observer, client, rnd)
             target = Target(model=model, tokenizer=tokenizer, observer=observer, client=client, round=rnd,
                             max_length=fed.max_length, response_only=fed.response_only_loss, env=env)

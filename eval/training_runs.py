@@ -24,7 +24,7 @@ from fedleak.eval.plan import TrainingUnit
 from fedleak.eval.poisoning import backdoors_of, build_adversary, detection, scenario_record, trigger_rates
 from fedleak.eval.utility import evaluate_utility
 from fedleak.federated import checkpoint
-from fedleak.federated.adapters import add_lora, apply_view
+from fedleak.federated.adapters import add_lora
 from fedleak.federated.data import FederatedData
 from fedleak.federated.model import load_base_model
 from fedleak.federated.rounds import ALGORITHMS, TrainingSetup, run_rounds
@@ -47,7 +47,7 @@ def view_utility(model, config: RunConfig, data: FederatedData, tokenizer, final
         observer, client = checkpoint.parse_view_key(key)
         if observer == "upload":
             continue
-        apply_view(model, checkpoint.load_view(final_dir, observer, client), config.model.lora)
+        checkpoint.apply_saved_view(model, final_dir, observer, client, config.model.lora)
         scores = evaluate_utility(model, tokenizer, records, max_length=config.federation.max_length,
                                   batch_size=config.utility.batch_size, max_new_tokens=config.utility.max_new_tokens)
         if observer == "global":
@@ -161,7 +161,7 @@ def _evaluate(ctx: SeedContext, unit: TrainingUnit, trained: dict, training_dir:
         own = {k: b for k, b in backdoors_of(cfg.matrix.scenarios).items()
                if unit.scenario is None or k in {a.label for a in unit.scenario.attacks}}
         if own:
-            apply_view(model, checkpoint.load_view(final_dir, "global", None), cfg.model.lora)
+            checkpoint.apply_saved_view(model, final_dir, "global", None, cfg.model.lora)
         for name, backdoor in own.items():
             poisoning["backdoors"][name] = trigger_rates(model, tokenizer, backdoor, ctx.data.heldout[: cfg.poisoning.prompts],
                                                          batch_size=cfg.poisoning.batch_size)

@@ -71,22 +71,36 @@ def get_adapter_state(model, adapter: str = DEFAULT) -> AdapterState:
     return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name=adapter).items()}
 
 
-def set_adapter_state(model, state: AdapterState, adapter: str = DEFAULT) -> None:
-    from peft import set_peft_model_state_dict
+def set_adapter_state(model, state: AdapterState, adapter: str = DEFAULT, *, source: str = "adapter") -> None:
+    """Load `state` into the adapter named `adapter`, every one of its tensors.
 
+    Raises:
+        FedleakError: `state` lacks a tensor of the adapter (loading the rest would keep the previous
+            state's values for it: a silent mix of two views) or has one the model lacks; `source`
+            (e.g. the safetensors file) starts the message.
+    """
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    expected = get_peft_model_state_dict(model, adapter_name=adapter).keys()
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise FedleakError(f"{source} lacks {len(missing)} of the adapter's {len(expected)} tensors (first: "
+                           f"{missing[0]}): restore the file or rerun the training")
     result = set_peft_model_state_dict(model, state, adapter_name=adapter)
     unexpected = getattr(result, "unexpected_keys", None) or []
     if unexpected:
-        raise FedleakError(f"adapter has {len(unexpected)} tensors this model lacks (first: {unexpected[0]}): "
+        raise FedleakError(f"{source} has {len(unexpected)} tensors this model lacks (first: {unexpected[0]}): "
                            f"it was trained for another base model or LoRA target_modules")
 
 
-def apply_view(model, view: dict[str, AdapterState], settings: LoraSettings) -> None:
-    """Load an observer's adapters into `model` (adding any it lacks) and turn on exactly those."""
+def apply_view(model, view: dict[str, AdapterState], settings: LoraSettings, *,
+               sources: dict[str, str] | None = None) -> None:
+    """Load an observer's adapters into `model` (adding any it lacks) and turn on exactly those;
+    `sources` names where each adapter came from, for errors."""
     for name, state in view.items():
         if name not in model.peft_config:
             add_named_adapter(model, name, settings, seed=0)  # overwritten by `state` right away
-        set_adapter_state(model, state, name)
+        set_adapter_state(model, state, name, source=(sources or {}).get(name, f"adapter {name!r}"))
     activate(model, list(view))
     model.eval()
 

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from fedleak.federated.adapters import AdapterState
+from fedleak.federated.adapters import AdapterState, LoraSettings, apply_view
 from fedleak.common.errors import FedleakError
 from fedleak.common.io import atomic_write_bytes, atomic_write_json, sha256_bytes
 from fedleak.common.names import OBSERVERS
@@ -118,16 +118,37 @@ def load_file(folder: Path, stem: str, manifest: dict | None = None) -> AdapterS
     return {k: v.to(torch.float32) for k, v in load_safetensors(data).items()}
 
 
-def load_view(folder: Path, observer: str = "global", client: int | None = None) -> View:
-    """Load one observer's adapters from a round folder after checking every file's sha256."""
-    folder = Path(folder)
-    manifest = read_manifest(folder)
+def _view_files(folder: Path, manifest: dict, observer: str, client: int | None) -> dict[str, str]:
+    """peft adapter name -> file stem of one view, or a one-line error listing the views there are."""
     key = view_key(observer, client)
     adapters = manifest["views"].get(key)
     if adapters is None:
         raise FedleakError(f"{folder / 'manifest.json'} has no view {key!r}: available views are "
                            f"{', '.join(manifest['views']) or 'none'}")
-    return {name: load_file(folder, stem, manifest) for name, stem in adapters.items()}
+    return adapters
+
+
+def load_view(folder: Path, observer: str = "global", client: int | None = None) -> View:
+    """Load one observer's adapters from a round folder after checking every file's sha256."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    return {name: load_file(folder, stem, manifest)
+            for name, stem in _view_files(folder, manifest, observer, client).items()}
+
+
+def apply_saved_view(model, folder: Path, observer: str, client: int | None, settings: LoraSettings) -> None:
+    """Load one observer's adapters from a round folder into `model` and turn on exactly those.
+
+    Raises:
+        FedleakError: a file is missing, changed (sha256) or holds other tensors than the model's
+            adapter (a missing tensor is never left at the previous view's value); the message names
+            the file.
+    """
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    files = _view_files(folder, manifest, observer, client)
+    apply_view(model, {name: load_file(folder, stem, manifest) for name, stem in files.items()}, settings,
+               sources={name: str(folder / manifest["files"][stem]["path"]) for name, stem in files.items()})
 
 
 def rounds(training_dir: Path) -> list[int]:

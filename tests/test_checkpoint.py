@@ -67,3 +67,23 @@ def test_missing_manifest_view_and_format_errors(tmp_path):
     with pytest.raises(FedleakError, match="missing"):
         checkpoint.load_view(folder, "global")
     assert checkpoint.rounds(tmp_path) == []  # an unfinished round is not listed
+
+
+def test_a_view_missing_an_adapter_tensor_is_refused_not_mixed_with_the_previous_view(tmp_path, small_model_path):
+    from fedleak.federated.adapters import LoraSettings, add_lora, get_adapter_state
+    from fedleak.federated.model import load_base_model
+
+    settings = LoraSettings(r=2, alpha=4)
+    model = add_lora(load_base_model(small_model_path)[0], settings, seed=0)
+    full = {k: torch.full_like(v, 0.5) for k, v in get_adapter_state(model).items()}
+    dropped = sorted(full)[3]
+    partial = {k: torch.zeros_like(v) for k, v in full.items() if k != dropped}
+    folder = checkpoint.write_round(tmp_path, 1, files={"full": full, "partial": partial},
+                                    views={"global": {"default": "partial"}, "upload/0": {"default": "full"}},
+                                    num_examples={0: 1}, config_hash="h")
+    checkpoint.apply_saved_view(model, folder, "upload", 0, settings)
+    assert all(torch.equal(v, full[k]) for k, v in get_adapter_state(model).items())
+    with pytest.raises(FedleakError) as raised:
+        checkpoint.apply_saved_view(model, folder, "global", None, settings)
+    assert str(raised.value) == (f"{folder / 'partial.safetensors'} lacks 1 of the adapter's {len(full)} tensors "
+                                 f"(first: {dropped}): restore the file or rerun the training")
