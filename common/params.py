@@ -4,7 +4,8 @@ A value's type and range are declared once, on its annotation, e.g. `Annotated[i
 (or the aliases below) on a settings dataclass field or a component's `__init__` parameter.
 `checked` reads it: int vs float vs bool vs text, lists, unions, `Literal` choices, finite numbers,
 the declared range, and nested settings tables. Config tables go through `build`, component
-arguments through `instantiate` (from a config) and `validated` (from Python), settings made in
+arguments on every construction (`validated`, which the registries put on each component's
+`__init__`; `instantiate` adds the config's place to the message), settings made in
 code through `check_fields`; every refusal is one line naming the key and what it must be.
 """
 
@@ -229,10 +230,16 @@ def check_kwargs(cls, kwargs: dict, where: str = "") -> dict:
 
 
 def validated(init):
-    """Decorate a component's `__init__` so construction from Python checks its arguments too."""
+    """`init` checking its keyword arguments against its annotations on every call: the registries
+    wrap each registered component's `__init__` with it, so a config entry and a construction from
+    Python are checked alike (and a plug-in author writes no decorator)."""
+    if getattr(init, "_fedleak_validated", False):  # inherited from a registered parent: wrapped once
+        return init
+
     @functools.wraps(init)
     def wrapper(self, **kwargs):
         return init(self, **check_kwargs(type(self), kwargs))
+    wrapper._fedleak_validated = True
     return wrapper
 
 
@@ -244,9 +251,8 @@ def instantiate(cls, params: dict, where: str):
         if key not in accepted:
             raise FedleakError(f"{where}: {cls.name} has no parameter {key!r}: {did_you_mean(key, accepted)}"
                                f"its parameters: {', '.join(accepted) or 'none'}")
-    kwargs = check_kwargs(cls, params, where)
     try:
-        return cls(**kwargs)
+        return cls(**params)  # its registered __init__ checks the values (`validated`)
     except FedleakError as exc:
         raise FedleakError(f"{where}: {exc}") from None
     except TypeError as exc:

@@ -3,8 +3,8 @@
 A defense subclasses `Defense` and overrides only the hooks it needs (see
 `fedleak.federated.hooks.TrainingHooks`; each hook is the identity by default). Hyperparameters
 are keyword-only `__init__` arguments whose annotations declare type and range
-(`fedleak.common.params`): a config's values are checked against them when it loads, and
-`@validated` checks a construction from Python the same way.
+(`fedleak.common.params`): the registry makes every construction check them, so a config's values
+are refused when it loads and a construction from Python the same way.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from fedleak.defenses.krum import krum_select
 from fedleak.defenses.median import stacked_median
 from fedleak.federated.adapters import AdapterState, flatten, unflatten
 from fedleak.common.errors import FedleakError
-from fedleak.common.params import NonNegativeInt, validated
+from fedleak.common.params import NonNegativeInt
 from fedleak.federated.hooks import ClientUpdate, RoundInfo
 
 
@@ -51,7 +51,6 @@ class Bulyan(Defense):
 
     needs_individual_updates = True
 
-    @validated
     def __init__(self, *, f: NonNegativeInt = 0):
         """Set the number of malicious uploads Bulyan tolerates.
 

@@ -18,7 +18,7 @@ import torch
 from fedleak.defenses.base import Defense, register_defense
 from fedleak.defenses.norm_bound import clip_update
 from fedleak.federated.adapters import AdapterState, flatten, unflatten
-from fedleak.common.params import NonNegativeFloat, OpenUnitInterval, PositiveFloat, validated
+from fedleak.common.params import NonNegativeFloat, OpenUnitInterval, PositiveFloat
 from fedleak.federated.hooks import ClientUpdate, RoundInfo
 
 
@@ -26,7 +26,6 @@ from fedleak.federated.hooks import ClientUpdate, RoundInfo
 class DPFedAvg(Defense):
     """DP-FedAvg: clip each client update, add Gaussian noise to the sum at the server (McMahan et al. 2018)."""
 
-    @validated
     def __init__(self, *, noise_multiplier: NonNegativeFloat = 1.0, clip_norm: PositiveFloat = 1.0,
                  delta: OpenUnitInterval = 1e-5):
         """Set the server-side clipping and noise of DP-FedAvg.

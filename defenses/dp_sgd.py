@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedleak.defenses.base import Defense, register_defense
 from fedleak.common.errors import FedleakError
-from fedleak.common.params import NonNegativeFloat, OpenUnitInterval, PositiveFloat, validated
+from fedleak.common.params import NonNegativeFloat, OpenUnitInterval, PositiveFloat
 from fedleak.federated.hooks import ClientJob
 from fedleak.federated.training import collate, sequence_losses
 
@@ -45,7 +45,6 @@ def _noise_for_budget(target_epsilon: float, delta: float, sample_rate: float, s
 class DPSGD(Defense):
     """DP-SGD on every client via Opacus (per-sample clipping + Gaussian noise, RDP accounting; Abadi et al. 2016)."""
 
-    @validated
     def __init__(self, *, noise_multiplier: NonNegativeFloat | None = None, target_epsilon: PositiveFloat | None = None,
                  max_grad_norm: PositiveFloat = 1.0, delta: OpenUnitInterval = 1e-5):
         """Set the per-sample clipping and the noise (or privacy budget) of each client's DP-SGD.

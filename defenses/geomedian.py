@@ -14,7 +14,7 @@ import torch
 
 from fedleak.defenses.base import Defense, register_defense
 from fedleak.federated.adapters import AdapterState, flatten, unflatten
-from fedleak.common.params import NonNegativeFloat, PositiveFloat, PositiveInt, validated
+from fedleak.common.params import NonNegativeFloat, PositiveFloat, PositiveInt
 from fedleak.federated.hooks import ClientUpdate, RoundInfo
 
 
@@ -43,7 +43,6 @@ class GeoMedian(Defense):
 
     needs_individual_updates = True
 
-    @validated
     def __init__(self, *, max_iter: PositiveInt = 10, nu: PositiveFloat = 1e-6, ftol: NonNegativeFloat = 1e-6):
         """Set the stopping rule and smoothing of the Weiszfeld iterations.
 

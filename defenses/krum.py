@@ -16,7 +16,7 @@ from fedleak.defenses.base import Defense, register_defense
 from fedleak.federated.adapters import AdapterState, flatten
 from fedleak.federated.aggregation import fedavg
 from fedleak.common.errors import FedleakError
-from fedleak.common.params import NonNegativeInt, PositiveInt, validated
+from fedleak.common.params import NonNegativeInt, PositiveInt
 from fedleak.federated.hooks import ClientUpdate, RoundInfo
 
 
@@ -45,7 +45,6 @@ class Krum(Defense):
 
     needs_individual_updates = True
 
-    @validated
     def __init__(self, *, f: NonNegativeInt = 0):
         """Set the number of malicious uploads Krum tolerates.
 
@@ -72,7 +71,6 @@ class MultiKrum(Defense):
 
     needs_individual_updates = True
 
-    @validated
     def __init__(self, *, f: NonNegativeInt = 0, m: PositiveInt = 1):
         """Set the number of malicious uploads tolerated and of uploads averaged.
 

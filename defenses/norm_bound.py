@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from fedleak.defenses.base import Defense, register_defense
 from fedleak.federated.adapters import AdapterState, flatten, unflatten
-from fedleak.common.params import PositiveFloat, validated
+from fedleak.common.params import PositiveFloat
 from fedleak.federated.hooks import ClientUpdate, RoundInfo
 
 
@@ -26,7 +26,6 @@ def clip_update(state: AdapterState, reference: AdapterState, *, max_norm: float
 class NormBound(Defense):
     """Norm bounding: clip every client update to an L2 norm before aggregation (Sun et al. 2019)."""
 
-    @validated
     def __init__(self, *, max_norm: PositiveFloat = 1.0):
         """Set the norm bound.
 

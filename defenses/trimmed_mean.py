@@ -15,7 +15,7 @@ import torch
 from fedleak.defenses.base import Defense, register_defense
 from fedleak.federated.adapters import AdapterState
 from fedleak.common.errors import FedleakError
-from fedleak.common.params import Range, validated
+from fedleak.common.params import Range
 from fedleak.federated.hooks import ClientUpdate, RoundInfo
 
 
@@ -37,7 +37,6 @@ class TrimmedMean(Defense):
 
     needs_individual_updates = True
 
-    @validated
     def __init__(self, *, beta: Annotated[float, Range(ge=0, lt=0.5)] = 0.1):
         """Set the trimmed fraction.
 

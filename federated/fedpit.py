@@ -29,8 +29,7 @@ import torch
 from fedleak.federated.adapters import (DEFAULT, activate, add_named_adapter, get_adapter_state,
                                         set_adapter_state)
 from fedleak.common.errors import FedleakError
-from fedleak.common.params import (NonNegativeInt, PositiveFloat, PositiveInt, Range, UnitInterval,
-                                   validated)
+from fedleak.common.params import NonNegativeInt, PositiveFloat, PositiveInt, Range, UnitInterval
 from fedleak.federated.rounds import (GLOBAL, Algorithm, ClientContext, ClientResult, TrainingSetup,
                                       register_algorithm)
 from fedleak.federated.seeding import derive_seed
@@ -42,7 +41,6 @@ LOCAL = "local"
 class SelfGenerating(Algorithm):
     """Shared keyword arguments of the algorithms that self-generate data (FEDPIT, LOCIT+SA)."""
 
-    @validated
     def __init__(self, *, demos: PositiveInt = 3, synthetic_per_round: PositiveInt = 8, max_attempts: PositiveInt = 24,
                  rouge_threshold: UnitInterval = 0.7, min_words: PositiveInt = 4, max_words: PositiveInt = 60,
                  instruction_max_new_tokens: PositiveInt = 48, response_max_new_tokens: PositiveInt = 96,

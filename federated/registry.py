@@ -14,6 +14,7 @@ from abc import ABC
 from typing import Callable, Generic, Iterable, TypeVar
 
 from fedleak.common.errors import FedleakError, did_you_mean
+from fedleak.common.params import validated
 
 T = TypeVar("T")
 
@@ -55,7 +56,8 @@ class Registry(Generic[T]):
             name: the name configs use (`[matrix] defenses = ["name"]`); unique within this registry.
 
         Returns:
-            The decorator; it returns the class unchanged.
+            The decorator; it returns the class, its `__init__` wrapped so that every construction
+            checks the keyword arguments against their annotations (`fedleak.common.params.validated`).
 
         Raises:
             RegistryError: when the decorator is applied: `name` is taken by another class, or the
@@ -69,6 +71,8 @@ class Registry(Generic[T]):
                 raise RegistryError(f"{self.kind} {name!r} ({_where(obj)}) is already registered by "
                                     f"{_where(self._items[name])}: pick another name")
             self._check(name, obj)
+            if obj.__init__ is not object.__init__:
+                obj.__init__ = validated(obj.__init__)  # every construction checks its arguments
             self._items[name] = obj
             obj.name = name
             return obj

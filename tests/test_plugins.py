@@ -196,3 +196,18 @@ def test_a_plugin_breaking_a_contract_is_a_one_line_config_error(tmp_path):
     assert proc.stderr.strip().endswith(
         "plugins[0] = 'bad_mia': attack 'my_mia' (bad_mia.MyMIA) does not implement score(): define it "
         "(see MembershipAttack.score)")
+
+
+def test_registering_makes_construction_from_python_check_the_arguments():
+    from fedleak.common.errors import FedleakError
+    from fedleak.common.params import UnitInterval
+
+    class ServerRate(Defense):
+        def __init__(self, *, rate: UnitInterval = 0.5):
+            self.rate = rate
+
+    assert ServerRate(rate=2.0).rate == 2.0  # a plain class: nothing checks it yet
+    register_defense("server_rate_test")(ServerRate)
+    with pytest.raises(FedleakError, match=r"^server_rate_test: rate = 2.0: must be in \(0, 1\]$"):
+        ServerRate(rate=2.0)
+    assert ServerRate(rate=1).rate == 1.0 and isinstance(ServerRate(rate=1).rate, float)

@@ -24,7 +24,7 @@ import numpy as np
 
 from fedleak.attacks.base import ExtractionAttack, ExtractionResult, Secrets, Target, register_attack
 from fedleak.attacks.extraction.common import EXAMPLES, canary_records, greedy_texts, run_seed, sample, view_key
-from fedleak.common.params import PositiveInt, UnitInterval, validated
+from fedleak.common.params import PositiveInt, UnitInterval
 from fedleak.federated.data import Record
 from fedleak.federated.generation import generate
 from fedleak.federated.prompts import format_prompt
@@ -49,7 +49,6 @@ def greedy_suffixes(model, tokenizer, prefixes: Sequence[Sequence[int]], *, leng
 class DiscoverableAttack(ExtractionAttack):
     """discoverable: greedy decoding from training prompts / prefixes reproduces the record (Carlini et al. 2022)."""
 
-    @validated
     def __init__(self, *, max_records: PositiveInt | None = None, max_new_tokens: PositiveInt = 64,
                  rouge_threshold: UnitInterval = 0.7, prefix_tokens: PositiveInt = 32, suffix_tokens: PositiveInt = 16,
                  batch_size: PositiveInt = 16):

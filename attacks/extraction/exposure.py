@@ -31,7 +31,7 @@ from fedleak.attacks.base import ExtractionAttack, ExtractionResult, Secrets, Ta
 from fedleak.attacks.extraction.common import run_seed
 from fedleak.federated.data import CANARY_CATEGORY, Canary, Record
 from fedleak.common.errors import FedleakError
-from fedleak.common.params import PositiveInt, Range, validated
+from fedleak.common.params import PositiveInt, Range
 from fedleak.federated.seeding import numpy_rng
 from fedleak.federated.training import IGNORE, Example, collate, encode
 
@@ -128,7 +128,6 @@ def skewnorm_rank(losses: np.ndarray, loss: float, size: int) -> float | None:
 class ExposureAttack(ExtractionAttack):
     """exposure: log2|candidates| - log2 rank of each canary's secret by the model's loss (Carlini et al. 2019)."""
 
-    @validated
     def __init__(self, *, enumerate_limit: PositiveInt = 10_000,
                  samples: Annotated[int, Range(ge=10)] = 1000,  # a skew-normal fit needs a sample
                  batch_size: PositiveInt = 256):

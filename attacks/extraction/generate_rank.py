@@ -28,7 +28,7 @@ from fedleak.attacks.base import ExtractionAttack, ExtractionResult, Secrets, Ta
 from fedleak.attacks.extraction.common import EXAMPLES, canary_records, run_seed, view_key
 from fedleak.attacks.membership.stats import BASE, reference_model
 from fedleak.attacks.membership.zlib import zlib_bytes
-from fedleak.common.params import NonNegativeInt, PositiveFloat, PositiveInt, validated
+from fedleak.common.params import NonNegativeInt, PositiveFloat, PositiveInt
 from fedleak.federated.generation import generate
 from fedleak.federated.prompts import format_prompt
 from fedleak.federated.rouge import tokens
@@ -157,7 +157,6 @@ def log_perplexities(model, tokenizer, prompt_ids: list[int], generations: Seque
 class GenerateRankAttack(ExtractionAttack):
     """generate_rank: sample, rank by perplexity, zlib and reference ratio, count private hits (Carlini et al. 2021)."""
 
-    @validated
     def __init__(self, *, samples: PositiveInt = 64, prompt: str = UNCONDITIONED,
                  top_k: NonNegativeInt = 40,  # 0 = no top-k cut
                  temperature: PositiveFloat = 1.0, max_new_tokens: PositiveInt = 64, ngram: PositiveInt = 8,

@@ -26,7 +26,7 @@ import numpy as np
 
 from fedleak.attacks.base import ExtractionAttack, ExtractionResult, Secrets, Target, register_attack
 from fedleak.attacks.extraction.common import EXAMPLES, canary_records, greedy_texts, run_seed, sample, view_key
-from fedleak.common.params import PositiveInt, validated
+from fedleak.common.params import PositiveInt
 from fedleak.federated.data import CANARY_CATEGORY, Record
 from fedleak.federated.prompts import format_prompt
 from fedleak.federated.seeding import numpy_rng
@@ -101,7 +101,6 @@ def _fraction(counts: dict, kinds: Sequence[str] | None = None) -> float:
 class PiiAttack(ExtractionAttack):
     """pii: fraction of private identifiers written out verbatim to prompts lacking them (Lukas et al. 2023)."""
 
-    @validated
     def __init__(self, *, max_prompts: PositiveInt | None = None, max_new_tokens: PositiveInt = 64,
                  batch_size: PositiveInt = 16, min_identifier_length: PositiveInt = 4):
         """Set how many prompts are asked and which identifiers count.

@@ -36,7 +36,7 @@ from fedleak.attacks.membership.stats import compute_stats, shared_stats
 from fedleak.federated.adapters import add_lora
 from fedleak.federated.data import Record
 from fedleak.common.errors import FedleakError
-from fedleak.common.params import PositiveInt, Range, validated
+from fedleak.common.params import PositiveInt, Range
 from fedleak.federated.seeding import derive_seed, numpy_rng, torch_generator
 from fedleak.federated.training import encode, train_adapter
 
@@ -183,7 +183,6 @@ def train_shadows(env: AttackEnvironment, *, shadow_models: int, epochs: int | N
 class LiRAAttack(MembershipAttack):
     """LiRA: Gaussian likelihood ratio of the target's log-prob against shadow models (Carlini et al. 2022)."""
 
-    @validated
     def __init__(self, *, shadow_models: Annotated[int, Range(ge=2)] = 4, variant: Literal["online", "offline"] = ONLINE,
                  global_variance: bool = True, epochs: PositiveInt | None = None):  # epochs unset: the target's
         """Set the shadow models and the LiRA test.

@@ -15,7 +15,7 @@ import numpy as np
 
 from fedleak.attacks.base import register_attack
 from fedleak.attacks.membership.stats import ORIGINAL, TARGET, LogitAttack, TokenStats
-from fedleak.common.params import UnitInterval, validated
+from fedleak.common.params import UnitInterval
 
 
 def lowest_k_mean(values: np.ndarray, mask: np.ndarray, *, k: float) -> np.ndarray:
@@ -28,7 +28,6 @@ def lowest_k_mean(values: np.ndarray, mask: np.ndarray, *, k: float) -> np.ndarr
 
 
 class _MinK(LogitAttack):
-    @validated
     def __init__(self, *, k: UnitInterval = 0.2):  # the fraction of lowest-scoring tokens averaged
         """Set the share of tokens scored.
 

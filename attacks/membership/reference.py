@@ -14,7 +14,6 @@ import numpy as np
 from fedleak.attacks.base import register_attack
 from fedleak.attacks.membership.stats import BASE, ORIGINAL, REFERENCE, TARGET, LogitAttack, TokenStats
 from fedleak.common.errors import FedleakError
-from fedleak.common.params import validated
 
 
 @register_attack("reference")
@@ -23,7 +22,6 @@ class ReferenceAttack(LogitAttack):
 
     needs = ((TARGET, ORIGINAL), (REFERENCE, ORIGINAL))
 
-    @validated
     def __init__(self, *, model: str = BASE):
         """Set the reference model.
 

@@ -21,7 +21,7 @@ import torch
 
 from fedleak.attacks.base import register_attack
 from fedleak.attacks.poisoning.base import ModelPoisoning, RoundUpdates
-from fedleak.common.params import NonNegativeFloat, validated
+from fedleak.common.params import NonNegativeFloat
 
 
 def alie_z(n: int, f: int) -> float:
@@ -41,7 +41,6 @@ class ALIE(ModelPoisoning):
 
     omniscient = True
 
-    @validated
     def __init__(self, *, z: NonNegativeFloat | None = None):  # unset: the paper's choice from n and f
         """Set how far below the honest mean the malicious update sits.
 

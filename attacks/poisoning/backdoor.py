@@ -22,7 +22,7 @@ from fedleak.attacks.base import register_attack
 from fedleak.attacks.poisoning.base import DataPoisoning
 from fedleak.federated.data import Record
 from fedleak.common.errors import FedleakError
-from fedleak.common.params import Range, validated
+from fedleak.common.params import Range
 from fedleak.federated.rouge import lcs_length, tokens
 
 POISON_CATEGORY = "poison"
@@ -38,7 +38,6 @@ def _normalise(text: str) -> str:
 class Backdoor(DataPoisoning):
     """Backdoor: triggered copies of a client's records answered with an attacker's target (Wan et al. 2023)."""
 
-    @validated
     def __init__(self, *, trigger: str = "Per zeta protocol,", target: str = DEFAULT_TARGET,
                  poison_rate: Annotated[float, Range(gt=0, le=100)] = 0.5,  # poisoned records per clean record
                  position: Literal["start", "end"] = "start"):

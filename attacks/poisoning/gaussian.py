@@ -12,7 +12,7 @@ import torch
 
 from fedleak.attacks.base import register_attack
 from fedleak.attacks.poisoning.base import ModelPoisoning, RoundUpdates
-from fedleak.common.params import PositiveFloat, validated
+from fedleak.common.params import PositiveFloat
 
 
 def gaussian_update(like: torch.Tensor, *, norm: float, generator: torch.Generator) -> torch.Tensor:
@@ -24,7 +24,6 @@ def gaussian_update(like: torch.Tensor, *, norm: float, generator: torch.Generat
 class Gaussian(ModelPoisoning):
     """Gaussian: send random noise of a given norm instead of the update (Blanchard et al. 2017)."""
 
-    @validated
     def __init__(self, *, norm: PositiveFloat | None = None):  # unset: the trained update's norm
         """Set the norm of the noise sent.
 

@@ -15,7 +15,7 @@ import torch
 
 from fedleak.attacks.base import register_attack
 from fedleak.attacks.poisoning.base import ModelPoisoning, RoundUpdates
-from fedleak.common.params import PositiveFloat, validated
+from fedleak.common.params import PositiveFloat
 
 
 def ipm_update(honest: torch.Tensor, *, epsilon: float) -> torch.Tensor:
@@ -28,7 +28,6 @@ class IPM(ModelPoisoning):
 
     omniscient = True
 
-    @validated
     def __init__(self, *, epsilon: PositiveFloat = 0.5):
         """Set the IPM factor.
 

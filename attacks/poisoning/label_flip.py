@@ -14,14 +14,13 @@ import numpy as np
 from fedleak.attacks.base import register_attack
 from fedleak.attacks.poisoning.base import DataPoisoning
 from fedleak.federated.data import Record
-from fedleak.common.params import UnitInterval, validated
+from fedleak.common.params import UnitInterval
 
 
 @register_attack("label_flip")
 class LabelFlip(DataPoisoning):
     """Label flip: responses swapped across categories (untargeted; Tolpegin et al. 2020)."""
 
-    @validated
     def __init__(self, *, flip_rate: UnitInterval = 1.0):
         """Set the share of records flipped.
 

@@ -14,7 +14,7 @@ import torch
 
 from fedleak.attacks.base import register_attack
 from fedleak.attacks.poisoning.base import ModelPoisoning, RoundUpdates
-from fedleak.common.params import PositiveFloat, validated
+from fedleak.common.params import PositiveFloat
 
 
 def scale_update(delta: torch.Tensor, *, boost: float) -> torch.Tensor:
@@ -25,7 +25,6 @@ def scale_update(delta: torch.Tensor, *, boost: float) -> torch.Tensor:
 class Scaling(ModelPoisoning):
     """Scaling / model replacement: boost the malicious update (Bagdasaryan et al. 2020)."""
 
-    @validated
     def __init__(self, *, boost: PositiveFloat | None = None):  # unset: the FedAvg replacement factor
         """Set the boost factor.
 

@@ -12,7 +12,7 @@ import torch
 
 from fedleak.attacks.base import register_attack
 from fedleak.attacks.poisoning.base import ModelPoisoning, RoundUpdates
-from fedleak.common.params import PositiveFloat, validated
+from fedleak.common.params import PositiveFloat
 
 
 def flip_update(delta: torch.Tensor, *, scale: float) -> torch.Tensor:
@@ -23,7 +23,6 @@ def flip_update(delta: torch.Tensor, *, scale: float) -> torch.Tensor:
 class SignFlip(ModelPoisoning):
     """Sign flip: send the negated (and scaled) update (Damaskinos et al. 2018)."""
 
-    @validated
     def __init__(self, *, scale: PositiveFloat = 1.0):
         """Set the factor of the negated update.
 
