@@ -18,23 +18,43 @@ log = logging.getLogger("fedleak")
 
 class _LogFile:
     """While a command runs, its log lines also go to `run.log` in the output folder (appended, so a
-    resumed run's log follows the interrupted one)."""
+    resumed run's log follows the interrupted one). A command that fails before writing anything
+    leaves the folder as it found it: one it created is removed, a `run.log` or lock file it added
+    to an existing folder too."""
 
     def __init__(self, out: Path):
         self.path = Path(out) / "run.log"
 
     def __enter__(self):
-        self.created = not self.path.parent.exists()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.handler = logging.FileHandler(self.path, encoding="utf-8")
+        from fedleak.common.io import ensure_writable_dir, unwritable
+
+        folder = self.path.parent
+        # The topmost folder this command creates (--out a/b/c with no a: a), so a failure removes it all.
+        self.created = next((p for p in reversed([folder, *folder.parents]) if not p.exists()), None)
+        ensure_writable_dir(folder)  # one line, not a traceback, for a folder under a file or read-only
+        self.before = {p.name for p in folder.iterdir()}
+        try:
+            self.handler = logging.FileHandler(self.path, encoding="utf-8")
+        except OSError as exc:  # e.g. run.log is a folder or read-only
+            self._clean()
+            raise unwritable(folder, exc) from None
         self.handler.setFormatter(logging.Formatter(LOG_FORMAT))
         log.addHandler(self.handler)
         return self
 
-    def _only_ours(self) -> bool:
+    def _clean(self) -> None:
+        """Undo what entering did when the command wrote nothing else."""
         from fedleak.eval.cache import LOCK_FILE
 
-        return {p.name for p in self.path.parent.iterdir()} <= {self.path.name, LOCK_FILE}
+        folder = self.path.parent
+        added = {p.name for p in folder.iterdir()} - self.before
+        if not added <= {self.path.name, LOCK_FILE}:
+            return  # the command wrote results or a cache: they stay for a resume
+        if self.created is not None:
+            shutil.rmtree(self.created)
+            return
+        for name in added:
+            (folder / name).unlink(missing_ok=True)
 
     def __exit__(self, exc_type, exc, tb):
         if exc is not None:  # the one-line error (or the interruption) ends the log file too
@@ -42,8 +62,8 @@ class _LogFile:
                                                        "msg": f"stopped: {type(exc).__name__}: {exc}"}))
         log.removeHandler(self.handler)
         self.handler.close()
-        if exc is not None and self.created and self._only_ours():
-            shutil.rmtree(self.path.parent)  # failed before writing anything: leave nothing behind
+        if exc is not None:
+            self._clean()
 
 
 def _out(args, config) -> Path:
@@ -68,6 +88,15 @@ def _report(out: Path, *, show_secrets: bool) -> None:
     log.info("wrote %s, %s, %s and %s", out / "results.json", out / "results.csv", md, html)
 
 
+def _check_data(config, config_path: str, seeds) -> None:
+    """Load and split the data of each seed now (cached for the run): a bad data file is a one-line
+    error before any output folder, log line or model build."""
+    from fedleak.eval.context import seed_context
+
+    for seed in seeds:
+        seed_context(config, seed, Path(config_path).parent)
+
+
 def cmd_run(args) -> int:
     from fedleak.eval.config import load_config
     from fedleak.eval.matrix import describe, run_matrix
@@ -79,6 +108,7 @@ def cmd_run(args) -> int:
     if args.dry_run:
         print(describe(config, plan(config, only), out, base_dir=Path(args.config).parent, use_cache=not args.fresh))
         return 0
+    _check_data(config, args.config, config.run_seeds)
     quiet_libraries()
     with _LogFile(out):
         log.info("fedleak %s: run %s into %s", __version__, args.config, out)
@@ -121,6 +151,7 @@ def cmd_train(args) -> int:
             raise FedleakError(f"--scenario {args.scenario}: {args.config} declares no matrix.scenarios")
         scenario = _pick(config.matrix.scenarios, args.scenario, "scenario")
     seed = config.run_seeds[0] if args.seed is None else args.seed
+    _check_data(config, args.config, [seed])
     quiet_libraries()
     with _LogFile(out):
         resolve_model(config)
@@ -140,8 +171,9 @@ def cmd_attack(args) -> int:
 
     config = load_config(args.config)
     checkpoint_dir = Path(args.checkpoint_dir)
-    checkpoint_rounds(checkpoint_dir)  # a wrong folder fails before any output folder exists
+    checkpoint_rounds(checkpoint_dir)  # a wrong folder or a bad file fails before any output folder exists
     out = Path(args.out) if args.out else checkpoint_dir.parent / f"{checkpoint_dir.name}-attacks"
+    _check_data(config, args.config, [config.run_seeds[0] if args.seed is None else args.seed])
     quiet_libraries()
     with _LogFile(out):
         attack_checkpoint(config, checkpoint_dir, out, config_path=str(args.config), algorithm=args.algorithm,
@@ -262,6 +294,13 @@ def main(argv: list[str] | None = None) -> int:
     except FedleakError as exc:
         # One line, whatever a plug-in's or a library's message carried along.
         print(f"fedleak: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if not exc.filename:
+            raise  # not about a file the user named: a bug, keep its traceback
+        # Last resort for a file no check above caught (permissions, a folder where a file belongs).
+        print(f"fedleak: error: {exc.filename}: {exc.strerror or type(exc).__name__}: check that the path exists, "
+              f"is the right kind (file or folder) and that you may read and write it", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fedleak: interrupted", file=sys.stderr)

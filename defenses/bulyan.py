@@ -3,7 +3,8 @@ in Byzantium").
 
 Pick theta = n - 2f uploads by repeatedly taking the Krum winner out of the remaining pool; then,
 per coordinate, average the beta = theta - 2f values closest to the coordinate-wise median of the
-selection. Needs n >= 4f + 3 clients per round.
+selection. Needs n >= 4f + 3 clients per round. An upload with a NaN or an infinity is left out
+before selection (n counts the finite uploads); the round loop refuses such uploads before any rule.
 """
 
 from __future__ import annotations
@@ -16,15 +17,17 @@ from fedleak.defenses.base import Defense, register_defense
 from fedleak.defenses.krum import krum_select
 from fedleak.defenses.median import stacked_median
 from fedleak.federated.adapters import AdapterState, flatten, unflatten
+from fedleak.federated.aggregation import finite_results
 from fedleak.common.errors import FedleakError
 from fedleak.common.params import NonNegativeInt
 from fedleak.federated.hooks import ClientUpdate, RoundInfo
 
 
 def bulyan_select(results: Sequence[tuple[AdapterState, int]], *, f: int) -> list[int]:
-    remaining = list(range(len(results)))
+    """Indices of the theta = n - 2f uploads picked by repeated Krum, n the finite uploads."""
+    remaining = finite_results(results)
     selected = []
-    for _ in range(len(results) - 2 * f):
+    for _ in range(len(remaining) - 2 * f):
         pick = remaining[krum_select([results[i] for i in remaining], f=f)[0]]
         selected.append(pick)
         remaining.remove(pick)
@@ -32,9 +35,23 @@ def bulyan_select(results: Sequence[tuple[AdapterState, int]], *, f: int) -> lis
 
 
 def bulyan(results: Sequence[tuple[AdapterState, int]], *, f: int) -> tuple[AdapterState, list[int]]:
+    """Bulyan's aggregate and the selected indices (El Mhamdi et al. 2018).
+
+    Args:
+        results: (adapter state, num_examples) pairs; counts are ignored, non-finite states left out.
+        f: malicious uploads tolerated.
+
+    Returns:
+        The aggregate (in the first state's dtypes) and the indices into `results` Krum selected.
+
+    Raises:
+        ValueError: fewer than 4f + 3 finite results (nothing left to average).
+    """
     selected = bulyan_select(results, f=f)
-    vectors = torch.stack([flatten(results[i][0]) for i in selected])
     beta = len(selected) - 2 * f
+    if beta < 1:
+        raise ValueError(f"bulyan: f = {f} leaves no value to average of {len(selected)} selected finite updates")
+    vectors = torch.stack([flatten(results[i][0]) for i in selected])
     closest = (vectors - stacked_median(vectors)).abs().argsort(dim=0, stable=True)[:beta]
     return unflatten(vectors.gather(0, closest).mean(dim=0), results[0][0]), selected
 

@@ -5,7 +5,9 @@ Each client's update (upload minus the global adapter) is clipped to L2 norm `cl
 server adds Gaussian noise with std `noise_multiplier * clip_norm` to the sum and divides by the
 expected number of clients per round (the fixed-denominator estimator; updates are unweighted).
 Privacy is accounted by Opacus's RDP accountant with sampling rate = clients per round / total
-clients and one step per round; the epsilon after each round is in that round's metrics. Our
+clients and one step per round (a round whose aggregation runs); the epsilon, sample rate and
+accounted steps after each round are in that round's metrics. It takes no target epsilon, so
+there is no noise to solve: what it charges is what it reports. Our
 client sampling is a fixed-size draw without replacement, which the Poisson analysis approximates,
 as in the paper. Clipping is a client-side operation in the protocol, so it composes with secure
 aggregation.
@@ -56,8 +58,12 @@ class DPFedAvg(Defense):
         expected = len(info.clients)
         if self.accountant is None:
             self.accountant = RDPAccountant()
-        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=expected / info.num_clients_total)
+        # The rate and the one step per round are what this accountant is charged, and all it is charged.
+        sample_rate = expected / info.num_clients_total
+        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=sample_rate)
         info.metrics["epsilon"] = float(self.accountant.get_epsilon(self.delta)) if self.noise_multiplier > 0 \
             else float("inf")
         info.metrics["delta"] = self.delta
+        info.metrics["sample_rate"] = sample_rate
+        info.metrics["accounted_steps"] = sum(steps for _, _, steps in self.accountant.history)
         return unflatten(reference + (total + noise) / expected, self._reference)

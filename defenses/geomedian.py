@@ -4,6 +4,8 @@ Federated Learning").
 The smoothed Weiszfeld algorithm: starting from the weighted mean, repeatedly re-weight each
 client by alpha_i / max(nu, |v - w_i|) (alpha_i its share of examples) and take the weighted mean,
 for at most `max_iter` iterations or until the objective stops improving by more than `ftol`.
+An upload with a NaN or an infinity is left out (one such point makes the starting mean, and with
+it every iterate, non-finite); the round loop refuses such uploads before any rule sees them.
 """
 
 from __future__ import annotations
@@ -14,13 +16,29 @@ import torch
 
 from fedleak.defenses.base import Defense, register_defense
 from fedleak.federated.adapters import AdapterState, flatten, unflatten
+from fedleak.federated.aggregation import finite_results
 from fedleak.common.params import NonNegativeFloat, PositiveFloat, PositiveInt
 from fedleak.federated.hooks import ClientUpdate, RoundInfo
 
 
 def geometric_median(results: Sequence[tuple[AdapterState, int]], *, max_iter: int = 10, nu: float = 1e-6,
                      ftol: float = 1e-6) -> tuple[AdapterState, int]:
-    """The smoothed Weiszfeld estimate and the number of iterations it took."""
+    """The smoothed Weiszfeld estimate and the number of iterations it took (Pillutla et al. 2022).
+
+    Args:
+        results: (adapter state, num_examples) pairs; example shares are the weights alpha_i; non-finite
+            states are left out.
+        max_iter: at most this many Weiszfeld iterations.
+        nu: distances below nu count as nu when re-weighting.
+        ftol: stop once the objective changes by at most ftol times its value.
+
+    Returns:
+        The geometric median adapter (in the first state's dtypes) and the iterations run.
+
+    Raises:
+        ValueError: no result is finite.
+    """
+    results = [results[i] for i in finite_results(results)]
     points = torch.stack([flatten(state) for state, _ in results])
     alphas = torch.tensor([float(n) for _, n in results], dtype=torch.float64)
     alphas = alphas / alphas.sum()

@@ -3,7 +3,9 @@ Adversaries: Byzantine Tolerant Gradient Descent").
 
 Each client's score is the sum of squared distances to its n - f - 2 nearest other clients; Krum
 keeps the lowest-scoring upload, Multi-Krum averages the m lowest (weighted by example counts, as
-Flower does). Needs n > 2f + 2 clients per round.
+Flower does). Needs n > 2f + 2 clients per round. An upload with a NaN or an infinity is never
+selected (its distances are not numbers; scores are computed among the finite uploads); the round
+loop refuses such uploads before any rule sees them.
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ import torch
 
 from fedleak.defenses.base import Defense, register_defense
 from fedleak.federated.adapters import AdapterState, flatten
-from fedleak.federated.aggregation import fedavg
+from fedleak.federated.aggregation import fedavg, finite_results
 from fedleak.common.errors import FedleakError
 from fedleak.common.params import NonNegativeInt, PositiveInt
 from fedleak.federated.hooks import ClientUpdate, RoundInfo
 
 
 def krum_scores(vectors: torch.Tensor, *, f: int) -> torch.Tensor:
+    """Each row's sum of squared distances to its n - f - 2 nearest other rows (at least one)."""
     distances = torch.cdist(vectors, vectors) ** 2
     closest = max(1, len(vectors) - f - 2)
     # Row i sorted ascending starts with its zero distance to itself: skip it.
@@ -28,9 +31,22 @@ def krum_scores(vectors: torch.Tensor, *, f: int) -> torch.Tensor:
 
 
 def krum_select(results: Sequence[tuple[AdapterState, int]], *, f: int, m: int = 1) -> list[int]:
-    """Indices of the m uploads with the lowest Krum scores."""
-    vectors = torch.stack([flatten(state) for state, _ in results])
-    return torch.argsort(krum_scores(vectors, f=f), stable=True)[:m].tolist()
+    """Indices of the m uploads with the lowest Krum scores (Blanchard et al. 2017).
+
+    Args:
+        results: (adapter state, num_examples) pairs; non-finite states are never selected.
+        f: malicious uploads tolerated (n counts the finite uploads).
+        m: how many to select (fewer when fewer are finite).
+
+    Returns:
+        Indices into `results`, best score first.
+
+    Raises:
+        ValueError: no result is finite.
+    """
+    finite = finite_results(results)
+    vectors = torch.stack([flatten(results[i][0]) for i in finite])
+    return [finite[i] for i in torch.argsort(krum_scores(vectors, f=f), stable=True)[:m].tolist()]
 
 
 def krum_precondition(n: int, f: int, name: str) -> None:

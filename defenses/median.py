@@ -3,6 +3,8 @@
 
 The server replaces FedAvg by the per-coordinate median of the client adapters, unweighted by
 example counts as in the paper; with an even number of clients the two middle values are averaged.
+An upload with a NaN or an infinity is left out (sorting would place NaN as the largest value and
+shift the middle); the round loop refuses such uploads before any rule sees them.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 
 from fedleak.defenses.base import Defense, register_defense
 from fedleak.federated.adapters import AdapterState
+from fedleak.federated.aggregation import finite_results
 from fedleak.federated.hooks import ClientUpdate, RoundInfo
 
 
@@ -24,10 +27,23 @@ def stacked_median(stacked: torch.Tensor) -> torch.Tensor:
 
 
 def coordinate_median(results: Sequence[tuple[AdapterState, int]]) -> AdapterState:
+    """The per-coordinate median of the client adapters (Yin et al. 2018), unweighted.
+
+    Args:
+        results: (adapter state, num_examples) pairs; counts are ignored, non-finite states left out.
+
+    Returns:
+        The median adapter, each tensor in the first state's dtype.
+
+    Raises:
+        ValueError: no results, or none finite.
+    """
     if not results:
         raise ValueError("coordinate_median needs at least one client update")
+    results = [results[i] for i in finite_results(results)]
     return {key: stacked_median(torch.stack([s[key].to(torch.float64) for s, _ in results])).to(results[0][0][key].dtype)
             for key in results[0][0]}
+
 
 @register_defense("median")
 class Median(Defense):

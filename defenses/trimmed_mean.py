@@ -2,7 +2,9 @@
 Distributed Learning: Towards Optimal Statistical Rates").
 
 For each coordinate the server drops the floor(beta * n) largest and smallest client values and
-averages the rest, unweighted. Needs 0 <= beta < 0.5 and at least one value left.
+averages the rest, unweighted. Needs 0 <= beta < 0.5 and at least one value left. An upload with a
+NaN or an infinity is left out before trimming (n counts the finite uploads); the round loop refuses
+such uploads before any rule sees them.
 """
 
 from __future__ import annotations
@@ -14,12 +16,26 @@ import torch
 
 from fedleak.defenses.base import Defense, register_defense
 from fedleak.federated.adapters import AdapterState
+from fedleak.federated.aggregation import finite_results
 from fedleak.common.errors import FedleakError
 from fedleak.common.params import Range
 from fedleak.federated.hooks import ClientUpdate, RoundInfo
 
 
 def trimmed_mean(results: Sequence[tuple[AdapterState, int]], *, beta: float) -> AdapterState:
+    """The per-coordinate mean after trimming floor(beta * n) values at each end (Yin et al. 2018).
+
+    Args:
+        results: (adapter state, num_examples) pairs; counts are ignored, non-finite states left out.
+        beta: fraction trimmed at each end, 0 <= beta < 0.5.
+
+    Returns:
+        The trimmed-mean adapter, each tensor in the first state's dtype.
+
+    Raises:
+        ValueError: beta leaves no value, or no result is finite.
+    """
+    results = [results[i] for i in finite_results(results)]
     n = len(results)
     cut = math.floor(beta * n)
     if not 0 <= beta < 0.5 or n - 2 * cut < 1:

@@ -12,11 +12,15 @@ from fedleak.common.names import CELL_GROUP, TRAINING_GROUP  # noqa: F401  (the 
 
 
 def mean_interval(values: list[float], *, confidence: float = 0.95) -> dict:
-    """Mean, sample standard deviation and the t interval of the mean; null where n is too small."""
+    """Mean, sample standard deviation and the t interval of the mean; null where n is too small.
+
+    A metric some seeds lack (null: a TPR the seed's non-members cannot resolve, a failed cell) has no
+    mean across seeds: the mean of the others would stand for every seed. `n` counts the seeds with a value.
+    """
     x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
     n = len(x)
-    if n == 0:
-        return {"mean": None, "std": None, "ci_low": None, "ci_high": None, "n": 0}
+    if n == 0 or n < len(values):
+        return {"mean": None, "std": None, "ci_low": None, "ci_high": None, "n": n}
     mean = float(x.mean())
     if n < 2:
         return {"mean": mean, "std": None, "ci_low": None, "ci_high": None, "n": 1}

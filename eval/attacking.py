@@ -1,12 +1,21 @@
 """The privacy attacks on one training's checkpoints: each requested observer's view of each requested
 round is loaded once and every attack wanting it runs back to back on it (so the logit-based
 membership scores share their forward passes, `attacks/membership/stats.py`), scored against what
-that view trained on; each attack's cells are cached in its own file under the attack's key."""
+that view trained on; each attack's cells are cached in its own file under the attack's key.
+
+Membership cells score category-matched members and held-out non-members of the view's clients (the
+same records for every view of the same clients) and carry a blind baseline: the same attack on the
+base model, adapters off, at chance when the two sides come from one distribution. A numeric failure
+of one cell (NaN scores of a diverged model) is recorded in that cell; the run goes on."""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import re
 import time
+import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fedleak.attacks.base import ATTACKS, ExtractionResult, MembershipAttack, Secrets, Target
+from fedleak.attacks.membership.stats import BASE, reference_cache
 from fedleak.common.errors import FedleakError
 from fedleak.common.io import atomic_write_json
 from fedleak.common.params import instantiate
@@ -21,7 +31,7 @@ from fedleak.eval.audit import empirical_epsilon, one_run_epsilon
 from fedleak.eval.cache import ATTACKS_DIR, cache_key, read_json
 from fedleak.eval.config import AttackSettings, ComponentSpec, plain
 from fedleak.eval.context import SeedContext
-from fedleak.eval.metrics import membership_metrics, roc_points
+from fedleak.eval.metrics import UndefinedMetricWarning, membership_metrics, roc_points
 from fedleak.eval.plan import TrainingUnit
 from fedleak.federated import checkpoint
 from fedleak.federated.adapters import add_lora
@@ -30,42 +40,180 @@ from fedleak.federated.model import load_base_model
 from fedleak.federated.rounds import ALGORITHMS
 from fedleak.federated.seeding import derive_seed, numpy_rng
 
+log = logging.getLogger(__name__)
+
+
+CATEGORY_MATCHED = "category-matched"  # how a cell's non-members were drawn (results.json: nonmember_sampling)
+
+
+@dataclass(frozen=True)
+class MembershipSplit:
+    """The members and non-members of one client set, matched by category."""
+
+    members: list[Record]
+    nonmembers: list[Record]
+    left_out: int  # members whose category has fewer held-out records than members
+
+    def record(self) -> dict:
+        """What results.json says of the draw: the method and each side's count per category."""
+        count = lambda records: dict(sorted(Counter(r.category for r in records).items()))
+        return {"nonmember_sampling": CATEGORY_MATCHED,
+                "category_counts": {"members": count(self.members), "nonmembers": count(self.nonmembers)},
+                "members_left_out": self.left_out}
+
 
 def membership_split(members: list[Record], heldout: list[Record], *, seed: int,
-                     purpose: str) -> tuple[list[Record], list[Record]]:
-    """Equal numbers of members and held-out non-members, drawn with the run's seed."""
-    n = min(len(members), len(heldout))
-    rng = numpy_rng(seed, "membership-split", purpose)
-    pick = lambda records: [records[int(i)] for i in sorted(rng.choice(len(records), size=n, replace=False))]
-    return pick(members), pick(heldout)
+                     clients: tuple[int, ...]) -> MembershipSplit:
+    """Members and held-out non-members in equal numbers per category, drawn with the run's seed.
+
+    For each category c, k_c = min(members in c, held-out records in c) records of each side, so both
+    sides have the same category mix: a client's Dirichlet-skewed records against a uniform held-out
+    draw would be told apart by topic alone. The draw depends on the seed and the client set only, so
+    every view of the same clients (FEDIT's `upload/i` and `client/i`) scores the same records.
+    Records keep their input order within each side.
+    """
+    rng = numpy_rng(seed, "membership-split", *sorted(clients))
+    by_category: dict[str, tuple[list[int], list[int]]] = {}
+    for side, records in enumerate((members, heldout)):
+        for i, r in enumerate(records):
+            by_category.setdefault(r.category, ([], []))[side].append(i)
+    chosen: tuple[list[int], list[int]] = ([], [])
+    for category in sorted(by_category):
+        sides = by_category[category]
+        k = min(len(sides[0]), len(sides[1]))
+        for side, indices in enumerate(sides):
+            chosen[side].extend(indices[int(j)] for j in rng.choice(len(indices), size=k, replace=False))
+    picked_members = [members[i] for i in sorted(chosen[0])]
+    return MembershipSplit(picked_members, [heldout[i] for i in sorted(chosen[1])],
+                           len(members) - len(picked_members))
 
 
 def _balanced_candidates(members, nonmembers):
     return list(members) + list(nonmembers), np.r_[np.ones(len(members), int), np.zeros(len(nonmembers), int)]
 
 
+def _checked_scores(attack: MembershipAttack, target: Target, records: list[Record]) -> np.ndarray:
+    """`attack.score` held to its contract: one float per record (a plug-in's fault is a FedleakError)."""
+    raw = attack.score(target, records)
+    try:
+        scores = np.asarray(raw, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise FedleakError(f"attack {type(attack).__name__}: score() returned {type(raw).__name__} that is not an "
+                           f"array of numbers: return one float per record (fedleak.attacks.base)") from None
+    if scores.shape != (len(records),):
+        raise FedleakError(f"attack {type(attack).__name__}: score() returned shape {scores.shape} for "
+                           f"{len(records)} records: return one score per record (fedleak.attacks.base)")
+    return scores
+
+
+def blind_scores(attack: MembershipAttack, target: Target, records: list[Record]) -> np.ndarray:
+    """The same attack on the view's base model (adapters switched off): a baseline that never looks at
+    what the view trained on, so its AUC must sit at chance when members and non-members are alike.
+
+    The base model is the same for every view of a run, so its statistics live in one run-wide cache,
+    the `reference` attack's for the base model (`reference_cache`), keyed by the records: each record
+    set passes through the base model once per run, whichever attack asks first.
+
+    Returns:
+        float64 array of shape (N,), in the order of `records`.
+
+    Raises:
+        FedleakError: the target's model is not a peft model whose adapters can be switched off.
+    """
+    if not hasattr(target.model, "disable_adapter"):
+        raise FedleakError("the blind baseline needs a peft model whose adapters can be switched off "
+                           "(disable_adapter): attack a peft-wrapped view")
+    blind = dataclasses.replace(target, cache=reference_cache(target, BASE))
+    with target.model.disable_adapter():
+        return _checked_scores(attack, blind, records)
+
+
+def _not_finite_note(scores: np.ndarray, what: str) -> str | None:
+    bad = int((~np.isfinite(scores)).sum())
+    return f"{bad} of {len(scores)} {what} scores are NaN or infinite (a diverged model?): metrics undefined" \
+        if bad else None
+
+
 def run_membership(attack: MembershipAttack, target: Target, members, nonmembers, *, settings: AttackSettings,
-                   delta: float, seed: int, audit: list[Canary] = ()) -> dict:
+                   delta: float, seed: int, audit: list[Canary] = (), blind: bool = True) -> dict:
     """Score members and non-members in one call (so the attacks on a view share one forward pass),
-    then the metrics, the empirical epsilon and, with audit canaries, the one-run audit."""
+    then the metrics, the blind baseline, the empirical epsilon and, with audit canaries, the one-run
+    audit (Steinke, Nasr and Jagielski 2023).
+
+    Args:
+        members, nonmembers: the n1 and n0 records scored (label 1 and 0).
+        seed: the bootstrap's; the view and its blind baseline resample the same records.
+        blind: also score the base model (`blind_scores`); needs a peft target.
+
+    Returns:
+        {"metrics", "n_members", "n_nonmembers", "audit"}, "roc" where defined, and "error" when some scores are NaN or
+        infinite: `membership_metrics`' keys, `blind_auc` with `blind_auc_low`/`_high`, `epsilon_lb`
+        and `one_run_epsilon_lb`; NaN where undefined, never an exception for NaN scores.
+
+    Raises:
+        FedleakError: the attack breaks its contract (not one score per record) or the blind baseline
+            has no adapters to switch off.
+    """
     records, y_true = _balanced_candidates(members, nonmembers)
-    scores = attack.score(target, records)
-    metrics = membership_metrics(y_true, scores, n_bootstrap=settings.bootstrap, confidence=settings.confidence,
-                                 seed=derive_seed(seed, "bootstrap"))
-    empirical = empirical_epsilon(y_true, scores, delta=delta, confidence=settings.confidence)
-    metrics["epsilon_lb"] = empirical["epsilon_lb"]
-    outcome = {"metrics": metrics, "n_members": len(members), "n_nonmembers": len(nonmembers),
-               "audit": {"empirical": empirical}}
-    if audit:
-        included = np.array([c.repetitions > 0 for c in audit])
-        audit_scores = attack.score(target, [c.record(0) for c in audit])
-        if included.any() and not included.all():
-            one_run = one_run_epsilon(included, audit_scores, delta=delta, confidence=settings.confidence)
-            metrics["one_run_epsilon_lb"] = one_run["epsilon_lb"]
-            outcome["audit"]["one_run"] = one_run
-    fpr, tpr = roc_points(y_true, scores)
-    outcome["roc"] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)  # the cell's `error` says it once
+        scores = _checked_scores(attack, target, records)
+        metrics = membership_metrics(y_true, scores, n_bootstrap=settings.bootstrap, confidence=settings.confidence,
+                                     seed=derive_seed(seed, "bootstrap"))
+        notes = [_not_finite_note(scores, "member and non-member")]
+        if blind:
+            base_scores = blind_scores(attack, target, records)
+            base = membership_metrics(y_true, base_scores, n_bootstrap=settings.bootstrap,
+                                      confidence=settings.confidence, seed=derive_seed(seed, "bootstrap"))
+            metrics.update({f"blind_{k}": base[k] for k in ("auc", "auc_low", "auc_high")})
+            notes.append(_not_finite_note(base_scores, "blind-baseline"))
+        empirical = empirical_epsilon(y_true, scores, delta=delta, confidence=settings.confidence)
+        metrics["epsilon_lb"] = empirical["epsilon_lb"]
+        outcome = {"metrics": metrics, "n_members": len(members), "n_nonmembers": len(nonmembers),
+                   "audit": {"empirical": empirical}}
+        if audit:
+            included = np.array([c.repetitions > 0 for c in audit])
+            audit_scores = _checked_scores(attack, target, [c.record(0) for c in audit])
+            if included.any() and not included.all():
+                one_run = one_run_epsilon(included, audit_scores, delta=delta, confidence=settings.confidence)
+                metrics["one_run_epsilon_lb"] = one_run["epsilon_lb"]
+                outcome["audit"]["one_run"] = one_run
+        fpr, tpr = roc_points(y_true, scores)
+    if np.isfinite(fpr).all():  # an undefined ROC (NaN scores, one class) has no curve to plot
+        outcome["roc"] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
+    if any(notes):
+        outcome["error"] = "; ".join(n for n in notes if n)
     return outcome
+
+
+# Numeric failures of one cell (a diverged model, a degenerate statistic) are recorded in the cell; a
+# FedleakError (configuration, plug-in contract) and programming errors still stop the run.
+CELL_FAILURES = (ValueError, ArithmeticError, RuntimeError)
+_NON_FINITE = re.compile(r"\b(nan|inf|infinity)\b", re.IGNORECASE)
+
+
+def _is_cell_failure(exc: BaseException) -> bool:
+    """Floating-point overflow counts as a numeric failure of the cell; a ValueError, another
+    ArithmeticError or torch's RuntimeError only when it names NaN or inf (sklearn on NaN scores,
+    sampling from a NaN distribution), since the same types report unpacking, broadcasting and shape
+    bugs and out-of-memory, which must stop the run."""
+    if isinstance(exc, (FedleakError, NotImplementedError, RecursionError)):
+        return False
+    if isinstance(exc, (FloatingPointError, OverflowError)):
+        return True
+    return bool(_NON_FINITE.search(str(exc)))
+
+
+MEMBERSHIP_METRICS = ("auc", "auc_low", "auc_high", "blind_auc", "blind_auc_low", "blind_auc_high", "epsilon_lb")
+
+
+def _failed_cell(exc: BaseException, *, membership: bool) -> dict:
+    """The fields of a cell whose attack failed numerically: NaN metrics (written as null) and the error."""
+    error = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
+    if membership:
+        return {"metrics": dict.fromkeys(MEMBERSHIP_METRICS, float("nan")), "n_members": 0, "n_nonmembers": 0,
+                "error": error}
+    return {"metrics": {}, "details": {"note": error}, "error": error}
 
 
 def _rounds_of(spec: ComponentSpec, final_round: int) -> list[int]:
@@ -83,6 +231,7 @@ class _ViewTruth:
     members: list[Record]
     secrets: Secrets
     audit: list[Canary]
+    clients: tuple[int, ...]  # whose records: the membership split depends on these, not on the view
 
 
 def _view_truth(algorithm, history: list[dict], data: FederatedData, observer: str, client: int | None,
@@ -90,7 +239,8 @@ def _view_truth(algorithm, history: list[dict], data: FederatedData, observer: s
     if observer == "global":
         # Round 0 is the initial adapter: scored against the final members, it is the pre-training baseline.
         upto = history if rnd == 0 else [entry for entry in history if entry["round"] <= rnd]
-        contributors = {c for entry in upto for c in entry["clients"]}
+        # Whose uploads entered the global adapter (older histories and other tools' record the sampled clients).
+        contributors = {c for entry in upto for c in entry.get("aggregated", entry["clients"])}
         clients = algorithm.global_clients(data, contributors)
         others = data.heldout
     else:
@@ -100,7 +250,41 @@ def _view_truth(algorithm, history: list[dict], data: FederatedData, observer: s
     secrets = Secrets(records=members, canaries=[c for c in data.canaries if c.client in clients],
                       reference_canaries=list(data.reference_canaries), other_records=list(others),
                       nonmembers=list(data.heldout))
-    return _ViewTruth(members, secrets, [c for c in data.audit_canaries if c.client in clients])
+    return _ViewTruth(members, secrets, [c for c in data.audit_canaries if c.client in clients],
+                      tuple(sorted(clients)))
+
+
+def _membership_cell(ctx: SeedContext, attack: MembershipAttack, target: Target, truth: _ViewTruth, *,
+                     spec: ComponentSpec, unit: TrainingUnit, rnd: int, delta: float, tokenizer) -> dict:
+    """One membership cell's fields: category-matched members and non-members of the view's clients
+    (the same for every view of those clients, and so is the bootstrap's seed), the metrics with their
+    blind baseline, the audit."""
+    cfg = ctx.config
+    scorable_members = ctx.scorable(truth.members, tokenizer)
+    split = membership_split(scorable_members, ctx.scorable(ctx.data.heldout, tokenizer), seed=cfg.seed,
+                             clients=truth.clients)
+    if not split.members:  # no category of the view's records has a held-out record: nothing to compare
+        error = ("no category-matched pairs: no held-out record shares a category with the view's "
+                 f"{len(scorable_members)} scorable members (raise data.file.heldout_fraction or check the categories)")
+        return {**_failed_cell(ValueError(error), membership=True), "error": error, **split.record(),
+                "unscorable_members": len(truth.members) - len(scorable_members)}
+    outcome = run_membership(attack, target, split.members, split.nonmembers, settings=cfg.attack, delta=delta,
+                             seed=derive_seed(cfg.seed, unit.label, "clients", *truth.clients, rnd, spec.label),
+                             audit=truth.audit)
+    if outcome.get("error"):
+        log.warning("attack %s on %s/%s round %d of %s: %s", spec.label, target.observer, target.client, rnd,
+                    unit.label, outcome["error"])
+    return {**{k: outcome[k] for k in ("metrics", "n_members", "n_nonmembers", "roc", "audit") if k in outcome},
+            **({"error": outcome["error"]} if "error" in outcome else {}), **split.record(),
+            "unscorable_members": len(truth.members) - len(scorable_members)}
+
+
+def _extraction_cell(attack, spec: ComponentSpec, target: Target, truth: _ViewTruth) -> dict:
+    found = attack.run(target, truth.secrets)
+    if not isinstance(found, ExtractionResult):
+        raise FedleakError(f"attack {spec.name}: run() returned {type(found).__name__}, not an "
+                           f"ExtractionResult (fedleak.attacks.base): fix the plug-in")
+    return found.to_dict()
 
 
 def _cache_name(spec: ComponentSpec) -> str:
@@ -167,24 +351,20 @@ def attack_training(ctx: SeedContext, unit: TrainingUnit, record: dict, training
             for spec, attack in wanted:
                 cell = {**unit.key(), "attack": spec.label, "attack_name": spec.name, "attack_params": attack.params(),
                         "family": attack.family, "observer": observer, "client": client, "round": rnd}
+                membership = isinstance(attack, MembershipAttack)
+                if membership and not truth.members:
+                    continue
                 start = time.perf_counter()
-                if isinstance(attack, MembershipAttack):
-                    if not truth.members:
-                        continue
-                    members, nonmembers = membership_split(ctx.scorable(truth.members, tokenizer),
-                                                           ctx.scorable(data.heldout, tokenizer),
-                                                           seed=cfg.seed, purpose=view)
-                    outcome = run_membership(attack, target, members, nonmembers, settings=cfg.attack, delta=delta,
-                                             seed=derive_seed(cfg.seed, unit.label, view, rnd, spec.label),
-                                             audit=truth.audit)
-                    cell.update({k: outcome[k] for k in ("metrics", "n_members", "n_nonmembers", "roc", "audit")})
-                    cell["unscorable_members"] = len(truth.members) - len(ctx.scorable(truth.members, tokenizer))
-                else:
-                    found = attack.run(target, truth.secrets)
-                    if not isinstance(found, ExtractionResult):
-                        raise FedleakError(f"attack {spec.name}: run() returned {type(found).__name__}, not an "
-                                           f"ExtractionResult (fedleak.attacks.base): fix the plug-in")
-                    cell.update(found.to_dict())
+                try:
+                    cell.update(_membership_cell(ctx, attack, target, truth, spec=spec, unit=unit, rnd=rnd,
+                                                 delta=delta, tokenizer=tokenizer) if membership
+                                else _extraction_cell(attack, spec, target, truth))
+                except CELL_FAILURES as exc:
+                    if not _is_cell_failure(exc):
+                        raise
+                    cell.update(_failed_cell(exc, membership=membership))
+                    log.warning("attack %s on %s round %d of %s failed, recorded in its cell: %s", spec.label, view,
+                                rnd, unit.label, cell["error"])
                 seconds = time.perf_counter() - start
                 cell["timings"] = {"attack_seconds": seconds, "train_seconds": record["train_seconds"]}
                 cell["cost"] = {"wall_seconds": seconds, "upload_bytes_per_client_per_round":

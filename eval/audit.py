@@ -14,12 +14,14 @@ Same conventions as `fedleak.eval.metrics`: higher score = member / included.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from scipy.optimize import brentq
 from scipy.special import expit
 from scipy.stats import beta, binom
 
-from fedleak.eval.metrics import _check_confidence, _split_by_class
+from fedleak.eval.metrics import UndefinedMetricWarning, _check_confidence, _split_by_class
 
 _EPS_MAX = 50.0  # e^50 / (1 + e^50) is 1 in float64: no finite count of guesses can reject more
 
@@ -139,7 +141,7 @@ def one_run_epsilon(included, y_score, *, delta: float = 0.0, confidence: float 
     `included`, so the guesses stay a function of the scores alone, as the theorem needs.
 
     Returns {"epsilon_lb", "guesses", "correct", "k_plus", "k_minus", "canaries", "confidence",
-    "delta"}.
+    "delta"}; with a NaN or infinite score, NaNs and an UndefinedMetricWarning (the ranking is undefined).
     """
     _check_delta(delta)
     _check_confidence(confidence)
@@ -151,6 +153,12 @@ def one_run_epsilon(included, y_score, *, delta: float = 0.0, confidence: float 
         raise ValueError("included must be booleans (or 0/1): True where the canary was trained on")
     included = included.astype(bool)
     m = len(included)
+    if not np.isfinite(y_score).all():
+        warnings.warn(f"{int((~np.isfinite(y_score)).sum())} of {m} canary scores are NaN or infinite: the one-run "
+                      f"bound is undefined, returning NaN", UndefinedMetricWarning, stacklevel=2)
+        nan = float("nan")
+        return {"epsilon_lb": nan, "guesses": 0, "correct": 0, "k_plus": 0, "k_minus": 0, "canaries": m,
+                "confidence": confidence, "delta": delta}
     by_score = included[np.argsort(-y_score, kind="stable")]  # highest score first
     correct_plus = np.concatenate([[0], np.cumsum(by_score)])  # included among the top k
     correct_minus = np.concatenate([[0], np.cumsum(~by_score[::-1])])  # excluded among the bottom k

@@ -34,23 +34,76 @@ def cache_key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-@functools.cache
-def code_fingerprint(plugins: tuple[str, ...] = ()) -> str:
-    """sha256 of fedleak's training, evaluation and attack code and of the plug-in modules: an edited
-    algorithm, defense or attack invalidates what it produced (results.json's git_commit would lie)."""
-    import importlib
+def _source_files(module: str) -> list[Path]:
+    """The Python files of a module: its file, or every .py file of a package."""
+    import importlib.util
     import sys
 
-    root = Path(__file__).resolve().parent.parent
-    files = sorted(p for folder in CODE_FOLDERS for p in (root / folder).rglob("*.py"))
-    for module in plugins:
-        path = getattr(sys.modules.get(module) or importlib.import_module(module), "__file__", None)
-        files += [Path(path)] if path else []
+    loaded = sys.modules.get(module)
+    spec = getattr(loaded, "__spec__", None) or importlib.util.find_spec(module)
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return []
+    if spec.submodule_search_locations:  # a package: an edit to any of its modules counts
+        return sorted(p for folder in spec.submodule_search_locations for p in Path(folder).rglob("*.py"))
+    return [Path(spec.origin)]
+
+
+def _sha256_of(files: list[Path], root: Path | None = None) -> str | None:
+    """sha256 of one file's bytes (what `sha256sum` prints), or of several files' names and bytes."""
+    if not files:
+        return None
+    if len(files) == 1 and root is None:
+        return hashlib.sha256(files[0].read_bytes()).hexdigest()
     digest = hashlib.sha256()
     for path in files:
-        digest.update(str(path.relative_to(root) if path.is_relative_to(root) else path.name).encode())
+        digest.update(str(path.relative_to(root) if root and path.is_relative_to(root) else path.name).encode())
         digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
+    return digest.hexdigest()
+
+
+def _distribution_of(module: str) -> tuple[str | None, str | None]:
+    """The installed distribution (name, version) that provides a module; (None, None) for a local file."""
+    from importlib import metadata
+
+    names = metadata.packages_distributions().get(module.partition(".")[0], [])
+    if not names:
+        return None, None
+    return names[0], metadata.version(names[0])
+
+
+def plugin_records(plugins: tuple[str, ...] = ()) -> list[dict]:
+    """Every plug-in a run loads, however it was loaded: the config's `plugins` modules and the modules
+    of every installed entry point of a fedleak group. Each: module, how it was loaded, its
+    distribution and version (None for a module beside the config) and the sha256 of its source."""
+    from fedleak.federated.registry import plugin_entry_points
+
+    records: dict[str, dict] = {}
+    for module in plugins:
+        distribution, version = _distribution_of(module)
+        records[module] = {"module": module, "loaded_by": "plugins", "distribution": distribution,
+                           "version": version}
+    for ep in plugin_entry_points():
+        if ep.module.startswith("fedleak.") or ep.module in records:
+            continue  # fedleak's own code is fingerprinted whole; a config module is already listed
+        dist = getattr(ep, "dist", None)
+        records[ep.module] = {"module": ep.module, "loaded_by": f"entry point {ep.group}:{ep.name}",
+                              "distribution": dist.name if dist else None, "version": dist.version if dist else None}
+    for module, record in records.items():
+        try:
+            record["sha256"] = _sha256_of(_source_files(module))
+        except (ImportError, ValueError):  # a broken entry point: its registry reports it when it loads
+            record["sha256"] = None
+    return [records[m] for m in sorted(records)]
+
+
+@functools.cache
+def code_fingerprint(plugins: tuple[str, ...] = ()) -> str:
+    """sha256 of fedleak's training, evaluation and attack code and of every plug-in the run loads (the
+    config's `plugins` and installed entry points, with their versions): an edited or reinstalled
+    algorithm, defense or attack invalidates what it produced (results.json's git_commit would lie)."""
+    root = Path(__file__).resolve().parent.parent
+    own = _sha256_of(sorted(p for folder in CODE_FOLDERS for p in (root / folder).rglob("*.py")), root)
+    return cache_key(own, plugin_records(plugins))
 
 
 def model_fingerprint(config: RunConfig) -> dict:
@@ -88,11 +141,12 @@ def evaluation_key(ctx: SeedContext, unit: TrainingUnit, train_key: str) -> str:
 
 
 def read_json(path: Path) -> dict | None:
-    """A cached file's content, or None when it is missing or half-written."""
+    """A cached file's content, or None when it is missing, half-written or corrupt (then it is redone)."""
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return None
+    return found if isinstance(found, dict) else None
 
 
 @contextlib.contextmanager

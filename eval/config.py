@@ -23,7 +23,7 @@ from fedleak.common.params import NonNegativeInt, OpenUnitInterval, PositiveInt,
 from fedleak.eval.matrix_config import ComponentSpec, MatrixSettings, ScenarioSpec, build_defense, component_spec
 from fedleak.federated.adapters import LoraSettings
 from fedleak.federated.datasource import DataSettings
-from fedleak.federated.model import EmbeddedModelConfig
+from fedleak.federated.model import EmbeddedModelConfig, missing_folder
 from fedleak.federated.rounds import FederationSettings
 
 if sys.version_info >= (3, 11):
@@ -50,6 +50,9 @@ class ModelSettings:
         check_fields(self, "model.")
         if not self.name:
             raise FedleakError("model.name is empty: use 'embedded', a Hugging Face id or a local folder")
+        problem = missing_folder(self.name) if self.name != "embedded" else None
+        if problem:  # found with the config's other errors, before any data or model work
+            raise FedleakError(problem)
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,7 @@ class AttackSettings:
     bootstrap: NonNegativeInt = field(default=1000, metadata={
         "help": "Resamples for the AUC's confidence interval; 0 = no interval."})
     confidence: OpenUnitInterval = field(default=0.95, metadata={
-        "help": "Level of the AUC interval and of the audit's Clopper-Pearson bounds."})
+        "help": "Level of the AUC intervals, the audit's Clopper-Pearson bounds and the poisoning rates' Clopper-Pearson intervals."})
     delta: Annotated[float, Range(ge=0, lt=1)] = field(default=1e-5, metadata={
         "help": "Delta of the empirical epsilon when the training has no accountant (with one: the accountant's)."})
 
@@ -253,11 +256,28 @@ def load_plugins(modules: tuple[str, ...], where: str, base_dir: Path | None = N
 
 
 def load_config(path: str | Path) -> RunConfig:
+    """Read, parse and check the TOML config at `path` (its plug-ins imported first).
+
+    Raises:
+        FedleakError: one line naming the file and the fix: not found, a folder, unreadable, not UTF-8
+            text, invalid TOML, or any setting out of place.
+    """
     path = Path(path)
     try:
-        table = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise FedleakError(f"{path}: config file not found: give the path of a TOML file such as configs/quick.toml") from None
+    except IsADirectoryError:
+        raise FedleakError(f"{path}: is a folder, not a config file: give the path of a TOML file inside it, "
+                           f"such as configs/quick.toml") from None
+    except UnicodeDecodeError as exc:
+        raise FedleakError(f"{path}: not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x}): give a TOML "
+                           f"text file, not a binary one") from None
+    except OSError as exc:
+        raise FedleakError(f"{path}: cannot be read ({exc.strerror or exc}): fix its permissions or give another "
+                           f"config file") from None
+    try:
+        table = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise FedleakError(f"{path}: invalid TOML ({exc}): fix the syntax") from None
     return parse_config(table, str(path), base_dir=path.parent)

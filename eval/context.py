@@ -7,16 +7,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedleak.attacks.base import AttackEnvironment
 from fedleak.attacks.membership.stats import scorable
-from fedleak.common.io import sha256_file
 from fedleak.eval.config import RunConfig
 from fedleak.federated.data import FederatedData, Record
+from fedleak.federated.dataquality import truncation_counts, truncation_messages
 from fedleak.federated.datasource import prepare_data
 from fedleak.federated.model import build_embedded
+
+log = logging.getLogger("fedleak")
 
 
 def resolve_model(config: RunConfig) -> tuple[str, dict]:
@@ -67,13 +70,6 @@ class SeedContext:
         return self.env
 
 
-def _data_path(config: RunConfig, base_dir: Path) -> Path | None:
-    if config.data.source != "file":
-        return None
-    path = Path(config.data.file.path)
-    return path if path.is_absolute() else base_dir / path
-
-
 _CONTEXTS: dict[tuple, SeedContext] = {}  # per process: a worker keeps its seed's data between trainings
 
 
@@ -85,6 +81,93 @@ def seed_context(config: RunConfig, seed: int, base_dir: Path) -> SeedContext:
         fed = cfg.federation
         data = prepare_data(cfg.data, seed=seed, num_clients=fed.clients, partition_method=fed.partition,
                             alpha=fed.alpha, min_records=fed.min_records_per_client, base_dir=base_dir)
-        path = _data_path(cfg, base_dir)
-        _CONTEXTS[key] = SeedContext(cfg, data, sha256_file(path) if path else None)
+        # The loader hashed the bytes it parsed: the cache keys name exactly the file that was read.
+        _CONTEXTS[key] = SeedContext(cfg, data, (data.quality.get("file") or {}).get("sha256"))
     return _CONTEXTS[key]
+
+
+def check_data(config: RunConfig, base_dir: Path) -> list[SeedContext]:
+    """Every seed's data, loaded and checked before anything else (model build, output folder): a bad
+    data file is one line in seconds, not after minutes of model build, and leaves nothing behind."""
+    return [seed_context(config, seed, base_dir) for seed in config.run_seeds]
+
+
+def load_tokenizer(config: RunConfig, model_ref: str):
+    """The base model's tokenizer alone (no weights), as `load_base_model` sets it up; None when it cannot
+    be loaded here (the training then reports why)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_ref, local_files_only=not config.model.allow_download)
+    except (OSError, ValueError):
+        return None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def built_model_ref(config: RunConfig) -> str | None:
+    """The base model's folder when it exists without building anything (the dry run's view), else None."""
+    if config.model.name != "embedded":
+        return config.model.name if Path(config.model.name).is_dir() else None
+    from fedleak.federated.model import _pretrain_texts, cache_root
+
+    cfg = config.model.embedded
+    path = cache_root() / f"embedded-{cfg.cache_key(_pretrain_texts(cfg))}"
+    return str(path) if (path / "fedleak_build.json").exists() else None
+
+
+def _where(config: RunConfig, base_dir: Path) -> str:
+    """The data as messages name it: the data file's path as opened, or the embedded generator."""
+    if config.data.source != "file":
+        return "data.embedded"
+    path = Path(config.data.file.path)
+    return str(path if path.is_absolute() else base_dir / path)
+
+
+def count_truncation(ctx: SeedContext, tokenizer, where: str) -> list[tuple[bool, str]]:
+    """Count how federation.max_length cuts the seed's records (members and held-out, canaries aside),
+    record it in the data summary (`truncation`) and return the (is_warning, message) lines."""
+    fed = ctx.config.federation
+    counts = truncation_counts(ctx.data.members + ctx.data.heldout, tokenizer, max_length=fed.max_length)
+    ctx.data.quality["truncation"] = counts
+    return truncation_messages(counts, where)
+
+
+def report_data_quality(config: RunConfig, base_dir: Path, model_ref: str) -> None:
+    """Log what preparing each seed's data found (once per message) and the truncation counts, with the
+    resolved model's tokenizer; the counts enter results.json's `data`."""
+    tokenizer = load_tokenizer(config, model_ref)
+    said: set[str] = set()
+    for ctx in check_data(config, base_dir):
+        lines = [(True, w) for w in ctx.data.warnings]
+        lines += count_truncation(ctx, tokenizer, _where(config, base_dir)) if tokenizer is not None else []
+        for warn, message in lines:
+            if message not in said:
+                said.add(message)
+                log.log(logging.WARNING if warn else logging.INFO, "%s", message)
+
+
+def describe_data(config: RunConfig, base_dir: Path) -> list[str]:
+    """The dry run's lines on the data: source, file hash, duplicates, split, warnings and truncation (when
+    the base model's tokenizer is at hand without building the model)."""
+    ref = built_model_ref(config)
+    tokenizer = load_tokenizer(config, ref) if ref else None
+    lines = []
+    for ctx in check_data(config, base_dir):
+        q = ctx.data.quality
+        file = q.get("file")
+        source = (f"{file['path']} (sha256 {file['sha256'][:16]}, {file['records']} records)" if file
+                  else "data.embedded (synthetic)")
+        split = q["split"]
+        lines.append(f"data seed {ctx.config.seed}: {source}; {q['duplicates_dropped']} duplicates dropped; split "
+                     f"{split['method']}" + (f" (not {split['requested']}: {split['reason']})" if "reason" in split
+                                             else "") + f"; client sizes {[len(c) for c in ctx.data.clients]}, "
+                     f"{len(ctx.data.heldout)} held out")
+        lines += [f"  warning: {w}" for w in ctx.data.warnings]
+        if tokenizer is None:
+            lines.append("  truncation: not counted (the base model is not built or found yet: its tokenizer counts)")
+        else:
+            found = count_truncation(ctx, tokenizer, _where(config, base_dir))
+            lines += [f"  {'warning: ' if warn else ''}{message}" for warn, message in found]
+    return lines

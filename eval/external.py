@@ -30,12 +30,28 @@ from fedleak.federated.rounds import ALGORITHMS
 def checkpoint_rounds(training_dir: Path) -> list[int]:
     """A training folder's complete rounds, or a one-line error saying what a training folder is."""
     rounds = checkpoint.rounds(training_dir) if Path(training_dir).is_dir() else []
-    for r in rounds:
-        checkpoint.read_manifest(checkpoint.round_dir(training_dir, r))  # its one-line errors, before any work
+    for r in rounds:  # every manifest and file, with its one-line errors, before any work
+        checkpoint.verify_round(checkpoint.round_dir(training_dir, r))
+    _training_json(training_dir)
     if not rounds:
         raise FedleakError(f"{training_dir}: no round-XXXX/manifest.json in it: give a training folder "
                            f"(trainings/<name> of a run, or checkpoints in the layout of README 'Checkpoint format')")
     return rounds
+
+
+def _training_json(training_dir: Path) -> dict | None:
+    """The folder's training.json (None: another tool's checkpoints), or a one-line error when it is there
+    but is not one fedleak wrote (attacking with a guessed unit would mislabel every number)."""
+    path = Path(training_dir) / TRAINING_FILE
+    if not path.exists():
+        return None
+    trained = read_json(path)
+    unit = trained.get("unit") if trained else None
+    if not isinstance(trained.get("key") if trained else None, str) or not isinstance(unit, dict) or not (
+            {"algorithm", "defense", "scenario", "seed"} <= set(unit)):
+        raise FedleakError(f"{path}: not a training.json that fedleak wrote (no 'key' and 'unit'): restore it, or "
+                           f"remove it to attack the checkpoints as another tool's (--algorithm, --seed)")
+    return trained
 
 
 def _external_history(training_dir: Path, rounds: list[int], num_clients: int) -> list[dict]:
@@ -65,7 +81,7 @@ def attack_checkpoint(config: RunConfig, training_dir: Path, out_dir: Path, *, c
     training_dir, out_dir = Path(training_dir), Path(out_dir)
     base_dir = Path(config_path).parent if config_path else Path(".")
     rounds = checkpoint_rounds(training_dir)
-    trained = read_json(training_dir / TRAINING_FILE)
+    trained = _training_json(training_dir)
     if trained:
         u = trained["unit"]
         scenario = None

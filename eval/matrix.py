@@ -19,9 +19,9 @@ from fedleak.common.errors import FedleakError
 from fedleak.common.params import instantiate
 from fedleak.eval.aggregate import aggregate_cells, aggregate_trainings
 from fedleak.eval.attacking import attack_key, attack_training, cached_cells
-from fedleak.eval.cache import ATTACKS_DIR, run_lock, training_key
+from fedleak.eval.cache import ATTACKS_DIR, plugin_records, run_lock, training_key
 from fedleak.eval.config import RunConfig
-from fedleak.eval.context import resolve_model, seed_context
+from fedleak.eval.context import check_data, describe_data, report_data_quality, resolve_model, seed_context
 from fedleak.eval.identifiers import identifiers_record
 from fedleak.eval.plan import PlannedTraining, attack_cells, plan, training_steps
 from fedleak.eval.poisoning import poisoning_cells
@@ -37,7 +37,7 @@ log = logging.getLogger("fedleak")
 def describe(config: RunConfig, planned: list[PlannedTraining], out_dir: Path, *, base_dir: Path,
              use_cache: bool = True) -> str:
     """The dry run: every training and attack with its cache state, and the work left."""
-    lines, trainings_left, steps_left, cells_left, cells_total = [], 0, 0, 0, 0
+    lines, trainings_left, steps_left, cells_left, cells_total = describe_data(config, base_dir), 0, 0, 0, 0
     for item in planned:
         unit = item.unit
         ctx = seed_context(config, unit.seed, base_dir)
@@ -81,7 +81,9 @@ def _run_planned(config: RunConfig, planned: list[PlannedTraining], out_dir: Pat
     started = dt.datetime.now(dt.timezone.utc)
     base_dir = Path(config_path).parent if config_path else Path(".")
     seeds = list(config.run_seeds)
-    _, model_info = resolve_model(config)  # built once here, before any worker needs it
+    check_data(config, base_dir)  # a bad data file fails in seconds, before a model build of minutes
+    model_ref, model_info = resolve_model(config)  # built once here, before any worker needs it
+    report_data_quality(config, base_dir, model_ref)  # warnings, and truncation counted with its tokenizer
     base_utility = {s: base_model_utility(seed_context(config, s, base_dir), out_dir, use_cache) for s in seeds}
     log.info("%d trainings, seeds %s, %d job(s); cache in %s", len(planned), seeds, jobs, out_dir / "trainings")
     records = train_all(config, [p.unit for p in planned], out_dir, base_dir=base_dir, jobs=jobs,
@@ -116,11 +118,13 @@ def results_record(config: RunConfig, *, config_path: str | None, only: tuple[st
     return {
         "schema": SCHEMA, "fedleak_version": versions["fedleak"], "versions": versions,
         "git_commit": git_commit(), "seed": seeds[0], "seeds": seeds, "config_path": config_path,
-        "config": config.to_dict(), "only": list(only), "machine": machine_info(jobs=jobs), **extra,
+        "config": config.to_dict(), "only": list(only), "plugins": plugin_records(config.plugins),
+        "machine": machine_info(jobs=jobs), **extra,
         "started_at": started.isoformat(timespec="seconds"),
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "model": model_info, "data": data[seeds[0]].summary(),
-        "data_per_seed": {str(s): d.summary() for s, d in data.items()}, "identifiers": identifiers_record(config),
+        "data_per_seed": {str(s): d.summary() for s, d in data.items()},
+        "identifiers": identifiers_record(config, list(data.values())),
         "base_utility": base_utility[seeds[0]], "base_utility_per_seed": {str(s): u for s, u in base_utility.items()},
         "trainings": trainings, "cells": cells,
         "aggregates": aggregate_cells(cells), "training_aggregates": aggregate_trainings(trainings),

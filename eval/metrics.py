@@ -1,7 +1,8 @@
 """Membership-inference metrics as pure functions of (y_true, y_score).
 
 Higher `y_score` means "member" (label 1), as in scikit-learn, so no sign flips anywhere. With only
-one class present the metrics are undefined: a warning and NaN, not a crash.
+one class present, or a score that is NaN or infinite (a model whose training diverged), the metrics
+are undefined: an UndefinedMetricWarning and NaN, not a crash after hours of training.
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ def _check(y_true, y_score) -> tuple[np.ndarray, np.ndarray] | None:
     y_true, y_score = np.asarray(y_true), np.asarray(y_score, dtype=float)
     if y_true.shape != y_score.shape or y_true.ndim != 1:
         raise ValueError(f"y_true {y_true.shape} and y_score {y_score.shape} must be 1-D and the same length")
+    bad = int((~np.isfinite(y_score)).sum())
+    if bad:
+        warnings.warn(f"{bad} of {len(y_score)} scores are NaN or infinite: ROC metrics are undefined, returning NaN",
+                      UndefinedMetricWarning, stacklevel=3)
+        return None
     if len(np.unique(y_true)) < 2:
         warnings.warn("only one class in y_true: ROC metrics are undefined, returning NaN",
                       UndefinedMetricWarning, stacklevel=3)
@@ -64,7 +70,11 @@ def roc_points(y_true, y_score) -> tuple[np.ndarray, np.ndarray]:
 
 
 def tpr_at_fpr(y_true, y_score, *, fpr: float) -> float:
-    """The highest TPR among thresholds whose FPR is at most `fpr` (Carlini et al. 2022's low-FPR view)."""
+    """The highest TPR among thresholds whose FPR is at most `fpr` (Carlini et al. 2022's low-FPR view).
+
+    With n0 non-members the FPRs reachable are multiples of 1/n0, so a budget 0 < fpr < 1/n0 reads the
+    TPR at FPR 0; `membership_metrics` reports such a budget as unresolvable (NaN) instead.
+    """
     if not 0 <= fpr <= 1:
         raise ValueError(f"fpr = {fpr}: must be in [0, 1]")
     checked = _check(y_true, y_score)
@@ -122,11 +132,33 @@ def balanced_accuracy_best(y_true, y_score) -> float:
     return float(((tpr + 1 - fpr) / 2).max())
 
 
+def min_resolvable_fpr(n_nonmembers: int) -> float:
+    """The smallest non-zero FPR that n0 non-members can measure: 1/n0 (NaN without non-members)."""
+    return 1.0 / n_nonmembers if n_nonmembers > 0 else float("nan")
+
+
+def resolvable(fpr: float, n_nonmembers: int) -> bool:
+    """Whether n0 non-members can measure an FPR budget: 0 (no false positive) or at least 1/n0."""
+    # A relative slack so that 0.01 with 100 non-members (0.01 * 100 = 1.0000000000000002) counts.
+    return fpr == 0 or fpr * n_nonmembers >= 1 - 1e-9
+
+
 def membership_metrics(y_true, y_score, *, fprs: tuple[float, ...] = (0.01, 0.001), n_bootstrap: int = 1000,
                        confidence: float = 0.95, seed: int = 0) -> dict[str, float]:
     """AUC with its bootstrap interval, TPR at each FPR in `fprs`, best balanced accuracy.
 
-    n_bootstrap=0 skips the interval (auc_low and auc_high are NaN).
+    Args:
+        y_true: shape (N,), 1 = member, 0 = non-member.
+        y_score: shape (N,), higher = member.
+
+    Returns:
+        `auc`, `auc_low`, `auc_high` (n_bootstrap=0 skips the interval: NaN), `tpr@{f:g}fpr` for each f
+        in `fprs` (NaN when f is below `min_resolvable_fpr` = 1/n0: n0 non-members cannot measure it),
+        `min_resolvable_fpr` and `tpr_at_min_fpr` (the TPR read at FPR = 1/n0), `balanced_accuracy`.
+        Every value is NaN, with an UndefinedMetricWarning, for one class or non-finite scores.
+
+    Raises:
+        ValueError: shapes differ, more than two classes, bad n_bootstrap or confidence.
     """
     metrics = {"auc": roc_auc(y_true, y_score)}
     if n_bootstrap == 0:
@@ -135,7 +167,10 @@ def membership_metrics(y_true, y_score, *, fprs: tuple[float, ...] = (0.01, 0.00
     else:
         metrics["auc_low"], metrics["auc_high"] = auc_confidence_interval(
             y_true, y_score, n_bootstrap=n_bootstrap, confidence=confidence, seed=seed)
+    n0 = int((np.asarray(y_true) == np.min(y_true)).sum()) if len(np.unique(y_true)) == 2 else 0
     for f in fprs:
-        metrics[f"tpr@{f:g}fpr"] = tpr_at_fpr(y_true, y_score, fpr=f)
+        metrics[f"tpr@{f:g}fpr"] = tpr_at_fpr(y_true, y_score, fpr=f) if resolvable(f, n0) else float("nan")
+    metrics["min_resolvable_fpr"] = min_resolvable_fpr(n0)
+    metrics["tpr_at_min_fpr"] = tpr_at_fpr(y_true, y_score, fpr=metrics["min_resolvable_fpr"]) if n0 else float("nan")
     metrics["balanced_accuracy"] = balanced_accuracy_best(y_true, y_score)
     return metrics

@@ -17,8 +17,9 @@ from pathlib import Path
 
 from fedleak.common.io import atomic_write_json, atomic_write_text
 
-SCHEMA = "fedleak-results/5"  # 2: rounds, audit bounds, extraction details; 3: poisoning; 4: seeds, cost, machine;
-# 5: identifiers (what the report redacts)
+SCHEMA = "fedleak-results/6"  # 2: rounds, audit bounds, extraction details; 3: poisoning; 4: seeds, cost, machine;
+# 5: identifiers (what the report redacts); 6: matched non-members and blind baselines, resolvable TPRs, rate
+# intervals, planned DP budgets, data quality and file provenance, plug-ins, refused uploads
 LIBRARIES = ("torch", "transformers", "tokenizers", "peft", "safetensors", "numpy", "scikit-learn", "matplotlib")
 CELL_KEYS = ("algorithm", "defense", "scenario", "attack", "family", "observer", "client", "round", "seed",
              "n_members", "n_nonmembers")
@@ -69,12 +70,15 @@ def validate_file(path: Path) -> dict:
         raise FedleakError(f"{path}: not found: give a run folder or its results.json") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FedleakError(f"{path}: not JSON ({exc}): give the results.json that fedleak wrote") from None
+    except OSError as exc:  # a folder named results.json, no permission
+        raise FedleakError(f"{path}: cannot be read ({exc.strerror or exc}): give a readable results.json "
+                           f"that fedleak wrote") from None
     if not isinstance(results, dict):
         raise FedleakError(f"{path}: a results file is a JSON object: give the results.json that fedleak wrote")
     try:
         validate_results(results)
     except ValueError as exc:
-        raise FedleakError(f"{path}: {exc}") from None
+        raise FedleakError(f"{path}: {exc}: fix those fields, or give a results.json that fedleak wrote") from None
     return results
 
 

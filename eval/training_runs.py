@@ -21,11 +21,13 @@ from fedleak.eval.cache import (EVALUATION_FILE, TRAINING_FILE, cache_key, code_
 from fedleak.eval.config import RunConfig, build_defense, plain
 from fedleak.eval.context import SeedContext, seed_context
 from fedleak.eval.plan import TrainingUnit
-from fedleak.eval.poisoning import backdoors_of, build_adversary, detection, scenario_record, trigger_rates
+from fedleak.eval.poisoning import (backdoor_prompts, backdoors_of, build_adversary, detection, scenario_record,
+                                    trigger_rates)
 from fedleak.eval.utility import evaluate_utility
 from fedleak.federated import checkpoint
 from fedleak.federated.adapters import add_lora
 from fedleak.federated.data import FederatedData
+from fedleak.federated.fedpit import SelfGenerating
 from fedleak.federated.model import load_base_model
 from fedleak.federated.rounds import ALGORITHMS, TrainingSetup, run_rounds
 
@@ -69,22 +71,63 @@ def _synthetic_summary(history: list[dict]) -> dict | None:
     return totals or None
 
 
-def _privacy(history: list[dict]) -> dict | None:
+SELF_GENERATED_SCOPE = (
+    "the DP-SGD trainings on their records as generated: the synthetic records are generated with the "
+    "clients' real records as in-context demonstrations, without noise, so what a real record passes into "
+    "them (and through them into the global adapter) is not bounded")
+
+
+def _record_level(clients: dict[str, dict]) -> dict:
+    """The record-level fields from each client's last accounting (`ClientJob.privacy`)."""
+    order = sorted(clients, key=int)
+    out = {"record_level_epsilon": max(clients[c]["epsilon"] for c in order),
+           "record_level_delta": clients[order[0]]["delta"],
+           "record_level_epsilon_per_client": {c: clients[c]["epsilon"] for c in order}}
+    accounting = {c: clients[c]["accounting"] for c in order if "accounting" in clients[c]}
+    if accounting:  # the RDP accountant's (sigma, sample rate, steps) history: epsilon can be recomputed from it
+        out["record_level_accounting"] = accounting
+        out["record_level_sample_rate"] = {c: list(dict.fromkeys(q for _, q, _ in h)) for c, h in accounting.items()}
+        out["record_level_steps"] = {c: sum(k for _, _, k in h) for c, h in accounting.items()}
+    targets = {clients[c].get("target_epsilon") for c in order} - {None}
+    if targets:
+        out["target_epsilon"] = min(targets)
+        out["exceeded_target"] = out["record_level_epsilon"] > out["target_epsilon"]
+    return out
+
+
+def _privacy(history: list[dict], *, self_generated: bool = False) -> dict | None:
     """The accountants' final epsilons: user-level from the server (DP-FedAvg), record-level from the
-    clients (DP-SGD; the largest over clients, each client's last report)."""
+    clients (DP-SGD; the largest over clients, each client's last report).
+
+    Args:
+        history: the round history; a private client's accounting is in each round's `client_privacy`
+            (a defense that only puts `epsilon` and `delta` in the client metrics is read from there).
+        self_generated: the algorithm trains on records generated from the clients' real ones (FEDPIT,
+            LOCIT+SA): the record-level guarantee's scope is stated in `record_level_scope`.
+
+    Returns:
+        The privacy record of results.json (None when no accountant ran): `record_level_epsilon`,
+        `record_level_delta`, `..._per_client`, `..._accounting`, `..._sample_rate` (accounted rates, per
+        client), `..._steps`, `target_epsilon` and `exceeded_target` with a target, and the user-level
+        `user_level_epsilon`, `user_level_delta`, `user_level_sample_rate`, `user_level_steps`.
+    """
     out = {}
-    server = [(r["epsilon"], r["delta"]) for r in history if "epsilon" in r]
+    server = [r for r in history if "epsilon" in r]
     if server:
-        out["user_level_epsilon"], out["user_level_delta"] = server[-1]
-    clients = {}
+        out["user_level_epsilon"], out["user_level_delta"] = server[-1]["epsilon"], server[-1]["delta"]
+        if "sample_rate" in server[-1]:
+            out["user_level_sample_rate"] = server[-1]["sample_rate"]
+            out["user_level_steps"] = server[-1]["accounted_steps"]
+    clients: dict[str, dict] = {}
     for r in history:
-        for client, metrics in r["client_metrics"].items():
-            if "epsilon" in metrics:
-                clients[client] = (metrics["epsilon"], metrics["delta"])
+        clients.update(r.get("client_privacy", {}))
+    if not clients:  # a defense that reports in the client metrics only
+        for r in history:
+            clients.update({c: m for c, m in r["client_metrics"].items() if "epsilon" in m})
     if clients:
-        out["record_level_epsilon"] = max(e for e, _ in clients.values())
-        out["record_level_delta"] = next(iter(clients.values()))[1]
-        out["record_level_epsilon_per_client"] = {c: e for c, (e, _) in sorted(clients.items())}
+        out.update(_record_level(clients))
+        if self_generated:
+            out["record_level_scope"] = SELF_GENERATED_SCOPE
     return out or None
 
 
@@ -132,7 +175,8 @@ def _train(ctx: SeedContext, unit: TrainingUnit, training_dir: Path, key: str, b
         "algorithm_params": algorithm.params(), "defense_params": defense.params(),
         "train_seconds": run.train_seconds, "final_round": run.final_round,
         "views": checkpoint.available_views(checkpoint.round_dir(scratch, run.final_round)),
-        "synthetic": _synthetic_summary(run.history), "privacy": _privacy(run.history),
+        "synthetic": _synthetic_summary(run.history),
+        "privacy": _privacy(run.history, self_generated=isinstance(algorithm, SelfGenerating)),
         "synthetic_examples": _synthetic_examples(scratch, run.final_round),
         "upload_bytes_per_client_per_round": per_round, "upload_bytes_total": total,
         "torch_threads": torch.get_num_threads(), "rounds": run.history,
@@ -155,7 +199,7 @@ def _evaluate(ctx: SeedContext, unit: TrainingUnit, trained: dict, training_dir:
     poisoning = None
     if ALGORITHMS.get(unit.algorithm.name).federated:
         start = time.perf_counter()
-        poisoning = {**scenario_record(unit.scenario, cfg), "backdoors": {}, "detection": detection(trained["rounds"])}
+        poisoning = {**scenario_record(unit.scenario, cfg), "backdoors": {}, "detection": detection(trained["rounds"], confidence=cfg.attack.confidence)}
         # The clean training measures every backdoor of the matrix (how often the trigger gets the
         # target without poisoning); a poisoned training, its own.
         own = {k: b for k, b in backdoors_of(cfg.matrix.scenarios).items()
@@ -163,8 +207,10 @@ def _evaluate(ctx: SeedContext, unit: TrainingUnit, trained: dict, training_dir:
         if own:
             checkpoint.apply_saved_view(model, final_dir, "global", None, cfg.model.lora)
         for name, backdoor in own.items():
-            poisoning["backdoors"][name] = trigger_rates(model, tokenizer, backdoor, ctx.data.heldout[: cfg.poisoning.prompts],
-                                                         batch_size=cfg.poisoning.batch_size)
+            poisoning["backdoors"][name] = trigger_rates(model, tokenizer, backdoor,
+                                                         backdoor_prompts(ctx.data.heldout, cfg.poisoning.prompts),
+                                                         batch_size=cfg.poisoning.batch_size,
+                                                         confidence=cfg.attack.confidence)
         poisoning["seconds"] = time.perf_counter() - start
     return {"format": "fedleak-evaluation/1", "key": key, "utility": utility, "utility_seconds": utility_seconds,
             "poisoning": poisoning}

@@ -3,10 +3,18 @@
 Client updates and aggregation work on `dict[str, torch.Tensor]` only, so a Flower
 ClientApp/ServerApp (or any other runtime) can wrap them without change. A model may hold several
 named adapters (FEDPIT's global and local ones); `activate` picks which are on and which trains.
+
+An adapter's state is its LoRA tensors only. peft's default (`save_embedding_layers="auto"`) adds the
+whole frozen embedding when `target_modules` names `embed_tokens` or `lm_head`; on a model with tied
+embeddings that is the base weight itself, which would then be uploaded, aggregated, noised by
+DP-FedAvg and checkpointed. fedleak never merges an adapter into the base model, so the LoRA on a tied
+layer is well defined without peft's `ensure_weight_tying` and the base weight stays out of every state.
 """
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -43,18 +51,28 @@ class LoraSettings:
                           task_type="CAUSAL_LM")
 
 
+@contextlib.contextmanager
+def _seeded_quietly(seed: int):
+    """Seeded adapter initialisation without peft's warning that an adapter on a tied layer complicates
+    merging: fedleak never merges (see the module note)."""
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+        warnings.filterwarnings("ignore", message=".*tie_word_embeddings=True.*ensure_weight_tying",
+                                category=UserWarning)
+        torch.manual_seed(seed)
+        yield
+
+
 def add_lora(base_model, settings: LoraSettings, *, seed: int):
     """Wrap `base_model` with a freshly initialised LoRA adapter (seeded) and return the peft model."""
     from peft import get_peft_model
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with _seeded_quietly(seed):
         return get_peft_model(base_model, settings.peft_config())
 
 
 def add_named_adapter(model, name: str, settings: LoraSettings, *, seed: int) -> None:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    """Add another freshly initialised (seeded) LoRA adapter named `name` to a peft model."""
+    with _seeded_quietly(seed):
         model.add_adapter(name, settings.peft_config())
 
 
@@ -65,10 +83,16 @@ def activate(model, names: list[str], *, trainable: str | None = None) -> None:
         param.requires_grad = trainable is not None and f".{trainable}." in param_name and "lora_" in param_name
 
 
-def get_adapter_state(model, adapter: str = DEFAULT) -> AdapterState:
+def _lora_state(model, adapter: str) -> AdapterState:
+    """peft's saved-adapter tensors of `adapter`, never the base model's embedding (see the module note)."""
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name=adapter).items()}
+    return get_peft_model_state_dict(model, adapter_name=adapter, save_embedding_layers=False)
+
+
+def get_adapter_state(model, adapter: str = DEFAULT) -> AdapterState:
+    """A detached copy of the adapter's trainable LoRA tensors: what a client uploads and a checkpoint holds."""
+    return {k: v.detach().clone() for k, v in _lora_state(model, adapter).items()}
 
 
 def set_adapter_state(model, state: AdapterState, adapter: str = DEFAULT, *, source: str = "adapter") -> None:
@@ -79,13 +103,18 @@ def set_adapter_state(model, state: AdapterState, adapter: str = DEFAULT, *, sou
             state's values for it: a silent mix of two views) or has one the model lacks; `source`
             (e.g. the safetensors file) starts the message.
     """
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from peft import set_peft_model_state_dict
 
-    expected = get_peft_model_state_dict(model, adapter_name=adapter).keys()
+    expected = _lora_state(model, adapter)
     missing = sorted(set(expected) - set(state))
     if missing:
         raise FedleakError(f"{source} lacks {len(missing)} of the adapter's {len(expected)} tensors (first: "
                            f"{missing[0]}): restore the file or rerun the training")
+    wrong = next((k for k in expected if k in state and state[k].shape != expected[k].shape), None)
+    if wrong is not None:
+        raise FedleakError(f"{source}: tensor {wrong} has shape {list(state[wrong].shape)}, the model's adapter "
+                           f"{list(expected[wrong].shape)}: it was trained with another LoRA r or base model; use "
+                           f"the config it was trained with")
     result = set_peft_model_state_dict(model, state, adapter_name=adapter)
     unexpected = getattr(result, "unexpected_keys", None) or []
     if unexpected:

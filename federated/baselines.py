@@ -5,7 +5,9 @@
 - `locit`: each client trains alone on its own data; nothing is exchanged, there is no server.
   Views: `client/i`.
 - `locit_sa`: like `locit`, on its own data plus data it self-generates with its own model
-  (the paper's LOCIT+SA), with the same generation settings as `fedpit`.
+  (the paper's LOCIT+SA), with the same generation settings as `fedpit`. Under DP-SGD its budget is
+  planned for `synthetic_per_round` synthetic records a round; its synthetic records come from its
+  real ones (in-context demonstrations, no noise), which the accountant does not bound.
 """
 
 from __future__ import annotations
@@ -54,6 +56,17 @@ class LocITSA(SelfGenerating):
 
     has_server = False
     federated = False
+
+    def training_plan(self, records: int) -> tuple[tuple[str, int], ...]:
+        """One training a round, on the client's records plus `synthetic_per_round` synthetic ones.
+
+        Args:
+            records: the client's own records.
+
+        Returns:
+            ((the adapter, records + synthetic_per_round),).
+        """
+        return ((DEFAULT, records + self.synthetic_per_round),)
 
     def client_round(self, ctx: ClientContext) -> ClientResult:
         set_adapter_state(ctx.model, ctx.memory.get("adapter", ctx.initial_state))

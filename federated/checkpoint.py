@@ -15,7 +15,9 @@ client view is the global file plus the client's local adapter). Layout of one r
     round-0001/manifest.json   round, clients, example counts, views, sha256 of every file
 
 Tensor files are written first, the manifest last, each atomically: a round folder whose manifest
-exists is complete. Loading checks every hash and never unpickles (safetensors only).
+exists is complete. Loading checks every hash and never unpickles (safetensors only): a manifest
+that points at anything but a `.safetensors` file in its own round folder is refused, and so is a
+file whose safetensors header does not parse.
 """
 
 from __future__ import annotations
@@ -75,26 +77,74 @@ def write_round(training_dir: Path, round_number: int, *, files: dict[str, Adapt
 
 
 def read_manifest(folder: Path) -> dict:
+    """A round folder's manifest.json, checked: format, files (each a .safetensors file name in the
+    folder with a sha256) and views (each naming listed files).
+
+    Raises:
+        FedleakError: one line naming manifest.json, the field and the fix.
+    """
     path = Path(folder) / "manifest.json"
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FedleakError(f"{path} is missing: the round was not finished; rerun the training") from None
     except json.JSONDecodeError as exc:
         raise FedleakError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno}): rerun the training") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else None
+    except UnicodeDecodeError:
+        raise FedleakError(f"{path} is not UTF-8 JSON text (binary content): restore it or rerun the training") from None
+    except OSError as exc:  # a folder named manifest.json, no permission
+        raise FedleakError(f"{path} cannot be read ({exc.strerror or exc}): make it a readable JSON file or rerun "
+                           f"the training") from None
+    if not isinstance(manifest, dict):
+        raise FedleakError(f"{path}: holds a JSON {type(manifest).__name__}, not an object: write the manifest "
+                           f"of README 'Checkpoint format'")
+    if manifest.get("format") != FORMAT:
+        found = manifest.get("format")
         raise FedleakError(f"{path}: field 'format' is {found!r}, expected {FORMAT!r}: "
                            f"write checkpoints with fedleak's documented layout")
     for field_name in ("files", "views"):
         if not isinstance(manifest.get(field_name), dict):
             raise FedleakError(f"{path}: field {field_name!r} is missing or not an object: see README "
                                f"'Checkpoint format'")
-    for key in manifest["views"]:
+    for stem, entry in manifest["files"].items():
+        _check_entry(path, stem, entry)
+    clients = manifest.get("clients", [])
+    if not isinstance(clients, list) or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0
+                                                for c in clients):
+        raise FedleakError(f"{path}: field 'clients' = {str(clients)[:80]} is not a list of client indices: write "
+                           f"e.g. [0, 1, 2] or leave it out (every client)")
+    for key, adapters in manifest["views"].items():
         observer, _, client = key.partition("/")
         if observer not in OBSERVERS or (client and not client.isdigit()) or (observer != "global") != bool(client):
             raise FedleakError(f"{path}: view {key!r}: use 'global', 'upload/N' or 'client/N' (N a client index)")
+        if not isinstance(adapters, dict) or not adapters:
+            raise FedleakError(f"{path}: views.{key} is not an object of adapter name -> file: write e.g. "
+                               f'{{"default": "global"}}')
+        for name, stem in adapters.items():
+            if not isinstance(stem, str) or stem not in manifest["files"]:
+                raise FedleakError(f"{path}: views.{key}.{name} = {stem!r} is not in files: list it under 'files' "
+                                   f"or name one of {', '.join(manifest['files']) or 'none'}")
     return manifest
+
+
+def _check_entry(path: Path, stem: str, entry) -> None:
+    """One `files` entry: {"path": "<name>.safetensors", "sha256": 64 hex digits}. A pickle (.bin, .pt,
+    .pkl) could run code when loaded, and a path outside the round folder could read any file: both
+    are refused before anything is opened."""
+    field_name = f"files.{stem}"
+    if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not isinstance(entry.get("sha256"), str):
+        raise FedleakError(f"{path}: {field_name} must be {{\"path\": \"{stem}.safetensors\", \"sha256\": \"...\"}}: "
+                           f"see README 'Checkpoint format'")
+    name = entry["path"]
+    if not name.endswith(".safetensors"):
+        raise FedleakError(f"{path}: {field_name}.path = {name!r} is not a .safetensors file: fedleak never loads "
+                           f"pickle files (.bin, .pt, .pkl); convert it with safetensors.torch.save_file")
+    if Path(name).name != name or name in (".", ".."):
+        raise FedleakError(f"{path}: {field_name}.path = {name!r} leaves the round folder: use a file name inside "
+                           f"{path.parent}")
+    if not re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]):
+        raise FedleakError(f"{path}: {field_name}.sha256 = {entry['sha256'][:80]!r} is not a sha256 hex digest: "
+                           f"write the file's sha256 (64 lowercase hex digits)")
 
 
 def available_views(folder: Path) -> list[str]:
@@ -102,20 +152,51 @@ def available_views(folder: Path) -> list[str]:
 
 
 def load_file(folder: Path, stem: str, manifest: dict | None = None) -> AdapterState:
+    """The tensors of one listed file (float32), after checking its sha256 and its safetensors layout.
+
+    Raises:
+        FedleakError: one line naming the file: missing, unreadable, changed (sha256), not a valid
+            safetensors file, or holding a tensor that is not a floating-point number array.
+    """
     folder = Path(folder)
     manifest = manifest or read_manifest(folder)
     entry = manifest["files"].get(stem)
     if entry is None:
-        raise FedleakError(f"{folder / 'manifest.json'} lists no file {stem!r}")
+        raise FedleakError(f"{folder / 'manifest.json'} lists no file {stem!r}: add it under 'files' or fix the view")
     path = folder / entry["path"]
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         raise FedleakError(f"{path} is missing although the manifest lists it: rerun the training") from None
+    except OSError as exc:
+        raise FedleakError(f"{path} cannot be read ({exc.strerror or exc}): restore the file or rerun the "
+                           f"training") from None
     if sha256_bytes(data) != entry["sha256"]:
         raise FedleakError(f"{path}: sha256 does not match manifest.json (the file was changed or corrupted): "
                            f"restore it or rerun the training")
-    return {k: v.to(torch.float32) for k, v in load_safetensors(data).items()}
+    try:
+        tensors = load_safetensors(data)
+    except Exception as exc:  # safetensors raises its own error type (and others) for a corrupt header
+        raise FedleakError(f"{path}: not a valid safetensors file ({' '.join(str(exc).split())[:200]}): restore "
+                           f"it or rerun the training") from None
+    bad = next((k for k, v in tensors.items() if not v.is_floating_point()), None)
+    if bad is not None:
+        raise FedleakError(f"{path}: tensor {bad!r} has dtype {tensors[bad].dtype}, not floating point: write "
+                           f"the adapter's LoRA weights as they were trained")
+    return {k: v.to(torch.float32) for k, v in tensors.items()}
+
+
+def verify_round(folder: Path) -> dict:
+    """Check every file a round's manifest lists (present, sha256, safetensors layout) without a model:
+    `fedleak attack` runs it on every round before any output, data or model work.
+
+    Returns:
+        the manifest.
+    """
+    manifest = read_manifest(folder)
+    for stem in manifest["files"]:
+        load_file(folder, stem, manifest)
+    return manifest
 
 
 def _view_files(folder: Path, manifest: dict, observer: str, client: int | None) -> dict[str, str]:

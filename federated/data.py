@@ -88,7 +88,8 @@ CANARY_CATEGORY = "canary"
 
 @dataclass(frozen=True)
 class Record:
-    """One Alpaca-style record; `identifiers` lists the private strings inside its text."""
+    """One Alpaca-style record; `identifiers` lists the private strings inside its text, and
+    `identifier_types` the type of each (empty: the generator's layout, see attacks/extraction/pii.py)."""
 
     instruction: str
     input: str
@@ -96,6 +97,7 @@ class Record:
     category: str
     record_id: str
     identifiers: tuple[str, ...] = ()
+    identifier_types: tuple[str, ...] = ()
 
     def to_alpaca(self) -> dict[str, str]:
         return {"instruction": self.instruction, "input": self.input, "output": self.output,
@@ -309,6 +311,9 @@ def make_audit_canaries(n: int, *, seed: int, num_clients: int, taken: Sequence[
 class FederatedData:
     """Everything a run trains and attacks on; `clients[i]` already includes its canary copies.
 
+    `quality` is what the run reports about the data besides its sizes (the data file, its hash and field
+    mapping, duplicates dropped, the split used and why, truncation once a tokenizer counted it), and
+    `warnings` the problems found while preparing it (federated/datasource.py, federated/dataquality.py).
     The public pretraining corpus is not here: it belongs to the embedded model's build.
     """
 
@@ -317,6 +322,8 @@ class FederatedData:
     canaries: list[Canary] = field(default_factory=list)
     reference_canaries: list[Canary] = field(default_factory=list)
     audit_canaries: list[Canary] = field(default_factory=list)  # repetitions 1 = inserted, 0 = not
+    quality: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def members_of(self, clients) -> list[Record]:
         """The non-canary records that the given clients train on."""
@@ -334,6 +341,7 @@ class FederatedData:
             "reference_canaries": len(self.reference_canaries),
             "audit_canaries": len(self.audit_canaries),
             "audit_canaries_inserted": sum(c.repetitions for c in self.audit_canaries),
+            **self.quality,
         }
 
 

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
 from fedleak.federated.data import (FederatedData, generate_records, make_audit_canaries, make_canaries,
                                    with_canaries)
-from fedleak.common.errors import FedleakError
+from fedleak.common.errors import FedleakError, did_you_mean
 from fedleak.common.params import NonNegativeInt, OpenUnitInterval, PositiveInt, check_fields
-from fedleak.federated.loader import FieldNames, load_alpaca
-from fedleak.federated.partition import partition
+from fedleak.federated.dataquality import drop_duplicates, drop_overlap
+from fedleak.federated.loader import DEFAULT_CATEGORY, DataFile, FieldNames, read_data_file
+from fedleak.federated.partition import partition, split_plan
 from fedleak.federated.seeding import numpy_rng
 
 
@@ -40,12 +42,34 @@ class FileDataSettings:
     input_field: str = field(default="input", metadata={"help": "Key of the optional input (context) in each record."})
     output_field: str = field(default="output", metadata={"help": "Key of the response in each record."})
     category_field: str = field(default="category", metadata={
-        "help": "Key of the category the Dirichlet partition splits on (records without one share a category)."})
+        "help": "Key of the category the Dirichlet partition splits on (records without one share a category). "
+                "A name other than the default must occur in some record; with fewer than two categories the "
+                "split falls back to iid in equal sizes, and results.json's data.split says so."})
     heldout_fraction: OpenUnitInterval = field(default=0.2, metadata={
         "help": "Share of the file's records kept out of training (at least 1): the non-members and the utility set."})
+    identifiers_field: str = field(default="", metadata={
+        "help": "Key of a list of the record's secret strings (names, account numbers): the `pii` attack counts "
+                "them and the report redacts them; \"\": none. It must occur in some record."})
+    identifier_patterns: tuple[str, ...] = field(default=(), metadata={
+        "help": "Regexes (Python syntax) whose matches in a record's text are its identifiers: `pii` counts them "
+                "and the report redacts them, e.g. ['\\b\\d{3}-\\d{2}-\\d{4}\\b'] (TOML '...' strings keep "
+                "backslashes as written)."})
 
     def __post_init__(self):
         check_fields(self, "data.file.")
+        for i, pattern in enumerate(self.identifier_patterns):
+            key = f"data.file.identifier_patterns[{i}] = {pattern!r}"
+            try:
+                compiled = re.compile(pattern)
+            except re.error as exc:
+                raise FedleakError(f"{key} is not a valid regex ({exc}): fix the pattern (in TOML write it "
+                                   f"in single quotes so backslashes stay as written)") from None
+            if compiled.search(""):
+                raise FedleakError(f"{key} matches the empty text, so it would mark every position: make it "
+                                   f"match at least one character")
+
+
+FIELD_DEFAULTS = {f.name: f.default for f in fields(FileDataSettings)}
 
 
 @dataclass(frozen=True)
@@ -64,25 +88,80 @@ class DataSettings:
                                "Alpaca-style .json or .jsonl file")
 
 
+def _file_records(f: FileDataSettings, path: Path, method: str,
+                  warnings: list[str]) -> tuple[DataFile, list, int, str | None]:
+    """The file's records with exact duplicates dropped, the count dropped, and why a Dirichlet split has
+    no category to skew on (None when it has one); problems found go to `warnings` (missing categories
+    only under the `method` "dirichlet": an iid split never reads them)."""
+    loaded = read_data_file(path, FieldNames(instruction=f.instruction_field, input=f.input_field,
+                                             output=f.output_field, category=f.category_field,
+                                             identifiers=f.identifiers_field), patterns=f.identifier_patterns)
+    n = len(loaded.records)
+    for name, found, default in (("category_field", loaded.with_category, FIELD_DEFAULTS["category_field"]),
+                                 ("identifiers_field", loaded.with_identifiers, "")):
+        value = getattr(f, name)
+        if value and value != default and not found:  # a name the user gave that no record holds: a typo
+            raise FedleakError(f"{path}: data.file.{name} = {value!r} is in none of the {n} records: "
+                               f"{did_you_mean(value, loaded.keys)}use one of the records' keys: "
+                               f"{', '.join(loaded.keys)}")
+    no_category = None
+    if method == "dirichlet" and not loaded.with_category:
+        no_category = f"no record has the field {f.category_field!r}"
+        warnings.append(f"{path}: none of the {n} records has the category field {f.category_field!r}: a Dirichlet "
+                        f"split would only draw the clients' sizes, so a Dirichlet partition falls back to iid "
+                        f"(equal sizes): set data.file.category_field to the field that holds each record's topic")
+    elif method == "dirichlet" and loaded.with_category < n:
+        warnings.append(f"{path}: {n - loaded.with_category} of {n} records have no {f.category_field!r} field: they "
+                        f"share the category {DEFAULT_CATEGORY!r} in the split")
+    records, dropped = drop_duplicates(loaded.records)
+    if dropped:
+        warnings.append(f"{path}: dropped {dropped} exact duplicate records (same instruction, input and output "
+                        f"after whitespace normalisation) before the held-out split, so no text is both a member "
+                        f"and a non-member; {len(records)} of {n} remain")
+    return loaded, records, dropped, no_category
+
+
 def prepare_data(settings: DataSettings, *, seed: int, num_clients: int, partition_method: str,
                  alpha: float, min_records: int, base_dir: Path = Path(".")) -> FederatedData:
+    """The seed's data: exact duplicates dropped, held-out split, partition (with the fallback of
+    `split_plan`), canaries; `quality` and `warnings` say what was found and done."""
+    warnings: list[str] = []
+    no_category = None
     if settings.source == "embedded":
         s = settings.embedded
-        pool = generate_records(s.private_records, seed=seed, purpose="private", private=True)
-        heldout = generate_records(s.heldout_records, seed=seed, purpose="heldout", private=True)
+        pool, dropped = drop_duplicates(generate_records(s.private_records, seed=seed, purpose="private", private=True))
+        heldout, dropped_heldout = drop_duplicates(generate_records(s.heldout_records, seed=seed, purpose="heldout",
+                                                                    private=True))
+        heldout, overlap = drop_overlap(heldout, pool)  # a held-out text that is also trained on is no non-member
+        dropped += dropped_heldout + overlap
+        if dropped:
+            warnings.append(f"data.embedded: dropped {dropped} generated records whose text repeats another's "
+                            f"({overlap} held-out records equal to training records)")
+        quality = {"source": "embedded"}
     else:
         f = settings.file
         path = Path(f.path) if Path(f.path).is_absolute() else base_dir / f.path
-        records = load_alpaca(path, FieldNames(instruction=f.instruction_field, input=f.input_field,
-                                               output=f.output_field, category=f.category_field))
+        loaded, records, dropped, no_category = _file_records(f, path, partition_method, warnings)
         order = numpy_rng(seed, "heldout-split").permutation(len(records))
         n_heldout = max(1, round(f.heldout_fraction * len(records)))
         if n_heldout >= len(records):
-            raise FedleakError(f"{path}: {len(records)} records leave none for training after the held-out "
+            raise FedleakError(f"{path}: {len(records)} distinct records leave none for training after the held-out "
                                f"split (data.file.heldout_fraction = {f.heldout_fraction}): add records")
         heldout = [records[int(i)] for i in order[:n_heldout]]
         pool = [records[int(i)] for i in order[n_heldout:]]
-    clients = partition(pool, [r.category for r in pool], method=partition_method, num_clients=num_clients,
+        quality = {"source": "file", "file": {
+            "path": f.path, "sha256": loaded.sha256, "records": len(loaded.records),
+            "fields": {"instruction": f.instruction_field, "input": f.input_field, "output": f.output_field,
+                       "category": f.category_field, "identifiers": f.identifiers_field or None},
+            "records_with_category": loaded.with_category,
+            "identifier_patterns": list(f.identifier_patterns),
+            "records_with_identifiers": sum(bool(r.identifiers) for r in records)}}
+    labels = [r.category for r in pool]
+    plan = split_plan(labels, partition_method, alpha=alpha, reason=no_category)
+    if plan["method"] != plan["requested"] and no_category is None:
+        warnings.append(f"federation.partition = 'dirichlet' has no category to skew on ({plan['reason']}): the "
+                        f"records are split iid in equal sizes instead")
+    clients = partition(pool, labels, method=plan["method"], num_clients=num_clients,
                         alpha=alpha, min_records=min_records, rng=numpy_rng(seed, "partition"))
     canaries, reference, audit = [], [], []
     if settings.source == "embedded":
@@ -94,5 +173,6 @@ def prepare_data(settings: DataSettings, *, seed: int, num_clients: int, partiti
                                     taken=canaries + reference)
         if canaries or audit:
             clients = with_canaries(clients, canaries + [c for c in audit if c.repetitions], seed=seed)
+    quality.update({"duplicates_dropped": dropped, "split": plan})
     return FederatedData(clients=clients, heldout=heldout, canaries=canaries, reference_canaries=reference,
-                         audit_canaries=audit)
+                         audit_canaries=audit, quality=quality, warnings=warnings)

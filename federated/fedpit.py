@@ -18,6 +18,13 @@ records; a client with no accepted synthetic record uploads nothing that round;
 a malicious client (a poisoning scenario) poisons the synthetic records behind its upload, since
 its local adapter is never shared (its local adapter trains on clean data);
 `generate_every_round = False` generates once, in the first round the client is sampled.
+
+Under DP-SGD both trainings are charged to the client's one accountant, and `training_plan`
+declares them (global on `synthetic_per_round` records, local on the real plus as many synthetic
+ones) so the defense solves one noise for their composition over all rounds
+(`fedleak.defenses.dp_sgd`). The synthetic records are generated with the client's real records
+as in-context demonstrations, without noise: DP-SGD on the global adapter bounds its training on
+the synthetic records, not what the real records pass into them.
 """
 
 from __future__ import annotations
@@ -100,6 +107,17 @@ class SelfGenerating(Algorithm):
 @register_algorithm("fedpit")
 class FedPIT(SelfGenerating):
     """FEDPIT: global adapter trained on self-generated data is shared, local adapter on real data stays home (Zhang et al. 2024)."""
+
+    def training_plan(self, records: int) -> tuple[tuple[str, int], ...]:
+        """Two trainings a round: the global adapter on the synthetic records, the local one on real + synthetic.
+
+        Args:
+            records: the client's own records.
+
+        Returns:
+            ((global adapter, synthetic_per_round), (local adapter, records + synthetic_per_round)).
+        """
+        return (DEFAULT, self.synthetic_per_round), (LOCAL, records + self.synthetic_per_round)
 
     def prepare(self, model: torch.nn.Module, setup: TrainingSetup) -> None:
         add_named_adapter(model, LOCAL, setup.lora, seed=derive_seed(setup.seed, "local-init"))

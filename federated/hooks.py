@@ -33,6 +33,10 @@ class ClientJob:
     generator: torch.Generator
     adapter: str = DEFAULT  # the peft adapter being trained (the only one with requires_grad)
     planned_rounds: int = 1  # rounds in the whole training (for privacy budgets planned up front)
+    # The trainings the client runs each round, (adapter, planned records) in order (`Algorithm.training_plan`):
+    # a privacy budget is planned over all of them. Empty: this job alone, on its examples.
+    plan: tuple[tuple[str, int], ...] = ()
+    privacy: dict | None = None  # set by a private train_client: the client's cumulative accounting after it
 
     def run(self) -> dict:
         """Train `adapter` in place with plain AdamW on `examples`, batches drawn from `generator`.
@@ -79,7 +83,11 @@ class TrainingHooks:
 
         Args:
             job: the client, round, model (its `job.adapter` trainable), encoded examples, settings
-                and seeded batch generator; `job.run()` is the plain loop.
+                and seeded batch generator; `job.run()` is the plain loop. A private training plans
+                its budget over `job.plan` and `job.planned_rounds`, and sets `job.privacy` to the
+                client's cumulative accounting (`epsilon`, `delta`, `target_epsilon`, `accounting`:
+                the accountant's (sigma, sample rate, steps) history): the round loop records it
+                in the round history's `client_privacy`, however the algorithm nests its metrics.
 
         Returns:
             Training metrics, JSON-serialisable, with at least `loss_last_quarter` (mean training
@@ -95,7 +103,9 @@ class TrainingHooks:
         """Transform the uploads the server received (norm clipping); called after the adversary's.
 
         Args:
-            updates: one per uploading client, in client order, malicious uploads already poisoned.
+            updates: one per uploading client, in client order, malicious uploads already poisoned;
+                uploads with a NaN or inf value were refused before this hook (`info.metrics["refused"]`),
+                so at least one and every value finite.
             global_state: the global adapter the clients started from this round.
             info: the round; record per-round facts in `info.metrics` (they go to the round history).
 

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -160,20 +161,55 @@ def build_embedded(cfg: EmbeddedModelConfig, *, cache_dir: Path | None = None) -
     return target
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # "name" or "org/name", as the hub spells ids
+
+
+def looks_like_path(name: str | os.PathLike) -> bool:
+    """Whether `model.name` can only be a folder: absolute, starting with . or ~, or not shaped like a
+    hub id ("org/name"). A relative "models/llama" is both: it is a folder when one exists."""
+    text = str(name)
+    return (os.path.isabs(text) or text.startswith((".", "~")) or os.sep in text.replace("/", "")
+            or not _HUB_ID.fullmatch(text))
+
+
+def missing_folder(name: str | os.PathLike) -> str | None:
+    """The one-line fix for a `model.name` that names a folder that does not exist; None otherwise."""
+    path = Path(name).expanduser()
+    if not looks_like_path(name) or path.is_dir():
+        return None
+    what = "is a file, not a folder" if path.exists() else "does not exist"
+    return (f"model.name = {str(name)!r}: the folder {path.absolute()} {what}: give an existing model folder "
+            f"(relative paths start from the working directory), \"embedded\", or a Hugging Face id (org/name)")
+
+
 def load_base_model(name_or_path: str | os.PathLike, *, allow_download: bool = False):
-    """Load (model, tokenizer) in fp32 eval mode from a local folder or, if allowed, the Hub."""
+    """Load (model, tokenizer) in fp32 eval mode from a local folder or, if allowed, the Hub.
+
+    Raises:
+        FedleakError: one line naming model.name: a folder that does not exist, a folder that holds no
+            model, or a hub id that is not available offline (or not found online).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    problem = missing_folder(name_or_path)
+    if problem:  # the hub library would answer with its repo-id rules, which confuse a user who gave a path
+        raise FedleakError(problem)
+    local = Path(name_or_path).expanduser()
+    ref = str(local) if local.is_dir() else str(name_or_path)
     local_only = not allow_download
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), local_files_only=local_only)
-        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), local_files_only=local_only,
-                                                     dtype=torch.float32)
-    except OSError as exc:
-        hint = ("set model.allow_download = true to fetch it" if local_only
-                else "check the model id and your network")
-        raise FedleakError(f"model.name = {str(name_or_path)!r} could not be loaded ({str(exc).splitlines()[0]}): "
-                           f"give a local model folder or {hint}") from None
+        tokenizer = AutoTokenizer.from_pretrained(ref, local_files_only=local_only)
+        model = AutoModelForCausalLM.from_pretrained(ref, local_files_only=local_only, dtype=torch.float32)
+    except (OSError, ValueError) as exc:  # transformers raises either for a folder or id it cannot use
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if local.is_dir():
+            raise FedleakError(f"model.name = {str(name_or_path)!r}: the folder {local} holds no loadable model "
+                               f"({first}): give a folder written by save_pretrained (config.json, weights, "
+                               f"tokenizer files)") from None
+        hint = ("no folder of that name exists here and the hub is off: give a local model folder or set "
+                "model.allow_download = true to fetch it" if local_only
+                else f"{first}: check the model id and your network")
+        raise FedleakError(f"model.name = {str(name_or_path)!r}: {hint}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()

@@ -3,6 +3,11 @@
 Dirichlet label skew follows Hsu et al. 2019 ("Measuring the effects of non-identical data
 distribution"): for each category, the share of its records that each client receives is drawn
 from Dir(alpha); small alpha gives each client few categories, large alpha approaches IID.
+
+With fewer than two categories there is no label to skew: a Dirichlet split would be one draw over
+the clients' sizes (e.g. [34, 110, 29] for 173 records), which is not the topic skew it claims to be.
+`split_plan` then falls back to the size-balanced IID split (a random permutation cut into equal
+parts) and says why, so the run records the split it actually used.
 """
 
 from __future__ import annotations
@@ -35,6 +40,21 @@ def dirichlet_partition(items: Sequence[T], labels: Sequence[str], *, num_client
         for client, part in enumerate(np.split(idx, cuts)):
             clients[client].extend(int(i) for i in part)
     return [[items[i] for i in sorted(c)] for c in clients]
+
+
+def split_plan(labels: Sequence[str], method: str, *, alpha: float, reason: str | None = None) -> dict:
+    """The split the records get, for results.json: `{"method", "requested", "categories", "alpha"?,
+    "reason"?}`. Dirichlet needs two categories or more; below that (or when the caller gives a `reason`,
+    e.g. no record names a category) it falls back to the size-balanced IID split."""
+    categories = len(set(labels))
+    plan = {"method": method, "requested": method, "categories": categories}
+    if method == "dirichlet" and (reason or categories < 2):
+        plan["method"] = "iid"
+        plan["reason"] = reason or (f"every record has the same category ({next(iter(set(labels)), 'none')!r}): "
+                                    f"Dirichlet skew needs two or more")
+    if plan["method"] == "dirichlet":
+        plan["alpha"] = alpha
+    return plan
 
 
 def partition(items: Sequence[T], labels: Sequence[str], *, method: str, num_clients: int, alpha: float,

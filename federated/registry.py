@@ -17,6 +17,23 @@ from fedleak.common.errors import FedleakError, did_you_mean
 from fedleak.common.params import validated
 
 T = TypeVar("T")
+PLUGIN_GROUP_PREFIX = "fedleak."  # every registry's entry-point group is "fedleak.<kind>s"
+
+
+def plugin_entry_points() -> list:
+    """Every installed entry point of a fedleak group, sorted: each registry loads all of its group's on
+    first lookup, so these are the plug-ins a run loads (what the cache's code fingerprint must cover)."""
+    import re
+    from importlib.metadata import distributions
+
+    found, seen = [], set()
+    for dist in distributions():  # as entry_points() does: the first of a name on sys.path wins
+        name = re.sub(r"[-_.]+", "-", (dist.metadata["Name"] or "").lower())
+        if name in seen:
+            continue
+        seen.add(name)
+        found += [ep for ep in dist.entry_points if ep.group.startswith(PLUGIN_GROUP_PREFIX)]
+    return sorted(found, key=lambda ep: (ep.group, ep.name, ep.value))
 
 
 class RegistryError(FedleakError):

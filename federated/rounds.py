@@ -9,6 +9,7 @@ observer's view each round: `global`, `upload/i`, `client/i`.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from abc import abstractmethod
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 
 from fedleak.federated import checkpoint
 from fedleak.federated.adapters import DEFAULT, AdapterState, LoraSettings, add_lora, get_adapter_state
+from fedleak.federated.aggregation import nonfinite_reason
 from fedleak.federated.data import FederatedData, Record
 from fedleak.common.errors import FedleakError
 from fedleak.common.params import NonNegativeFloat, PositiveFloat, PositiveInt, UnitInterval, check_fields
@@ -33,6 +35,7 @@ if TYPE_CHECKING:  # annotations only: transformers loads with the model, not wi
     from transformers import PreTrainedTokenizerBase
 
 GLOBAL = "<global>"  # in a client view: "the adapter the server aggregated this round"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,8 @@ class ClientContext:
     memory: dict
     setup: TrainingSetup
     data_poisoned: bool = False  # set by poison_data: the round loop checks a malicious client's data was poisoned
+    plan: tuple[tuple[str, int], ...] = ()  # the algorithm's training_plan for this client (ClientJob.plan)
+    privacy: dict | None = None  # the client's cumulative accounting after its last private training
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -139,11 +144,13 @@ class ClientContext:
         job = ClientJob(client=self.client, round=self.round, model=self.model, examples=examples,
                         settings=settings, pad_id=self.tokenizer.pad_token_id,
                         generator=torch_generator(self.setup.seed, "client-batches", self.round, self.client, adapter),
-                        adapter=adapter, planned_rounds=self.setup.federation.rounds)
+                        adapter=adapter, planned_rounds=self.setup.federation.rounds, plan=self.plan)
         torch.manual_seed(derive_seed(self.setup.seed, "client-train", self.round, self.client, adapter))  # dropout
         if malicious:
             return job.run()
-        return self.setup.hooks.train_client(job)
+        metrics = self.setup.hooks.train_client(job)
+        self.privacy = job.privacy or self.privacy
+        return metrics
 
 
 @dataclass
@@ -192,7 +199,8 @@ class Algorithm(Component):
 
         Args:
             data: the run's federated split.
-            contributors: the clients that uploaded in at least one round.
+            contributors: the clients whose uploads entered the global adapter in at least one round
+                (refused, clipped-away and rule-excluded uploads do not count).
 
         Returns:
             Client indices; empty for an algorithm without a server.
@@ -211,6 +219,17 @@ class Algorithm(Component):
             The records of `global_clients(data, contributors)`.
         """
         return data.members_of(self.global_clients(data, contributors))
+
+    def training_plan(self, records: int) -> tuple[tuple[str, int], ...]:
+        """The trainings a client runs through `ctx.train` each round: a DP defense plans its budget over all.
+
+        Args:
+            records: the client's own records (`client_data`'s list for it).
+
+        Returns:
+            (adapter, planned records) per training, in the order `client_round` runs them.
+        """
+        return ((DEFAULT, records),)
 
     def prepare(self, model: torch.nn.Module, setup: TrainingSetup) -> None:
         """Add adapters beyond the default one, once before the first round (FEDPIT's local adapter).
@@ -284,7 +303,12 @@ def _write_artifacts(folder: Path, results: dict[int, ClientResult]) -> dict:
 
 
 def run_rounds(setup: TrainingSetup, algorithm: Algorithm) -> TrainingRun:
-    """Train, write one checkpoint folder per round (round 0 = the initial adapter)."""
+    """Train, write one checkpoint folder per round (round 0 = the initial adapter).
+
+    The server refuses an upload holding a NaN or inf value before any defense hook sees it (the round
+    history's `refused` names the client and the tensor, with a warning); a round with nothing left to
+    aggregate, or whose aggregate is not finite, keeps the previous global adapter (`global_unchanged`).
+    """
     fed, seed = setup.federation, setup.seed
     client_records = algorithm.client_data(setup.data)
     num_clients = len(client_records)
@@ -309,24 +333,56 @@ def run_rounds(setup: TrainingSetup, algorithm: Algorithm) -> TrainingRun:
         info = RoundInfo(round=rnd, clients=sampled, num_clients_total=num_clients,
                          generator=torch_generator(seed, "server", rnd))
         results: dict[int, ClientResult] = {}
+        privacy: dict[str, dict] = {}  # each private client's accounting (DP-SGD), whatever its metrics' nesting
         for client in tqdm(sampled, desc="clients", unit="client", disable=not setup.progress, leave=False):
             ctx = ClientContext(client=client, round=rnd, model=model, records=client_records[client],
                                 examples=examples[client], global_state=global_state, initial_state=initial,
-                                memory=memory[client], setup=setup)
+                                memory=memory[client], setup=setup,
+                                plan=algorithm.training_plan(len(client_records[client])))
             results[client] = algorithm.client_round(ctx)
+            if ctx.privacy is not None:
+                privacy[str(client)] = ctx.privacy
             if setup.adversary.poisons_data and setup.adversary.acts(client, rnd) and not ctx.data_poisoned:
                 raise FedleakError(f"algorithm {algorithm.name!r} does not support data poisoning: its client_round "
                                    f"must pass the records its upload trains on through ctx.poison_data(...)")
         updates = [ClientUpdate(client=c, state=r.upload, num_examples=r.num_examples)
                    for c, r in results.items() if r.upload is not None]
+        if algorithm.has_server and not updates:
+            info.metrics["aggregated"] = []  # no upload: the global adapter holds nobody's data from this round
         if algorithm.has_server and updates:
             updates = setup.adversary.poison_updates(updates, global_state=global_state, info=info)
             for u in updates:  # the upload view is what the server received
                 results[u.client].upload = u.state
-            received = setup.hooks.before_aggregation(updates, global_state=global_state, info=info)
-            new_state = setup.hooks.aggregate(received, info=info)
-            global_state = setup.hooks.after_aggregation(new_state, previous=global_state, info=info)
-            contributors |= {u.client for u in updates}
+            # A NaN or inf coordinate would spread through every rule into the global adapter: refuse it.
+            refused = {str(u.client): f"non-finite upload ({reason})" for u in updates
+                       if (reason := nonfinite_reason(u.state)) is not None}
+            for client, reason in refused.items():
+                log.warning("%s round %d: refused client %s's %s", setup.label or "training", rnd, client, reason)
+            accepted = [u for u in updates if str(u.client) not in refused]
+            if refused:
+                info.metrics["refused"] = refused
+            received = (setup.hooks.before_aggregation(accepted, global_state=global_state, info=info)
+                        if accepted else [])
+            new_state = None
+            if received:
+                new_state = setup.hooks.after_aggregation(setup.hooks.aggregate(received, info=info),
+                                                          previous=global_state, info=info)
+                if (reason := nonfinite_reason(new_state)) is not None:
+                    log.warning("%s round %d: the aggregate has %s: the global adapter stays as it was",
+                                setup.label or "training", rnd, reason)
+                    info.metrics["aggregate_refused"] = f"non-finite aggregate ({reason})"
+                    new_state = None
+            if new_state is None:  # nothing usable this round: the clients keep the previous global adapter
+                info.metrics["global_unchanged"] = True
+                aggregated = []
+            else:
+                global_state = new_state
+                # Whose data entered the global adapter: what the rule received, less what it excluded
+                # (Krum's unselected uploads); the global view's members are scored against these.
+                excluded = set(info.metrics.get("excluded_clients", ()))
+                aggregated = sorted({u.client for u in received} - excluded)
+                contributors |= set(aggregated)
+            info.metrics["aggregated"] = aggregated
         folder = checkpoint.round_dir(setup.out_dir, rnd)
         artifacts = _write_artifacts(folder, results)
         files, views = _round_files(global_state, results, algorithm.record_uploads and not setup.hooks.hides_uploads)
@@ -340,7 +396,8 @@ def run_rounds(setup: TrainingSetup, algorithm: Algorithm) -> TrainingRun:
                                          for u in updates},
                         "seconds": time.perf_counter() - round_start,
                         "client_metrics": {str(c): r.metrics for c, r in results.items()},
-                        "mean_train_loss": sum(losses) / len(losses) if losses else None, **info.metrics})
+                        "mean_train_loss": sum(losses) / len(losses) if losses else None,
+                        **({"client_privacy": privacy} if privacy else {}), **info.metrics})
         if losses:
             rounds_bar.set_postfix(loss=f"{history[-1]['mean_train_loss']:.3f}")
     return TrainingRun(model=model, history=history, train_seconds=time.perf_counter() - start,

@@ -1,6 +1,7 @@
 """The defense ranking: what each defense buys against the same algorithm without defense (the drop of
-the worst-case membership AUC, extraction headlines, utility cost, poisoning headlines), and the
-privacy-utility frontier of the clean trainings with its Pareto front."""
+the worst-case membership AUC, ranked only where the two AUCs' intervals do not overlap; extraction
+headlines, utility cost, poisoning headlines), and the privacy-utility frontier of the clean trainings
+with its Pareto front."""
 
 from __future__ import annotations
 
@@ -9,15 +10,19 @@ from dataclasses import dataclass
 
 from fedleak.common.names import CHANCE_AUC, CLEAN, NO_DEFENSE
 from fedleak.reports.document import Figure, Section, Table, epsilon_text, fmt, is_number, privacy_level, signed
-from fedleak.reports.merge import Merged, best, by, pair, worst_auc
+from fedleak.reports.merge import Merged, best, by, interval, metric_text, pair, worst_auc, worst_auc_cell
 from fedleak.reports.plots import axes, png
 from fedleak.reports.summary import headline
 
 DEFENSES_INTRO = (
     "What each defense buys against the same algorithm without defense (`none`), clean trainings, final round. "
     "Leakage: the worst-case membership AUC (largest over attacks, views and clients); its reduction is the drop "
-    "of that AUC's excess over chance (0.5), with the share of the excess removed. Rows are ranked within each "
-    "algorithm by that reduction, largest first; rows without a measured reduction come last. Extraction "
+    "of that AUC's excess over chance (0.5), with the share of the excess removed, given only where the two AUCs' "
+    "95% intervals (bootstrap within a seed; across seeds with several) do not overlap, a conservative test; "
+    "where they overlap the difference is inside the noise and the row reads \"not distinguishable\". Rows "
+    "with a distinguishable reduction are ranked within each algorithm, largest first; the others follow "
+    "unranked, in training order. The worst-case AUC's blind baseline (the same attack on the base model) "
+    "stands beside it. Extraction "
     "columns: each attack's headline on its worst view, with the change against `none`; utility cost: change of "
     "the global model's held-out loss (+ is worse) and ROUGE-L (- is worse); poisoning columns: the defense's "
     "headline under each scenario (ASR for a backdoor). With several seeds the numbers are means and the changes "
@@ -40,6 +45,26 @@ class DefenseRow:
     reduction: float | None  # drop of the worst-case AUC against `none` (positive: less leakage)
     share: float | None  # reduction / the baseline's excess over chance
     cells: list[str]  # the rendered row
+    distinguishable: bool = False  # the two worst-case AUCs' intervals do not overlap: the reduction is ranked
+
+
+def separated(cell: dict | None, other: dict | None) -> bool | None:
+    """Whether two cells' AUC intervals are disjoint (a conservative test of a difference); None when
+    either lacks an interval."""
+    a, b = (interval(c, "auc") if c else None for c in (cell, other))
+    if not a or not b:
+        return None
+    return a[1] < b[0] or b[1] < a[0]
+
+
+def _reduction_text(reduction: float | None, share: float | None, distinct: bool | None) -> str:
+    if reduction is None:
+        return "n/a"
+    if distinct is None:
+        return f"not distinguishable (no interval; {signed(reduction)})"
+    if not distinct:
+        return f"not distinguishable ({signed(reduction)}, intervals overlap)"
+    return signed(reduction) + (f" ({fmt(share * 100, 0)}%)" if share is not None else "")
 
 
 def defense_rows(run: Merged) -> list[DefenseRow]:
@@ -50,18 +75,22 @@ def defense_rows(run: Merged) -> list[DefenseRow]:
     pairs = list(dict.fromkeys([*clean, *map(pair, privacy), *map(pair, poisoning)]))
     extraction = by([c for c in privacy if c["family"] == "extraction"], "attack")
     scenarios = by(poisoning, "scenario")
-    worst = {p: worst_auc([c for c in privacy if pair(c) == p]) for p in pairs}
+    worst_cell = {p: worst_auc_cell([c for c in privacy if pair(c) == p]) for p in pairs}
+    worst = {p: worst_auc([worst_cell[p]] if worst_cell[p] else []) for p in pairs}
     rows = []
     for p in pairs:
         base = (p[0], NO_DEFENSE)
         auc, where = worst[p]
         base_auc = worst.get(base, (None, ""))[0]
         reduction = base_auc - auc if is_number(auc) and is_number(base_auc) and p != base else None
-        share = reduction / (base_auc - CHANCE_AUC) if reduction is not None and base_auc > CHANCE_AUC else None
+        distinct = separated(worst_cell[p], worst_cell.get(base)) if reduction is not None else None
+        share = reduction / (base_auc - CHANCE_AUC) if distinct and base_auc > CHANCE_AUC else None
         if p == base:
             change = "baseline" if is_number(auc) else "n/a"
         else:
-            change = signed(reduction) + (f" ({fmt(share * 100, 0)}%)" if share is not None else "")
+            change = _reduction_text(reduction, share, distinct)
+        blind = (worst_cell[p] or {}).get("metrics", {}).get("blind_auc")
+        where += f"; blind {fmt(blind)}" if is_number(blind) else ""
         cells = [p[0], p[1], f"{fmt(auc)} ({where})" if is_number(auc) else "n/a", change]
         for attack_cells in extraction.values():
             metric = headline(attack_cells).metric
@@ -78,12 +107,16 @@ def defense_rows(run: Merged) -> list[DefenseRow]:
         cells.append(epsilon_text(training.get("privacy")) if training else "n/a")
         for scenario_cells in scenarios.values():
             metric = headline(scenario_cells).metric
-            cells.append(fmt(best([c for c in scenario_cells if pair(c) == p], metric)[0]))
-        rows.append(DefenseRow(p[0], p[1], auc, where, reduction, share, cells))
+            value, cell = best([c for c in scenario_cells if pair(c) == p], metric)
+            cells.append(metric_text(cell, metric) if cell else fmt(value))  # an ASR on n prompts: its interval
+        rows.append(DefenseRow(p[0], p[1], auc, where, reduction, share, cells, bool(distinct)))
     order = list(dict.fromkeys(r.algorithm for r in rows))
-    # Within an algorithm: the baseline's "reduction" is 0, so it sits between defenses that help and hurt.
-    effective = lambda r: 0.0 if (r.defense == NO_DEFENSE and is_number(r.worst_auc)) else r.reduction
-    return sorted(rows, key=lambda r: (order.index(r.algorithm), effective(r) is None, -(effective(r) or 0.0)))
+    # Within an algorithm: the baseline's "reduction" is 0, so it sits between defenses that help and hurt;
+    # a reduction inside the noise is never ranked (stable sort: those keep training order, after).
+    baseline = lambda r: r.defense == NO_DEFENSE and is_number(r.worst_auc)
+    ranked = lambda r: baseline(r) or r.distinguishable
+    drop = lambda r: 0.0 if baseline(r) or not ranked(r) else r.reduction
+    return sorted(rows, key=lambda r: (order.index(r.algorithm), not ranked(r), -drop(r)))
 
 
 def _global(training: dict | None, name: str) -> float | None:

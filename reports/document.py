@@ -95,12 +95,17 @@ def view_label(cell: dict) -> str:
 
 
 def epsilon_text(privacy: dict | None) -> str:
-    """The accountant's epsilon: record-level (DP-SGD, worst client) and/or user-level (DP-FedAvg)."""
+    """The accountant's epsilon: record-level (DP-SGD, worst client; against its target, loudly when above
+    it) and/or user-level (DP-FedAvg)."""
     if not privacy:
         return "n/a"
     parts = []
     if "record_level_epsilon" in privacy:
-        parts.append(f"record {fmt(privacy['record_level_epsilon'], 2)} (delta {privacy['record_level_delta']:g})")
+        spent, target = privacy["record_level_epsilon"], privacy.get("target_epsilon")
+        against = "" if not is_number(target) else \
+            f" EXCEEDS target {target:g}" if is_number(spent) and spent > target else f" of target {target:g}"
+        scope = ", not what real records pass into self-generated data" if privacy.get("record_level_scope") else ""
+        parts.append(f"record {fmt(spent, 2)}{against} (delta {privacy['record_level_delta']:g}{scope})")
     if "user_level_epsilon" in privacy:
         parts.append(f"user {fmt(privacy['user_level_epsilon'], 2)} (delta {privacy['user_level_delta']:g})")
     return "; ".join(parts)

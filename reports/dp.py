@@ -10,21 +10,46 @@ from fedleak.reports.plots import axes, png, wrap
 
 DP_INTRO = (
     "Differential privacy: the accountant's epsilon (an upper bound, at its delta) beside the empirical lower "
-    "bounds the membership attacks give (final round, largest over attacks). The record-level guarantee (DP-SGD) "
-    "covers every view; the user-level one (DP-FedAvg) the global model only. `audit`: whether every lower bound "
-    "on a covered view stays at or below the accountant's epsilon, as it must.")
+    "bounds the membership attacks give (final round, largest over attacks). With a target epsilon, DP-SGD's "
+    "noise is solved so that each client's spent epsilon (every DP training it runs, all rounds, at the sample "
+    "rates Opacus accounts) meets the target; a spent epsilon above it is marked EXCEEDS. The record-level "
+    "guarantee (DP-SGD) covers every view; the user-level one (DP-FedAvg) the global model only. FEDPIT and "
+    "LOCIT+SA generate their synthetic records with the clients' real records as in-context demonstrations, "
+    "without noise: their record-level epsilon bounds the DP-SGD trainings on the records as generated, not "
+    "what a real record passes into the synthetic data, so it covers no view for the real records' membership. "
+    "`audit`: whether every lower bound on a covered view stays at or below the accountant's epsilon, as it must.")
+NOT_COVERED = "none (real records reach the synthetic data without noise)"
+
+
+def _scope(privacy: dict) -> tuple[float | None, str]:
+    """The epsilon the covered views are held to and which views those are (record-level when both apply:
+    it covers every view, unless the training's data is self-generated from the real records)."""
+    if is_number(privacy.get("record_level_epsilon")) and not privacy.get("record_level_scope"):
+        return privacy["record_level_epsilon"], "every view"
+    if is_number(privacy.get("user_level_epsilon")):
+        return privacy["user_level_epsilon"], "global"
+    return None, NOT_COVERED
 
 
 def _covered(cells: list[dict], privacy: dict) -> list[dict]:
-    return cells if is_number(privacy.get("record_level_epsilon")) else [c for c in cells if c["observer"] == "global"]
+    covers = _scope(privacy)[1]
+    if covers == "every view":
+        return cells
+    return [c for c in cells if c["observer"] == "global"] if covers == "global" else []
 
 
 def _guarantee(privacy: dict) -> float | None:
-    """The epsilon the covered views are held to (record-level when both apply: it covers every view)."""
-    for name in ("record_level_epsilon", "user_level_epsilon"):
-        if is_number(privacy.get(name)):
-            return privacy[name]
-    return None
+    """The accountant's epsilon shown beside the bounds: the covering one, else the record-level one."""
+    epsilon = _scope(privacy)[0]
+    return epsilon if epsilon is not None else privacy.get("record_level_epsilon")
+
+
+def spent_text(privacy: dict) -> str:
+    """The record-level epsilon spent, loudly marked when above its target."""
+    spent, target = privacy.get("record_level_epsilon"), privacy.get("target_epsilon")
+    if is_number(spent) and is_number(target) and spent > target:
+        return f"{fmt(spent, 2)} EXCEEDS target"
+    return fmt(spent, 2)
 
 
 def dp_rows(run: Merged) -> list[tuple[dict, float | None, float | None, float | None]]:
@@ -51,15 +76,17 @@ def dp_table(run: Merged, rows: list) -> Table:
         global_bound, global_cell = best([c for c in mine if c["observer"] == "global"], "epsilon_lb")
         any_bound, any_cell = best(mine, "epsilon_lb")
         bounds = [b for b in (bound, one_run) if is_number(b)]
-        verdict = ("n/a" if not bounds or guarantee is None else
+        covers = _scope(privacy)[1]
+        verdict = ("n/a: no view covered" if covers == NOT_COVERED else "n/a" if not bounds or guarantee is None else
                    "consistent" if max(bounds) <= guarantee else "lower bound above the accountant: broken DP?")
         table.append([t["algorithm"], defense_label(t), privacy_level(t, epsilon=False) or "n/a",
-                      fmt(privacy.get("record_level_epsilon"), 2), fmt(privacy.get("user_level_epsilon"), 2),
+                      fmt(privacy.get("target_epsilon"), 2), spent_text(privacy),
+                      fmt(privacy.get("user_level_epsilon"), 2),
                       f"{fmt(global_bound, 2)} ({global_cell['attack']})" if global_cell else "n/a",
                       f"{fmt(any_bound, 2)} ({any_cell['attack']}, {view(any_cell)})" if any_cell else "n/a",
                       fmt(best(mine, "one_run_epsilon_lb")[0], 2),
-                      "every view" if is_number(privacy.get("record_level_epsilon")) else "global", verdict])
-    return Table(["algorithm", "defense", "noise setting", "record-level eps (accountant)",
+                      covers, verdict])
+    return Table(["algorithm", "defense", "noise setting", "target eps", "record-level eps spent (accountant)",
                   "user-level eps (accountant)", "empirical eps global", "empirical eps (max over views)",
                   "one-run eps (max)", "guarantee covers", "audit"], table)
 

@@ -33,7 +33,8 @@ def _mean_over_seeds(per_seed: list[dict], stats: dict) -> tuple[dict, dict]:
     for name in dict.fromkeys(k for m in per_seed for k in m):
         stat = stats.get(name) or {}
         values = [m[name] for m in per_seed if is_number(m.get(name))]
-        means[name] = stat.get("mean") if "mean" in stat else (float(np.mean(values)) if values else None)
+        complete = len(values) == len(per_seed)  # a metric some seeds lack has no mean across seeds
+        means[name] = stat.get("mean") if "mean" in stat else (float(np.mean(values)) if values and complete else None)
         if is_number(stat.get("ci_low")) and is_number(stat.get("ci_high")):
             intervals[name] = (stat["ci_low"], stat["ci_high"])
     return means, intervals
@@ -201,7 +202,12 @@ def by(cells: list[dict], name: str) -> dict[str, list[dict]]:
     return groups
 
 
+def worst_auc_cell(cells: list[dict]) -> dict | None:
+    """The membership cell with the largest AUC (over attacks, views and clients), or None."""
+    return best([c for c in cells if c["family"] == "membership"], "auc")[1]
+
+
 def worst_auc(cells: list[dict]) -> tuple[float | None, str]:
     """Worst case over membership attacks and views (all clients) at the final round: the largest AUC."""
-    value, cell = best([c for c in cells if c["family"] == "membership"], "auc")
-    return value, (f"{cell['attack']}, {view(cell)}" if cell else "")
+    cell = worst_auc_cell(cells)
+    return (cell["metrics"]["auc"], f"{cell['attack']}, {view(cell)}") if cell else (None, "")

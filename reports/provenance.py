@@ -39,9 +39,45 @@ def provenance_table(run: Merged) -> Table:
             ["subset (--only)", ", ".join(results.get("only") or []) or "none: the whole matrix"],
             *([["checkpoints attacked", results["checkpoint_dir"]]] if results.get("checkpoint_dir") else []),
             ["model", f"{model.get('name')} ({model.get('parameters', '?')} parameters)"],
-            ["data", json.dumps(results.get("data", {}))]]
+            *data_rows(results.get("data") or {})]
     rows += [[name, fmt(version)] for name, version in results.get("versions", {}).items()]
     return Table(["what", "value"], rows)
+
+
+def data_rows(data: dict) -> list[list[str]]:
+    """What the run trained on: the data file (path as given, sha256, records, field mapping), the split
+    used and why, duplicates dropped, truncation at max_length and the declared identifiers; results from
+    before these were recorded show their sizes alone."""
+    sizes = {k: data[k] for k in ("client_sizes", "heldout", "canaries", "reference_canaries", "audit_canaries",
+                                  "audit_canaries_inserted") if k in data}
+    file = data.get("file")
+    if file:
+        fields = ", ".join(f"{role} = {name!r}" for role, name in file.get("fields", {}).items() if name)
+        source = (f"{file.get('path')} (sha256 {file.get('sha256')}, {fmt(file.get('records'))} records; fields: "
+                  f"{fields}; {fmt(file.get('records_with_category'))} records name a category)")
+    else:
+        source = {"embedded": "data.embedded (synthetic clinical records)"}.get(data.get("source"), "n/a")
+    rows = [["data", source], ["data sizes", json.dumps(sizes)]]
+    split = data.get("split")
+    if split:
+        text = split["method"] + (f" (alpha {fmt(split['alpha'])})" if "alpha" in split else "")
+        if split.get("method") != split.get("requested"):
+            text += f", not the requested {split.get('requested')}: {split.get('reason')}"
+        rows.append(["data split", f"{text}; {fmt(split.get('categories'))} categories"])
+    if "duplicates_dropped" in data:
+        rows.append(["duplicates dropped", f"{data['duplicates_dropped']} exact duplicate records (same instruction, "
+                                           f"input and output), before the held-out split"])
+    cut = data.get("truncation")
+    if cut:
+        kept = cut.get("answer_tokens_kept")
+        rows.append(["truncation", f"{cut['answer_cut']} of {cut['records']} records have their answer cut at "
+                                   f"max_length {cut['max_length']} tokens"
+                                   + (f" ({kept:.0%} of answer tokens kept)" if is_number(kept) else "")
+                                   + f"; {cut['prompt_fills']} prompts fill it"])
+    if file and (file.get("identifier_patterns") or file.get("fields", {}).get("identifiers")):
+        rows.append(["identifiers", f"{fmt(file.get('records_with_identifiers'))} records carry identifiers "
+                                    f"(patterns: {', '.join(file.get('identifier_patterns') or []) or 'none'})"])
+    return rows
 
 
 def _bytes(value) -> str:

@@ -4,7 +4,9 @@ Identifiers are what results.json records under `identifiers` (eval/identifiers.
 uses as names (for fedleak's synthetic data its first and last name lists, patients' and clinicians' alike)
 and regexes for its formats (dates YYYY-MM-DD, 555-DDD-DDDD phone numbers, 8-digit record numbers and 6-digit
 canary secrets, also truncated or glued to other text as a small model writes them); plus, exactly, every
-identifier string the results list (PII examples, canary names). Results written before `identifiers` was
+identifier string the results list (PII examples, canary names); for a user's data file, the identifier
+patterns it declares (`data.file.identifier_patterns`) and the secrets its records list
+(`data.file.identifiers_field`, recorded under `identifiers.secrets`). Results written before `identifiers` was
 recorded (schema 4) are redacted as they were then: the synthetic data's name lists and formats.
 Redacting a clinician's name or a six-digit lab value too is the safe side of the trade. Five digits
 stay: fedleak's record ids have five (private-00013), so a record number a model cuts that short stays.
@@ -26,8 +28,8 @@ MIN_SECRET_LENGTH = 3  # shorter strings would redact ordinary words
 
 REDACTED_NOTE = (f"Private identifiers in model outputs, prompts and examples are replaced by `{MARKER}`: names, "
                  "dates, record numbers, phone numbers and canary secrets in the formats of fedleak's synthetic "
-                 "data (clinicians' names and any number of six digits or more too), and every identifier the "
-                 "results list. "
+                 "data (clinicians' names and any number of six digits or more too), the identifier patterns and "
+                 "secrets a data file declares, and every identifier the results list. "
                  "`fedleak report RUN_DIR --show-secrets` writes the report with them in full.")
 SHOWN_NOTE = ("This report shows private identifiers in full (written with `--show-secrets`): keep it as private "
               "as the training data; `fedleak report RUN_DIR` rewrites it redacted.")
@@ -72,10 +74,12 @@ def redactor(results: dict, *, show_secrets: bool) -> Callable[[str], str]:
     """The function every displayed text goes through: identity with show_secrets, else redaction."""
     if show_secrets:
         return lambda text: text
-    listed = sorted(secrets_in([results.get("cells", []), results.get("trainings", [])]), key=len, reverse=True)
     # A results file from before `identifiers` was recorded (schema 4) came from fedleak's synthetic data
     # or was redacted as if it had: the generator's names and formats, as its report was then.
     recorded = results.get("identifiers") or {"names": synthetic_names(), "patterns": IDENTIFIER_FORMATS}
+    found = secrets_in([results.get("cells", []), results.get("trainings", [])])
+    found.update(s for s in recorded.get("secrets", []) if len(s) >= MIN_SECRET_LENGTH)  # a data file's own
+    listed = sorted(found, key=len, reverse=True)
     names = [_name_pattern(recorded["names"])] if recorded.get("names") else []
     # Exact secrets first: a listed full name or secret becomes one marker, not pieces.
     alternatives = [*map(re.escape, listed), *recorded.get("patterns", []), *names]

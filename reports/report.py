@@ -36,9 +36,16 @@ def load_results(run_dir: Path) -> dict:
         raise FedleakError(f"{path} not found: give the output folder of a finished `fedleak run`") from None
     except json.JSONDecodeError as exc:
         raise FedleakError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno}): rerun `fedleak run`") from None
+    except UnicodeDecodeError as exc:
+        raise FedleakError(f"{path} is not UTF-8 text (byte {exc.start}): give the output folder of a `fedleak run`, "
+                           f"or rerun it") from None
+    except OSError as exc:
+        raise FedleakError(f"{path} cannot be read ({exc.strerror or exc}): give the output folder of a finished "
+                           f"`fedleak run`") from None
     schema = results.get("schema") if isinstance(results, dict) else None
     if not str(schema or "").startswith("fedleak-results/"):
-        raise FedleakError(f"{path}: field 'schema' is {schema!r}: not a fedleak results file")
+        raise FedleakError(f"{path}: field 'schema' is {schema!r}: not a fedleak results file; give the output "
+                           f"folder of a `fedleak run`")
     return results
 
 

@@ -5,7 +5,7 @@ attack per view, the audit bounds beside the accountant's epsilon) and the utili
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -18,10 +18,13 @@ from fedleak.reports.plots import axes, png, wrap
 from fedleak.reports.redact import redaction_note
 
 INTRO = ("Membership inference: higher AUC and TPR at low FPR mean more leakage (0.5 AUC is chance). "
-         "With n non-members, a TPR at an FPR below 1/n is the TPR at zero false positives. Observers: "
+         "With n non-members an FPR below 1/n cannot be measured: such a TPR@x%FPR reads \"not resolvable\" and "
+         "the TPR at FPR = 1/n stands beside it. Blind AUC: the same attack on the base model (adapters off), "
+         "chance when members and non-members are alike. Observers: "
          "`global` is the aggregated adapter (server and every client), `upload` a client's upload (a curious "
          "server), `client` a client's final model (the client itself); for `upload` and `client` the members "
-         "are that client's records. Tables show the final round unless they say otherwise; AUC intervals are "
+         "are that client's records, and on every view the non-members are held-out records in the same number per "
+         "category. Tables show the final round unless they say otherwise; AUC intervals are "
          "bootstrap confidence intervals. The empirical epsilon is a lower bound on the epsilon of any "
          "differential-privacy guarantee the view could have (Clopper-Pearson bounds on the attack's FPR and FNR at "
          "its best threshold); the one-run epsilon comes from audit canaries inserted with probability 1/2 "
@@ -37,8 +40,9 @@ HEATMAP_CAPTION = ("Summary: each attack's headline number. Membership rows: the
                    "clients at the final round, on the clean trainings; extraction rows: exact-match rate "
                    "(discoverable), share of own identifiers leaked (pii), largest canary exposure in bits "
                    "(exposure), share of sampled generations with private text (generate_rank), worst view; "
-                   "poisoning rows: the scenario's trainings, attack success rate for a backdoor, else the increase "
-                   "of the global model's held-out loss. Colour runs within each row from no leakage (white: AUC "
+                   "poisoning rows: the scenario's trainings, attack success rate for a backdoor (in the table with its "
+                   "Clopper-Pearson interval; the poisoning section says which differences the intervals "
+                   "resolve), else the increase of the global model's held-out loss. Colour runs within each row from no leakage (white: AUC "
                    "0.5, rate 0) to the most (AUC 1, rate 1; exposure and loss: the row's largest); grey: not "
                    "measured.")
 
@@ -70,6 +74,7 @@ class HeadlineRow:
     values: dict[tuple[str, str], float | None]  # (algorithm, defense) -> value
     scale: tuple[float, float] | None  # colour range; None: the row's own range
     digits: int = 2
+    texts: dict[tuple[str, str], str] = field(default_factory=dict)  # the table's text where it has an interval
 
 
 def headline(cells: list[dict]) -> Headline:
@@ -97,9 +102,12 @@ def headline_rows(run: Merged) -> list[HeadlineRow]:
     for title, cells in groups:
         head = headline(cells)
         values: dict[tuple[str, str], float | None] = {}
+        texts: dict[tuple[str, str], str] = {}
         for p in dict.fromkeys(pair(c) for c in cells):
-            values[p], _ = best([c for c in cells if pair(c) == p], head.metric)
-        rows.append(HeadlineRow(f"{title}: {head.label}", values, head.scale, head.digits))
+            values[p], cell = best([c for c in cells if pair(c) == p], head.metric)
+            if cell is not None and cell["family"] == "poisoning":  # an ASR on a few prompts needs its interval
+                texts[p] = metric_text(cell, head.metric, head.digits)
+        rows.append(HeadlineRow(f"{title}: {head.label}", values, head.scale, head.digits, texts))
     return rows
 
 
@@ -113,7 +121,7 @@ def headline_columns(run: Merged, rows: list[HeadlineRow]) -> list[tuple[str, st
 def headline_table(columns: list[tuple[str, str]], rows: list[HeadlineRow]) -> Table:
     """The heatmap's numbers as a table (the Markdown report's only view of them)."""
     return Table(["attack: headline", *[f"{a}/{d}" for a, d in columns]],
-                 [[r.label, *[fmt(r.values.get(p), r.digits) for p in columns]] for r in rows])
+                 [[r.label, *[r.texts.get(p) or fmt(r.values.get(p), r.digits) for p in columns]] for r in rows])
 
 
 def _shade(row: HeadlineRow, columns: list[tuple[str, str]]) -> list[float]:
@@ -157,7 +165,12 @@ def summary_section(run: Merged, *, show_secrets: bool) -> Section:
     blocks.append(redaction_note(run.results, show_secrets=show_secrets))
     if len(run.seeds) > 1:
         blocks.append(SEEDS_NOTE.format(n=len(run.seeds), seeds=", ".join(map(str, run.seeds))))
-    blocks += [INTRO, leakage_table(run), utility_table(run),
+    blocks += [INTRO, leakage_table(run)]
+    failed = [c for c in run.results["cells"] if c.get("error")]
+    if failed:  # the run went on past them; their metrics are n/a in every table
+        blocks.append(f"{len(failed)} attack cell(s) failed on their view and have no metrics, first: "
+                      f"{failed[0]['attack']} on {failed[0]['observer']}: {failed[0]['error']}")
+    blocks += [utility_table(run),
                "Utility on held-out records: mean response-token loss, perplexity, and ROUGE-L F1 of greedy answers; "
                "`client` columns average the clients' final models."]
     return Section("Summary", blocks)
@@ -175,13 +188,15 @@ def leakage_table(run: Merged) -> Table:
         membership = [c for c in mine if c["family"] == "membership"]
         row = [training["algorithm"], defense_label(training)]
         for observer in OBSERVERS:
-            per_attack: dict[str, list[float]] = {}
+            per_attack: dict[str, list[dict]] = {}
             for c in membership:
                 if c["observer"] == observer and is_number(c["metrics"].get("auc")):
-                    per_attack.setdefault(c["attack"], []).append(c["metrics"]["auc"])
+                    per_attack.setdefault(c["attack"], []).append(c)
             if per_attack:
-                attack, aucs = max(per_attack.items(), key=lambda kv: np.mean(kv[1]))
-                row.append(f"{mean_range(aucs)} ({attack})")
+                attack, chosen = max(per_attack.items(), key=lambda kv: np.mean([c["metrics"]["auc"] for c in kv[1]]))
+                blind = _mean_of(chosen, lambda c: c["metrics"].get("blind_auc"))
+                row.append(f"{mean_range([c['metrics']['auc'] for c in chosen])} ({attack}"
+                           f"{f'; blind {fmt(blind)}' if blind is not None else ''})")
             else:
                 row.append("n/a")
         eps_global, global_cell = best([c for c in membership if c["observer"] == "global"], "epsilon_lb")

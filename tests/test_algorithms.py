@@ -177,3 +177,41 @@ def test_locit_sa_trains_on_own_plus_synthetic(tmp_path, small_model_path):
         assert own <= {e.input_ids for e in t["examples"]}
         saved = checkpoint.round_dir(run.training_dir, t["round"]) / f"synthetic-client-{t['client']:02d}.jsonl"
         assert len(extra) == len(saved.read_text().splitlines())
+
+
+@pytest.mark.parametrize("name", ["fedpit", "locit_sa"])
+def test_self_generating_algorithms_under_dp_sgd_spend_the_target_and_report_it(tmp_path, small_model_path, name):
+    from fedleak.defenses.dp_sgd import DPSGD
+    from fedleak.eval.training_runs import _privacy
+    from fedleak.reports.document import epsilon_text, fmt
+    from fedleak.reports.dp import dp_rows, dp_table
+    from fedleak.reports.merge import merged
+
+    target = 3.0
+    algorithm = (FedPIT if name == "fedpit" else LocITSA)(**FAST_GEN)
+    run, _, _ = _run(tmp_path, small_model_path, algorithm, hooks=DPSGD(target_epsilon=target))
+    privacy = _privacy(run.history, self_generated=True)
+    per_client = privacy["record_level_epsilon_per_client"]
+    assert set(per_client) == {"0", "1", "2"}
+    for epsilon in per_client.values():  # the budget is planned over every training of every round
+        assert target * 0.99 <= epsilon <= target
+    assert privacy["target_epsilon"] == target and privacy["exceeded_target"] is False
+    both = 0
+    for client, history in privacy["record_level_accounting"].items():
+        metrics = [r["client_metrics"][client] for r in run.history]
+        # FEDPIT charges both adapters' trainings to the client's one accountant.
+        taken = [m[k]["steps"] for m in metrics for k in ("global", "local") if k in m] if name == "fedpit" \
+            else [m["steps"] for m in metrics]
+        assert sum(k for _, _, k in history) == privacy["record_level_steps"][client] == sum(taken) > 0
+        both += sum("global" in m for m in metrics)
+    assert (both > 0) == (name == "fedpit")  # some FEDPIT round trained both adapters
+    assert "in-context demonstrations" in privacy["record_level_scope"]
+    # The report shows the epsilon against its target, and says what it does not cover.
+    training = {"algorithm": name, "defense": "dp_sgd(target_epsilon=3.0)", "scenario": "clean", "seed": 0,
+                "algorithm_name": name, "defense_name": "dp_sgd", "defense_params": {"target_epsilon": target},
+                "privacy": privacy, "utility": {}, "rounds": run.history}
+    text = epsilon_text(privacy)
+    assert text.startswith(f"record {fmt(privacy['record_level_epsilon'], 2)} of target 3 ") and "n/a" not in text
+    report = merged({"seeds": [0], "trainings": [training], "cells": []})
+    (row,) = dp_table(report, dp_rows(report)).rows
+    assert row[3:5] == ["3.00", fmt(privacy["record_level_epsilon"], 2)] and row[-2].startswith("none")

@@ -87,3 +87,48 @@ def test_a_view_missing_an_adapter_tensor_is_refused_not_mixed_with_the_previous
         checkpoint.apply_saved_view(model, folder, "global", None, settings)
     assert str(raised.value) == (f"{folder / 'partial.safetensors'} lacks 1 of the adapter's {len(full)} tensors "
                                  f"(first: {dropped}): restore the file or rerun the training")
+
+
+def _with_file(tmp_path, data: bytes, name: str):
+    """A round whose global view is `data` under `name`, its sha256 in the manifest matching."""
+    folder = _global_only(tmp_path)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / name).write_bytes(data)
+    manifest["files"]["global"] = {"path": name, "sha256": checkpoint.sha256_bytes(data)}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def test_a_corrupt_safetensors_header_is_refused_naming_the_file(tmp_path):
+    good = (_global_only(tmp_path / "good") / "global.safetensors").read_bytes()
+    folder = _with_file(tmp_path, (10 ** 12).to_bytes(8, "little") + good[8:], "broken.safetensors")
+    with pytest.raises(FedleakError, match=r"broken.safetensors: not a valid safetensors file \(.*\): restore it"):
+        checkpoint.verify_round(folder)
+
+
+def test_a_pickle_is_never_opened_even_with_a_matching_sha256(tmp_path, monkeypatch):
+    import pickle
+
+    folder = _with_file(tmp_path, pickle.dumps({"w": 1}), "adapter_model.bin")
+    monkeypatch.setattr(pickle, "loads", lambda *a, **k: pytest.fail("unpickled"))
+    with pytest.raises(FedleakError, match=r"manifest.json: files.global.path = 'adapter_model.bin' is not a "
+                                           r".safetensors file: fedleak never loads pickle files"):
+        checkpoint.load_view(folder, "global")
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda m: m["files"]["global"].update(path="../outside.safetensors"), "leaves the round folder"),
+    (lambda m: m["files"]["global"].update(sha256=5), r"files.global must be \{\"path\""),
+    (lambda m: m["views"]["global"].update(default="absent"), "views.global.default = 'absent' is not in files"),
+    (lambda m: m.update(clients=[0, -1]), "field 'clients' = .* is not a list of client indices"),
+])
+def test_manifest_fields_are_checked_before_any_file_is_read(tmp_path, edit, expected):
+    folder = _global_only(tmp_path)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    edit(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FedleakError, match=expected):
+        checkpoint.read_manifest(folder)
+    (folder / "manifest.json").write_bytes(b"\xff\xfe{")
+    with pytest.raises(FedleakError, match="is not UTF-8 JSON text"):
+        checkpoint.read_manifest(folder)

@@ -50,6 +50,8 @@ def test_shipped_configs_run_every_attack_on_global_and_membership_on_every_view
      "loss is listed twice for the same observer"),
     ({"attack": {"confidence": 1.0}}, r"attack.confidence = 1.0: must be in \(0, 1\)"),
     ({"matrix": {"defenses": ["none", "none"]}}, "listed twice"),
+    ({"model": {"name": "./no-such-model"}}, r"model.name = './no-such-model': the folder .*no-such-model does not "
+                                             r"exist: give an existing model folder"),
 ])
 def test_config_errors_name_the_key(table, expected):
     with pytest.raises(FedleakError, match=expected) as info:
@@ -193,3 +195,13 @@ def test_training_folder_names_are_safe_and_distinct():
     odd, other = unit(path="a/b c").stem, unit(path="a/b_c").stem
     assert "/" not in odd and " " not in odd and odd != other and odd.endswith("-seed0")
     assert len(unit(path="x" * 300).stem) < 130
+
+
+def test_a_config_path_that_is_no_text_file_is_one_line(tmp_path):
+    (tmp_path / "folder.toml").mkdir()
+    (tmp_path / "binary.toml").write_bytes(b"seed = 1\n\xff\xfe")
+    for name, expected in (("folder.toml", "is a folder, not a config file: give the path of a TOML file"),
+                           ("binary.toml", "not UTF-8 text (byte 9 is 0xff): give a TOML text file")):
+        with pytest.raises(FedleakError) as raised:
+            load_config(tmp_path / name)
+        assert str(raised.value).startswith(f"{tmp_path / name}: {expected}")

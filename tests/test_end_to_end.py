@@ -1,6 +1,7 @@
 """One real `fedleak run` on a small config: train, checkpoint, attack, results, report."""
 
 import csv
+import hashlib
 import json
 import os
 import subprocess
@@ -51,7 +52,7 @@ def test_results_schema_and_memorisation(run_dir):
     results = json.loads((run_dir / "results.json").read_text())
     utility_of = lambda algorithm: next(t["utility"] for t in results["trainings"]
                                         if (t["algorithm"], t["defense"]) == (algorithm, "none"))
-    assert results["schema"] == "fedleak-results/5" and results["seed"] == 1 and results["seeds"] == [1]
+    assert results["schema"] == "fedleak-results/6" and results["seed"] == 1 and results["seeds"] == [1]
     validate_results(results)
     assert results["versions"]["torch"] and results["versions"]["fedleak"] == results["fedleak_version"]
     assert "git_commit" in results and results["config"]["federation"]["rounds"] == 5
@@ -166,7 +167,8 @@ def test_local_model_folder_and_user_alpaca_file(tmp_path):
                                cache_dir=tmp_path / "models")
     rows = [{"instruction": r.instruction, "input": r.input, "answer": r.output, "category": r.category}
             for r in generate_records(40, seed=0, purpose="user", private=True)]
-    (tmp_path / "mine.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    data_path = tmp_path / "mine.jsonl"
+    data_path.write_text("\n".join(json.dumps(r) for r in rows))
     (tmp_path / "run.toml").write_text(f"""
 [model]
 name = "{model_dir}"
@@ -194,8 +196,13 @@ attacks = ["loss", "pii", "exposure"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["model"] == {"name": str(model_dir)}
-    assert results["data"] == {"client_sizes": [15, 15], "heldout": 10, "canaries": 0, "reference_canaries": 0,
-                               "audit_canaries": 0, "audit_canaries_inserted": 0}
+    counts = ("client_sizes", "heldout", "canaries", "reference_canaries", "audit_canaries", "audit_canaries_inserted")
+    assert {k: results["data"][k] for k in counts} == {"client_sizes": [15, 15], "heldout": 10, "canaries": 0,
+                                                       "reference_canaries": 0, "audit_canaries": 0,
+                                                       "audit_canaries_inserted": 0}
+    # The report can name the file the numbers came from: its sha256 is the bytes the run read.
+    assert results["data"]["file"]["sha256"] == hashlib.sha256(data_path.read_bytes()).hexdigest()
+    assert results["data"]["duplicates_dropped"] == 0
     cell, pii, exposure = results["cells"]
     assert cell["n_members"] == cell["n_nonmembers"] == 10 and 0 <= cell["metrics"]["auc"] <= 1
     # User data has no planted identifiers or canaries: those attacks say so instead of reporting 0.

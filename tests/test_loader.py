@@ -59,3 +59,12 @@ def test_cli_subprocess_exit_status_for_a_missing_file(tmp_path):
                            "--out", str(tmp_path / "out"), "--quiet"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "nowhere.json: file not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_byte_order_mark_and_a_line_separator_inside_a_jsonl_string_are_text(tmp_path):
+    """Editors on Windows write a UTF-8 BOM; U+2028 is legal inside a JSON string and must not split a line."""
+    path = tmp_path / "d.jsonl"
+    rows = [{"instruction": "q\u2028two", "output": "a\u2029b"}, {"instruction": "q2", "output": "a2"}]
+    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode())
+    records = load_alpaca(path)
+    assert [(r.instruction, r.output) for r in records] == [("q\u2028two", "a\u2029b"), ("q2", "a2")]

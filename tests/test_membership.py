@@ -134,6 +134,35 @@ def test_all_logit_scores_share_one_forward_pass_per_batch_and_model(small_model
     assert all(np.isfinite(s).all() and s.shape == (len(records),) for s in scores.values())
 
 
+def test_the_blind_baseline_is_the_base_model_and_shares_its_passes_across_views(small_model_path):
+    from fedleak.eval.attacking import blind_scores
+
+    base, tokenizer = load_base_model(small_model_path)
+    model = add_lora(base, LoraSettings(), seed=0)
+    with torch.no_grad():  # a visible adapter: the view's scores differ from the base model's
+        for name, weight in model.named_parameters():
+            if "lora_B" in name:
+                weight.fill_(0.05)
+    records = generate_records(8, seed=1, purpose="blind", private=True)
+    counting = _CountingModel(model)
+    env = AttackEnvironment(tokenizer=tokenizer, seed=0, max_length=128, batch_size=4)
+    view = lambda client: Target(model=counting, tokenizer=tokenizer, observer="upload", client=client, round=1,
+                                 max_length=128, env=env)
+    loss = ATTACKS.get("loss")()
+    ATTACKS.get("reference")().score(view(0), records)  # the view's pass and the base model's: 2 per batch
+    batches_per_pass = math.ceil(len(records) / env.batch_size)
+    assert counting.calls == 2 * batches_per_pass
+    blind = blind_scores(loss, view(0), records)
+    assert counting.calls == 2 * batches_per_pass  # the reference attack's base pass serves the blind baseline
+    blind_other_view = blind_scores(loss, view(1), records)  # another view, the same base model: no pass
+    assert counting.calls == 2 * batches_per_pass and np.array_equal(blind, blind_other_view)
+    fresh, _ = load_base_model(small_model_path)  # `base` now carries the LoRA layers: a clean copy
+    expected = -compute_stats(fresh, tokenizer, records, max_length=128, response_only=True, batch_size=4).loss
+    np.testing.assert_allclose(blind, expected, rtol=1e-6)  # the base model with the adapters off
+    assert not np.allclose(loss.score(view(0), records), blind)  # ... and the view itself with them on
+    assert model.get_model_status().enabled is True  # switched back on afterwards
+
+
 def test_scores_separate_members_after_memorisation(small_model_path):
     from fedleak.eval.metrics import roc_auc
 

@@ -28,7 +28,38 @@ def test_tpr_at_fpr_takes_the_best_threshold_under_the_fpr_budget():
     scores = [10, 9, 0.5, 0.4] + [1.0] + [0.0] * 99  # one non-member scores above two members
     assert tpr_at_fpr(y, scores, fpr=0.0) == 0.5
     assert tpr_at_fpr(y, scores, fpr=0.01) == 1.0
-    assert membership_metrics(y, scores)["tpr@0.001fpr"] == 0.5
+    metrics = membership_metrics(y, scores, n_bootstrap=10)
+    assert metrics["tpr@0.01fpr"] == 1.0  # 100 non-members resolve 1% FPR exactly
+    assert math.isnan(metrics["tpr@0.001fpr"])  # ... but not 0.1%: that would be the TPR at FPR 0
+    assert metrics["min_resolvable_fpr"] == 0.01 and metrics["tpr_at_min_fpr"] == 1.0
+
+
+def test_tpr_below_the_resolvable_fpr_is_nan_and_read_at_one_over_n_instead():
+    # 10 non-members: FPR moves in steps of 0.1. Scores, highest first: m m n m m, 9 n, m m
+    y = [1, 1, 0, 1, 1] + [0] * 9 + [1, 1]
+    scores = list(range(16, 0, -1))
+    metrics = membership_metrics(y, scores, n_bootstrap=10)
+    assert math.isnan(metrics["tpr@0.01fpr"]) and math.isnan(metrics["tpr@0.001fpr"])
+    assert metrics["min_resolvable_fpr"] == pytest.approx(0.1)
+    assert metrics["tpr_at_min_fpr"] == pytest.approx(4 / 6)  # one false positive (score 14) allows 4 of 6 members
+    assert membership_metrics(y, scores, fprs=(0.1, 0.2, 0.05), n_bootstrap=10)["tpr@0.1fpr"] == pytest.approx(4 / 6)
+    wider = membership_metrics(y, scores, fprs=(0.2, 0.05), n_bootstrap=10)
+    assert wider["tpr@0.2fpr"] == pytest.approx(4 / 6) and math.isnan(wider["tpr@0.05fpr"])
+    assert tpr_at_fpr(y, scores, fpr=0.0) == pytest.approx(2 / 6)  # FPR 0 is measurable: no false positive
+
+
+def test_non_finite_scores_warn_and_give_nan_not_a_crash():
+    y = [1, 1, 1, 0, 0, 0]
+    for bad in (float("nan"), float("inf")):
+        scores = [0.9, bad, 0.7, 0.1, 0.2, 0.3]
+        with pytest.warns(UndefinedMetricWarning, match="1 of 6 scores are NaN or infinite"):
+            metrics = membership_metrics(y, scores, n_bootstrap=50)
+        assert all(math.isnan(metrics[k]) for k in ("auc", "auc_low", "auc_high", "tpr@0.01fpr", "tpr_at_min_fpr",
+                                                      "balanced_accuracy"))
+        assert metrics["min_resolvable_fpr"] == pytest.approx(1 / 3)  # a fact of the data, not of the scores
+        with pytest.warns(UndefinedMetricWarning):
+            fpr, _ = roc_points(y, scores)
+        assert np.isnan(fpr).all()
 
 
 def test_single_class_warns_and_returns_nan():
@@ -109,7 +140,9 @@ def test_best_balanced_accuracy_on_a_hand_example():
 def test_membership_metrics_keys_and_skipping_the_interval():
     y, scores = _shifted_normal(90)
     metrics = membership_metrics(y, scores, n_bootstrap=200)
-    assert list(metrics) == ["auc", "auc_low", "auc_high", "tpr@0.01fpr", "tpr@0.001fpr", "balanced_accuracy"]
+    assert list(metrics) == ["auc", "auc_low", "auc_high", "tpr@0.01fpr", "tpr@0.001fpr", "min_resolvable_fpr",
+                             "tpr_at_min_fpr", "balanced_accuracy"]
+    assert math.isnan(metrics["tpr@0.001fpr"]) and metrics["min_resolvable_fpr"] == 1 / 90
     assert metrics["auc_low"] < metrics["auc"] < metrics["auc_high"]
     assert (metrics["auc_low"], metrics["auc_high"]) == auc_confidence_interval(y, scores, n_bootstrap=200)
     assert metrics["balanced_accuracy"] == balanced_accuracy_best(y, scores)
@@ -139,3 +172,13 @@ def test_bad_interval_arguments_are_rejected(kwargs):
 def test_more_than_two_classes_are_rejected():
     with pytest.raises(ValueError, match="classes"):
         auc_confidence_interval([0, 1, 2], [0.1, 0.2, 0.3])
+
+
+def test_a_metric_some_seeds_lack_has_no_mean_across_seeds():
+    from fedleak.eval.aggregate import mean_interval
+
+    full = mean_interval([0.5, 0.7, 0.6])
+    assert full["mean"] == pytest.approx(0.6) and full["n"] == 3 and full["ci_low"] < 0.6 < full["ci_high"]
+    # TPR@1%FPR resolvable in one seed of two: the one seed's value must not stand for both.
+    assert mean_interval([0.4, None]) == {"mean": None, "std": None, "ci_low": None, "ci_high": None, "n": 1}
+    assert mean_interval([float("nan"), 0.4])["mean"] is None

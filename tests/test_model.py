@@ -48,9 +48,57 @@ def test_pretrained_base_predicts_the_domain_better_than_chance(small_model_path
     assert build["pretrain_final_loss"] < 0.5 * math.log(build["vocab"])
 
 
-def test_missing_local_model_is_a_clear_error(tmp_path):
-    with pytest.raises(FedleakError, match="allow_download"):
-        load_base_model(tmp_path / "no-such-model")
+def test_missing_local_model_is_a_clear_error(tmp_path, monkeypatch):
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(FedleakError) as raised:
+        load_base_model(missing)
+    assert str(raised.value).startswith(f"model.name = {str(missing)!r}: the folder {missing} does not exist: give")
+    assert "repo" not in str(raised.value).lower()  # not the hub library's repo-id rules
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FedleakError, match=r"the folder .*empty holds no loadable model .*: give a folder written by "
+                                           r"save_pretrained"):
+        load_base_model(tmp_path / "empty")
+    # "org/name" may be a hub id or a relative folder: offline, say both.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FedleakError, match="^model.name = 'models/llama': no folder of that name exists here and the "
+                                           "hub is off: .*set model.allow_download = true"):
+        load_base_model("models/llama")
+
+
+def test_a_lora_on_tied_embeddings_uploads_and_checkpoints_only_lora_tensors(tmp_path, small_model_path):
+    """peft would save the whole (tied, frozen) embedding with the adapter: every upload 7x larger, and
+    DP-FedAvg's noise added to the base weight itself."""
+    from fedleak.defenses.base import Defense
+    from fedleak.federated import checkpoint
+    from fedleak.federated.adapters import LoraSettings
+    from fedleak.federated.data import FederatedData, generate_records
+    from fedleak.federated.fedit import FedIT
+    from fedleak.federated.rounds import FederationSettings, TrainingSetup, run_rounds
+
+    class Uploads(Defense):
+        def __init__(self):
+            self.states = []
+
+        def before_aggregation(self, updates, *, global_state, info):
+            self.states += [u.state for u in updates]
+            return updates
+
+    base, tokenizer = load_base_model(small_model_path)
+    assert base.config.tie_word_embeddings and base.lm_head.weight is base.model.embed_tokens.weight
+    records = generate_records(8, seed=0, purpose="tied", private=True)
+    hooks = Uploads()
+    run = run_rounds(TrainingSetup(
+        base_model=base, tokenizer=tokenizer, data=FederatedData(clients=[records[:4], records[4:]], heldout=[]),
+        federation=FederationSettings(clients=2, rounds=1, local_epochs=1, batch_size=4, min_records_per_client=1),
+        lora=LoraSettings(r=2, alpha=4, target_modules=("q_proj", "lm_head", "embed_tokens")), hooks=hooks, seed=0,
+        out_dir=tmp_path / "run", config_hash="h", progress=False), FedIT())
+    lora_params = sum(p.numel() for n, p in run.model.named_parameters() if "lora_" in n and (".default." in n or n.endswith(".default")))
+    saved = checkpoint.load_view(checkpoint.round_dir(run.training_dir, 1), "upload", 0)["default"]
+    assert len(hooks.states) == 2
+    for state in [*hooks.states, saved]:
+        assert all("lora_" in k for k in state), [k for k in state if "lora_" not in k]
+        assert any("lm_head.lora_" in k for k in state) and any("embed_tokens.lora_embedding" in k for k in state)
+        assert sum(v.numel() for v in state.values()) == lora_params
 
 
 def test_bad_embedded_settings_name_the_field():

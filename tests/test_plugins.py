@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,9 +37,56 @@ def test_entry_point_plugin_is_listed_and_runs_in_a_matrix(tmp_path, tiny_run_co
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     plugin = next(t for t in results["trainings"] if t["defense"] == "freeze_half(keep=lora_A)")
     assert plugin["defense_params"] == {"keep": "lora_A"} and plugin["rounds"][0]["frozen"] == "lora_A"
+    assert _example_record(FIXTURE) in results["plugins"]  # which plug-in, from which distribution and version
     # Without the plug-in on the path the same config is a clear config error.
     proc = _fedleak("run", str(tmp_path / "run.toml"), "--out", str(tmp_path / "out2"), "--quiet")
     assert proc.returncode == 2 and "unknown defense 'freeze_half'" in proc.stderr
+
+
+def _example_record(folder: Path) -> dict:
+    import hashlib
+
+    source = (folder / "fedleak_plugin_example.py").read_bytes()
+    return {"module": "fedleak_plugin_example", "loaded_by": "entry point fedleak.defenses:freeze_half",
+            "distribution": "fedleak-plugin-example", "version": "0.1",
+            "sha256": hashlib.sha256(source).hexdigest()}
+
+
+def test_editing_an_entry_point_plugin_changes_the_training_key(tmp_path, monkeypatch):
+    """Installed by entry point only (no `plugins = [...]`), edited and reinstalled: never served from
+    the cache. A reinstall under another version changes the key too."""
+    from fedleak.eval.cache import code_fingerprint, plugin_records, training_key
+    from fedleak.eval.config import parse_config
+    from fedleak.eval.context import seed_context
+    from fedleak.eval.plan import plan
+
+    site = tmp_path / "site"
+    shutil.copytree(FIXTURE, site)
+    monkeypatch.syspath_prepend(str(site))
+    config = parse_config({"data": {"embedded": {"private_records": 24, "heldout_records": 4,
+                                                 "canaries_per_repetition": 0}},
+                           "federation": {"min_records_per_client": 2}}, "run.toml")
+    unit = plan(config, ())[0].unit
+    ctx = seed_context(config, unit.seed, tmp_path)
+
+    def key() -> str:
+        code_fingerprint.cache_clear()  # a new process in real use
+        return training_key(ctx, unit)
+
+    before = key()
+    assert _example_record(site) in plugin_records(())
+    source = site / "fedleak_plugin_example.py"
+    source.write_text(source.read_text().replace('info.metrics["frozen"] = self.keep',
+                                                 'info.metrics["frozen"] = self.keep.upper()'))
+    edited = key()
+    assert edited != before and _example_record(site) in plugin_records(())
+    metadata = site / "fedleak_plugin_example-0.1.dist-info" / "METADATA"
+    metadata.write_text(metadata.read_text().replace("Version: 0.1", "Version: 0.2"))
+    assert key() != edited
+    assert next(r for r in plugin_records(()) if r["module"] == "fedleak_plugin_example")["version"] == "0.2"
+    monkeypatch.undo()  # uninstalled: the key of a run without it comes back
+    assert key() not in (before, edited)
+    assert not any(r["module"] == "fedleak_plugin_example" for r in plugin_records(()))
 
 
 def test_readme_plugin_example_runs_from_the_config(tmp_path, tiny_run_config):

@@ -357,3 +357,74 @@ def test_reports_import_nothing_of_the_training_backbone():
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m.startswith('fedleak.federated')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def _two_defenses(none_interval, dp_interval) -> dict:
+    """fedit without defense and under DP, one membership cell each, with the given AUC intervals."""
+    results = rich_results()
+    results["cells"] = [c for c in results["cells"] if c["family"] != "membership"]
+    for defense, (low, auc, high) in (("none", none_interval), (DP, dp_interval)):
+        cell = _membership("fedit", defense, "global", None, 2, auc)
+        cell["metrics"].update(auc_low=low, auc_high=high, blind_auc=0.49, blind_auc_low=0.4, blind_auc_high=0.6)
+        results["cells"].append(cell)
+    return results
+
+
+def test_a_defense_whose_auc_interval_overlaps_the_baseline_is_not_distinguishable_and_not_ranked():
+    rows = {r.defense: r for r in defense_rows(merged(_two_defenses((0.60, 0.70, 0.80), (0.55, 0.66, 0.75))))}
+    dp = rows[DP]
+    assert not dp.distinguishable and dp.share is None
+    assert dp.cells[3] == "not distinguishable (+0.040, intervals overlap)" and "%" not in dp.cells[3]
+    assert dp.cells[2] == "0.660 (loss, global; blind 0.490)"
+    section = next(s for s in build_document(_two_defenses((0.60, 0.70, 0.80), (0.55, 0.66, 0.75)))
+                   if s.title == "Which defense buys what")
+    assert "not distinguishable" in section.blocks[0]  # the text says what the table does
+    # the baseline is ranked, the indistinguishable defense follows it whatever its difference
+    assert [r.defense for r in defense_rows(merged(_two_defenses((0.60, 0.70, 0.80), (0.55, 0.66, 0.75))))
+            if r.algorithm == "fedit"] == ["none", DP]
+
+
+def test_a_defense_whose_auc_interval_is_clear_of_the_baseline_gets_its_reduction():
+    rows = {r.defense: r for r in defense_rows(merged(_two_defenses((0.80, 0.85, 0.90), (0.45, 0.52, 0.60))))}
+    dp = rows[DP]
+    assert dp.distinguishable and dp.reduction == pytest.approx(0.33)
+    assert dp.cells[3] == "+0.330 (94%)"  # 0.33 of the baseline's 0.35 excess over chance
+    assert [r.defense for r in defense_rows(merged(_two_defenses((0.80, 0.85, 0.90), (0.45, 0.52, 0.60))))
+            if r.algorithm == "fedit"] == [DP, "none"]
+
+
+def test_membership_table_shows_the_blind_baseline_and_unresolvable_tpr():
+    results = _two_defenses((0.60, 0.70, 0.80), (0.55, 0.66, 0.75))
+    for cell in results["cells"]:
+        if cell["family"] == "membership":  # 20 non-members: 1% and 0.1% FPR are below 1/20
+            cell["metrics"].update({"tpr@0.01fpr": None, "tpr@0.001fpr": None, "min_resolvable_fpr": 0.05,
+                                    "tpr_at_min_fpr": 0.25})
+            cell["nonmember_sampling"] = "category-matched"
+    run = merged(results)
+    table = membership_table(run)
+    row = dict(zip(table.header, table.rows[0]))
+    assert row["AUC [95% CI]"] == "0.700 [0.600, 0.800]" and row["blind AUC [95% CI]"] == "0.490 [0.400, 0.600]"
+    assert row["TPR@1%FPR"] == row["TPR@0.1%FPR"] == "not resolvable (20 non-members)"
+    assert row["TPR@1/n FPR"] == "0.250 @ 5%"
+    section = next(s for s in build_document(results) if s.title == "Membership inference")
+    note = next(b for b in section.blocks if isinstance(b, str) and "not resolvable" in b)
+    assert note == ("An FPR below 1/n cannot be measured with n non-members: TPR@1%FPR needs at least 100 and "
+                    "TPR@0.1%FPR needs at least 1000 non-members, so cells with fewer (here 20) say \"not "
+                    "resolvable\", and \"TPR@1/n FPR\" gives the TPR read at FPR = 1/n (5% here).")
+    assert "matched by category" in section.blocks[0]
+
+
+def test_old_results_with_tpr_read_at_zero_fpr_are_flagged_not_resolvable():
+    # results written before min_resolvable_fpr: a number is stored, but 20 non-members cannot measure 1% FPR
+    table = membership_table(merged(rich_results()))
+    row = dict(zip(table.header, table.rows[0]))
+    assert row["TPR@1%FPR"] == "not resolvable (20 non-members)" and row["blind AUC [95% CI]"] == "n/a"
+
+
+def test_failed_cells_are_listed_with_their_error():
+    results = _two_defenses((0.60, 0.70, 0.80), (0.55, 0.66, 0.75))
+    broken = results["cells"][-1]
+    broken["metrics"] = {"auc": None, "auc_low": None, "auc_high": None}
+    broken["error"] = "2 of 40 member and non-member scores are NaN or infinite (a diverged model?): metrics undefined"
+    page = render_markdown(build_document(results))
+    assert "1 membership cell(s) have no metrics" in page and "1 attack cell(s) failed" in page

@@ -13,6 +13,10 @@ cross:  prompts are records the view did not train on (another client's, or held
 canary: for each inserted canary, is its secret in the output to its question `canary.prompt`?
         (that is the canary record's own prompt, so canary_fraction = own_fraction_secret.)
 
+On a user's data file the identifiers are what the config declares (`data.file.identifier_patterns`,
+`data.file.identifiers_field`), typed "pattern" and "listed"; `own_fraction` counts them, the per-type
+rates above are the synthetic data's.
+
 Matching is a plain substring test. Identifiers shorter than `min_identifier_length` (default 4)
 characters are not counted at all: short strings appear in ordinary text by chance.
 """
@@ -37,7 +41,11 @@ TYPES = ("name", "dob", "mrn", "phone", "secret")
 
 
 def typed_identifiers(record: Record) -> list[tuple[str, str]]:
-    """(type, identifier) pairs of one record; identifiers of an unknown layout are typed "other"."""
+    """(type, identifier) pairs of one record: the types it carries (a data file's records: "listed" in its
+    identifiers field, or found by a declared "pattern"), else the generator's layout; identifiers of an
+    unknown layout are typed "other"."""
+    if record.identifier_types:
+        return list(zip(record.identifier_types, record.identifiers))
     fields = CANARY_FIELDS if record.category == CANARY_CATEGORY else PATIENT_FIELDS
     if len(fields) != len(record.identifiers):
         fields = ("other",) * len(record.identifiers)
@@ -128,7 +136,8 @@ class PiiAttack(ExtractionAttack):
             names = ["own_fraction", *(f"own_fraction_{t}" for t in TYPES), "cross_fraction", "canary_fraction"]
             return ExtractionResult({k: nan for k in names},
                                     {"note": f"the view's data holds no private identifier of at least "
-                                             f"{self.min_identifier_length} characters (user data carries none)"})
+                                             f"{self.min_identifier_length} characters: for a data file declare "
+                                             f"data.file.identifier_patterns or identifiers_field"})
         seed = run_seed(target, self.name)
         own_records = sample(secrets.records, self.max_prompts, numpy_rng(seed, "attack", self.name, "own",
                                                                     view_key(target)))

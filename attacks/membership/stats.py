@@ -128,6 +128,14 @@ def reference_model(target, reference: str):
     return net, tokenizer, contextlib.nullcontext()
 
 
+def reference_cache(target, reference: str = BASE) -> dict:
+    """The run-wide cache of a reference model's statistics (`env.cache`; the view's without an
+    environment). The base model's is also where the blind baseline's target statistics go
+    (`eval/attacking.py`): a view with its adapters off is the base model, so the two share passes."""
+    home = target.env.cache if target.env is not None else target.cache
+    return home.setdefault(("reference", reference), {})
+
+
 def shared_stats(target, records: Sequence[Record], *, model: str = TARGET, variant: str = ORIGINAL,
                  reference: str = BASE) -> TokenStats:
     """Statistics of `records` under the target view (`model="target"`) or the reference model,
@@ -136,8 +144,7 @@ def shared_stats(target, records: Sequence[Record], *, model: str = TARGET, vari
     if model == TARGET:
         cache, net, tokenizer, context = target.cache, target.model, target.tokenizer, contextlib.nullcontext()
     else:
-        home = target.env.cache if target.env is not None else target.cache
-        cache = home.setdefault(("reference", reference), {})
+        cache = reference_cache(target, reference)
         net, tokenizer, context = reference_model(target, reference)
     if key not in cache:
         texts = [lowercased(r) for r in records] if variant == LOWERCASE else list(records)
