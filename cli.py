@@ -305,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fedleak: interrupted", file=sys.stderr)
         return 130
+    finally:  # a later in-process call (tests, notebooks) must not write to this call's stderr
+        log.removeHandler(handler)
+        log.propagate = True
 
 
 if __name__ == "__main__":

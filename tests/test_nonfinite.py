@@ -88,10 +88,15 @@ def test_every_builtin_defense_keeps_the_global_adapter_finite_and_refuses_the_c
         assert len(warned) == 4 and "round 2: refused client 3's non-finite upload (inf in " in warned[-1], warned
         final = checkpoint.load_file(checkpoint.round_dir(run.training_dir, 2), "global")
         assert nonfinite_reason(final) is None, name
-        # The refused clients' records did not shape the global adapter: they are not its members.
+        # The refused clients' records did not shape the global adapter: they are not its members. A
+        # selecting rule (Krum, Bulyan) also leaves honest uploads out: only what it aggregated counts.
+        aggregated = {c for entry in run.history for c in entry["aggregated"]}
+        assert aggregated <= {0, 2, 4} and aggregated, (name, aggregated)
+        if name not in ("krum", "multikrum", "bulyan"):
+            assert aggregated == {0, 2, 4}, name
         assert {r.record_id for r in run.global_members} == {
-            r.record_id for c in (0, 2, 4) for r in generate_records(20, seed=0, purpose="pool",
-                                                                     private=True)[c * 4:(c + 1) * 4]}, name
+            r.record_id for c in aggregated for r in generate_records(20, seed=0, purpose="pool",
+                                                                      private=True)[c * 4:(c + 1) * 4]}, name
 
 
 def test_when_every_upload_is_refused_the_global_adapter_stays_as_it_was(tmp_path, small_model_path):
