@@ -133,7 +133,7 @@ def _pick(specs, label: str | None, axis: str):
 
 def cmd_train(args) -> int:
     from fedleak.eval.config import load_config
-    from fedleak.eval.context import resolve_model
+    from fedleak.eval.context import report_data_quality, resolve_model
     from fedleak.eval.plan import NO_DEFENSE, TrainingUnit, _federated
     from fedleak.eval.training_runs import train_unit
 
@@ -154,7 +154,8 @@ def cmd_train(args) -> int:
     _check_data(config, args.config, [seed])
     quiet_libraries()
     with _LogFile(out):
-        resolve_model(config)
+        model_ref, _ = resolve_model(config)
+        report_data_quality(config, Path(args.config).parent, model_ref)  # warnings and truncation, as `run` logs them
         unit = TrainingUnit(algorithm, defense, scenario, seed)
         record, cached = train_unit(config, unit, out, base_dir=Path(args.config).parent, progress=not args.quiet)
         utility = record["utility"].get("global") or record["utility"].get("client_mean") or {}

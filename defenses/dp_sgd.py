@@ -82,6 +82,18 @@ def accounted_rate(*, records: int, batch_size: int) -> tuple[float, int]:
     return 1 / batches, batches
 
 
+def _trainable_lora_embedding(model) -> str | None:
+    """The name of a trainable LoRA embedding layer, if any: peft's LoRA `Embedding` looks rows up in its
+    A matrix (`F.embedding`), a layer Opacus's hooks cannot give per-sample gradients for (its optimizer
+    then fails mid-training with "Per sample gradient is not initialized")."""
+    from peft.tuners.lora import Embedding
+
+    for name, module in model.named_modules():
+        if isinstance(module, Embedding) and any(p.requires_grad for p in module.parameters()):
+            return name
+    return None
+
+
 @functools.lru_cache(maxsize=4096)
 def _rdp_per_step(sample_rate: float, sigma: float) -> tuple[float, ...]:
     """One step's RDP at the RDP accountant's orders (the costly part: cached, about 0.1 s each)."""
@@ -237,7 +249,8 @@ class DPSGD(Defense):
             one), and the client's cumulative `epsilon` at `delta`.
 
         Raises:
-            FedleakError: no examples, an adapter outside the plan, or an Opacus whose accounting differs.
+            FedleakError: no examples, an adapter outside the plan, LoRA on an embedding layer, or an Opacus
+                whose accounting differs.
         """
         from opacus import PrivacyEngine
 
@@ -245,6 +258,9 @@ class DPSGD(Defense):
         if n == 0:
             raise FedleakError(f"dp_sgd: client {job.client} has no examples to train on in round {job.round}: "
                                f"the algorithm must skip an empty training")
+        if (embedding := _trainable_lora_embedding(job.model)) is not None:
+            raise FedleakError(f"dp_sgd: LoRA on the embedding layer {embedding} has no per-sample gradients in "
+                               f"Opacus: remove it from model.lora.target_modules, or use dp_fedavg")
         sample_rate, per_epoch = accounted_rate(records=n, batch_size=settings.batch_size)
         engine = self.engines.setdefault(job.client, PrivacyEngine(accountant="rdp"))
         sigma = self.sigma(job, spent=list(engine.accountant.history), sample_rate=sample_rate,

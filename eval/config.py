@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,6 +201,9 @@ def _check_not_late(rounds: str | tuple[int, ...], config: RunConfig, key: str) 
                            f"(federation.rounds = {config.federation.rounds}): remove it")
 
 
+EMBEDDING_NAME = re.compile(r"embed|^wte$|^word_embeddings$|^shared$")  # input embeddings in common architectures
+
+
 def _check_combinations(config: RunConfig, where: str) -> None:
     """Checks across tables: each defense against the federation it would run in."""
     from fedleak.federated.rounds import ALGORITHMS
@@ -228,8 +232,15 @@ def _check_combinations(config: RunConfig, where: str) -> None:
             raise FedleakError(f"{where}: matrix.scenarios need a federated algorithm (fedit, fedpit): "
                                f"non-federated baselines have no malicious clients")
         return
+    targets = config.model.lora.target_modules
+    embeddings = [t for t in ((targets,) if isinstance(targets, str) else targets) if EMBEDDING_NAME.search(t)]
     for i, spec in enumerate(config.matrix.defenses):
         item = f"{where}: matrix.defenses[{i}]"
+        if embeddings and "dp_sgd" in {p.name for p in (spec.parts or (spec,))}:
+            # Caught before training by name; DPSGD.train_client checks the layers themselves.
+            raise FedleakError(f"{item}: dp_sgd cannot train LoRA on the embedding layer {embeddings[0]!r} "
+                               f"(Opacus has no per-sample gradients for it): remove it from "
+                               f"model.lora.target_modules, or use dp_fedavg")
         try:
             build_defense(spec, item).check(clients_per_round=config.federation.clients_per_round)
         except FedleakError as exc:

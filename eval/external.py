@@ -16,7 +16,7 @@ from fedleak.common.params import instantiate
 from fedleak.eval.attacking import attack_training
 from fedleak.eval.cache import ATTACKS_DIR, TRAINING_FILE, cache_key, read_json, run_lock, training_key
 from fedleak.eval.config import ComponentSpec, RunConfig, component_spec
-from fedleak.eval.context import resolve_model, seed_context
+from fedleak.eval.context import report_data_quality, resolve_model, seed_context
 from fedleak.eval.matrix import results_record
 from fedleak.eval.plan import TrainingUnit, plan
 from fedleak.eval.results import write_results
@@ -113,6 +113,7 @@ def attack_checkpoint(config: RunConfig, training_dir: Path, out_dir: Path, *, c
         raise FedleakError(f"{config_path}: matrix.attacks run no privacy attack on {unit.label} (its rules, the "
                            f"attacks' scenarios or --only leave none): add one or change matrix.exclude")
     with run_lock(out_dir):
+        report_data_quality(config, base_dir, ctx.model_ref)  # warnings and truncation counts, as `run` gives them
         base_model, tokenizer = load_base_model(ctx.model_ref, allow_download=config.model.allow_download)
         final_dir = checkpoint.round_dir(training_dir, rounds[-1])
         views = checkpoint.available_views(final_dir)

@@ -144,3 +144,27 @@ def test_privacy_reads_every_clients_accounting_whatever_the_metrics_nesting():
     assert privacy["record_level_steps"] == {"0": 4, "10": 10}
     assert "in-context demonstrations" in privacy["record_level_scope"]
     assert _privacy([{"round": 1, "client_metrics": {"0": {"loss_last_quarter": 1.0}}}]) is None
+
+
+def test_lora_on_an_embedding_layer_is_refused_before_dp_sgd_trains(small_model_path):
+    """Opacus has no per-sample gradients for peft's LoRA Embedding: without the check its optimizer
+    fails mid-training with "Per sample gradient is not initialized"."""
+    from fedleak.eval.config import parse_config
+
+    base, tokenizer = load_base_model(small_model_path)
+    model = add_lora(base, LoraSettings(r=4, alpha=8, target_modules=("q_proj", "embed_tokens")), seed=0)
+    examples = encode(generate_records(6, seed=0, purpose="embedding", private=True), tokenizer, max_length=64)
+    job = ClientJob(client=0, round=1, model=model, examples=examples, pad_id=tokenizer.pad_token_id,
+                    settings=TrainSettings(epochs=1, batch_size=4, lr=1e-3), generator=torch.Generator(),
+                    planned_rounds=1)
+    with pytest.raises(FedleakError, match=r"embedding layer base_model\.model\.model\.embed_tokens .*remove it "
+                                           r"from model\.lora\.target_modules"):
+        DPSGD(noise_multiplier=1.0).train_client(job)
+    # The config names the layer before anything runs; a composition with dp_sgd is caught too.
+    table = {"model": {"lora": {"target_modules": ["q_proj", "embed_tokens"]}},
+             "matrix": {"defenses": ["none", [{"name": "dp_sgd", "noise_multiplier": 1.0}, "median"]]}}
+    with pytest.raises(FedleakError, match=r"matrix\.defenses\[1\]: dp_sgd cannot train LoRA on the embedding "
+                                           r"layer 'embed_tokens'"):
+        parse_config(table, "run.toml")
+    table["model"]["lora"]["target_modules"] = ["q_proj", "lm_head"]  # a linear head: Opacus handles it
+    parse_config(table, "run.toml")

@@ -192,6 +192,8 @@ def test_train_then_attack_its_checkpoints_and_a_foreign_copy(reference, config_
     cells = results_of(tmp_path / "a")["cells"]
     validate_results(results_of(tmp_path / "a"))
     assert without_timings(cells) == without_timings(ref_cells)
+    # `attack` counts the answers cut at max_length as `run` does (the same data, the same tokenizer).
+    assert results_of(tmp_path / "a")["data"]["truncation"] == results_of(reference)["data_per_seed"]["1"]["truncation"]
     # Another tool's checkpoints: the round folders alone (no training.json), the algorithm named.
     foreign = tmp_path / "foreign"
     for folder in training.glob("round-*"):
