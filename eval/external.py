@@ -113,7 +113,6 @@ def attack_checkpoint(config: RunConfig, training_dir: Path, out_dir: Path, *, c
         raise FedleakError(f"{config_path}: matrix.attacks run no privacy attack on {unit.label} (its rules, the "
                            f"attacks' scenarios or --only leave none): add one or change matrix.exclude")
     with run_lock(out_dir):
-        report_data_quality(config, base_dir, ctx.model_ref)  # warnings and truncation counts, as `run` gives them
         base_model, tokenizer = load_base_model(ctx.model_ref, allow_download=config.model.allow_download)
         final_dir = checkpoint.round_dir(training_dir, rounds[-1])
         views = checkpoint.available_views(final_dir)
@@ -127,6 +126,9 @@ def attack_checkpoint(config: RunConfig, training_dir: Path, out_dir: Path, *, c
         record = training_record(unit, trained, evaluated, str(training_dir.resolve()))
         cells, _ = attack_training(ctx, unit, record, training_dir, attacks, algorithm=algorithm_obj,
                                    progress=progress, cache_dir=out_dir / ATTACKS_DIR, use_cache=use_cache)
+        # The data's warnings and truncation counts, as `run` gives them (after the checkpoints proved usable:
+        # a failing command prints its one error line alone).
+        report_data_quality(config, base_dir, ctx.model_ref)
         results = results_record(config, config_path=config_path, only=only, jobs=1, started=started,
                                  model_info=resolve_model(config)[1], data={unit.seed: ctx.data},
                                  base_utility={unit.seed: base_model_utility(ctx, out_dir, use_cache)},
