@@ -55,11 +55,14 @@ class MembershipSplit:
     left_out: int  # members whose category has fewer held-out records than members
 
     def record(self) -> dict:
-        """What results.json says of the draw: the method and each side's count per category."""
+        """What results.json says of the draw: the method, each side's count per category and the ids of
+        the records scored (so anyone can rescore exactly these records)."""
         count = lambda records: dict(sorted(Counter(r.category for r in records).items()))
         return {"nonmember_sampling": CATEGORY_MATCHED,
                 "category_counts": {"members": count(self.members), "nonmembers": count(self.nonmembers)},
-                "members_left_out": self.left_out}
+                "members_left_out": self.left_out,
+                "record_ids": {"members": [r.record_id for r in self.members],
+                               "nonmembers": [r.record_id for r in self.nonmembers]}}
 
 
 def membership_split(members: list[Record], heldout: list[Record], *, seed: int,

@@ -206,6 +206,54 @@ def test_blind_baseline_is_at_chance_and_views_of_one_file_agree_on_the_demos_fe
         assert upload["metrics"]["auc"] == client["metrics"]["auc"]
         assert upload["metrics"]["auc_low"] == client["metrics"]["auc_low"]
         assert upload["category_counts"] == client["category_counts"]
+        assert upload["record_ids"] == client["record_ids"]
+    # An independent LOSS attack written from the README alone (plain transformers, peft, safetensors and
+    # sklearn; fedleak only regenerates the records by id) scores the listed records the same.
+    checkpoints = tmp_path / "out" / results["trainings"][0]["checkpoint_dir"] / f"round-{final:04d}"
+    for view in (("global", None), ("upload", 1)):
+        cell = views[view]
+        manifest = json.loads((checkpoints / "manifest.json").read_text())
+        stem = manifest["views"]["global" if view[0] == "global" else f"upload/{view[1]}"]["default"]
+        auc = independent_loss_auc(small_model_path, checkpoints / manifest["files"][stem]["path"],
+                                   cell["record_ids"])
+        n1, n0 = cell["n_members"], cell["n_nonmembers"]
+        # Equal up to one swapped pair of near-tied losses (batched padding vs one record at a time).
+        assert abs(auc - cell["metrics"]["auc"]) <= 1 / (n1 * n0) + 1e-12, (view, auc, cell["metrics"]["auc"])
+
+
+def independent_loss_auc(model_dir, adapter_file, record_ids: dict) -> float:
+    """LOSS as the README's plug-in section defines it: Alpaca prompt, response + EOS scored, mean NLL."""
+    import torch
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from sklearn.metrics import roc_auc_score
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fedleak.federated.data import generate_records
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                           LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
+    set_peft_model_state_dict(model, load_file(adapter_file))
+    model.eval()
+    # configs/quick.toml's embedded data: 60 private and 60 held-out records of seed 0.
+    by_id = {r.record_id: r for purpose in ("private", "heldout")
+             for r in generate_records(60, seed=0, purpose=purpose, private=True)}
+    scores, labels = [], []
+    for label, side in ((1, "members"), (0, "nonmembers")):
+        for record_id in record_ids[side]:
+            r = by_id[record_id]
+            prompt = (f"### Instruction:\n{r.instruction}\n### Input:\n{r.input}\n### Response:\n" if r.input
+                      else f"### Instruction:\n{r.instruction}\n### Response:\n")
+            p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            a = tokenizer(r.output, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            ids = torch.tensor([(p + a)[:256]])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+            nll = -logp[torch.arange(ids.shape[1] - 1), ids[0, 1:]][len(p) - 1:]  # answer and EOS tokens
+            scores.append(-nll.mean().item())
+            labels.append(label)
+    return float(roc_auc_score(labels, scores))
 
 
 def test_one_run_audit_with_nan_canary_scores_warns_and_gives_nan():
