@@ -38,7 +38,9 @@ def test_matched_split_draws_the_same_number_per_category():
     assert split.members == [r for r in members if r in split.members]
     assert split.record() == {"nonmember_sampling": CATEGORY_MATCHED, "members_left_out": 4, "category_counts": {
         "members": {"discharge": 4, "lab_results": 1, "triage": 3},
-        "nonmembers": {"discharge": 4, "lab_results": 1, "triage": 3}}}
+        "nonmembers": {"discharge": 4, "lab_results": 1, "triage": 3}},
+        "record_ids": {"members": [r.record_id for r in split.members],
+                       "nonmembers": [r.record_id for r in split.nonmembers]}}
 
 
 def test_matched_split_depends_on_the_seed_and_client_set_only():
