@@ -91,10 +91,9 @@ def _report(out: Path, *, show_secrets: bool) -> None:
 def _check_data(config, config_path: str, seeds) -> None:
     """Load and split the data of each seed now (cached for the run): a bad data file is a one-line
     error before any output folder, log line or model build."""
-    from fedleak.eval.context import seed_context
+    from fedleak.eval.context import check_data
 
-    for seed in seeds:
-        seed_context(config, seed, Path(config_path).parent)
+    check_data(config, Path(config_path).parent, seeds)
 
 
 def cmd_run(args) -> int:

@@ -86,10 +86,11 @@ def seed_context(config: RunConfig, seed: int, base_dir: Path) -> SeedContext:
     return _CONTEXTS[key]
 
 
-def check_data(config: RunConfig, base_dir: Path) -> list[SeedContext]:
-    """Every seed's data, loaded and checked before anything else (model build, output folder): a bad
-    data file is one line in seconds, not after minutes of model build, and leaves nothing behind."""
-    return [seed_context(config, seed, base_dir) for seed in config.run_seeds]
+def check_data(config: RunConfig, base_dir: Path, seeds=None) -> list[SeedContext]:
+    """Every seed's data (`seeds`, default the run's), loaded and checked before anything else (model
+    build, output folder): a bad data file is one line in seconds, not after minutes of model build, and
+    leaves nothing behind."""
+    return [seed_context(config, seed, base_dir) for seed in (config.run_seeds if seeds is None else seeds)]
 
 
 def load_tokenizer(config: RunConfig, model_ref: str):
