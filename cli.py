@@ -99,15 +99,18 @@ def _check_data(config, config_path: str, seeds) -> None:
 def cmd_run(args) -> int:
     from fedleak.eval.config import load_config
     from fedleak.eval.matrix import describe, run_matrix
+    from fedleak.eval.memory import check_memory
     from fedleak.eval.plan import plan
 
     config = load_config(args.config)
     out = _out(args, config)
     only = tuple(args.only or ())
     if args.dry_run:
-        print(describe(config, plan(config, only), out, base_dir=Path(args.config).parent, use_cache=not args.fresh))
+        print(describe(config, plan(config, only), out, base_dir=Path(args.config).parent, use_cache=not args.fresh,
+                       jobs=args.jobs))
         return 0
     _check_data(config, args.config, config.run_seeds)
+    check_memory(config, jobs=args.jobs)  # from the model's config alone: a run that cannot fit stops here
     quiet_libraries()
     with _LogFile(out):
         log.info("fedleak %s: run %s into %s", __version__, args.config, out)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from fedleak.federated.adapters import LoraSettings, add_lora
 from fedleak.federated.data import generate_records
-from fedleak.federated.model import EmbeddedModelConfig, build_embedded, load_base_model
+from fedleak.federated.embedded import EmbeddedModelConfig, build_embedded
+from fedleak.federated.model import load_base_model
 from fedleak.federated.training import Example, encode
 
 

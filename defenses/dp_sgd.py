@@ -36,6 +36,15 @@ demonstrations, without noise, so the epsilon bounds the DP-SGD trainings on the
 real records as generated; it does not bound what a real record leaks through the synthetic data
 (on FEDPIT's global adapter, trained on synthetic records only, DP-SGD bounds the synthetic
 training alone).
+
+Per-sample gradients are checked before a model's first DP training (`check_per_sample_gradients`):
+Opacus's hooks take a layer's input's first dimension as the batch, so a layer that sees
+[batch*tokens, hidden] (OPT's fc1/fc2) gets per-token "per-sample" gradients: clipped per token, the
+record-level epsilon would be wrong; routers and fused experts of mixture-of-experts models get none or
+per-token ones. A probe of three records of different lengths through Opacus's GradSampleModule (hooks
+mode, as in training) must give every trainable parameter one gradient row per record, equal to that
+record's own autograd gradient; otherwise the training is refused, naming the modules and LoRA targets
+that pass. The result is cached per model object and trainable parameter set.
 """
 
 from __future__ import annotations
@@ -53,6 +62,7 @@ from fedleak.defenses.base import Defense, register_defense
 from fedleak.common.errors import FedleakError
 from fedleak.common.params import NonNegativeFloat, OpenUnitInterval, PositiveFloat
 from fedleak.federated.hooks import ClientJob
+from fedleak.defenses.dp_probe import check_per_sample_gradients
 from fedleak.federated.training import collate, sequence_losses
 
 if TYPE_CHECKING:  # Opacus is imported when a client trains, not when the config loads
@@ -249,8 +259,8 @@ class DPSGD(Defense):
             one), and the client's cumulative `epsilon` at `delta`.
 
         Raises:
-            FedleakError: no examples, an adapter outside the plan, LoRA on an embedding layer, or an Opacus
-                whose accounting differs.
+            FedleakError: no examples, an adapter outside the plan, LoRA on an embedding layer or on layers
+                without per-record gradients (`check_per_sample_gradients`), or an Opacus whose accounting differs.
         """
         from opacus import PrivacyEngine
 
@@ -261,6 +271,7 @@ class DPSGD(Defense):
         if (embedding := _trainable_lora_embedding(job.model)) is not None:
             raise FedleakError(f"dp_sgd: LoRA on the embedding layer {embedding} has no per-sample gradients in "
                                f"Opacus: remove it from model.lora.target_modules, or use dp_fedavg")
+        check_per_sample_gradients(job.model, job.examples, job.pad_id)  # before any step or accounting
         sample_rate, per_epoch = accounted_rate(records=n, batch_size=settings.batch_size)
         engine = self.engines.setdefault(job.client, PrivacyEngine(accountant="rdp"))
         sigma = self.sigma(job, spent=list(engine.accountant.history), sample_rate=sample_rate,
@@ -286,7 +297,7 @@ class DPSGD(Defense):
                 for ids, mask, labels in loader:
                     if len(ids) == 0:  # an empty Poisson batch is still a (noise-only) private step
                         for p in params:
-                            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
                     else:
                         loss = sequence_losses(module, {"input_ids": ids, "attention_mask": mask, "labels": labels}).mean()
                         loss.backward()

@@ -36,7 +36,7 @@ from fedleak.eval.plan import TrainingUnit
 from fedleak.federated import checkpoint
 from fedleak.federated.adapters import add_lora
 from fedleak.federated.data import Canary, FederatedData, Record
-from fedleak.federated.model import load_base_model
+from fedleak.federated.model import shared_base_model
 from fedleak.federated.rounds import ALGORITHMS
 from fedleak.federated.seeding import derive_seed, numpy_rng
 
@@ -330,7 +330,7 @@ def attack_training(ctx: SeedContext, unit: TrainingUnit, record: dict, training
     if todo:
         algorithm = algorithm or instantiate(ALGORITHMS.get(unit.algorithm.name), unit.algorithm.kwargs,
                                              f"matrix.algorithms: {unit.algorithm.label}")
-        base_model, tokenizer = load_base_model(ctx.model_ref, allow_download=cfg.model.allow_download)
+        base_model, tokenizer = shared_base_model(ctx.model_ref, **cfg.model.load_options())
         model = add_lora(base_model, cfg.model.lora, seed=0)  # every view loads its own weights
         env = ctx.environment(tokenizer)
         env.progress = progress

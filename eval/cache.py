@@ -106,12 +106,19 @@ def code_fingerprint(plugins: tuple[str, ...] = ()) -> str:
     return cache_key(own, plugin_records(plugins))
 
 
+def utility_key(config: RunConfig) -> dict:
+    """The utility settings that change what is measured (the fit threshold only judges it)."""
+    return {k: v for k, v in plain(config.utility).items() if k != "fit_perplexity"}
+
+
 def model_fingerprint(config: RunConfig) -> dict:
     """What the base model is: the embedded build's settings, or the name plus, for a local folder, its
     files' names and sizes (reading gigabytes of weights to hash them would cost more than it saves).
     A hub id is taken at its name: pin a revision by downloading it to a folder."""
     model = plain(config.model)
-    out = {"name": model["name"], "lora": model["lora"]}
+    # What changes the numbers beyond float order; device, attention kernel and checkpointing do not.
+    out = {"name": model["name"], "lora": model["lora"],
+           **{k: model[k] for k in ("dtype", "quantization", "prompt_format")}}
     if model["name"] == "embedded":
         out["embedded"] = model["embedded"]
     elif Path(model["name"]).is_dir():
@@ -137,7 +144,7 @@ def evaluation_key(ctx: SeedContext, unit: TrainingUnit, train_key: str) -> str:
     """The key of a training's evaluation: its training, the utility and poisoning settings, the backdoors."""
     cfg = ctx.config
     backdoors = sorted(a.label for s in cfg.matrix.scenarios for a in s.attacks)
-    return cache_key("evaluation", train_key, plain(cfg.utility), plain(cfg.poisoning), backdoors)
+    return cache_key("evaluation", train_key, utility_key(cfg), plain(cfg.poisoning), backdoors)
 
 
 def read_json(path: Path) -> dict | None:

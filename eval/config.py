@@ -16,15 +16,16 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fedleak.common.errors import FedleakError, did_you_mean
 from fedleak.common.names import CLEAN, OBSERVERS
-from fedleak.common.params import NonNegativeInt, OpenUnitInterval, PositiveInt, Range, build, check_fields, checked
+from fedleak.common.params import NonNegativeInt, OpenUnitInterval, PositiveFloat, PositiveInt, Range, build, check_fields, checked
 from fedleak.eval.matrix_config import ComponentSpec, MatrixSettings, ScenarioSpec, build_defense, component_spec
 from fedleak.federated.adapters import LoraSettings
 from fedleak.federated.datasource import DataSettings
-from fedleak.federated.model import EmbeddedModelConfig, missing_folder
+from fedleak.federated.embedded import EmbeddedModelConfig
+from fedleak.federated.model import check_device_name, missing_folder
 from fedleak.federated.rounds import FederationSettings
 
 if sys.version_info >= (3, 11):
@@ -46,11 +47,35 @@ class ModelSettings:
     embedded: EmbeddedModelConfig = field(default_factory=EmbeddedModelConfig, metadata={
         "help": "How the embedded model is built (used when name = \"embedded\")."})
     lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "The LoRA adapter every algorithm trains."})
+    device: str = field(default="auto", metadata={
+        "help": "\"auto\" (the first CUDA GPU, else the CPU), \"cpu\", \"cuda\", \"cuda:N\" or \"mps\"."})
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
+        "help": "The base weights' dtype; \"auto\": bfloat16 on a GPU that supports it (else float16), float32 on "
+                "the CPU. Adapters and their (per-sample) gradients stay float32."})
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = field(default="sdpa", metadata={
+        "help": "Attention kernel: sdpa (eager for an architecture without it), eager, or flash_attention_2 "
+                "(flash-attn on a GPU)."})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "Recompute activations in the backward pass: less memory for long sequences, about 30% slower."})
+    quantization: Literal["none", "4bit", "8bit"] = field(default="none", metadata={
+        "help": "Load the base quantised with bitsandbytes (CUDA only, extra fedleak[gpu]): \"4bit\" is QLoRA's "
+                "NF4 with double quantisation and compute in model.dtype."})
+    prompt_format: Literal["auto", "chat", "alpaca"] = field(default="auto", metadata={
+        "help": "How records become prompts: \"chat\" the tokenizer's chat template, \"alpaca\" the Alpaca "
+                "template, \"auto\" chat when the tokenizer has a template."})
+
+    def load_options(self) -> dict:
+        """`federated.model.load_base_model`'s keyword arguments for this model."""
+        return {"allow_download": self.allow_download, "device": self.device, "dtype": self.dtype,
+                "attn_implementation": self.attn_implementation, "quantization": self.quantization,
+                "gradient_checkpointing": self.gradient_checkpointing, "prompt_format": self.prompt_format}
 
     def __post_init__(self):
         check_fields(self, "model.")
         if not self.name:
             raise FedleakError("model.name is empty: use 'embedded', a Hugging Face id or a local folder")
+        if (problem := check_device_name(self.device)) is not None:
+            raise FedleakError(problem)
         problem = missing_folder(self.name) if self.name != "embedded" else None
         if problem:  # found with the config's other errors, before any data or model work
             raise FedleakError(problem)
@@ -75,6 +100,9 @@ class UtilitySettings:
     max_new_tokens: PositiveInt = field(default=64, metadata={
         "help": "Length (tokens) of the greedy answers scored with ROUGE-L."})
     batch_size: PositiveInt = field(default=16, metadata={"help": "Records per batch (loss and generation)."})
+    fit_perplexity: PositiveFloat = field(default=100.0, metadata={
+        "help": "Held-out perplexity above which the model does not fit the data: when the base model and every "
+                "clean training's views stay above it, the report warns that chance-level numbers show no privacy."})
 
     def __post_init__(self):
         check_fields(self, "utility.")
@@ -236,6 +264,11 @@ def _check_combinations(config: RunConfig, where: str) -> None:
     embeddings = [t for t in ((targets,) if isinstance(targets, str) else targets) if EMBEDDING_NAME.search(t)]
     for i, spec in enumerate(config.matrix.defenses):
         item = f"{where}: matrix.defenses[{i}]"
+        if config.model.gradient_checkpointing and "dp_sgd" in {p.name for p in (spec.parts or (spec,))}:
+            # Opacus's hooks record no per-sample gradient through a recomputed forward pass.
+            raise FedleakError(f"{item}: dp_sgd cannot run with model.gradient_checkpointing = true (Opacus gets no "
+                               f"per-sample gradients through recomputed activations): set it to false and lower "
+                               f"federation.batch_size or federation.max_length if memory is short")
         if embeddings and "dp_sgd" in {p.name for p in (spec.parts or (spec,))}:
             # Caught before training by name; DPSGD.train_client checks the layers themselves.
             raise FedleakError(f"{item}: dp_sgd cannot train LoRA on the embedding layer {embeddings[0]!r} "

@@ -17,7 +17,7 @@ from fedleak.eval.config import RunConfig
 from fedleak.federated.data import FederatedData, Record
 from fedleak.federated.dataquality import truncation_counts, truncation_messages
 from fedleak.federated.datasource import prepare_data
-from fedleak.federated.model import build_embedded
+from fedleak.federated.embedded import build_embedded
 
 log = logging.getLogger("fedleak")
 
@@ -104,6 +104,10 @@ def load_tokenizer(config: RunConfig, model_ref: str):
         return None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    # Truncation is counted in the run's prompt format, as `load_base_model` sets it.
+    from fedleak.federated.prompts import set_prompt_format
+
+    set_prompt_format(tokenizer, getattr(config.model, "prompt_format", "auto"))
     return tokenizer
 
 
@@ -111,7 +115,7 @@ def built_model_ref(config: RunConfig) -> str | None:
     """The base model's folder when it exists without building anything (the dry run's view), else None."""
     if config.model.name != "embedded":
         return config.model.name if Path(config.model.name).is_dir() else None
-    from fedleak.federated.model import _pretrain_texts, cache_root
+    from fedleak.federated.embedded import _pretrain_texts, cache_root
 
     cfg = config.model.embedded
     path = cache_root() / f"embedded-{cfg.cache_key(_pretrain_texts(cfg))}"

@@ -23,7 +23,7 @@ from fedleak.eval.results import write_results
 from fedleak.eval.training_runs import base_model_utility, training_record, upload_bytes, view_utility
 from fedleak.federated import checkpoint
 from fedleak.federated.adapters import add_lora
-from fedleak.federated.model import load_base_model
+from fedleak.federated.model import shared_base_model
 from fedleak.federated.rounds import ALGORITHMS
 
 
@@ -113,7 +113,7 @@ def attack_checkpoint(config: RunConfig, training_dir: Path, out_dir: Path, *, c
         raise FedleakError(f"{config_path}: matrix.attacks run no privacy attack on {unit.label} (its rules, the "
                            f"attacks' scenarios or --only leave none): add one or change matrix.exclude")
     with run_lock(out_dir):
-        base_model, tokenizer = load_base_model(ctx.model_ref, allow_download=config.model.allow_download)
+        base_model, tokenizer = shared_base_model(ctx.model_ref, **config.model.load_options())
         final_dir = checkpoint.round_dir(training_dir, rounds[-1])
         views = checkpoint.available_views(final_dir)
         algorithm_obj = instantiate(ALGORITHMS.get(unit.algorithm.name), unit.algorithm.kwargs,

@@ -22,6 +22,7 @@ from fedleak.eval.attacking import attack_key, attack_training, cached_cells
 from fedleak.eval.cache import ATTACKS_DIR, plugin_records, run_lock, training_key
 from fedleak.eval.config import RunConfig
 from fedleak.eval.context import check_data, describe_data, report_data_quality, resolve_model, seed_context
+from fedleak.eval.fit import model_fit
 from fedleak.eval.identifiers import identifiers_record
 from fedleak.eval.plan import PlannedTraining, attack_cells, plan, training_steps
 from fedleak.eval.poisoning import poisoning_cells
@@ -35,8 +36,14 @@ log = logging.getLogger("fedleak")
 
 
 def describe(config: RunConfig, planned: list[PlannedTraining], out_dir: Path, *, base_dir: Path,
-             use_cache: bool = True) -> str:
-    """The dry run: every training and attack with its cache state, and the work left."""
+             use_cache: bool = True, jobs: int = 1) -> str:
+    """The dry run: every training and attack with its cache state, the work left and each phase's peak memory.
+
+    Raises:
+        FedleakError: the largest phase's estimated peak exceeds the device's available memory (`eval/memory.py`).
+    """
+    from fedleak.eval.memory import memory_lines
+
     lines, trainings_left, steps_left, cells_left, cells_total = describe_data(config, base_dir), 0, 0, 0, 0
     for item in planned:
         unit = item.unit
@@ -62,6 +69,7 @@ def describe(config: RunConfig, planned: list[PlannedTraining], out_dir: Path, *
                              + (" (cached)" if done else ""))
     lines.append(f"{len(planned)} trainings ({trainings_left} to train, about {steps_left} optimizer steps), about "
                  f"{cells_total} attack cells ({cells_left} to run), seeds {list(config.run_seeds)}")
+    lines += memory_lines(config, jobs=jobs)
     return "\n".join(lines)
 
 
@@ -126,6 +134,10 @@ def results_record(config: RunConfig, *, config_path: str | None, only: tuple[st
         "data_per_seed": {str(s): d.summary() for s, d in data.items()},
         "identifiers": identifiers_record(config, list(data.values())),
         "base_utility": base_utility[seeds[0]], "base_utility_per_seed": {str(s): u for s, u in base_utility.items()},
+        "model_fit": model_fit(base_utility=base_utility[seeds[0]], data_summary=data[seeds[0]].summary(),
+                               trainings=[t for t in trainings if t.get("seed", seeds[0]) == seeds[0]],
+                               fit_perplexity=config.utility.fit_perplexity,
+                               max_length=config.federation.max_length),
         "trainings": trainings, "cells": cells,
         "aggregates": aggregate_cells(cells), "training_aggregates": aggregate_trainings(trainings),
     }

@@ -21,7 +21,7 @@ from fedleak.eval.config import RunConfig
 from fedleak.eval.matrix_config import ScenarioSpec
 from fedleak.federated.data import Record
 from fedleak.federated.generation import generate
-from fedleak.federated.prompts import format_prompt
+from fedleak.federated.prompts import prompt_ids
 
 EXAMPLES = 3  # triggered answers quoted in the results
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def trigger_rates(model, tokenizer, backdoor: Backdoor, records: Sequence[Record
         `false_triggers`, `prompts`), the mean target recall with and without trigger, and examples.
     """
     target_tokens = len(tokenizer(backdoor.target, add_special_tokens=False)["input_ids"])
-    encode = lambda instruction, r: tokenizer(format_prompt(instruction, r.input), add_special_tokens=False)["input_ids"]
+    encode = lambda instruction, r: prompt_ids(tokenizer, instruction, r.input)
     triggered = generate(model, tokenizer, [encode(backdoor.triggered(r.instruction), r) for r in records],
                          max_new_tokens=target_tokens + 16, batch_size=batch_size)
     clean = generate(model, tokenizer, [encode(r.instruction, r) for r in records],

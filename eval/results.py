@@ -17,9 +17,9 @@ from pathlib import Path
 
 from fedleak.common.io import atomic_write_json, atomic_write_text
 
-SCHEMA = "fedleak-results/6"  # 2: rounds, audit bounds, extraction details; 3: poisoning; 4: seeds, cost, machine;
+SCHEMA = "fedleak-results/7"  # 2: rounds, audit bounds, extraction details; 3: poisoning; 4: seeds, cost, machine;
 # 5: identifiers (what the report redacts); 6: matched non-members and blind baselines, resolvable TPRs, rate
-# intervals, planned DP budgets, data quality and file provenance, plug-ins, refused uploads
+# intervals, planned DP budgets, data quality and file provenance, plug-ins, refused uploads; 7: model fit
 LIBRARIES = ("torch", "transformers", "tokenizers", "peft", "safetensors", "numpy", "scikit-learn", "matplotlib")
 CELL_KEYS = ("algorithm", "defense", "scenario", "attack", "family", "observer", "client", "round", "seed",
              "n_members", "n_nonmembers")

@@ -6,6 +6,7 @@ from the two; also the untrained base model's utility, the floor every training 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -17,9 +18,10 @@ import torch
 from fedleak.common.io import atomic_write_json
 from fedleak.common.params import instantiate
 from fedleak.eval.cache import (EVALUATION_FILE, TRAINING_FILE, cache_key, code_fingerprint, data_fingerprint,
-                                evaluation_key, model_fingerprint, read_json, training_key)
+                                evaluation_key, model_fingerprint, read_json, training_key, utility_key)
 from fedleak.eval.config import RunConfig, build_defense, plain
 from fedleak.eval.context import SeedContext, seed_context
+from fedleak.eval.fit import synthetic_domain
 from fedleak.eval.plan import TrainingUnit
 from fedleak.eval.poisoning import (backdoor_prompts, backdoors_of, build_adversary, detection, scenario_record,
                                     trigger_rates)
@@ -28,8 +30,10 @@ from fedleak.federated import checkpoint
 from fedleak.federated.adapters import add_lora
 from fedleak.federated.data import FederatedData
 from fedleak.federated.fedpit import SelfGenerating
-from fedleak.federated.model import load_base_model
+from fedleak.federated.model import shared_base_model
 from fedleak.federated.rounds import ALGORITHMS, TrainingSetup, run_rounds
+
+log = logging.getLogger(__name__)
 
 SYNTHETIC_EXAMPLES = 3  # synthetic records per training quoted in the results (and report)
 
@@ -178,9 +182,15 @@ def _train(ctx: SeedContext, unit: TrainingUnit, training_dir: Path, key: str, b
         "synthetic": _synthetic_summary(run.history),
         "privacy": _privacy(run.history, self_generated=isinstance(algorithm, SelfGenerating)),
         "synthetic_examples": _synthetic_examples(scratch, run.final_round),
+        "synthetic_domain_rouge_l": (synthetic_domain(scratch, run.final_round, ctx.data, seed=cfg.seed)
+                                     if isinstance(algorithm, SelfGenerating) else None),
         "upload_bytes_per_client_per_round": per_round, "upload_bytes_total": total,
         "torch_threads": torch.get_num_threads(), "rounds": run.history,
     }
+    if trained["synthetic"] is not None and trained["synthetic"].get("accepted", 0) == 0:
+        log.warning("%s accepted none of its %d self-generated candidates: its global adapter never trained "
+                    "(the global view is the base model); the report says so", unit.label,
+                    trained["synthetic"].get("candidates", 0))
     atomic_write_json(scratch / TRAINING_FILE, trained)
     shutil.rmtree(training_dir, ignore_errors=True)
     os.replace(scratch, training_dir)
@@ -233,6 +243,7 @@ def training_record(unit: TrainingUnit, trained: dict, evaluated: dict, checkpoi
         "utility": evaluated["utility"], "poisoning": evaluated["poisoning"], "views": trained["views"],
         "synthetic": trained["synthetic"], "privacy": trained["privacy"],
         "synthetic_examples": trained["synthetic_examples"],
+        "synthetic_domain_rouge_l": trained.get("synthetic_domain_rouge_l"),
         "cost": {"wall_seconds": trained["train_seconds"] + evaluated["utility_seconds"] + poisoning_seconds,
                  "train_seconds": trained["train_seconds"],
                  "upload_bytes_per_client_per_round": trained["upload_bytes_per_client_per_round"],
@@ -267,7 +278,7 @@ def train_unit(config: RunConfig, unit: TrainingUnit, out_dir: Path, *, base_dir
     evaluated = evaluated if evaluated and evaluated.get("key") == e_key else None
     if trained and evaluated:
         return training_record(unit, trained, evaluated, str(training_dir.relative_to(out_dir))), True
-    base_model, tokenizer = load_base_model(ctx.model_ref, allow_download=ctx.config.model.allow_download)
+    base_model, tokenizer = shared_base_model(ctx.model_ref, **ctx.config.model.load_options())
     if trained is None:
         trained, model = _train(ctx, unit, training_dir, t_key, base_model, tokenizer, progress)
     else:  # checkpoints are there, the evaluation settings changed: the views carry every weight
@@ -282,11 +293,11 @@ def base_model_utility(ctx: SeedContext, out_dir: Path, use_cache: bool) -> dict
     cfg = ctx.config
     path = Path(out_dir) / f"base-utility-seed{cfg.seed}.json"
     key = cache_key("base-utility", code_fingerprint(cfg.plugins), model_fingerprint(cfg), data_fingerprint(ctx),
-                    plain(cfg.utility), cfg.federation.max_length)
+                    utility_key(cfg), cfg.federation.max_length)
     cached = read_json(path) if use_cache else None
     if cached and cached.get("key") == key:
         return cached["utility"]
-    model, tokenizer = load_base_model(ctx.model_ref, allow_download=cfg.model.allow_download)
+    model, tokenizer = shared_base_model(ctx.model_ref, **cfg.model.load_options())
     utility = evaluate_utility(model, tokenizer, ctx.data.heldout[: cfg.utility.records],
                                max_length=cfg.federation.max_length, batch_size=cfg.utility.batch_size,
                                max_new_tokens=cfg.utility.max_new_tokens)

@@ -9,7 +9,7 @@ import torch
 
 from fedleak.federated.data import Record
 from fedleak.federated.generation import generate
-from fedleak.federated.prompts import format_prompt
+from fedleak.federated.prompts import pad_id, prompt_ids
 from fedleak.federated.rouge import rouge_l
 from fedleak.federated.training import batches, encode, token_logprobs
 
@@ -21,12 +21,12 @@ def evaluate_utility(model, tokenizer, records: Sequence[Record], *, max_length:
     model.eval()
     total_logp, total_tokens = 0.0, 0
     for batch in batches(encode(records, tokenizer, max_length=max_length), batch_size=batch_size,
-                         pad_id=tokenizer.pad_token_id):
+                         pad_id=pad_id(tokenizer)):
         picked, mask, _ = token_logprobs(model, batch)
         total_logp += float(picked.sum())
         total_tokens += int(mask.sum())
     loss = -total_logp / max(total_tokens, 1)
-    prompts = [tokenizer(format_prompt(r.instruction, r.input), add_special_tokens=False)["input_ids"] for r in records]
+    prompts = [prompt_ids(tokenizer, r.instruction, r.input) for r in records]
     outputs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     rouge = [rouge_l(out.text, r.output) for out, r in zip(outputs, records)]
     return {"loss": loss, "perplexity": math.exp(loss), "rouge_l": sum(rouge) / len(rouge)}

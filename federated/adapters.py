@@ -62,12 +62,31 @@ def _seeded_quietly(seed: int):
         yield
 
 
+_WRAPPER = "_fedleak_peft_model"  # the base's attribute naming the peft model that wraps it now
+
+
 def add_lora(base_model, settings: LoraSettings, *, seed: int):
-    """Wrap `base_model` with a freshly initialised LoRA adapter (seeded) and return the peft model."""
+    """Wrap `base_model` with a freshly initialised LoRA adapter (seeded) and return the peft model.
+
+    The base is shared by every use in a process (`federated.model.shared_base_model`): the adapters a
+    previous `add_lora` injected into it are stripped first (peft's `unload`, which puts the original
+    layers back untouched), so each peft model starts from the bare base; the previous one is unusable.
+    """
     from peft import get_peft_model
 
+    strip_adapters(base_model)
     with _seeded_quietly(seed):
-        return get_peft_model(base_model, settings.peft_config())
+        model = get_peft_model(base_model, settings.peft_config())
+    base_model.__dict__[_WRAPPER] = model
+    return model
+
+
+def strip_adapters(base_model) -> None:
+    """Take out the LoRA layers the last `add_lora` injected into `base_model` (peft's `unload`: the
+    original layers come back untouched), leaving the bare base; a no-op on a bare base."""
+    previous = base_model.__dict__.pop(_WRAPPER, None)  # a plain attribute, not a registered submodule
+    if previous is not None:
+        previous.unload()
 
 
 def add_named_adapter(model, name: str, settings: LoraSettings, *, seed: int) -> None:
@@ -91,8 +110,9 @@ def _lora_state(model, adapter: str) -> AdapterState:
 
 
 def get_adapter_state(model, adapter: str = DEFAULT) -> AdapterState:
-    """A detached copy of the adapter's trainable LoRA tensors: what a client uploads and a checkpoint holds."""
-    return {k: v.detach().clone() for k, v in _lora_state(model, adapter).items()}
+    """A detached CPU copy of the adapter's trainable LoRA tensors: what a client uploads and a checkpoint
+    holds (uploads and aggregation live in host memory, whatever device the model is on)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in _lora_state(model, adapter).items()}
 
 
 def set_adapter_state(model, state: AdapterState, adapter: str = DEFAULT, *, source: str = "adapter") -> None:

@@ -2,9 +2,10 @@
 
 - exact duplicates (same instruction, input and output once whitespace is normalised): one copy is kept,
   before the held-out split, so the same text can never be a member and a non-member at once;
-- truncation: records whose answer (its tokens and the end-of-answer token) is cut at
-  `federation.max_length`, and records whose prompt alone fills it (they train on nothing), counted with the
-  run's tokenizer and prompt template exactly as `federated/training.py`'s `encode` builds the sequences.
+- truncation: records whose answer (its tokens and the end-of-answer token: EOS, or a chat template's
+  end-of-turn) is cut at `federation.max_length`, and records whose prompt alone fills it (they train on
+  nothing), counted with the run's tokenizer and prompt format (`model.prompt_format`, set on the tokenizer by
+  `federated/prompts.py`'s `set_prompt_format`) exactly as `federated/training.py`'s `encode` builds them.
 
 Each finding becomes a warning with counts, a field of results.json's `data` and a line of the report.
 """

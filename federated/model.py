@@ -1,164 +1,116 @@
-"""Base models: the embedded tiny Llama built offline, or any Hugging Face id or local path.
+"""Loading a base model: a local folder or a Hugging Face id, on the chosen device and dtype.
 
-The embedded model is a byte-level BPE tokenizer (trained with `tokenizers`) and a small
-`LlamaConfig` model pretrained on the generator's public corpus (no patient identifiers). LoRA on
-a randomly initialised base learns nothing useful, hence the pretraining. The build is
-deterministic and cached under `FEDLEAK_CACHE` (default ~/.cache/fedleak) in a folder named by a
-hash of its settings, so later runs load it in well under a second.
+The embedded tiny Llama is built by `federated/embedded.py`; it then loads like any other folder.
+`load_base_model` places the model (`device`, `dtype`, `attn_implementation`, bitsandbytes
+`quantization` after QLoRA, Dettmers et al. 2023: NF4, double quantisation, bf16 compute) and sets
+up its tokenizer (a pad token when it has none; the prompt format). `shared_base_model` keeps one
+loaded copy per process, so every training, client, view, attack and evaluation of a run swaps
+adapters on the same weights instead of loading or copying the base again.
+
+Adapters stay fp32 whatever the base's dtype (peft's `autocast_adapter_dtype`), and so do Opacus's
+per-sample gradients, which are taken of the adapters.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import logging
 import os
 import re
-import shutil
-import tempfile
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from fedleak.common.errors import FedleakError
-from fedleak.common.params import NonNegativeInt, PositiveFloat, PositiveInt, check_fields
 
 log = logging.getLogger(__name__)
 
-# Bump when the build procedure changes, so old caches are not reused.
-EMBEDDED_BUILD_VERSION = 1
-SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANTIZATIONS = ("none", "4bit", "8bit")
+ATTENTIONS = ("sdpa", "eager", "flash_attention_2")
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
-@dataclass(frozen=True)
-class EmbeddedModelConfig:
-    vocab_size: PositiveInt = field(default=2000, metadata={
-        "help": "Byte-level BPE vocabulary trained on the public corpus (digits are single tokens)."})
-    hidden_size: PositiveInt = field(default=128, metadata={"help": "Width of the Llama model; a multiple of num_heads."})
-    num_layers: PositiveInt = field(default=4, metadata={"help": "Transformer layers."})
-    num_heads: PositiveInt = field(default=4, metadata={"help": "Attention heads per layer."})
-    intermediate_size: PositiveInt = field(default=512, metadata={"help": "Width of the MLP blocks."})
-    max_length: PositiveInt = field(default=1024, metadata={
-        "help": "Longest sequence (RoPE positions) in tokens: room for FEDPIT's few-shot generation prompts."})
-    public_records: PositiveInt = field(default=6000, metadata={
-        "help": "Public synthetic records (no private patients) in the pretraining corpus."})
-    pretrain_steps: PositiveInt = field(default=1000, metadata={"help": "Optimiser steps of pretraining."})
-    pretrain_batch_size: PositiveInt = field(default=16, metadata={"help": "Blocks per pretraining step."})
-    pretrain_seq_len: PositiveInt = field(default=128, metadata={
-        "help": "Tokens per packed pretraining block (the corpus is concatenated and cut into blocks)."})
-    pretrain_lr: PositiveFloat = field(default=2e-3, metadata={"help": "Peak AdamW learning rate (one-cycle schedule)."})
-    seed: NonNegativeInt = field(default=0, metadata={
-        "help": "Seed of the corpus, tokenizer and pretraining; part of the model cache's key (not the run's seed)."})
-
-    def __post_init__(self):
-        check_fields(self, "model.embedded.")
-        if self.hidden_size % self.num_heads:
-            raise FedleakError(f"model.embedded.hidden_size = {self.hidden_size} is not divisible by "
-                               f"num_heads = {self.num_heads}: pick sizes that divide")
-
-    def cache_key(self, corpus: list[str]) -> str:
-        """Settings, build version and the corpus itself: a generator change also rebuilds."""
-        h = hashlib.sha256(json.dumps({"build": EMBEDDED_BUILD_VERSION, **dataclasses.asdict(self)},
-                                      sort_keys=True).encode())
-        for text in corpus:
-            h.update(text.encode())
-        return h.hexdigest()[:16]
+def check_device_name(device: str) -> str | None:
+    """Why `model.device` is malformed (a fix for the config check), or None."""
+    if _DEVICE.fullmatch(device):
+        return None
+    return f"model.device = {device!r}: use \"auto\", \"cpu\", \"cuda\", \"cuda:N\" (N a GPU index) or \"mps\""
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("FEDLEAK_CACHE") or Path.home() / ".cache" / "fedleak")
+def resolve_device(device: str = "auto") -> torch.device:
+    """The torch device `model.device` names on this machine.
+
+    Args:
+        device: "auto" (the first CUDA GPU when there is one, else the CPU), "cpu", "cuda", "cuda:N" or "mps".
+
+    Raises:
+        FedleakError: a malformed name, or a device this machine lacks (the message says what it has).
+    """
+    problem = check_device_name(device)
+    if problem:
+        raise FedleakError(problem)
+    if device == "auto":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    if device.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= count:
+            have = f"{count} CUDA GPU{'s' if count != 1 else ''}" if count else "no CUDA GPU (or a CPU-only torch)"
+            raise FedleakError(f"model.device = {device!r}: this machine has {have}: set model.device = \"auto\" "
+                               f"or \"cpu\"" + (f", or an index below {count}" if count else ""))
+        return torch.device("cuda", index)
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise FedleakError("model.device = 'mps': this machine has no Apple GPU (MPS): set model.device = \"auto\" "
+                           "or \"cpu\"")
+    return torch.device(device)
 
 
-def train_tokenizer(texts: list[str], vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    # Digits one by one (as Llama does): every digit of an identifier or canary is its own token.
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>", model_max_length=100_000)
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The base weights' dtype: `model.dtype`, or for "auto" bf16 on a CUDA GPU that supports it, fp16 on
+    an older one, fp32 on the CPU and MPS (bf16 matmuls are ~400x slower than fp32 on common CPUs)."""
+    if dtype != "auto":
+        return DTYPES[dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
 
 
-def _pretrain_texts(cfg: EmbeddedModelConfig) -> list[str]:
-    from fedleak.federated.data import generate_records
-    from fedleak.federated.prompts import format_prompt
+def quantization_config(quantization: str, device: torch.device, compute_dtype: torch.dtype):
+    """bitsandbytes' config for `model.quantization` (None for "none"): QLoRA's NF4 with double
+    quantisation and `compute_dtype` matmuls for "4bit", LLM.int8() for "8bit".
 
-    records = generate_records(cfg.public_records, seed=cfg.seed, purpose="public", private=False)
-    return [format_prompt(r.instruction, r.input) + r.output for r in records]
-
-
-def _pretrain(model, tokenizer, texts: list[str], cfg: EmbeddedModelConfig) -> float:
-    """Full fine-tune on packed blocks of the public corpus; returns the last 50 steps' mean loss."""
-    ids: list[int] = []
-    for text in texts:
-        ids.extend(tokenizer(text)["input_ids"] + [tokenizer.eos_token_id])
-    blocks = torch.tensor(ids[: len(ids) // cfg.pretrain_seq_len * cfg.pretrain_seq_len]).view(-1, cfg.pretrain_seq_len)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.pretrain_lr, total_steps=cfg.pretrain_steps,
-                                                pct_start=0.05)
-    model.train()
-    losses = []
-    for _ in range(cfg.pretrain_steps):
-        batch = blocks[torch.randint(len(blocks), (cfg.pretrain_batch_size,), generator=gen)]
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    model.eval()
-    return float(sum(losses[-50:]) / len(losses[-50:]))
-
-
-def build_embedded(cfg: EmbeddedModelConfig, *, cache_dir: Path | None = None) -> Path:
-    """Return the folder of the embedded model for `cfg`, building it once if missing."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    texts = _pretrain_texts(cfg)
-    target = (cache_dir or cache_root()) / f"embedded-{cfg.cache_key(texts)}"
-    if (target / "fedleak_build.json").exists():
-        return target
-    log.info("building the embedded model once (about 1-2 minutes on 2 cores), cached at %s", target)
-    start = time.perf_counter()
-    torch.manual_seed(cfg.seed)
-    tokenizer = train_tokenizer(texts, cfg.vocab_size)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
-        intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.max_length,
-        tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id)
-    model = LlamaForCausalLM(config)
-    final_loss = _pretrain(model, tokenizer, texts, cfg)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
+    Raises:
+        FedleakError: quantisation off a CUDA GPU, or bitsandbytes not installed.
+    """
+    if quantization == "none":
+        return None
+    if device.type != "cuda":
+        raise FedleakError(f"model.quantization = {quantization!r} needs a CUDA GPU (bitsandbytes), and the model "
+                           f"is on {device}: set model.quantization = \"none\", or model.device = \"auto\" on a "
+                           f"machine with a GPU")
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        info = {"settings": dataclasses.asdict(cfg), "build_version": EMBEDDED_BUILD_VERSION,
-                "parameters": sum(p.numel() for p in model.parameters()), "vocab": len(tokenizer),
-                "pretrain_final_loss": final_loss, "build_seconds": time.perf_counter() - start}
-        (tmp / "fedleak_build.json").write_text(json.dumps(info, indent=2))
-        try:
-            tmp.rename(target)  # atomic: a half-built model is never seen under the final name
-        except OSError:
-            if not (target / "fedleak_build.json").exists():  # lost a race to another builder
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    log.info("embedded model built in %.0f s (final pretraining loss %.3f)", info["build_seconds"], final_loss)
-    return target
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise FedleakError(f"model.quantization = {quantization!r} needs bitsandbytes, which is not installed: "
+                           f"pip install 'fedleak[gpu]', or set model.quantization = \"none\"") from None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def model_device(model) -> torch.device:
+    """Where `model`'s weights are (its first parameter's device; the CPU for a model without any)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def to_device(batch: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+    """`batch` moved to `model`'s device (a no-op on the CPU)."""
+    device = model_device(model)
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # "name" or "org/name", as the hub spells ids
@@ -182,24 +134,60 @@ def missing_folder(name: str | os.PathLike) -> str | None:
             f"(relative paths start from the working directory), \"embedded\", or a Hugging Face id (org/name)")
 
 
-def load_base_model(name_or_path: str | os.PathLike, *, allow_download: bool = False):
-    """Load (model, tokenizer) in fp32 eval mode from a local folder or, if allowed, the Hub.
+def load_base_model(name_or_path: str | os.PathLike, *, allow_download: bool = False, device: str = "auto",
+                    dtype: str = "auto", attn_implementation: str = "sdpa", quantization: str = "none",
+                    gradient_checkpointing: bool = False, prompt_format: str = "auto"):
+    """Load (model, tokenizer) in eval mode from a local folder or, if allowed, the Hub.
+
+    Args:
+        name_or_path: a model folder (save_pretrained's files) or a hub id ("org/name").
+        allow_download: let a hub id download; off: local files only.
+        device: see `resolve_device`.
+        dtype: "auto" (see `resolve_dtype`), "float32", "bfloat16" or "float16": the base weights'
+            dtype (the compute dtype under quantisation).
+        attn_implementation: "sdpa" (falls back to "eager" for an architecture without it), "eager" or
+            "flash_attention_2" (needs flash-attn and a GPU).
+        quantization: "none", "4bit" (NF4, double quantisation) or "8bit": bitsandbytes on a CUDA GPU.
+        gradient_checkpointing: recompute activations in the backward pass (less memory, ~30% slower).
+        prompt_format: "auto", "chat" or "alpaca" (`federated.prompts.set_prompt_format`).
 
     Raises:
-        FedleakError: one line naming model.name: a folder that does not exist, a folder that holds no
-            model, or a hub id that is not available offline (or not found online).
+        FedleakError: one line naming the setting: a folder that does not exist or holds no model, a hub
+            id not available offline (or not found online), a device this machine lacks, quantisation
+            without a GPU or bitsandbytes, flash attention without flash-attn, a chat format without a
+            chat template.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fedleak.federated import prompts
 
     problem = missing_folder(name_or_path)
     if problem:  # the hub library would answer with its repo-id rules, which confuse a user who gave a path
         raise FedleakError(problem)
+    place = resolve_device(device)
+    weights_dtype = resolve_dtype(dtype, place)
+    quant = quantization_config(quantization, place, weights_dtype)
+    if attn_implementation == "flash_attention_2":
+        _check_flash_attention(place)
+    if weights_dtype != torch.float32 and place.type == "cpu":
+        log.warning("model.dtype = %s on the CPU: most CPUs run half-precision matmuls far slower than float32",
+                    dtype)
     local = Path(name_or_path).expanduser()
     ref = str(local) if local.is_dir() else str(name_or_path)
     local_only = not allow_download
+    options = {"local_files_only": local_only, "dtype": weights_dtype, "attn_implementation": attn_implementation}
+    if quant is not None:  # bitsandbytes places the weights as it quantises them
+        options.update(quantization_config=quant, device_map={"": place.index or 0})
     try:
         tokenizer = AutoTokenizer.from_pretrained(ref, local_files_only=local_only)
-        model = AutoModelForCausalLM.from_pretrained(ref, local_files_only=local_only, dtype=torch.float32)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(ref, **options)
+        except ValueError as exc:
+            message = str(exc).lower()
+            if attn_implementation != "sdpa" or not ("sdpa" in message or "scaled_dot_product_attention" in message):
+                raise
+            log.info("%s has no sdpa attention; using eager attention", ref)
+            model = AutoModelForCausalLM.from_pretrained(ref, **{**options, "attn_implementation": "eager"})
     except (OSError, ValueError) as exc:  # transformers raises either for a folder or id it cannot use
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if local.is_dir():
@@ -210,7 +198,57 @@ def load_base_model(name_or_path: str | os.PathLike, *, allow_download: bool = F
                 "model.allow_download = true to fetch it" if local_only
                 else f"{first}: check the model id and your network")
         raise FedleakError(f"model.name = {str(name_or_path)!r}: {hint}") from None
-    if tokenizer.pad_token_id is None:
+    if quant is None:
+        model.to(place)
+    else:
+        from peft import prepare_model_for_kbit_training
+
+        # QLoRA's recipe: norms and the output head in fp32, input gradients on for checkpointing.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # enabled below
+    if gradient_checkpointing:
+        # Non-reentrant: the frozen base needs no input gradients, and it recomputes through peft's layers.
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if tokenizer.pad_token_id is None:  # fedleak pads itself (masked), so any token id will do
         tokenizer.pad_token = tokenizer.eos_token
+    prompts.set_prompt_format(tokenizer, prompt_format)
     model.eval()
     return model, tokenizer
+
+
+def _check_flash_attention(device: torch.device) -> None:
+    if device.type != "cuda":
+        raise FedleakError(f"model.attn_implementation = 'flash_attention_2' needs a CUDA GPU and the model is on "
+                           f"{device}: use \"sdpa\"")
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        raise FedleakError("model.attn_implementation = 'flash_attention_2' needs the flash-attn package, which is "
+                           "not installed: pip install flash-attn, or use \"sdpa\"") from None
+
+
+_SHARED: dict = {}  # at most one entry: (key, (model, tokenizer))
+
+
+def shared_base_model(name_or_path: str | os.PathLike, **options):
+    """The process's one loaded copy of the base model: `load_base_model(name_or_path, **options)` on the
+    first call, the same (model, tokenizer) afterwards. Asking for another model or other options frees
+    the previous copy first, so two bases are never held at once.
+
+    Each call returns the bare base: the adapters a previous user's `adapters.add_lora` injected are
+    taken out (that user's peft model is then unusable), so calls must not overlap.
+    """
+    from fedleak.federated.adapters import strip_adapters
+
+    key = (str(name_or_path), tuple(sorted(options.items())))
+    if _SHARED.get("key") != key:
+        _SHARED.clear()  # drop the old copy before loading the new one
+        _SHARED.update(key=key, value=load_base_model(name_or_path, **options))
+    model, tokenizer = _SHARED["value"]
+    strip_adapters(model)  # the previous user's adapters out: the caller gets the bare base
+    model.eval()
+    return model, tokenizer
+
+
+def release_shared_model() -> None:
+    """Free the shared copy (tests; a long-lived process that is done with the model)."""
+    _SHARED.clear()

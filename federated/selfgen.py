@@ -6,15 +6,22 @@ a new instruction; candidates are filtered (empty, truncated, malformed, out of 
 ROUGE-L >= threshold to any existing or already-accepted instruction), and the model then answers
 the accepted instructions greedily with a repetition penalty to curb repetitive low-quality text.
 
-Our choices where the paper is silent: the demonstrations are whole records in the training
-template, separated by EOS, followed by an open `### Instruction:` header (a base model continues
-that without any meta-prompt); "existing" instructions are the client's own plus those accepted
-this round; a candidate ends at its first newline.
+Our choices where the paper is silent, by prompt format (`federated/prompts.py`):
+- alpaca: the demonstrations are whole records in the training template, separated by EOS (one BOS
+  first when the tokenizer adds one), followed by an open `### Instruction:` header (a base model
+  continues that without any meta-prompt); a candidate ends at its first newline or a stop token;
+- chat: an instruct model answers questions rather than continuing documents, so the demonstrations'
+  instructions (with their inputs) are a numbered list in one user message that asks for one new
+  instruction of the same kind, and the candidate is the assistant's answer up to its end of turn
+  (a leading list number such as "4." stripped); the demonstrations' responses are not shown;
+- both: "existing" instructions are the client's own plus those accepted this round; the accepted
+  instructions are then asked as ordinary prompts of the format.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 
 import torch
@@ -22,12 +29,16 @@ import torch
 from fedleak.federated.data import Record
 from fedleak.common.errors import FedleakError
 from fedleak.federated.generation import generate
-from fedleak.federated.prompts import PROMPT_NO_INPUT, format_prompt
+from fedleak.federated.prompts import (PROMPT_NO_INPUT, bos_prefix, format_prompt, is_chat, prompt_ids, stop_ids,
+                                      user_message, user_turn_ids)
 from fedleak.federated.rouge import rouge_l, tokens
 from fedleak.federated.seeding import derive_seed, numpy_rng
 
 SYNTHETIC_CATEGORY = "synthetic"
 INSTRUCTION_HEADER = PROMPT_NO_INPUT.split("{instruction}")[0]  # "### Instruction:\n"
+CHAT_REQUEST = ("Here are examples of instructions:\n\n{examples}\n\nWrite one new instruction of the same kind, "
+                "different from these. Answer with the instruction only.")
+_NUMBER = re.compile(r"^\s*\d+[.)]\s*")
 
 
 @dataclass(frozen=True)
@@ -54,16 +65,37 @@ class SelfGenSettings:
 
 
 def _demo_prompt(tokenizer, demos: list[Record], budget: int) -> list[int]:
-    """Demonstrations then an open instruction header; demos that would overflow `budget` are left out."""
+    """Demonstrations then an open instruction header (alpaca), or one user turn asking for a new
+    instruction (chat); demos that would overflow `budget` are left out."""
+    if is_chat(tokenizer):
+        return _chat_demo_prompt(tokenizer, demos, budget)
     header = tokenizer(INSTRUCTION_HEADER, add_special_tokens=False)["input_ids"]
-    ids: list[int] = []
+    ids: list[int] = bos_prefix(tokenizer)
+    start = len(ids)
     for record in demos:
         demo = tokenizer(format_prompt(record.instruction, record.input) + record.output,
                          add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        if ids and len(ids) + len(demo) + len(header) > budget:
+        if len(ids) > start and len(ids) + len(demo) + len(header) > budget:
             break
         ids += demo
     return ids + header
+
+
+def _chat_demo_prompt(tokenizer, demos: list[Record], budget: int) -> list[int]:
+    items: list[str] = []
+    ids: list[int] = []
+    for record in demos:
+        numbered = items + [f"{len(items) + 1}. {user_message(record.instruction, record.input)}"]
+        candidate = user_turn_ids(tokenizer, CHAT_REQUEST.format(examples="\n".join(numbered)))
+        if items and len(candidate) > budget:
+            break
+        items, ids = numbered, candidate
+    return ids
+
+
+def candidate_text(tokenizer, text: str) -> str:
+    """The instruction a candidate holds: chat answers lose a leading list number ("4. ")."""
+    return _NUMBER.sub("", text.strip(), count=1) if is_chat(tokenizer) else text
 
 
 def context_length(model, default: int = 2048) -> int:
@@ -101,7 +133,8 @@ def self_generate(model, tokenizer, local: list[Record], settings: SelfGenSettin
              "response_dropped": 0, "accepted": 0}
     existing = [r.instruction for r in local]
     accepted: list[str] = []
-    stop = _newline_ids(tokenizer) + [tokenizer.eos_token_id]
+    # Alpaca: a candidate is one line; chat: the assistant's whole turn.
+    stop = stop_ids(model, tokenizer) if is_chat(tokenizer) else _newline_ids(tokenizer) + stop_ids(model, tokenizer)
     k = min(settings.demos, len(local))
     while len(accepted) < settings.per_round and stats["candidates"] < settings.max_attempts:
         n = min(settings.per_round, settings.max_attempts - stats["candidates"])
@@ -112,13 +145,15 @@ def self_generate(model, tokenizer, local: list[Record], settings: SelfGenSettin
                               stop_ids=stop, do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
         stats["candidates"] += n
         for candidate in candidates:
-            reason = rejection(candidate.text, candidate.finished, existing + accepted, settings)
+            text = candidate_text(tokenizer, candidate.text)
+            reason = rejection(text, candidate.finished, existing + accepted, settings)
             if reason:
                 stats[reason] += 1
             elif len(accepted) < settings.per_round:
-                accepted.append(candidate.text.strip())
-    prompts = [tokenizer(format_prompt(instruction), add_special_tokens=False)["input_ids"] for instruction in accepted]
+                accepted.append(text.strip())
+    prompts = [prompt_ids(tokenizer, instruction) for instruction in accepted]
     responses = generate(model, tokenizer, prompts, max_new_tokens=settings.response_max_new_tokens,
+                         stop_ids=stop_ids(model, tokenizer),
                          repetition_penalty=settings.repetition_penalty,
                          no_repeat_ngram_size=settings.no_repeat_ngram_size)
     records = []

@@ -8,7 +8,8 @@ from typing import Iterator, Sequence
 import torch
 
 from fedleak.federated.data import Record
-from fedleak.federated.prompts import format_prompt
+from fedleak.federated.model import to_device
+from fedleak.federated.prompts import alpaca_batch, example_ids, is_chat
 
 IGNORE = -100
 
@@ -19,22 +20,43 @@ class Example:
     labels: tuple[int, ...]  # IGNORE where the loss does not look (prompt tokens if response-only)
 
 
-def encode(records: Sequence[Record], tokenizer, *, max_length: int, response_only: bool = True) -> list[Example]:
-    """Prompt + response + EOS, truncated to `max_length`; prompt tokens masked if `response_only`."""
+class Encoded(list):
+    """`encode`'s examples (a list), with what `max_length` cut: `truncated_records` (sequences longer
+    than `max_length`) and `truncated_tokens` (tokens dropped from them)."""
+
+    truncated_records: int = 0
+    truncated_tokens: int = 0
+
+
+def encode(records: Sequence[Record], tokenizer, *, max_length: int, response_only: bool = True) -> Encoded:
+    """Prompt + response + end of answer in the tokenizer's prompt format (`federated/prompts.py`),
+    truncated to `max_length`; prompt tokens masked if `response_only`. The result counts what was cut."""
+    out = Encoded()
     if not records:
-        return []
-    prompts = [format_prompt(r.instruction, r.input) for r in records]
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer([r.output for r in records], add_special_tokens=False)["input_ids"]
-    examples = []
-    for p, r in zip(prompt_ids, response_ids):
-        ids = (list(p) + list(r) + [tokenizer.eos_token_id])[:max_length]
-        labels = ([IGNORE] * len(p) + list(r) + [tokenizer.eos_token_id])[:max_length] if response_only else list(ids)
-        examples.append(Example(tuple(ids), tuple(labels)))
-    return examples
+        return out
+    if is_chat(tokenizer):
+        sequences = [example_ids(tokenizer, r.instruction, r.input, r.output) for r in records]
+    else:
+        sequences = alpaca_batch(tokenizer, records)  # batched: the same ids, much faster
+    for full, n_prompt in sequences:
+        ids = full[:max_length]
+        labels = ([IGNORE] * n_prompt + full[n_prompt:])[:max_length] if response_only else list(ids)
+        out.append(Example(tuple(ids), tuple(labels)))
+        if len(full) > max_length:
+            out.truncated_records += 1
+            out.truncated_tokens += len(full) - max_length
+    return out
 
 
-def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+def truncation(examples: Sequence[Example]) -> dict[str, int]:
+    """What `max_length` cut from `encode`'s examples: {"records", "tokens"} (0 for a plain list)."""
+    return {"records": getattr(examples, "truncated_records", 0), "tokens": getattr(examples, "truncated_tokens", 0)}
+
+
+def collate(examples: Sequence[Example], pad_id: int | None) -> dict[str, torch.Tensor]:
+    """Right-padded batch; pads sit under a zero attention mask and IGNORE labels, so any id does (None: 0,
+    for a tokenizer without a pad token)."""
+    pad_id = 0 if pad_id is None else pad_id
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
@@ -56,8 +78,10 @@ def batches(examples: Sequence[Example], *, batch_size: int, pad_id: int,
 
 
 def token_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One forward pass: (log-probs of each target token [B, T-1], target mask [B, T-1], logits)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    """One forward pass: (log-probs of each target token [B, T-1], target mask [B, T-1], logits), on the
+    model's device (the batch is moved there); no key/value cache is kept (none is reused)."""
+    batch = to_device(batch, model)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits[:, :-1]
     targets = batch["labels"][:, 1:]
     mask = targets != IGNORE
     logp = torch.log_softmax(logits.float(), dim=-1)

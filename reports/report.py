@@ -16,6 +16,7 @@ from fedleak.reports.defenses import defenses_section
 from fedleak.reports.document import Figure, Section
 from fedleak.reports.dp import dp_section
 from fedleak.reports.extraction import extraction_section
+from fedleak.reports.fit import fit_section
 from fedleak.reports.membership import membership_section
 from fedleak.reports.merge import merged
 from fedleak.reports.poisoning import poisoning_section
@@ -53,9 +54,12 @@ def build_document(results: dict, *, show_secrets: bool = False) -> list[Section
     """The report's sections in order; those without anything to show are left out."""
     run = merged(results)
     redact = redactor(results, show_secrets=show_secrets)
-    sections = [summary_section(run, show_secrets=show_secrets), defenses_section(run), dp_section(run),
-                membership_section(run), rounds_section(run), extraction_section(run, redact),
-                poisoning_section(run, redact), synthetic_section(run, redact), provenance_section(run)]
+    fit = fit_section(run)
+    warning = fit is not None and not run.results["model_fit"]["fits"]  # before every number it qualifies
+    sections = [fit if warning else None, summary_section(run, show_secrets=show_secrets), defenses_section(run),
+                dp_section(run), membership_section(run), rounds_section(run), extraction_section(run, redact),
+                poisoning_section(run, redact), synthetic_section(run, redact), None if warning else fit,
+                provenance_section(run)]
     return [s for s in sections if s]
 
 

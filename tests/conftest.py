@@ -25,7 +25,7 @@ def model_cache(request, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def small_model_path(model_cache):
-    from fedleak.federated.model import EmbeddedModelConfig, build_embedded
+    from fedleak.federated.embedded import EmbeddedModelConfig, build_embedded
 
     return build_embedded(EmbeddedModelConfig(**SMALL_MODEL))
 

@@ -52,7 +52,7 @@ def test_results_schema_and_memorisation(run_dir):
     results = json.loads((run_dir / "results.json").read_text())
     utility_of = lambda algorithm: next(t["utility"] for t in results["trainings"]
                                         if (t["algorithm"], t["defense"]) == (algorithm, "none"))
-    assert results["schema"] == "fedleak-results/6" and results["seed"] == 1 and results["seeds"] == [1]
+    assert results["schema"] == "fedleak-results/7" and results["seed"] == 1 and results["seeds"] == [1]
     validate_results(results)
     assert results["versions"]["torch"] and results["versions"]["fedleak"] == results["fedleak_version"]
     assert "git_commit" in results and results["config"]["federation"]["rounds"] == 5
@@ -160,7 +160,7 @@ def test_report_command_rewrites_from_results_only(run_dir, tmp_path):
 def test_local_model_folder_and_user_alpaca_file(tmp_path):
     """The path a GPU user takes (a model folder or hub id, their own JSONL), on a tiny model."""
     from fedleak.federated.data import generate_records
-    from fedleak.federated.model import EmbeddedModelConfig, build_embedded
+    from fedleak.federated.embedded import EmbeddedModelConfig, build_embedded
 
     model_dir = build_embedded(EmbeddedModelConfig(vocab_size=600, hidden_size=32, num_layers=1, num_heads=2,
                                                    intermediate_size=64, public_records=300, pretrain_steps=5),

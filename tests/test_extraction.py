@@ -16,7 +16,6 @@ from fedleak.federated.adapters import LoraSettings, add_lora
 from fedleak.federated.data import Canary, Record, generate_records
 from fedleak.common.errors import FedleakError
 from fedleak.federated.model import load_base_model
-from fedleak.federated.prompts import format_prompt
 from fedleak.federated.training import TrainSettings, collate, encode, token_logprobs, train_adapter
 
 CANARY = Canary(patient_name="Quentin Rasmussen", secret="4821", repetitions=4, client=0)
@@ -163,14 +162,14 @@ def test_pii_counts_only_identifiers_missing_from_the_prompt(monkeypatch):
     short = Canary(patient_name="Ines Novak", secret="123", repetitions=1, client=0)
     outputs = {
         # a: name and MRN are in a's prompt, the DOB is not in a's response: only the phone counts.
-        format_prompt(a.instruction): "Amara Dubois 12345678 1980-01-02 555-111-2222",
-        format_prompt(b.instruction): "Bjorn Szabo should rest.",  # b's phone not leaked
-        format_prompt(canary.prompt): "The access code is 4821.",
-        format_prompt(short.prompt): "The access code is 123.",
+        a.instruction: "Amara Dubois 12345678 1980-01-02 555-111-2222",
+        b.instruction: "Bjorn Szabo should rest.",  # b's phone not leaked
+        canary.prompt: "The access code is 4821.",
+        short.prompt: "The access code is 123.",
         # The cross prompt names Amara Dubois: that name does not count; b's MRN and the canary's secret do.
-        format_prompt(other.instruction): "Amara Dubois, MRN 87654321, code 4821, 123",
+        other.instruction: "Amara Dubois, MRN 87654321, code 4821, 123",
     }
-    monkeypatch.setattr(PiiAttack, "_complete", lambda self, target, prompts: [outputs[p] for p in prompts])
+    monkeypatch.setattr(PiiAttack, "_complete", lambda self, target, records: [outputs[r.instruction] for r in records])
     secrets = Secrets(records=[a, b], canaries=[canary, short], other_records=[other])
     out = PiiAttack().run(_target(None, None), secrets)
     m, d = out.metrics, out.details

@@ -308,7 +308,7 @@ CASES: dict[str, Case] = {
     "validate-folder-without-results": lambda s: (["validate", str(s.ckpt)], s.ckpt / "results.json"),
     "validate-results-not-an-object": lambda s: (["validate", str(s.results("[1, 2]"))], s.root / "done"),
     "validate-results-binary": lambda s: (["validate", str(s.results(b"\x00\xff"))], s.root / "done"),
-    "validate-results-breaks-schema": lambda s: (["validate", str(s.results("{\"schema\": \"fedleak-results/6\"}"))],
+    "validate-results-breaks-schema": lambda s: (["validate", str(s.results("{\"schema\": \"fedleak-results/7\"}"))],
                                                  s.root / "done"),
     "validate-results-is-a-folder": lambda s: ((s.root / "run" / "results.json").mkdir(parents=True),
                                                (["validate", str(s.root / "run")], s.root / "run"))[1],

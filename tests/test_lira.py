@@ -165,7 +165,14 @@ def test_lira_beats_chance_and_loss_and_reuses_its_shadows(trained, monkeypatch)
     _, _, population, members, _ = trained
     env = _env(trained)
     target = _target(trained, env)
+    model = trained[0]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     scores = LiRAAttack().score(target, population)
+    # The shadows trained as adapters on the target's own base weights (no second copy), then went:
+    # the target's adapters, weights and active set are as they were.
+    assert set(model.peft_config) == {"default"} and model.active_adapters == ["default"]
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert len(calls) == 4 and scores.shape == (len(population),) and np.isfinite(scores).all()
     auc = {"lira": roc_auc_score(members, scores), "loss": roc_auc_score(members, ATTACKS.get("loss")().score(
         target, population))}

@@ -3,9 +3,10 @@ import hashlib
 import pytest
 import torch
 
-from fedleak.federated import model as model_module
+from fedleak.federated import embedded as model_module
 from fedleak.common.errors import FedleakError
-from fedleak.federated.model import EmbeddedModelConfig, build_embedded, load_base_model
+from fedleak.federated.embedded import EmbeddedModelConfig, build_embedded
+from fedleak.federated.model import load_base_model
 
 TINY = EmbeddedModelConfig(vocab_size=600, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
                            public_records=300, pretrain_steps=5, pretrain_batch_size=4, pretrain_seq_len=32)

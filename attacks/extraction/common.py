@@ -1,5 +1,5 @@
 """What the extraction attacks share: seeding per view, record sampling and batched
-greedy decoding of training-template prompts."""
+greedy decoding of prompts in the training format."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from fedleak.attacks.base import Secrets, Target
 from fedleak.federated.data import Record
 from fedleak.common.errors import FedleakError
 from fedleak.federated.generation import generate
+from fedleak.federated.prompts import prompt_ids
 
 EXAMPLES = 5  # cap on example lists in details
 
@@ -40,12 +41,12 @@ def canary_records(secrets: Secrets) -> list[Record]:
     return [c.record(0) for c in secrets.canaries if c.repetitions > 0]
 
 
-def greedy_texts(target: Target, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy completions of training-template prompts, cut at EOS. Prompts are batched by length so
-    left padding stays short; results come back in the input order."""
-    if not prompts:
+def greedy_texts(target: Target, records: Sequence[Record], *, max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy answers to the records' prompts in the training format (`prompts.prompt_ids`), cut at a stop
+    token. Prompts are batched by length so left padding stays short; results come back in the input order."""
+    if not records:
         return []
-    ids = target.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]  # as `encode` tokenises
+    ids = [prompt_ids(target.tokenizer, r.instruction, r.input) for r in records]  # as `encode` tokenises
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out = generate(target.model, target.tokenizer, [ids[i] for i in order], max_new_tokens=max_new_tokens,
                    batch_size=batch_size)

@@ -3,11 +3,11 @@ Models"): prompt the model with what preceded a training example and check wheth
 reproduces the rest.
 
 (a) Instruction prompts: for each private record x = (instruction, input, response), decode
-    g = greedy(format_prompt(instruction, input)) and count exact = [g.strip() == response.strip()]
+    g = greedy(prompt(instruction, input)) and count exact = [g.strip() == response.strip()]
     and approximate = [ROUGE-L(g, response) >= tau]; rates over the records, and separately over
     the inserted canaries (canary_exact_rate).
 (b) Prefix/suffix (the paper's protocol): with t = the training token sequence (prompt + response +
-    EOS, as `encode` builds it) and |t| >= p + s, x is extractable iff greedy(t[:p]) == t[p:p+s]
+    end of answer, as `encode` builds it) and |t| >= p + s, x is extractable iff greedy(t[:p]) == t[p:p+s]
     token for token. Rates are over the eligible sequences (|t| >= p + s).
 (c) Control: (a) on as many records of the same distribution that the view did not train on
     (`secrets.nonmembers`): on templated data part of a response is predictable from the template
@@ -27,7 +27,6 @@ from fedleak.attacks.extraction.common import EXAMPLES, canary_records, greedy_t
 from fedleak.common.params import PositiveInt, UnitInterval
 from fedleak.federated.data import Record
 from fedleak.federated.generation import generate
-from fedleak.federated.prompts import format_prompt
 from fedleak.federated.rouge import rouge_l
 from fedleak.federated.seeding import numpy_rng
 from fedleak.federated.training import encode
@@ -39,10 +38,10 @@ def private_records(secrets: Secrets, limit: int | None, rng: np.random.Generato
 
 def greedy_suffixes(model, tokenizer, prefixes: Sequence[Sequence[int]], *, length: int,
                     batch_size: int) -> list[list[int]]:
-    """Greedy continuations (token ids, at most `length`) of the prefixes, EOS kept: a training
-    sequence's suffix may end with it."""
+    """Greedy continuations (token ids, at most `length`) of the prefixes, the stop token kept: a training
+    sequence's suffix may end with it (EOS, or a chat template's end-of-turn)."""
     out = generate(model, tokenizer, prefixes, max_new_tokens=length, batch_size=batch_size)
-    return [list(g.ids) + ([tokenizer.eos_token_id] if g.finished else []) for g in out]
+    return [list(g.ids) + ([g.stop_id] if g.finished else []) for g in out]
 
 
 @register_attack("discoverable")
@@ -101,7 +100,7 @@ class DiscoverableAttack(ExtractionAttack):
 
     def _answers(self, target: Target, records: list[Record]) -> tuple[list[str], np.ndarray, np.ndarray]:
         """Greedy answers to the records' training prompts, exact matches and ROUGE-L with the responses."""
-        texts = greedy_texts(target, [format_prompt(r.instruction, r.input) for r in records],
+        texts = greedy_texts(target, records,
                              max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
         exact = np.array([t.strip() == r.output.strip() for t, r in zip(texts, records)])
         rouge = np.array([rouge_l(t, r.output) for t, r in zip(texts, records)])

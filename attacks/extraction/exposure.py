@@ -33,6 +33,7 @@ from fedleak.federated.data import CANARY_CATEGORY, Canary, Record
 from fedleak.common.errors import FedleakError
 from fedleak.common.params import PositiveInt, Range
 from fedleak.federated.seeding import numpy_rng
+from fedleak.federated.model import model_device, to_device
 from fedleak.federated.training import IGNORE, Example, collate, encode
 
 
@@ -79,10 +80,11 @@ def candidate_losses(model, tokenizer, canary: Canary, candidates: Sequence[str]
 
 def _run_prefix(model, example: Example, n: int) -> tuple:
     """(key/value cache, logits predicting token n, summed NLL of the prefix's scored tokens)."""
-    ids = torch.tensor([example.input_ids[:n]])
+    device = model_device(model)
+    ids = torch.tensor([example.input_ids[:n]], device=device)
     result = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
     logp = torch.log_softmax(result.logits[0].float(), dim=-1)
-    labels = torch.tensor(example.labels[1:n])
+    labels = torch.tensor(example.labels[1:n], device=device)
     picked = logp[:-1].gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     nll = -float((picked * (labels != IGNORE)).sum())
     return result.past_key_values, result.logits[0, -1].float(), nll
@@ -90,18 +92,19 @@ def _run_prefix(model, example: Example, n: int) -> tuple:
 
 def _suffix_nll(model, tokenizer, examples: Sequence[Example], n: int, cache, last_logits) -> np.ndarray:
     tails = [Example(e.input_ids[n:], e.labels[n:]) for e in examples]
-    batch = collate(tails, tokenizer.pad_token_id)  # right-padded: causal attention never sees the pads
+    batch = to_device(collate(tails, tokenizer.pad_token_id), model)  # right-padded: causal attention never sees the pads
     rows = len(tails)
     past = copy.deepcopy(cache)
     past.batch_repeat_interleave(rows)
-    mask = torch.cat([torch.ones(rows, n, dtype=torch.long), batch["attention_mask"]], dim=1)
+    mask = torch.cat([torch.ones(rows, n, dtype=torch.long, device=batch["attention_mask"].device),
+                      batch["attention_mask"]], dim=1)
     logits = model(input_ids=batch["input_ids"], attention_mask=mask, past_key_values=past, use_cache=True).logits
     # Token j of the tail is predicted by the tail's position j - 1, the first one by the prefix's last.
     logits = torch.cat([last_logits.expand(rows, 1, -1), logits[:, :-1].float()], dim=1)
     logp = torch.log_softmax(logits, dim=-1)
     labels = batch["labels"]
     picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return -(picked * (labels != IGNORE)).sum(1).double().numpy()
+    return -(picked * (labels != IGNORE)).sum(1).double().cpu().numpy()
 
 
 def exposure_from_rank(rank: float, size: int) -> float:

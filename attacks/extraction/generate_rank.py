@@ -30,7 +30,7 @@ from fedleak.attacks.membership.stats import BASE, reference_model
 from fedleak.attacks.membership.zlib import zlib_bytes
 from fedleak.common.params import NonNegativeInt, PositiveFloat, PositiveInt
 from fedleak.federated.generation import generate
-from fedleak.federated.prompts import format_prompt
+from fedleak.federated.prompts import bos_prefix, format_prompt, instruction_header, instruction_header_ids, pad_id
 from fedleak.federated.rouge import tokens
 from fedleak.federated.seeding import derive_seed
 from fedleak.federated.training import IGNORE, Example, collate, token_logprobs
@@ -39,24 +39,22 @@ UNCONDITIONED, TEMPLATE = "", "template"
 RANKINGS = ("perplexity", "zlib", "reference")
 
 
-def start_text(prompt: str) -> str:
-    """The text a generation continues: "" (nothing), the template's instruction header, or `prompt`."""
+def start_text(prompt: str, tokenizer=None) -> str:
+    """The text a generation continues: "" (nothing), the training format's instruction header
+    ("### Instruction:\n", or the chat template's opening of a user turn: the model writes the rest), or `prompt`."""
     if prompt == TEMPLATE:
-        marker = "\x00"
-        return format_prompt(marker).split(marker)[0]  # "### Instruction:\n": the model writes the rest
+        return instruction_header(tokenizer) if tokenizer is not None else format_prompt("\x00").split("\x00")[0]
     return prompt
 
 
 def start_ids(tokenizer, prompt: str) -> list[int]:
-    text = start_text(prompt)
-    if text:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]  # as training tokenised prompts
+    if prompt == TEMPLATE:
+        return instruction_header_ids(tokenizer)  # as training tokenised prompts (BOS included where it adds one)
+    if prompt:
+        return bos_prefix(tokenizer) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
     # Unconditioned: the token a document starts after. BOS where the tokenizer prepends one, else EOS
     # (the separator of packed pretraining documents, and the end of every fine-tuning example).
-    probe = tokenizer("a")["input_ids"]
-    if tokenizer.bos_token_id is not None and probe and probe[0] == tokenizer.bos_token_id:
-        return [tokenizer.bos_token_id]
-    return [tokenizer.eos_token_id]
+    return bos_prefix(tokenizer) or [tokenizer.eos_token_id]
 
 
 def rankings(log_ppl: np.ndarray, reference_log_ppl: np.ndarray, texts: Sequence[str]) -> dict[str, np.ndarray]:
@@ -147,9 +145,9 @@ def log_perplexities(model, tokenizer, prompt_ids: list[int], generations: Seque
     examples = [Example(tuple(prompt_ids) + tuple(g), (IGNORE,) * len(prompt_ids) + tuple(g)) for g in generations]
     out = []
     for start in range(0, len(examples), batch_size):
-        picked, mask, _ = token_logprobs(model, collate(examples[start:start + batch_size], tokenizer.pad_token_id))
+        picked, mask, _ = token_logprobs(model, collate(examples[start:start + batch_size], pad_id(tokenizer)))
         n = mask.sum(1)
-        out.append(torch.where(n > 0, -picked.sum(1) / n.clamp(min=1), torch.nan).double().numpy())
+        out.append(torch.where(n > 0, -picked.sum(1) / n.clamp(min=1), torch.nan).double().cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
 
@@ -200,7 +198,8 @@ class GenerateRankAttack(ExtractionAttack):
         with context:
             ref_log_ppl = log_perplexities(reference_net, tokenizer, prompt_ids, generations,
                                            batch_size=target.batch_size)
-        flags = hit_flags(texts, private_texts(secrets), secrets.identifiers, prompt=start_text(self.prompt),
+        start = start_text(self.prompt, tokenizer)
+        flags = hit_flags(texts, private_texts(secrets), secrets.identifiers, prompt=start,
                           ngram=self.ngram, min_identifier_length=self.min_identifier_length,
                           controls=record_texts(secrets.nonmembers))
         hits = np.array([f["hit"] for f in flags], dtype=bool)
@@ -216,7 +215,7 @@ class GenerateRankAttack(ExtractionAttack):
                       for j in top_indices(scores[name], min(EXAMPLES, len(distinct)))]
                for name in RANKINGS}
         details = {"samples": len(texts), "distinct": len(distinct), "hits": int(hits.sum()),
-                   "k": min(self.precision_at, len(distinct)), "start": start_text(self.prompt), "top": top}
+                   "k": min(self.precision_at, len(distinct)), "start": start, "top": top}
         if not secrets.records and not secrets.canaries:
             details["note"] = "the view trained on no private records: every generation is a miss"
         return ExtractionResult(metrics, details)

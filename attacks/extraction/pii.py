@@ -32,7 +32,7 @@ from fedleak.attacks.base import ExtractionAttack, ExtractionResult, Secrets, Ta
 from fedleak.attacks.extraction.common import EXAMPLES, canary_records, greedy_texts, run_seed, sample, view_key
 from fedleak.common.params import PositiveInt
 from fedleak.federated.data import CANARY_CATEGORY, Record
-from fedleak.federated.prompts import format_prompt
+from fedleak.federated.prompts import user_message
 from fedleak.federated.seeding import numpy_rng
 
 PATIENT_FIELDS = ("name", "dob", "mrn", "phone")  # the order of Patient.identifiers
@@ -126,8 +126,9 @@ class PiiAttack(ExtractionAttack):
         self.batch_size = batch_size
         self.min_identifier_length = min_identifier_length
 
-    def _complete(self, target: Target, prompts: list[str]) -> list[str]:
-        return greedy_texts(target, prompts, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
+    def _complete(self, target: Target, records: list[Record]) -> list[str]:
+        """Greedy answers to the records' prompts, in the training format."""
+        return greedy_texts(target, records, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
 
     def run(self, target: Target, secrets: Secrets) -> ExtractionResult:
         types = identifier_types(secrets)
@@ -144,10 +145,11 @@ class PiiAttack(ExtractionAttack):
         canaries = canary_records(secrets)
         cross_records = sample(secrets.other_records, self.max_prompts,
                                numpy_rng(seed, "attack", self.name, "cross", view_key(target)))
-        own_prompts = [format_prompt(r.instruction, r.input) for r in own_records + canaries]
-        cross_prompts = [format_prompt(r.instruction, r.input) for r in cross_records]
+        # What each prompt shows the model besides the template (an identifier in it is not a leak).
+        own_prompts = [user_message(r.instruction, r.input) for r in own_records + canaries]
+        cross_prompts = [user_message(r.instruction, r.input) for r in cross_records]
         # One generation pass for both prompt sets (greedy: each output depends on its prompt only).
-        outputs = self._complete(target, own_prompts + cross_prompts)
+        outputs = self._complete(target, own_records + canaries + cross_records)
         own_outputs, cross_outputs = outputs[:len(own_prompts)], outputs[len(own_prompts):]
 
         own = count_own(own_records + canaries, own_prompts, own_outputs, min_length=self.min_identifier_length)

@@ -21,7 +21,6 @@ a shadow on 90 of 180 population records takes about 16 s at 8 epochs and 1 min 
 from __future__ import annotations
 
 import dataclasses
-import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -33,7 +32,6 @@ from scipy.special import log_ndtr
 
 from fedleak.attacks.base import AttackEnvironment, MembershipAttack, Target, register_attack
 from fedleak.attacks.membership.stats import compute_stats, shared_stats
-from fedleak.federated.adapters import add_lora
 from fedleak.federated.data import Record
 from fedleak.common.errors import FedleakError
 from fedleak.common.params import PositiveInt, Range
@@ -43,6 +41,7 @@ from fedleak.federated.training import encode, train_adapter
 log = logging.getLogger(__name__)
 
 ONLINE, OFFLINE = "online", "offline"
+SHADOW = "lira-shadow"  # the adapter each shadow trains on the target's base weights
 MIN_VARIANCE = 1e-12  # floor for a variance estimate of exactly 0 (identical statistics)
 
 
@@ -144,23 +143,32 @@ def _check_env(env: AttackEnvironment | None) -> AttackEnvironment:
     return env
 
 
-def train_shadows(env: AttackEnvironment, *, shadow_models: int, epochs: int | None, max_length: int,
-                  response_only: bool) -> ShadowStatistics:
+def train_shadows(env: AttackEnvironment, model, tokenizer, *, shadow_models: int, epochs: int | None,
+                  max_length: int, response_only: bool) -> ShadowStatistics:
     """Fine-tune `shadow_models` LoRA adapters on balanced random halves of the population and
-    return each one's statistic on the whole population. Deterministic given `env.seed`."""
-    from fedleak.federated.model import load_base_model
+    return each one's statistic on the whole population. Deterministic given `env.seed`.
+
+    Args:
+        env: the attack environment (population, LoRA and train settings, seed).
+        model: the target's peft model. Each shadow is one more adapter on its base weights, trained
+            and scored alone, then deleted: no second copy of the base is loaded (on one GPU an 8B
+            base does not fit twice). The adapters active before are active again afterwards.
+        tokenizer: the target's tokenizer.
+    """
+    from fedleak.federated.adapters import activate, add_named_adapter
 
     population = list(env.population)
     settings = env.train if epochs is None else dataclasses.replace(env.train, epochs=epochs)
     in_mask = balanced_membership(len(population), shadow_models, numpy_rng(env.seed, "lira", "membership"))
-    base, tokenizer = load_base_model(env.base_model_ref)
+    active = list(model.active_adapters)
     stats = np.empty((shadow_models, len(population)))
     seconds = []
     try:
         for s in range(shadow_models):
             start = time.perf_counter()
             members = [r for r, keep in zip(population, in_mask[s]) if keep]
-            model = add_lora(base, env.lora, seed=derive_seed(env.seed, "lira", "shadow-init", s))
+            add_named_adapter(model, SHADOW, env.lora, seed=derive_seed(env.seed, "lira", "shadow-init", s))
+            activate(model, [SHADOW], trainable=SHADOW)
             examples = encode(members, tokenizer, max_length=env.max_length, response_only=env.response_only)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(derive_seed(env.seed, "lira", "shadow-train", s))  # dropout
@@ -168,14 +176,16 @@ def train_shadows(env: AttackEnvironment, *, shadow_models: int, epochs: int | N
                               generator=torch_generator(env.seed, "lira", "shadow-batches", s))
             stats[s] = -compute_stats(model, tokenizer, population, max_length=max_length,
                                       response_only=response_only, batch_size=env.batch_size).loss
-            base = model.unload()  # the LoRA layers out, the base weights untouched, for the next shadow
-            del model
+            activate(model, active)  # first: peft warns when the active adapter is deleted
+            model.delete_adapter(SHADOW)
             seconds.append(time.perf_counter() - start)
             log.info("lira: shadow %d/%d (%d records, %d epochs) in %.1f s", s + 1, shadow_models, len(members),
                      settings.epochs, seconds[-1])
     finally:
-        del base
-        gc.collect()
+        activate(model, active)
+        if SHADOW in model.peft_config:
+            model.delete_adapter(SHADOW)
+        model.eval()
     return ShadowStatistics(tuple(r.record_id for r in population), stats, in_mask, tuple(seconds))
 
 
@@ -219,7 +229,8 @@ class LiRAAttack(MembershipAttack):
                env.max_length, env.response_only, target.max_length, target.response_only,
                tuple(r.record_id for r in env.population), tuple(hash(r) for r in env.population))
         if key not in env.cache:
-            env.cache[key] = train_shadows(env, shadow_models=self.shadow_models, epochs=epochs,
+            env.cache[key] = train_shadows(env, target.model, target.tokenizer, shadow_models=self.shadow_models,
+                                           epochs=epochs,
                                            max_length=target.max_length, response_only=target.response_only)
         return env.cache[key]
 

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from fedleak.attacks.base import MembershipAttack, Target
 from fedleak.federated.data import Record
 from fedleak.common.errors import FedleakError
+from fedleak.federated.model import to_device
 from fedleak.federated.training import IGNORE, batches, encode
 
 ORIGINAL, LOWERCASE = "original", "lowercase"
@@ -74,7 +75,8 @@ def compute_stats(model, tokenizer, records: Sequence[Record], *, max_length: in
     model.eval()
     for batch in tqdm(batches(examples, batch_size=batch_size, pad_id=tokenizer.pad_token_id), desc="scoring",
                       unit="batch", total=-(-len(examples) // batch_size), disable=not progress, leave=False):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        batch = to_device(batch, model)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits[:, :-1]
         targets = batch["labels"][:, 1:]
         mask = targets != IGNORE
         scored, wanted = logits[mask], targets[mask]  # [M, V], [M]: scored positions of the whole batch
@@ -87,7 +89,7 @@ def compute_stats(model, tokenizer, records: Sequence[Record], *, max_length: in
             picked.append(logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1))
             mu.append(mean)
             sigma.append((second - mean.square()).clamp(min=0).sqrt())
-        flat = [torch.cat(t).double().numpy() if t else np.zeros(0) for t in (picked, mu, sigma)]
+        flat = [torch.cat(t).double().cpu().numpy() if t else np.zeros(0) for t in (picked, mu, sigma)]
         offsets = np.cumsum([0, *mask.sum(1).tolist()])
         rows += [tuple(f[offsets[i]:offsets[i + 1]] for f in flat) for i in range(len(targets))]
     width = max((len(r[0]) for r in rows), default=0)

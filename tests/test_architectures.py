@@ -1,0 +1,128 @@
+"""Every common architecture through every algorithm, defense and attack family (issue 16's sweep).
+
+Tiny randomly initialised instances of real architectures (tests/tiny_archs.py: GPT-2's Conv1D and
+no pad token, Llama, Qwen2 with a chat template, Mistral with left padding, Gemma 2, Phi-3's fused
+qkv, OPT, GPT-NeoX, Mixtral's experts) run `fedleak run` with FEDIT, FEDPIT, DP-SGD and a robust rule
+and the loss / min_k_pp / reference / lira / exposure / discoverable attacks, with each family's usual
+LoRA targets; then with "all-linear", where DP-SGD must either train or be refused in one line before
+any step (OPT's flattened MLP gives per-token gradients, Mixtral's router and experts none).
+A random model fits nothing, so the report must say so instead of presenting chance as privacy.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedleak.cli import main
+from tests.tiny_archs import FAMILIES, LORA_TARGETS, build_tiny
+
+# DP-SGD with LoRA on every linear layer: refused where Opacus's per-sample gradients are not per record.
+REFUSED_ALL_LINEAR = {"opt": "per token, not per record", "mixtral": "dp_sgd: "}
+
+HEAD = """
+[model]
+name = "{folder}"
+
+[model.lora]
+r = 4
+alpha = 8
+target_modules = {targets}
+
+[data.embedded]
+private_records = 24
+heldout_records = 12
+canary_repetitions = [2]
+canaries_per_repetition = 1
+audit_canaries = 0
+
+[federation]
+clients = 2
+rounds = 2
+local_epochs = 1
+batch_size = 4
+min_records_per_client = 2
+max_length = 96
+
+[utility]
+records = 4
+max_new_tokens = 8
+
+[attack]
+bootstrap = 50
+"""
+
+FULL = """
+[matrix]
+algorithms = ["fedit", { name = "fedpit", synthetic_per_round = 2, max_attempts = 4 }]
+defenses = ["none", { name = "dp_sgd", noise_multiplier = 1.0 }, "median"]
+exclude = [{ algorithm = "fedpit", defense = "!none" }]
+attacks = [
+    { name = "loss", observers = ["global", "upload", "client"] },
+    { name = "min_k_pp", observers = ["global"] },
+    { name = "reference", observers = ["global"] },
+    { name = "lira", shadow_models = 2, epochs = 1, observers = ["global"] },
+    { name = "exposure", samples = 20 },
+    { name = "discoverable", max_records = 4 },
+]
+"""
+
+DP_ONLY = """
+[matrix]
+algorithms = ["fedit"]
+defenses = [{ name = "dp_sgd", noise_multiplier = 1.0 }]
+attacks = [{ name = "loss", observers = ["global"] }]
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_models(small_model_path, tmp_path_factory):
+    root = tmp_path_factory.mktemp("archs")
+    return {family: build_tiny(family, root / family, tokenizer_from=small_model_path) for family in FAMILIES}
+
+
+def _run(tmp_path, folder, targets, matrix, capsys):
+    config = tmp_path / "c.toml"
+    config.write_text(HEAD.format(folder=folder, targets=json.dumps(list(targets)) if not isinstance(targets, str)
+                                  else json.dumps(targets)) + matrix)
+    rc = main(["run", str(config), "--out", str(tmp_path / "out"), "--quiet"])
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_algorithm_defense_and_attack_runs(family, tiny_models, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    rc, err = _run(tmp_path, tiny_models[family], LORA_TARGETS[family], FULL, capsys)
+    assert rc == 0, err
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    trainings = {(t["algorithm_name"], t["defense_name"]) for t in results["trainings"]}
+    assert trainings == {("fedit", "none"), ("fedit", "dp_sgd"), ("fedit", "median"), ("fedpit", "none")}
+    dp = next(t for t in results["trainings"] if t["defense_name"] == "dp_sgd")
+    assert dp["privacy"]["record_level_epsilon"] > 0
+    cells = results["cells"]
+    assert {c["attack_name"] for c in cells} >= {"loss", "min_k_pp", "reference", "lira", "exposure", "discoverable"}
+    failed = [(c["attack"], c["observer"], c["error"]) for c in cells if c.get("error")]
+    assert not failed, failed
+    membership = [c for c in cells if c["family"] == "membership"]
+    assert membership and all(c["metrics"]["auc"] is not None and c["metrics"]["blind_auc"] is not None
+                              for c in membership)
+    # A random model fits nothing: the report opens with the warning, not with "leakage at chance".
+    assert not results["model_fit"]["fits"]
+    assert "perplexity" in {p["check"] for p in results["model_fit"]["problems"]}
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert report.index("Warning: the model does not fit the data") < report.index("Membership")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dp_sgd_on_all_linear_trains_or_is_refused_in_one_line(family, tiny_models, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    rc, err = _run(tmp_path, tiny_models[family], "all-linear", DP_ONLY, capsys)
+    if family in REFUSED_ALL_LINEAR:
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert rc == 2 and REFUSED_ALL_LINEAR[family] in lines[-1] and "target_modules" in lines[-1], err
+        assert "Traceback" not in err and not (tmp_path / "out" / "results.json").exists()
+    else:
+        assert rc == 0, err
+        results = json.loads((tmp_path / "out" / "results.json").read_text())
+        assert results["trainings"][0]["privacy"]["record_level_epsilon"] > 0
