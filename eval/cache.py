@@ -111,14 +111,24 @@ def utility_key(config: RunConfig) -> dict:
     return {k: v for k, v in plain(config.utility).items() if k != "fit_perplexity"}
 
 
+def _resolved_dtype(config: RunConfig) -> str:
+    from fedleak.federated.model import resolve_device, resolve_dtype
+
+    try:
+        return str(resolve_dtype(config.model.dtype, resolve_device(config.model.device)))
+    except FedleakError:  # a device this machine lacks: the run itself says so; the key keeps the setting
+        return config.model.dtype
+
+
 def model_fingerprint(config: RunConfig) -> dict:
     """What the base model is: the embedded build's settings, or the name plus, for a local folder, its
     files' names and sizes (reading gigabytes of weights to hash them would cost more than it saves).
     A hub id is taken at its name: pin a revision by downloading it to a folder."""
     model = plain(config.model)
-    # What changes the numbers beyond float order; device, attention kernel and checkpointing do not.
-    out = {"name": model["name"], "lora": model["lora"],
-           **{k: model[k] for k in ("dtype", "quantization", "prompt_format")}}
+    # What changes the numbers beyond float order (attention kernel and checkpointing do not); "auto"
+    # dtypes are resolved, as they differ between a CPU and a GPU.
+    out = {"name": model["name"], "lora": model["lora"], "dtype": _resolved_dtype(config),
+           **{k: model[k] for k in ("quantization", "prompt_format")}}
     if model["name"] == "embedded":
         out["embedded"] = model["embedded"]
     elif Path(model["name"]).is_dir():

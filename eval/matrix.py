@@ -30,6 +30,7 @@ from fedleak.eval.results import SCHEMA, git_commit, library_versions, machine_i
 from fedleak.eval.training_runs import base_model_utility, cached_training
 from fedleak.eval.workers import train_all
 from fedleak.federated.data import FederatedData
+from fedleak.federated.model import release_shared_model
 from fedleak.federated.rounds import ALGORITHMS
 
 log = logging.getLogger("fedleak")
@@ -94,6 +95,8 @@ def _run_planned(config: RunConfig, planned: list[PlannedTraining], out_dir: Pat
     report_data_quality(config, base_dir, model_ref)  # warnings, and truncation counted with its tokenizer
     base_utility = {s: base_model_utility(seed_context(config, s, base_dir), out_dir, use_cache) for s in seeds}
     log.info("%d trainings, seeds %s, %d job(s); cache in %s", len(planned), seeds, jobs, out_dir / "trainings")
+    if jobs > 1:
+        release_shared_model()  # each worker loads its own copy: this one would be one more on the device
     records = train_all(config, [p.unit for p in planned], out_dir, base_dir=base_dir, jobs=jobs,
                         progress=progress, use_cache=use_cache)
     trainings = [records[p.unit] for p in planned]

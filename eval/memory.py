@@ -173,8 +173,10 @@ def estimate(config, model_config_or_folder=None, *, device: torch.device | str 
             return None
     device = torch.device(device) if device is not None else resolve_device(m.device)
     dtype = resolve_dtype(m.dtype, device)
-    e = torch.empty((), dtype=dtype).element_size()
     quant = m.quantization
+    # peft's prepare_model_for_kbit_training (QLoRA's recipe, federated/model.py) casts every weight that
+    # is not quantised (embeddings, output head, norms) to fp32, so the residual stream runs in fp32.
+    e = FP32 if quant in ("4bit", "8bit") else torch.empty((), dtype=dtype).element_size()
     s = shape
     h, q, kv, i, a, L, V = s.hidden, s.q_dim, s.kv_dim, s.intermediate, s.heads, s.layers, s.vocab
     eager = m.attn_implementation == "eager"

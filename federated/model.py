@@ -67,12 +67,13 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """The base weights' dtype: `model.dtype`, or for "auto" bf16 on a CUDA GPU that supports it, fp16 on
-    an older one, fp32 on the CPU and MPS (bf16 matmuls are ~400x slower than fp32 on common CPUs)."""
+    """The base weights' dtype: `model.dtype`, or for "auto" bf16 on a CUDA GPU that supports it, fp32
+    elsewhere: on the CPU and MPS (bf16 matmuls are ~400x slower than fp32 on common CPUs), and on GPUs
+    without bf16, where fp16 would need loss scaling that fedleak's training does not do."""
     if dtype != "auto":
         return DTYPES[dtype]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
     return torch.float32
 
 
@@ -207,7 +208,10 @@ def load_base_model(name_or_path: str | os.PathLike, *, allow_download: bool = F
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # enabled below
     if gradient_checkpointing:
         # Non-reentrant: the frozen base needs no input gradients, and it recomputes through peft's layers.
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the older name warns there
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if tokenizer.pad_token_id is None:  # fedleak pads itself (masked), so any token id will do
         tokenizer.pad_token = tokenizer.eos_token
     prompts.set_prompt_format(tokenizer, prompt_format)
@@ -241,7 +245,7 @@ def shared_base_model(name_or_path: str | os.PathLike, **options):
 
     key = (str(name_or_path), tuple(sorted(options.items())))
     if _SHARED.get("key") != key:
-        _SHARED.clear()  # drop the old copy before loading the new one
+        release_shared_model()  # drop the old copy before loading the new one
         _SHARED.update(key=key, value=load_base_model(name_or_path, **options))
     model, tokenizer = _SHARED["value"]
     strip_adapters(model)  # the previous user's adapters out: the caller gets the bare base
@@ -250,5 +254,14 @@ def shared_base_model(name_or_path: str | os.PathLike, **options):
 
 
 def release_shared_model() -> None:
-    """Free the shared copy (tests; a long-lived process that is done with the model)."""
+    """Free the shared copy (before another model loads; before worker processes load their own)."""
+    import gc
+
+    from fedleak.federated.adapters import strip_adapters
+
+    if "value" in _SHARED:
+        strip_adapters(_SHARED["value"][0])  # the wrapper and the base refer to each other
     _SHARED.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -116,14 +116,21 @@ def reference_model(target, reference: str):
             raise FedleakError("the reference model 'base' needs a peft model whose adapters can be switched off "
                                "(disable_adapter): pass the peft-wrapped view as the target")
         return target.model, target.tokenizer, target.model.disable_adapter()
-    from fedleak.federated.model import load_base_model
+    from fedleak.federated.model import DTYPES, load_base_model, model_device
+    from fedleak.federated.prompts import prompt_format
 
     cache = target.env.cache if target.env is not None else target.cache
     models = cache.setdefault("reference-models", {})
     if reference not in models:
         allow = target.env.allow_download if target.env is not None else False
+        # On the target's device and in its weights' dtype; the run's Alpaca format is kept, a chat
+        # format becomes the reference's own template if it has one.
+        weights = target.model.get_input_embeddings().weight.dtype
+        dtype = next((name for name, d in DTYPES.items() if d == weights), "auto")
+        fmt = "alpaca" if prompt_format(target.tokenizer) == "alpaca" else "auto"
         try:
-            models[reference] = load_base_model(reference, allow_download=allow)
+            models[reference] = load_base_model(reference, allow_download=allow, device=str(model_device(target.model)),
+                                                dtype=dtype, prompt_format=fmt)
         except FedleakError as exc:
             raise FedleakError(f"attack reference: model = {reference!r}: {exc}") from None
     net, tokenizer = models[reference]
