@@ -96,8 +96,16 @@ def _render(tokenizer, messages: list[dict], *, generation_prompt: bool) -> str:
 
 
 def chat_prompt_text(tokenizer, content: str) -> str:
-    """The chat template's text of one user turn holding `content`, with the assistant header after it."""
-    return _render(tokenizer, [{"role": "user", "content": content}], generation_prompt=True)
+    """The chat template's text of one user turn holding `content`, with the assistant header after it.
+
+    A template may open a written assistant turn with more than its generation prompt (Qwen3's empty
+    `<think></think>` block): that opening is part of the prompt, or training would label it as answer
+    and generation would not see it."""
+    user = {"role": "user", "content": content}
+    prompt = _render(tokenizer, [user], generation_prompt=True)
+    marked = _render(tokenizer, [user, {"role": "assistant", "content": _MARKER}], generation_prompt=False)
+    opening = marked.split(_MARKER)[0] if _MARKER in marked else prompt
+    return opening if opening.startswith(prompt) and opening[len(prompt):].strip() else prompt
 
 
 def prompt_text(tokenizer, instruction: str, input: str = "") -> str:
@@ -137,7 +145,7 @@ def instruction_header_ids(tokenizer) -> list[int]:
 def _chat_sequence(tokenizer, instruction: str, input: str, output: str) -> tuple[list[int], int]:
     """(ids of the conversation up to and including the assistant's end-of-turn, prompt token count)."""
     user = {"role": "user", "content": user_message(instruction, input)}
-    prompt = _render(tokenizer, [user], generation_prompt=True)
+    prompt = chat_prompt_text(tokenizer, user["content"])
     full = _render(tokenizer, [user, {"role": "assistant", "content": output}], generation_prompt=False)
     if not full.startswith(prompt):
         raise FedleakError("model.prompt_format = 'chat': this chat template writes an assistant turn that does not "

@@ -197,3 +197,23 @@ def test_chat_self_generation_asks_for_one_instruction_in_a_user_turn(tokenizers
     assert "2. List" not in tok.decode(short) and "1. Summarise" in tok.decode(short)
     assert selfgen.candidate_text(tok, " 3. Describe the symptoms of flu. ") == "Describe the symptoms of flu."
     assert selfgen.candidate_text(tokenizers.plain, "3. x") == "3. x"
+
+
+# Qwen3-like: a written assistant turn opens with an empty think block the generation prompt lacks.
+THINK_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+                  "{% if message['role'] == 'assistant' %}{{ '<think>\n\n</think>\n\n' }}{% endif %}"
+                  "{{ message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+                  "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def test_a_template_opening_the_answer_with_a_think_block_keeps_it_out_of_the_labels(tokenizers):
+    tok = tokenizers.chat
+    before = tok.chat_template
+    try:
+        tok.chat_template = THINK_TEMPLATE
+        example = encode([RECORD], tok, max_length=512)[0]
+        assert tok.decode(_labelled(example)) == RECORD.output + "<|im_end|>"
+        prompt = tok.decode(prompt_ids(tok, RECORD.instruction, RECORD.input))
+        assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")  # generation sees it too
+    finally:
+        tok.chat_template = before
