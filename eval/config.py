@@ -76,6 +76,9 @@ class ModelSettings:
             raise FedleakError("model.name is empty: use 'embedded', a Hugging Face id or a local folder")
         if (problem := check_device_name(self.device)) is not None:
             raise FedleakError(problem)
+        if self.name == "embedded" and self.prompt_format == "chat":
+            raise FedleakError("model.prompt_format = 'chat': the embedded model's tokenizer has no chat template "
+                               "(it is pretrained on the Alpaca template): use 'auto' or 'alpaca'")
         problem = missing_folder(self.name) if self.name != "embedded" else None
         if problem:  # found with the config's other errors, before any data or model work
             raise FedleakError(problem)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedleak.common.names import CLEAN
 from fedleak.federated import checkpoint
 from fedleak.federated.data import FederatedData
 from fedleak.federated.rouge import rouge_l
@@ -64,7 +65,7 @@ def model_fit(*, base_utility: dict, trainings: list[dict], data_summary: dict, 
     `problems` entry ({"check", "message"}) per failed check; `fits` is true when there is none."""
     problems = []
     base = base_utility.get("perplexity")
-    trained = [(f"{t['algorithm']}/{t['defense']} {view}", p) for t in trainings if t.get("scenario") is None
+    trained = [(f"{t['algorithm']}/{t['defense']} {view}", p) for t in trainings if t.get("scenario") in (None, CLEAN)
                for view, p in _perplexities(t.get("utility"))]
     best_view, best = min(trained, key=lambda vp: vp[1], default=(None, None))
     lowest = min(p for p in (base, best) if isinstance(p, (int, float)) and math.isfinite(p)) \
@@ -89,7 +90,8 @@ def model_fit(*, base_utility: dict, trainings: list[dict], data_summary: dict, 
         synthetic = t.get("synthetic")
         if synthetic is None:
             continue
-        label = f"{t['algorithm']}/{t['defense']}" + (f" ({t['scenario']})" if t.get("scenario") else "")
+        label = f"{t['algorithm']}/{t['defense']}" + (f" ({t['scenario']})" if t.get("scenario") not in (None, CLEAN)
+                                                      else "")
         if synthetic.get("accepted", 0) == 0:
             problems.append({"check": "no_synthetic", "message": (
                 f"{label} accepted none of its {synthetic.get('candidates', 0)} self-generated candidates: its "

@@ -117,7 +117,7 @@ def model_config(config, model_config_or_folder=None):
     source = source if source is not None else config.model.name
     try:
         return AutoConfig.from_pretrained(str(source), local_files_only=not config.model.allow_download)
-    except (OSError, ValueError):
+    except Exception:  # noqa: BLE001 - any unreadable config: no estimate; loading the model says why
         return None
 
 
@@ -167,7 +167,7 @@ def estimate(config, model_config_or_folder=None, *, device: torch.device | str 
         hf_config = model_config(config, model_config_or_folder)
         try:
             shape = shape_of(hf_config) if hf_config is not None else None
-        except (ValueError, KeyError, AttributeError, TypeError):  # an architecture transformers cannot build
+        except Exception:  # noqa: BLE001 - an architecture or config transformers cannot build
             shape = None
         if shape is None:
             return None
@@ -257,9 +257,33 @@ def available_memory(device: torch.device) -> int | None:
         return next((int(x.split()[1]) * 1024 for x in lines if x.startswith("MemAvailable:")), None)
 
 
+def check_positions(config, hf_config) -> None:
+    """Refuse a `federation.max_length` beyond the positions the model has (config.json's
+    max_position_embeddings or n_positions): learned positions would index out of range, rotary ones
+    run where the model never trained."""
+    limit = next((getattr(hf_config, k, None) for k in ("max_position_embeddings", "n_positions")
+                  if isinstance(getattr(hf_config, k, None), int)), None)
+    length = config.federation.max_length
+    if limit is not None and length > limit:
+        raise FedleakError(f"federation.max_length = {length} exceeds the {limit} positions of model.name = "
+                           f"{config.model.name!r} (its config.json): lower federation.max_length to {limit} or less")
+
+
 def check_memory(config, model_config_or_folder=None, *, jobs: int = 1, **options) -> Estimate | None:
     """The estimate, or a one-line FedleakError naming the settings to change when its largest phase
-    exceeds the available memory."""
+    exceeds the available memory. Also refuses what the config can already tell will not load: a device
+    this machine lacks, quantisation or flash attention without their GPU and package, a max_length
+    beyond the model's positions."""
+    from fedleak.federated.model import check_load_options
+
+    m = config.model
+    check_load_options(device=m.device, dtype=m.dtype, attn_implementation=m.attn_implementation,
+                       quantization=m.quantization)
+    if model_config_or_folder is None or isinstance(model_config_or_folder, (str, os.PathLike)):
+        hf_config = model_config(config, model_config_or_folder)
+        if hf_config is not None:
+            check_positions(config, hf_config)
+            model_config_or_folder = hf_config
     est = estimate(config, model_config_or_folder, jobs=jobs, **options)
     if est is None or est.available is None:
         return est
@@ -274,7 +298,7 @@ def check_memory(config, model_config_or_folder=None, *, jobs: int = 1, **option
         fixes.append('model.dtype = "bfloat16"')
     if phase == "client training":
         fixes += [f"federation.batch_size (now {fed.batch_size})", f"federation.max_length (now {fed.max_length})"]
-        if not m.gradient_checkpointing:
+        if not m.gradient_checkpointing and not _uses_dp_sgd(config):  # Opacus cannot with checkpointing
             fixes.append("model.gradient_checkpointing = true")
         if jobs > 1:
             fixes.append(f"--jobs (now {jobs})")

@@ -103,6 +103,16 @@ def quantization_config(quantization: str, device: torch.device, compute_dtype: 
                               bnb_4bit_compute_dtype=compute_dtype)
 
 
+def check_load_options(*, device: str = "auto", dtype: str = "auto", attn_implementation: str = "sdpa",
+                       quantization: str = "none") -> None:
+    """What `load_base_model` would refuse about these options on this machine, before any file is read
+    (the dry run and `fedleak run` check it first). Raises FedleakError as `load_base_model` does."""
+    place = resolve_device(device)
+    quantization_config(quantization, place, resolve_dtype(dtype, place))
+    if attn_implementation == "flash_attention_2":
+        _check_flash_attention(place)
+
+
 def model_device(model) -> torch.device:
     """Where `model`'s weights are (its first parameter's device; the CPU for a model without any)."""
     return next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -165,11 +175,11 @@ def load_base_model(name_or_path: str | os.PathLike, *, allow_download: bool = F
     problem = missing_folder(name_or_path)
     if problem:  # the hub library would answer with its repo-id rules, which confuse a user who gave a path
         raise FedleakError(problem)
+    check_load_options(device=device, dtype=dtype, attn_implementation=attn_implementation,
+                       quantization=quantization)
     place = resolve_device(device)
     weights_dtype = resolve_dtype(dtype, place)
     quant = quantization_config(quantization, place, weights_dtype)
-    if attn_implementation == "flash_attention_2":
-        _check_flash_attention(place)
     if weights_dtype != torch.float32 and place.type == "cpu":
         log.warning("model.dtype = %s on the CPU: most CPUs run half-precision matmuls far slower than float32",
                     dtype)
@@ -189,7 +199,11 @@ def load_base_model(name_or_path: str | os.PathLike, *, allow_download: bool = F
                 raise
             log.info("%s has no sdpa attention; using eager attention", ref)
             model = AutoModelForCausalLM.from_pretrained(ref, **{**options, "attn_implementation": "eager"})
-    except (OSError, ValueError) as exc:  # transformers raises either for a folder or id it cannot use
+    # transformers raises any of these for a folder or id it cannot use (a config.json with impossible
+    # sizes gives ZeroDivisionError or RuntimeError); running out of memory is not the folder's fault.
+    except (OSError, ValueError, TypeError, KeyError, ZeroDivisionError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower():
+            raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if local.is_dir():
             raise FedleakError(f"model.name = {str(name_or_path)!r}: the folder {local} holds no loadable model "
@@ -212,6 +226,9 @@ def load_base_model(name_or_path: str | os.PathLike, *, allow_download: bool = F
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if tokenizer.eos_token_id is None:  # every answer ends with it, and stops and pads fall back to it
+        raise FedleakError(f"model.name = {str(name_or_path)!r}: its tokenizer has no eos_token: set one in the "
+                           f"folder's tokenizer_config.json (the token that ends an answer)")
     if tokenizer.pad_token_id is None:  # fedleak pads itself (masked), so any token id will do
         tokenizer.pad_token = tokenizer.eos_token
     prompts.set_prompt_format(tokenizer, prompt_format)

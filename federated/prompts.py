@@ -49,8 +49,29 @@ def set_prompt_format(tokenizer, fmt: str = "auto") -> str:
         raise FedleakError("model.prompt_format = 'chat': the tokenizer of this model has no chat template: "
                            "set model.prompt_format = 'alpaca' (or 'auto') or use an instruct model")
     resolved = fmt if fmt != "auto" else ("chat" if has_template else "alpaca")
+    if resolved == "chat":
+        _check_template(tokenizer, fmt)
     setattr(tokenizer, ATTRIBUTE, resolved)
     return resolved
+
+
+def _check_template(tokenizer, fmt: str) -> None:
+    """Refuse a chat template that cannot render a user turn and an answer, or leaves either out (the
+    model would never see the instruction, or train on nothing but an end token)."""
+    user, answer = "\x00fedleak-user\x00", "\x00fedleak-answer\x00"
+    where = f"model.prompt_format = {fmt!r} (the tokenizer's chat template)"
+    fix = "fix chat_template in the model folder's tokenizer_config.json or set model.prompt_format = 'alpaca'"
+    try:
+        prompt = _render(tokenizer, [{"role": "user", "content": user}], generation_prompt=True)
+        full = _render(tokenizer, [{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
+                       generation_prompt=False)
+    except Exception as exc:  # noqa: BLE001 - jinja's and the template's own errors (raise_exception)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise FedleakError(f"{where} fails to render a conversation ({type(exc).__name__}: {first}): {fix}") from None
+    if user not in prompt or user not in full:
+        raise FedleakError(f"{where} leaves out the user's message: the model would never see the instruction: {fix}")
+    if answer not in full or full.index(answer) < full.index(user):
+        raise FedleakError(f"{where} leaves out the assistant's message: training would learn no answer: {fix}")
 
 
 def prompt_format(tokenizer) -> str:

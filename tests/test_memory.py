@@ -9,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from fedleak.cli import main
+from fedleak.common.errors import FedleakError
 from fedleak.eval import memory
 from fedleak.eval.config import parse_config
 
@@ -182,3 +183,34 @@ def test_dry_run_prints_each_phase_and_refuses_a_config_that_cannot_fit(tmp_path
     # A real run stops there too, before any output folder, model load or training.
     assert main(["run", str(path), "--out", str(tmp_path / "real")]) == 2
     assert "client training needs about" in capsys.readouterr().err and not (tmp_path / "real").exists()
+
+
+def test_memory_advice_leaves_out_checkpointing_under_dp_sgd(monkeypatch, small_model_path):
+    config = _config(matrix={"defenses": [{"name": "dp_sgd", "noise_multiplier": 1.0}]})
+    monkeypatch.setattr(memory, "available_memory", lambda device: 1 << 20)
+    with pytest.raises(FedleakError) as info:
+        memory.check_memory(config, small_model_path)
+    assert "federation.batch_size" in str(info.value) and "gradient_checkpointing" not in str(info.value)
+
+
+def test_max_length_beyond_the_model_positions_is_refused_before_a_run(tmp_path, tiny_run_config, capsys):
+    path = _write(tmp_path, tiny_run_config.replace("[federation]\n", "[federation]\nmax_length = 4096\n", 1))
+    for dry in (["--dry-run"], []):
+        assert main(["run", str(path), "--out", str(tmp_path / "out"), *dry]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.endswith("exceeds the 1024 positions of model.name = 'embedded' (its config.json): lower "
+                            "federation.max_length to 1024 or less") and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_corrupt_config_json_gives_no_estimate_not_a_traceback(small_model_path, tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "broken"
+    shutil.copytree(small_model_path, folder)
+    (folder / "config.json").write_text(json.dumps({**json.loads((folder / "config.json").read_text()),
+                                                    "num_attention_heads": 0}))
+    config = _config(model={"name": str(folder)})
+    assert memory.estimate(config) is None
+    assert memory.memory_lines(config)[0].startswith("memory: not estimated")

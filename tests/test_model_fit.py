@@ -9,7 +9,7 @@ from fedleak.eval.fit import model_fit
 from fedleak.reports.fit import fit_section
 
 
-def _training(perplexity, *, synthetic=None, domain=None, scenario=None):
+def _training(perplexity, *, synthetic=None, domain=None, scenario="clean"):  # as eval/plan.py labels them
     return {"algorithm": "fedpit" if synthetic else "fedit", "defense": "none", "scenario": scenario,
             "utility": {"global": {"loss": 1.0, "perplexity": perplexity, "rouge_l": 0.1},
                         "clients": {"0": {"loss": 1.0, "perplexity": perplexity * 2, "rouge_l": 0.1}}},
@@ -56,3 +56,7 @@ def test_off_domain_self_generation(domain, flagged):
 def test_a_base_that_fits_but_trainings_that_drift_still_fit():
     # The lowest of base and trained views decides: the base model itself fitting is enough.
     assert _fit([_training(1500.0)], base=50.0)["fits"]
+
+
+def test_results_without_a_scenario_label_count_as_clean():
+    assert _fit([_training(4.0, scenario=None)], base=500.0)["best_trained_perplexity"] == 4.0

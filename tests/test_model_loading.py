@@ -119,3 +119,33 @@ def test_dp_sgd_with_gradient_checkpointing_is_a_config_error():
     with pytest.raises(FedleakError, match=r"^c.toml: matrix.defenses\[0\]: dp_sgd cannot run with "
                                            r"model.gradient_checkpointing = true"):
         parse_config(table, "c.toml")
+
+
+def test_chat_with_the_embedded_model_is_a_config_error():
+    with pytest.raises(FedleakError, match=r"model.prompt_format = 'chat': the embedded model's tokenizer has no chat"):
+        parse_config({"model": {"prompt_format": "chat"}}, "c.toml")
+
+
+def _broken_copy(small_model_path, tmp_path, edit):
+    import json
+    import shutil
+
+    folder = tmp_path / "broken"
+    shutil.copytree(small_model_path, folder)
+    for name, change in edit.items():
+        data = json.loads((folder / name).read_text())
+        data.update(change)
+        (folder / name).write_text(json.dumps(data))
+    return folder
+
+
+@pytest.mark.parametrize("edit, says", [
+    ({"config.json": {"num_attention_heads": 0}}, "holds no loadable model"),
+    ({"config.json": {"hidden_size": -128}}, "holds no loadable model"),
+    ({"tokenizer_config.json": {"eos_token": None}}, "its tokenizer has no eos_token"),
+])
+def test_a_broken_model_folder_is_one_line(small_model_path, tmp_path, edit, says):
+    folder = _broken_copy(small_model_path, tmp_path, edit)
+    with pytest.raises(FedleakError, match=rf"^model.name = '{folder}'.*{says}") as info:
+        load_base_model(folder)
+    assert "\n" not in str(info.value)

@@ -217,3 +217,28 @@ def test_a_template_opening_the_answer_with_a_think_block_keeps_it_out_of_the_la
         assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")  # generation sees it too
     finally:
         tok.chat_template = before
+
+
+@pytest.mark.parametrize("template, says", [
+    ("{{ raise_exception('no system role') }}", "fails to render a conversation (TemplateError: no system role)"),
+    ("{% for m in messages %}{{ m['content'] ", "fails to render a conversation (TemplateSyntaxError"),
+    ("{% for m in messages %}{% if m['role'] == 'user' %}{{ 'USER: ' + m['content'] + '\n' }}{% else %}"
+     "{{ 'ASSISTANT: ok</s>' }}{% endif %}{% endfor %}", "leaves out the assistant's message"),
+    ("{% for m in messages %}{% if m['role'] == 'user' %}{{ 'USER: hello\n' }}{% else %}{{ m['content'] }}"
+     "{% endif %}{% endfor %}", "leaves out the user's message"),
+])
+def test_a_broken_chat_template_is_refused_in_one_line(tokenizers, template, says):
+    tok = tokenizers.chat
+    before = tok.chat_template
+    try:
+        tok.chat_template = template
+        for fmt in ("auto", "chat"):
+            with pytest.raises(FedleakError) as info:
+                set_prompt_format(tok, fmt)
+            message = str(info.value)
+            assert message.startswith(f"model.prompt_format = '{fmt}' (the tokenizer's chat template)")
+            assert says in message and "prompt_format = 'alpaca'" in message and "\n" not in message
+        assert set_prompt_format(tok, "alpaca") == "alpaca"  # the way out works
+    finally:
+        tok.chat_template = before
+        set_prompt_format(tok, "auto")
