@@ -115,10 +115,10 @@ def built_model_ref(config: RunConfig) -> str | None:
     """The base model's folder when it exists without building anything (the dry run's view), else None."""
     if config.model.name != "embedded":
         return config.model.name if Path(config.model.name).is_dir() else None
-    from fedleak.federated.embedded import _pretrain_texts, cache_root
+    from fedleak.federated.embedded import cache_root
 
     cfg = config.model.embedded
-    path = cache_root() / f"embedded-{cfg.cache_key(_pretrain_texts(cfg))}"
+    path = cache_root() / f"embedded-{cfg.cache_key()}"
     return str(path) if (path / "fedleak_build.json").exists() else None
 
 

@@ -10,6 +10,7 @@ hash of its settings, so later runs load it in well under a second.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -58,13 +59,32 @@ class EmbeddedModelConfig:
             raise FedleakError(f"model.embedded.hidden_size = {self.hidden_size} is not divisible by "
                                f"num_heads = {self.num_heads}: pick sizes that divide")
 
-    def cache_key(self, corpus: list[str]) -> str:
-        """Settings, build version and the corpus itself: a generator change also rebuilds."""
+    def cache_key(self) -> str:
+        """Settings, build version and what generates the pretraining corpus (`corpus_fingerprint`)."""
         h = hashlib.sha256(json.dumps({"build": EMBEDDED_BUILD_VERSION, **dataclasses.asdict(self)},
                                       sort_keys=True).encode())
-        for text in corpus:
-            h.update(text.encode())
+        h.update(corpus_fingerprint().encode())
         return h.hexdigest()[:16]
+
+
+# The code the public corpus comes from: a change to any of it rebuilds the model. Hashing these few
+# files instead of the 6,000 generated records keeps finding the cached model at ~1 ms, not 0.25 s.
+CORPUS_SOURCES = ("federated/data.py", "federated/seeding.py", "common/synthetic.py")
+
+
+@functools.lru_cache(maxsize=1)
+def corpus_fingerprint() -> str:
+    """sha256 of the corpus generator's source files, the Alpaca template and numpy's version (its
+    generators draw the records)."""
+    import numpy
+
+    from fedleak.federated.prompts import PROMPT_NO_INPUT, PROMPT_WITH_INPUT
+
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256(f"{numpy.__version__}\n{PROMPT_WITH_INPUT}\n{PROMPT_NO_INPUT}".encode())
+    for name in CORPUS_SOURCES:
+        h.update((root / name).read_bytes())
+    return h.hexdigest()
 
 
 def cache_root() -> Path:
@@ -124,10 +144,10 @@ def build_embedded(cfg: EmbeddedModelConfig, *, cache_dir: Path | None = None) -
     """Return the folder of the embedded model for `cfg`, building it once if missing."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    texts = _pretrain_texts(cfg)
-    target = (cache_dir or cache_root()) / f"embedded-{cfg.cache_key(texts)}"
+    target = (cache_dir or cache_root()) / f"embedded-{cfg.cache_key()}"
     if (target / "fedleak_build.json").exists():
         return target
+    texts = _pretrain_texts(cfg)
     log.info("building the embedded model once (about 1-2 minutes on 2 cores), cached at %s", target)
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)

@@ -27,7 +27,7 @@ def test_build_is_deterministic_and_cached(tmp_path, monkeypatch):
     assert build_embedded(TINY, cache_dir=tmp_path / "a") == first
     # Other settings get another folder.
     other = EmbeddedModelConfig(**{**TINY.__dict__, "pretrain_steps": 6})
-    assert other.cache_key([]) != TINY.cache_key([])
+    assert other.cache_key() != TINY.cache_key()
 
 
 def test_loaded_model_and_tokenizer(small_model_path):
@@ -105,3 +105,18 @@ def test_a_lora_on_tied_embeddings_uploads_and_checkpoints_only_lora_tensors(tmp
 def test_bad_embedded_settings_name_the_field():
     with pytest.raises(FedleakError, match="model.embedded.hidden_size = 30 is not divisible by num_heads = 4"):
         EmbeddedModelConfig(hidden_size=30)
+
+
+def test_the_model_key_follows_the_corpus_generator_source(monkeypatch):
+    """The key hashes the code that writes the pretraining corpus (not the 6,000 records it writes): a
+    change to that code gives another key, so a stale model is never reused."""
+    model_module.corpus_fingerprint.cache_clear()
+    key = TINY.cache_key()
+    assert TINY.cache_key() == key  # stable
+    monkeypatch.setattr(model_module, "CORPUS_SOURCES", model_module.CORPUS_SOURCES[:1])
+    model_module.corpus_fingerprint.cache_clear()
+    try:
+        assert TINY.cache_key() != key
+    finally:
+        monkeypatch.undo()
+        model_module.corpus_fingerprint.cache_clear()
