@@ -6,7 +6,11 @@ that view trained on; each attack's cells are cached in its own file under the a
 Membership cells score category-matched members and held-out non-members of the view's clients (the
 same records for every view of the same clients) and carry a blind baseline: the same attack on the
 base model, adapters off, at chance when the two sides come from one distribution. A numeric failure
-of one cell (NaN scores of a diverged model) is recorded in that cell; the run goes on."""
+of one cell (NaN scores of a diverged model) is recorded in that cell; the run goes on.
+
+Views that load the same adapter files (FEDIT's `upload/i` and `client/i`: one file) share one
+statistics cache (`adapter_identity`), so each distinct model is scored once per record set; their
+non-member draw is the same already (it depends on the client set only)."""
 
 from __future__ import annotations
 
@@ -307,6 +311,16 @@ def cached_cells(cache_dir: Path, spec: ComponentSpec, key: str) -> list[dict] |
     return cached["cells"] if cached and cached.get("key") == key else None
 
 
+def adapter_identity(folder: Path, view: str) -> tuple[tuple[str, str], ...]:
+    """What a view's model is: its (peft adapter name, file sha256) pairs from the round's manifest.
+    Views with equal identities load the same tensors into the same base model (FEDIT's `upload/i` and
+    `client/i` are one file), so they share one statistics cache: each distinct model file is scored
+    once per record set."""
+    manifest = checkpoint.read_manifest(folder)
+    files = manifest["views"][view]
+    return tuple(sorted((name, manifest["files"][stem]["sha256"]) for name, stem in files.items()))
+
+
 def attack_training(ctx: SeedContext, unit: TrainingUnit, record: dict, training_dir: Path,
                     attacks: list[tuple[ComponentSpec, tuple[str, ...]]], *, algorithm=None, progress: bool = False,
                     use_cache: bool = True, cache_dir: Path | None = None) -> tuple[list[dict], int]:
@@ -340,17 +354,29 @@ def attack_training(ctx: SeedContext, unit: TrainingUnit, record: dict, training
         fresh: dict[str, list[dict]] = {_cache_name(spec): [] for spec, *_ in todo}
         probes = [(r, v) for r in sorted({r for spec, *_ in todo for r in _rounds_of(spec, final_round)} & set(present))
                  for v in checkpoint.available_views(checkpoint.round_dir(training_dir, r))]
-        for rnd, view in tqdm(probes, desc=f"{unit.label} attacks", unit="view", disable=not progress, leave=False):
+        def wanted_on(rnd: int, view: str):
+            observer = checkpoint.parse_view_key(view)[0]
+            return [(spec, attack) for spec, observers, _, attack in todo
+                    if observer in observers and rnd in _rounds_of(spec, final_round)]
+
+        probes = [(rnd, view) for rnd, view in probes if wanted_on(rnd, view)]
+        # Views loading the same adapter files share one statistics cache, kept until the last of them.
+        identities = [adapter_identity(checkpoint.round_dir(training_dir, rnd), view) for rnd, view in probes]
+        uses = Counter(identities)
+        caches: dict[tuple, dict] = {}
+        for (rnd, view), identity in tqdm(list(zip(probes, identities)), desc=f"{unit.label} attacks", unit="view",
+                                          disable=not progress, leave=False):
             folder = checkpoint.round_dir(training_dir, rnd)
             observer, client = checkpoint.parse_view_key(view)
-            wanted = [(spec, attack) for spec, observers, _, attack in todo
-                      if observer in observers and rnd in _rounds_of(spec, final_round)]
-            if not wanted:
-                continue
+            wanted = wanted_on(rnd, view)
             checkpoint.apply_saved_view(model, folder, observer, client, cfg.model.lora)
             truth = _view_truth(algorithm, history, data, observer, client, rnd)
             target = Target(model=model, tokenizer=tokenizer, observer=observer, client=client, round=rnd,
-                            max_length=fed.max_length, response_only=fed.response_only_loss, env=env)
+                            max_length=fed.max_length, response_only=fed.response_only_loss, env=env,
+                            cache=caches.setdefault(identity, {}))
+            uses[identity] -= 1
+            if not uses[identity]:
+                del caches[identity]  # the dict lives on in `target` until this view is done
             for spec, attack in wanted:
                 cell = {**unit.key(), "attack": spec.label, "attack_name": spec.name, "attack_params": attack.params(),
                         "family": attack.family, "observer": observer, "client": client, "round": rnd}

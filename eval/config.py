@@ -91,7 +91,7 @@ class PoisoningSettings:
 
     prompts: PositiveInt = field(default=32, metadata={
         "help": "Held-out records turned into triggered and clean prompts (the ASR's denominator)."})
-    batch_size: PositiveInt = field(default=16, metadata={"help": "Prompts answered per generation batch."})
+    batch_size: PositiveInt = field(default=32, metadata={"help": "Prompts answered per generation batch."})
 
     def __post_init__(self):
         check_fields(self, "poisoning.")

@@ -216,11 +216,12 @@ def estimate(config, model_config_or_folder=None, *, device: torch.device | str 
 
     def scoring(batch: int, *, stats: bool) -> float:
         n = batch * t
-        fwd = n * (layer_tokens(False) + h * e + cache) + attention_square(batch, t, False)
-        head = n * (cache + h * e + V * e)  # the head's output beside the cache
-        if stats:  # compute_stats: logits, the scored positions' copy, fp32 softmax statistics in chunks of 512
+        # Scoring passes keep no key/value cache (use_cache=False in token_logprobs and compute_stats).
+        fwd = n * (layer_tokens(False) + h * e) + attention_square(batch, t, False)
+        head = n * (h * e + V * e)
+        if stats:  # compute_stats: the head at scored positions only, fp32 softmax statistics in chunks of 512
             from fedleak.attacks.membership.stats import TOKEN_CHUNK
-            logits = n * V * 2 * e + min(n, TOKEN_CHUNK) * V * 4 * FP32
+            logits = n * V * e + min(n, TOKEN_CHUNK) * V * 4 * FP32
         else:  # token_logprobs: logits and their fp32 log-softmax
             logits = n * V * (e + FP32 + (FP32 if e != FP32 else 0))
         return weights + held + max(fwd, head, logits)

@@ -1,4 +1,20 @@
-"""Batched text generation from token-id prompts (left-padded), cut at the first stop token."""
+"""Batched text generation from token-id prompts (left-padded), cut at the first stop token.
+
+Greedy calls group prompts by length: the call sorts its prompts by token count, batches neighbours
+(so a batch is padded to the spread of neighbouring lengths, not to the call's longest) and returns
+the generations in the caller's order. Each batch runs Hugging Face's `generate` with its KV cache.
+A greedy generation depends only on its own prompt, so grouping changes nothing but float order:
+the output is what a batch-1 loop over the same prompts gives (tests/test_generation.py checks it
+token for token). Padding never counts as text the model has seen: transformers' repetition penalty
+skips the masked positions itself (`prompt_ignore_length` from the attention mask, transformers >= 5),
+and the n-gram block cannot match them: rows are padded with a stop token, and an n-gram holding one
+could only be completed after that row has stopped (a pad id the model might generate could ban a token).
+
+Sampling calls (`do_sample=True`: FEDPIT's self-generation, `generate_rank`) keep the caller's order
+and batches: the i-th random draws of a batch go to the same prompts as before this module grouped
+anything, so a run seeded as before samples the same texts. (Grouping would hand the draws to other
+prompts: still deterministic given the seed, but a different sample.)
+"""
 
 from __future__ import annotations
 
@@ -19,31 +35,57 @@ class Generation:
     stop_id: int | None = None  # the stop token that ended it (EOS, or a chat template's end-of-turn)
 
 
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices of the prompts batched by length: sorted (stably) by length, then cut into
+    ceil(n / batch_size) batches of near-equal size (60 prompts at 16 a batch: four of 15)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    count = -(-len(order) // batch_size) if order else 0
+    return [order[len(order) * b // count:len(order) * (b + 1) // count] for b in range(count)]
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, batch_size: int = 16,
              stop_ids: Sequence[int] | None = None, do_sample: bool = False, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
              no_repeat_ngram_size: int = 0) -> list[Generation]:
-    """Greedy unless `do_sample` (top-p and/or top-k, 0 = no top-k cut); sampling draws from torch's
-    global RNG, so seed it first. `stop_ids` default: `prompts.stop_ids` (the model's and tokenizer's EOS
-    and a chat template's end-of-turn). Prompts are left-padded here, whatever the tokenizer's padding_side."""
+    """Generations for `prompts`, in their order. Greedy unless `do_sample` (top-p and/or top-k, 0 = no
+    top-k cut); sampling draws from torch's global RNG, so seed it first. `stop_ids` default:
+    `prompts.stop_ids` (the model's and tokenizer's EOS and a chat template's end-of-turn). Prompts are
+    left-padded here, whatever the tokenizer's padding_side.
+
+    `batch_size` caps the prompts per batch. Greedy batches hold prompts of neighbouring lengths (see
+    the module docstring: the result equals a batch-1 loop); sampling batches are the caller's
+    consecutive prompts, so the seeded random draws meet the prompts in the caller's order."""
+    if not prompts:
+        return []
     stop = list(stop_ids or default_stop_ids(model, tokenizer))
-    pad = pad_id(tokenizer)
-    options = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "eos_token_id": stop, "pad_token_id": pad,
-               "repetition_penalty": repetition_penalty, "no_repeat_ngram_size": no_repeat_ngram_size}
+    stop_set = set(stop)
+    # Rows are padded with a stop token (see the module docstring), else with the tokenizer's pad id.
+    vocab = model.get_input_embeddings().num_embeddings
+    fill = next((t for t in stop if 0 <= t < vocab), pad_id(tokenizer))
+    options = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "eos_token_id": stop,
+               "pad_token_id": pad_id(tokenizer), "repetition_penalty": repetition_penalty,
+               "no_repeat_ngram_size": no_repeat_ngram_size}
     if do_sample:
         options.update(temperature=temperature, top_p=top_p, top_k=top_k)
+    prompts = [list(p) for p in prompts]
+    if do_sample:
+        groups = [list(range(s, min(s + batch_size, len(prompts)))) for s in range(0, len(prompts), batch_size)]
+    else:
+        groups = length_batches([len(p) for p in prompts], batch_size)
     model.eval()
-    out: list[Generation] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = [list(p) for p in prompts[start:start + batch_size]]
+    device = model_device(model)
+    out: list[Generation | None] = [None] * len(prompts)
+    for group in groups:
+        chunk = [prompts[i] for i in group]
         width = max(len(p) for p in chunk)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
-        device = model_device(model)
+        padding = [width - len(p) for p in chunk]
+        ids = torch.tensor([[fill] * n + p for n, p in zip(padding, chunk)])
+        mask = torch.tensor([[0] * n + [1] * len(p) for n, p in zip(padding, chunk)])
         new = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **options)[:, width:].tolist()
-        for row in new:
-            cut = next((i for i, t in enumerate(row) if t in stop), None)
-            out.append(Generation(text=tokenizer.decode(row[:cut], skip_special_tokens=True), finished=cut is not None,
-                                  ids=tuple(row[:cut]), stop_id=row[cut] if cut is not None else None))
-    return out
+        for i, row in zip(group, new):
+            cut = next((k for k, t in enumerate(row) if t in stop_set), None)
+            kept = row[:cut]
+            out[i] = Generation(text=tokenizer.decode(kept, skip_special_tokens=True), finished=cut is not None,
+                                ids=tuple(kept), stop_id=row[cut] if cut is not None else None)
+    return out  # type: ignore[return-value]
