@@ -4,7 +4,7 @@ the check that refuses a run which cannot fit (`fedleak run`, also with --dry-ru
 Phases, each on the chosen device (`model.device`):
 - training: the base weights (params x bytes of `model.dtype`; bitsandbytes "4bit" keeps 0.5 byte per
   weight of every linear layer but the output head, plus ~3% of quantisation constants, "8bit" 1 byte;
-  embeddings, head and norms stay at the compute dtype), every adapter the algorithms hold (fp32,
+  embeddings, head and norms in fp32, as QLoRA's recipe casts them, and the activations too), every adapter the algorithms hold (fp32,
   counted layer by layer as peft wraps them: in x r + r x out per targeted linear), AdamW's two
   moments and the gradients of the trained adapter (DP-SGD: one fp32 gradient per record of the
   batch), the clients' uploads held for aggregation, and the activations of a batch of
@@ -186,7 +186,9 @@ def estimate(config, model_config_or_folder=None, *, device: torch.device | str 
     lora, lora_in = s.lora_params(m.lora.target_modules, m.lora.r)
     adapters = _algorithm_adapters(config)
     dp = _uses_dp_sgd(config)
-    held = adapters * lora * FP32 + config.federation.clients_per_round * lora * FP32  # adapters + uploads
+    # The clients' uploads are CPU copies (adapters.get_adapter_state): on the device only on the CPU.
+    uploads = config.federation.clients_per_round * lora * FP32 if device.type == "cpu" else 0
+    held = adapters * lora * FP32 + uploads
     optimizer = 2 * lora * FP32 + lora * FP32 * (1 + (fed.batch_size if dp else 0))
 
     def layer_tokens(training: bool) -> float:
