@@ -53,7 +53,7 @@ from fedleak.federated.data import FederatedData, generate_records
 from fedleak.federated.model import load_base_model
 from fedleak.federated.training import TrainSettings, batches, collate, encode, sequence_losses, train_adapter
 
-from gpu_shapes import (SHAPES, SMOKE_SHAPES, allocated_gb, batches_on, datasheet_peak, free, is_oom,  # bench/ on sys.path
+from gpu_shapes import (SHAPES, SMOKE_SHAPES, allocated_gb, datasheet_peak, free, is_oom,  # bench/ on sys.path
                         make_tokenizer, measured_peak, peak_gb, random_examples, reset_peak, sync, write_model)
 
 ROWS: list[dict] = []  # the summary table (and the JSON's "results")
@@ -278,17 +278,17 @@ def bench_shape(name, shape, workdir, tokenizer_folder, device, args, peaks) -> 
     base, tokenizer = load_base_model(folder, device=str(device), dtype=args.dtype)
     model = add_lora(base, LoraSettings(r=16), seed=0)
     print(f"  written and loaded in {time.perf_counter() - start:.0f} s; weights {fmt(allocated_gb(device))} GB")
-    with batches_on(device):
-        guarded(f"{name} LoRA training", lora_throughput, name, shape, model, device, args, peaks)
-        guarded(f"{name} membership scoring", scoring_speed, name, shape, model, tokenizer, device, args)
-        if name == "llama-1b":
-            guarded("DP-SGD overhead", dp_overhead, model, shape, device, args)
-            guarded("FEDIT round memory", round_memory, base, tokenizer, device, args)
-        del model, base
+    # fedleak moves every batch to the model's device itself (training, scoring, generation).
+    guarded(f"{name} LoRA training", lora_throughput, name, shape, model, device, args, peaks)
+    guarded(f"{name} membership scoring", scoring_speed, name, shape, model, tokenizer, device, args)
+    if name == "llama-1b":
+        guarded("DP-SGD overhead", dp_overhead, model, shape, device, args)
+        guarded("FEDIT round memory", round_memory, base, tokenizer, device, args)
+    del model, base
+    free(device)
+    if name == "llama-8b":
+        guarded("QLoRA 4-bit memory", qlora_memory, folder, shape, device, args)
         free(device)
-        if name == "llama-8b":
-            guarded("QLoRA 4-bit memory", qlora_memory, folder, shape, device, args)
-            free(device)
     shutil.rmtree(folder, ignore_errors=True)
     print(f"  done in {time.perf_counter() - start:.0f} s; left allocated {fmt(allocated_gb(device))} GB")
 

@@ -3,7 +3,6 @@ count, the bf16 peak (measured and datasheet), device timing and memory helpers.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import time
 from dataclasses import dataclass
@@ -146,26 +145,3 @@ def allocated_gb(device: torch.device) -> float | None:
 
 def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
-@contextlib.contextmanager
-def batches_on(device: torch.device):
-    """fedleak's batch iterator (training and membership scoring) yielding batches on `device`, for
-    code that does not move them itself yet; a no-op once it does (`.to` of a tensor already there)."""
-    from fedleak.attacks.membership import stats
-    from fedleak.federated import training
-
-    original = training.batches
-
-    def moved(*args, **kwargs):
-        for batch in original(*args, **kwargs):
-            yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-    saved = {m: m.batches for m in (training, stats)}
-    for module in saved:
-        module.batches = moved
-    try:
-        yield
-    finally:
-        for module, fn in saved.items():
-            module.batches = fn
