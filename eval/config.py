@@ -267,12 +267,13 @@ def _check_combinations(config: RunConfig, where: str) -> None:
     embeddings = [t for t in ((targets,) if isinstance(targets, str) else targets) if EMBEDDING_NAME.search(t)]
     for i, spec in enumerate(config.matrix.defenses):
         item = f"{where}: matrix.defenses[{i}]"
-        if config.model.gradient_checkpointing and "dp_sgd" in {p.name for p in (spec.parts or (spec,))}:
+        dp_sgd = "dp_sgd" in {p.name for p in (spec.parts or (spec,))}
+        if config.model.gradient_checkpointing and dp_sgd:
             # Opacus's hooks record no per-sample gradient through a recomputed forward pass.
             raise FedleakError(f"{item}: dp_sgd cannot run with model.gradient_checkpointing = true (Opacus gets no "
                                f"per-sample gradients through recomputed activations): set it to false and lower "
                                f"federation.batch_size or federation.max_length if memory is short")
-        if embeddings and "dp_sgd" in {p.name for p in (spec.parts or (spec,))}:
+        if embeddings and dp_sgd:
             # Caught before training by name; DPSGD.train_client checks the layers themselves.
             raise FedleakError(f"{item}: dp_sgd cannot train LoRA on the embedding layer {embeddings[0]!r} "
                                f"(Opacus has no per-sample gradients for it): remove it from "

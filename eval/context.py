@@ -102,13 +102,10 @@ def load_tokenizer(config: RunConfig, model_ref: str):
         tokenizer = AutoTokenizer.from_pretrained(model_ref, local_files_only=not config.model.allow_download)
     except (OSError, ValueError):
         return None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    # Truncation is counted in the run's prompt format, as `load_base_model` sets it.
-    from fedleak.federated.prompts import set_prompt_format
+    from fedleak.federated.model import prepare_tokenizer
 
-    set_prompt_format(tokenizer, getattr(config.model, "prompt_format", "auto"))
-    return tokenizer
+    # Truncation is counted in the run's prompt format, with the tokenizer set up as the loader does.
+    return prepare_tokenizer(tokenizer, model_ref, config.model.prompt_format)
 
 
 def built_model_ref(config: RunConfig) -> str | None:

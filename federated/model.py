@@ -104,13 +104,35 @@ def quantization_config(quantization: str, device: torch.device, compute_dtype: 
 
 
 def check_load_options(*, device: str = "auto", dtype: str = "auto", attn_implementation: str = "sdpa",
-                       quantization: str = "none") -> None:
-    """What `load_base_model` would refuse about these options on this machine, before any file is read
-    (the dry run and `fedleak run` check it first). Raises FedleakError as `load_base_model` does."""
+                       quantization: str = "none"):
+    """What these options mean on this machine, (device, weights dtype, bitsandbytes config or None),
+    checked before any file is read (the dry run and `fedleak run` call it first, `load_base_model` uses
+    it). Raises FedleakError as `load_base_model` does."""
     place = resolve_device(device)
-    quantization_config(quantization, place, resolve_dtype(dtype, place))
+    weights_dtype = resolve_dtype(dtype, place)
+    quant = quantization_config(quantization, place, weights_dtype)
     if attn_implementation == "flash_attention_2":
         _check_flash_attention(place)
+    return place, weights_dtype, quant
+
+
+def prepare_tokenizer(tokenizer, name_or_path, prompt_format: str = "auto"):
+    """Set up a loaded tokenizer as every fedleak run uses it (the loader, and the dry run's truncation
+    counts): an EOS is required, a missing pad token becomes the EOS (fedleak masks padding itself),
+    and `prompt_format` is resolved onto it (`prompts.set_prompt_format`). Returns the tokenizer.
+
+    Raises:
+        FedleakError: no eos_token, or a prompt format the tokenizer cannot serve.
+    """
+    from fedleak.federated.prompts import set_prompt_format
+
+    if tokenizer.eos_token_id is None:  # every answer ends with it, and stops and pads fall back to it
+        raise FedleakError(f"model.name = {str(name_or_path)!r}: its tokenizer has no eos_token: set one in the "
+                           f"folder's tokenizer_config.json (the token that ends an answer)")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    set_prompt_format(tokenizer, prompt_format)
+    return tokenizer
 
 
 def model_device(model) -> torch.device:
@@ -170,16 +192,12 @@ def load_base_model(name_or_path: str | os.PathLike, *, allow_download: bool = F
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fedleak.federated import prompts
-
     problem = missing_folder(name_or_path)
     if problem:  # the hub library would answer with its repo-id rules, which confuse a user who gave a path
         raise FedleakError(problem)
-    check_load_options(device=device, dtype=dtype, attn_implementation=attn_implementation,
-                       quantization=quantization)
-    place = resolve_device(device)
-    weights_dtype = resolve_dtype(dtype, place)
-    quant = quantization_config(quantization, place, weights_dtype)
+    place, weights_dtype, quant = check_load_options(device=device, dtype=dtype,
+                                                     attn_implementation=attn_implementation,
+                                                     quantization=quantization)
     if weights_dtype != torch.float32 and place.type == "cpu":
         log.warning("model.dtype = %s on the CPU: most CPUs run half-precision matmuls far slower than float32",
                     dtype)
@@ -226,12 +244,7 @@ def load_base_model(name_or_path: str | os.PathLike, *, allow_download: bool = F
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if tokenizer.eos_token_id is None:  # every answer ends with it, and stops and pads fall back to it
-        raise FedleakError(f"model.name = {str(name_or_path)!r}: its tokenizer has no eos_token: set one in the "
-                           f"folder's tokenizer_config.json (the token that ends an answer)")
-    if tokenizer.pad_token_id is None:  # fedleak pads itself (masked), so any token id will do
-        tokenizer.pad_token = tokenizer.eos_token
-    prompts.set_prompt_format(tokenizer, prompt_format)
+    prepare_tokenizer(tokenizer, name_or_path, prompt_format)
     model.eval()
     return model, tokenizer
 

@@ -24,6 +24,16 @@ def model_cache(request, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_model_path(small_model_path, tmp_path_factory):
+    """`family -> folder` of a tiny random instance of a real architecture (tests/tiny_archs.py), built
+    once per session with the small embedded model's tokenizer."""
+    from tests.tiny_archs import build_tiny
+
+    root = tmp_path_factory.mktemp("tiny-archs")
+    return lambda family: build_tiny(family, root / family, tokenizer_from=small_model_path)
+
+
+@pytest.fixture(scope="session")
 def small_model_path(model_cache):
     from fedleak.federated.embedded import EmbeddedModelConfig, build_embedded
 

@@ -16,7 +16,7 @@ import json
 import pytest
 
 from fedleak.cli import main
-from tests.tiny_archs import FAMILIES, LORA_TARGETS, build_tiny
+from tests.tiny_archs import FAMILIES, LORA_TARGETS
 
 # DP-SGD with LoRA on every linear layer: refused where Opacus's per-sample gradients are not per record.
 REFUSED_ALL_LINEAR = {"opt": "per token, not per record", "mixtral": "dp_sgd: "}
@@ -77,9 +77,8 @@ attacks = [{ name = "loss", observers = ["global"] }]
 
 
 @pytest.fixture(scope="module")
-def tiny_models(small_model_path, tmp_path_factory):
-    root = tmp_path_factory.mktemp("archs")
-    return {family: build_tiny(family, root / family, tokenizer_from=small_model_path) for family in FAMILIES}
+def tiny_models(tiny_model_path):
+    return {family: tiny_model_path(family) for family in FAMILIES}
 
 
 def _run(tmp_path, folder, targets, matrix, capsys):

@@ -19,15 +19,8 @@ from fedleak.federated.data import generate_records
 from fedleak.federated.hooks import ClientJob
 from fedleak.federated.model import load_base_model
 from fedleak.federated.training import Example, TrainSettings, collate, encode, sequence_losses
-from fedleak.tests.tiny_archs import build_tiny
 
 OPT_ATTENTION = ["k_proj", "v_proj", "q_proj", "out_proj"]  # OPTAttention's projections, in model order
-
-
-@pytest.fixture(scope="module")
-def tiny(small_model_path, tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return lambda family: build_tiny(family, root / family, tokenizer_from=small_model_path)
 
 
 def _job(folder, targets, *, records=6, b_init=False):
@@ -66,29 +59,29 @@ def _suggested(message: str) -> list[str]:
     return json.loads(re.search(r"target_modules to (\[.*?\])", message).group(1))
 
 
-def test_opt_all_linear_is_refused_naming_fc1_fc2_and_the_attention_targets(tiny):
-    message = _refuse(_job(tiny("opt"), "all-linear"))
+def test_opt_all_linear_is_refused_naming_fc1_fc2_and_the_attention_targets(tiny_model_path):
+    message = _refuse(_job(tiny_model_path("opt"), "all-linear"))
     assert "model.decoder.layers.*.fc1, model.decoder.layers.*.fc2 (2 layers) are per token, not per record" in message
     assert "Opacus would clip per token and the epsilon would be wrong" in message and "dp_fedavg" in message
     assert _suggested(message) == OPT_ATTENTION  # the probed layers that passed
 
 
-def test_opt_fc1_alone_is_refused_though_opacus_would_run(tiny):
-    message = _refuse(_job(tiny("opt"), ["fc1"]))
+def test_opt_fc1_alone_is_refused_though_opacus_would_run(tiny_model_path):
+    message = _refuse(_job(tiny_model_path("opt"), ["fc1"]))
     assert "model.decoder.layers.*.fc1 (2 layers) are per token" in message and "fc2" not in message
     assert _suggested(message) == OPT_ATTENTION  # nothing passed: the attention projections
 
 
-def test_mixtral_all_linear_is_refused_naming_router_and_experts(tiny):
-    message = _refuse(_job(tiny("mixtral"), "all-linear"))
+def test_mixtral_all_linear_is_refused_naming_router_and_experts(tiny_model_path):
+    message = _refuse(_job(tiny_model_path("mixtral"), "all-linear"))
     assert "model.layers.*.mlp.gate" in message and "model.layers.*.mlp.experts" in message
     assert "epsilon would be wrong" in message
     assert _suggested(message) == ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def test_opt_with_the_suggested_targets_trains_with_per_record_gradients(tiny):
-    suggested = _suggested(_refuse(_job(tiny("opt"), "all-linear")))
-    job = _job(tiny("opt"), suggested, b_init=True)
+def test_opt_with_the_suggested_targets_trains_with_per_record_gradients(tiny_model_path):
+    suggested = _suggested(_refuse(_job(tiny_model_path("opt"), "all-linear")))
+    job = _job(tiny_model_path("opt"), suggested, b_init=True)
     model = job.model
     examples = [Example(e.input_ids[:n], e.input_ids[:n]) for e, n in zip(job.examples, (30, 22, 15))]
     assert len({len(e.input_ids) for e in examples}) > 1  # different lengths: padding in the batch
@@ -120,7 +113,7 @@ def test_opt_with_the_suggested_targets_trains_with_per_record_gradients(tiny):
     assert metrics["steps"] == 2 and metrics["epsilon"] > 0 and job.privacy["epsilon"] == metrics["epsilon"]
 
 
-def test_a_crash_under_opacus_is_refused_naming_the_module(tiny, monkeypatch):
+def test_a_crash_under_opacus_is_refused_naming_the_module(tiny_model_path, monkeypatch):
     class FailsOnFc1(GradSampleModule):
         def forward(self, *args, **kwargs):
             if any(p.requires_grad for n, p in self._module.named_parameters() if ".fc1." in n):
@@ -128,7 +121,7 @@ def test_a_crash_under_opacus_is_refused_naming_the_module(tiny, monkeypatch):
             return super().forward(*args, **kwargs)
 
     monkeypatch.setattr(opacus, "GradSampleModule", FailsOnFc1)
-    message = _refuse(_job(tiny("opt"), ["q_proj", "fc1"]))
+    message = _refuse(_job(tiny_model_path("opt"), ["q_proj", "fc1"]))
     assert ("model.decoder.layers.*.fc1 (2 layers) make Opacus fail (RuntimeError: stack expects each tensor "
             "to be equal size)") in message
     assert "q_proj" not in message.split(" make Opacus fail")[0] and _suggested(message) == ["q_proj"]

@@ -12,7 +12,6 @@ from fedleak.federated.data import generate_records
 from fedleak.federated.generation import generate, length_batches
 from fedleak.federated.model import load_base_model
 from fedleak.federated.prompts import prompt_ids, stop_ids
-from tests.tiny_archs import build_tiny
 
 
 def _prompts(tokenizer, n: int) -> list[list[int]]:
@@ -31,9 +30,8 @@ def embedded(small_model_path):
 
 
 @pytest.fixture(scope="module")
-def tiny(small_model_path, tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny-generation")
-    return lambda family: load_base_model(build_tiny(family, root / family, tokenizer_from=small_model_path))
+def tiny(tiny_model_path):
+    return lambda family: load_base_model(tiny_model_path(family))
 
 
 def test_length_batches_cover_every_prompt_once_in_near_equal_sorted_batches():

@@ -17,7 +17,7 @@ from fedleak.federated.adapters import LoraSettings, add_lora
 from fedleak.federated.data import generate_records
 from fedleak.federated.model import load_base_model, to_device
 from fedleak.federated.training import IGNORE, collate, encode
-from tests.tiny_archs import FAMILIES, LORA_TARGETS, build_tiny
+from tests.tiny_archs import FAMILIES, LORA_TARGETS
 
 MAX_LENGTH = 96  # some records are cut: truncation is covered too
 
@@ -86,9 +86,8 @@ def embedded(small_model_path):
 
 
 @pytest.fixture(scope="module")
-def tiny(small_model_path, tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny-scoring")
-    return lambda family: load_base_model(build_tiny(family, root / family, tokenizer_from=small_model_path))
+def tiny(tiny_model_path):
+    return lambda family: load_base_model(tiny_model_path(family))
 
 
 @pytest.mark.parametrize("response_only", [True, False])
