@@ -12,6 +12,8 @@ timed side by side with interleaved repeats:
                   moved to the CPU, a log-softmax over the full vocabulary at every position, a Python
                   loop over the tokens picking each log-prob with `.item()`, Min-K%++'s mu and sigma
                   over the stacked full distributions
+  forward only    the floor: a plain forward pass (logits at every position, nothing computed from
+                  them) over fedleak's batches; fedleak's scoring cannot be much cheaper than this
   per attack      the same loop with one forward pass per attack per document (each MIMIR attack
                   called without the shared `probs`: LOSS, zlib, Min-K% and Min-K%++ each run
                   `get_probabilities` again)
@@ -41,7 +43,7 @@ import torch
 
 from fedleak.attacks.base import ATTACKS, AttackEnvironment, Target
 from fedleak.federated.data import generate_records
-from fedleak.federated.training import IGNORE, encode
+from fedleak.federated.training import IGNORE, collate, encode
 
 from common import embedded_lora  # bench/ runs as scripts: its folder is on sys.path
 
@@ -128,7 +130,11 @@ def mimir_part(model, tokenizer, records, args) -> None:
     ours = ATTACKS.get("loss")().score(target, records)
     theirs = np.array(mimir_loop(model, documents[:8])["loss"])
     print(f"LOSS agreement on 8 records: max |fedleak - MIMIR| = {np.abs(-ours[:8] - theirs).max():.2e} nats")
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
+    padded = [collate([examples[i] for i in order[s:s + args.batch_size]], tokenizer.pad_token_id)
+              for s in range(0, len(order), args.batch_size)]
     runs = {"fedleak": lambda: timed(model, tokenizer, records, MIMIR_SCORES, env()),
+            "forward only": lambda: _clock(lambda: bare_forward(model, padded)),
             "mimir loop": lambda: _clock(lambda: mimir_loop(model, documents)),
             "per attack": lambda: _clock(lambda: mimir_loop(model, documents, shared=False))}
     timings = {name: [] for name in runs}
@@ -141,6 +147,14 @@ def mimir_part(model, tokenizer, records, args) -> None:
           f"{args.batch_size}, {torch.get_num_threads()} thread(s), best of {args.repeats}")
     for name, seconds in best.items():
         print(f"{name:13s} {seconds:6.2f} s   fedleak is {seconds / best['fedleak']:5.2f}x faster")
+
+
+@torch.no_grad()
+def bare_forward(model, padded) -> None:
+    """The floor: one plain forward pass (logits at every position) over fedleak's length-sorted batches,
+    no statistics computed."""
+    for batch in padded:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
 
 
 def _clock(fn) -> float:

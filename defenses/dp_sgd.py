@@ -299,7 +299,9 @@ class DPSGD(Defense):
                         for p in params:
                             p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
                     else:
-                        loss = sequence_losses(module, {"input_ids": ids, "attention_mask": mask, "labels": labels}).mean()
+                        width = int(mask.sum(1).max())  # right padding beyond the batch's longest record is dead weight
+                        batch = {"input_ids": ids[:, :width], "attention_mask": mask[:, :width], "labels": labels[:, :width]}
+                        loss = sequence_losses(module, batch).mean()
                         loss.backward()
                         losses.append(loss.item())
                     optimizer.step()

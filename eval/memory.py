@@ -17,7 +17,8 @@ Models", sbh(34 + 5as/h) bytes per layer in fp16), recounted for what autograd k
 Llama-type decoder layer (frozen weights keep no inputs; RMSNorm, RoPE, gated MLP, the adapters'
 fp32 inputs), with the s^2 attention term only for eager attention, and one layer's share plus
 the layer inputs under gradient checkpointing. The logits add 12 bytes per token and vocabulary entry
-in training (fedleak's fp32 log-softmax, its gradient and the logits' gradient, `token_logprobs`).
+in training (fedleak's fp32 log-softmax, its gradient and the logits' gradient): an upper bound, as
+training computes them at target positions only (`federated/batching.py`).
 tests/test_memory.py holds the estimate against peaks measured on the embedded model.
 """
 

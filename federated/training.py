@@ -7,11 +7,10 @@ from typing import Iterator, Sequence
 
 import torch
 
+from fedleak.federated.batching import IGNORE, collate_packed, pack_rows, packing_ok, padded_segments, row_losses
 from fedleak.federated.data import Record
 from fedleak.federated.model import to_device
 from fedleak.federated.prompts import alpaca_batch, example_ids, is_chat
-
-IGNORE = -100
 
 
 @dataclass(frozen=True)
@@ -69,12 +68,18 @@ def collate(examples: Sequence[Example], pad_id: int | None) -> dict[str, torch.
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def batch_indices(n: int, *, batch_size: int, generator: torch.Generator | None = None) -> Iterator[list[int]]:
+    """The record indices of each batch: a shuffled order if `generator` is given, else in order."""
+    order = torch.randperm(n, generator=generator).tolist() if generator is not None else list(range(n))
+    for start in range(0, n, batch_size):
+        yield order[start:start + batch_size]
+
+
 def batches(examples: Sequence[Example], *, batch_size: int, pad_id: int,
             generator: torch.Generator | None = None) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches in a shuffled order if `generator` is given, else in order."""
-    order = torch.randperm(len(examples), generator=generator).tolist() if generator is not None else list(range(len(examples)))
-    for start in range(0, len(order), batch_size):
-        yield collate([examples[i] for i in order[start:start + batch_size]], pad_id)
+    """Right-padded batches in a shuffled order if `generator` is given, else in order."""
+    for rows in batch_indices(len(examples), batch_size=batch_size, generator=generator):
+        yield collate([examples[i] for i in rows], pad_id)
 
 
 def token_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -90,9 +95,9 @@ def token_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
 
 
 def sequence_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per-sequence mean token loss [B]; a batch loss is its mean (what per-sample DP clipping needs)."""
-    picked, mask, _ = token_logprobs(model, batch)
-    return -(picked.sum(1) / mask.sum(1).clamp(min=1))
+    """Per-sequence mean token loss [B] of a right-padded batch; a batch loss is its mean (what per-sample
+    DP clipping needs). The output head runs at target positions only (`batching.scored_logits`)."""
+    return row_losses(model, batch, padded_segments(batch), batch["input_ids"].shape[0])
 
 
 @dataclass(frozen=True)
@@ -105,15 +110,29 @@ class TrainSettings:
 
 
 def train_adapter(model, examples: Sequence[Example], settings: TrainSettings, *, pad_id: int,
-                  generator: torch.Generator, on_step=None) -> dict[str, float]:
-    """Train the trainable (LoRA) parameters of `model` in place; returns loss and step counts."""
+                  generator: torch.Generator | None, on_step=None, pack: bool = True) -> dict[str, float]:
+    """Train the trainable (LoRA) parameters of `model` in place; returns loss and step counts.
+
+    Each step's batch (shuffled by `generator`, else in order) is packed into fewer rows when `pack`,
+    the architecture passes `batching.packing_ok` and two or more records fit in one row of the batch's
+    longest; else right-padded. The same records and per-record mean losses either way, so the same
+    gradient up to float order."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    pack = pack and packing_ok(model, pad_id=pad_id)
+    optimizer.zero_grad(set_to_none=True)  # a gradient left on the parameters must not join the first step
     model.train()
     losses, steps = [], 0
     for _ in range(settings.epochs):
-        for batch in batches(examples, batch_size=settings.batch_size, pad_id=pad_id, generator=generator):
-            loss = sequence_losses(model, batch).mean()
+        for rows in batch_indices(len(examples), batch_size=settings.batch_size, generator=generator):
+            chosen = [examples[i] for i in rows]
+            lengths = [len(e.input_ids) for e in chosen]
+            if pack and len(pack_rows(lengths, max(lengths))) < len(chosen):
+                batch, segments = collate_packed(chosen, pad_id)
+            else:  # nothing shares a row: the padded batch is the same work
+                batch = collate(chosen, pad_id)
+                segments = padded_segments(batch)
+            loss = row_losses(model, batch, segments, len(chosen)).mean()
             loss.backward()
             if settings.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from fedleak.attacks.base import MembershipAttack, Target
 from fedleak.federated.data import Record
 from fedleak.common.errors import FedleakError
+from fedleak.federated.batching import scored_logits
 from fedleak.federated.model import to_device
 from fedleak.federated.training import IGNORE, collate, encode
 
@@ -70,49 +71,13 @@ def scorable(records: Sequence[Record], tokenizer, *, max_length: int, response_
 TOKEN_CHUNK = 512  # scored positions per softmax: bounds memory at TOKEN_CHUNK x vocabulary floats
 
 
-def _scored_logits(model, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-    """The logits at the scored positions of `batch`, [M, V] in row-major (record, position) order.
-
-    The language-model head runs on the scored positions only: a forward pre-hook on the output
-    embeddings (`get_output_embeddings()`, through peft's wrapper too; every transformers CausalLM has
-    one) hands it the hidden states of those M positions, [1, M, H], instead of all B x T. A model
-    without that module (or whose head sees other shapes) gets the full logits, then indexed."""
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    where = torch.zeros(batch["input_ids"].shape, dtype=torch.bool, device=mask.device) if head is not None else None
-    applied = []
-    if head is not None:
-        where[:, :-1] = mask  # position t predicts token t + 1
-
-        def keep_scored(module, args, kwargs):
-            hidden = args[0] if args else kwargs.get("input")
-            if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.shape[:2] != where.shape:
-                return None
-            applied.append(True)
-            picked = hidden[where].unsqueeze(0)
-            return ((picked, *args[1:]), kwargs) if args else (args, {**kwargs, "input": picked})
-
-        handle = head.register_forward_pre_hook(keep_scored, with_kwargs=True)
-    try:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    finally:
-        if head is not None:
-            handle.remove()
-    if applied and len(applied) == 1 and logits.shape[:2] == (1, int(mask.sum())):
-        return logits[0]
-    if applied:
-        raise FedleakError(f"scoring: the output head of {type(model).__name__} was called {len(applied)} times "
-                           f"or returned logits of shape {tuple(logits.shape)}: not a plain causal LM head")
-    return logits[:, :-1][mask]
-
-
 @torch.no_grad()
 def compute_stats(model, tokenizer, records: Sequence[Record], *, max_length: int, response_only: bool,
                   batch_size: int, progress: bool = False) -> TokenStats:
     """One forward pass per batch of `records`, the records batched by length (longest first, so
     batches carry little padding and the largest comes first; the output keeps the input order).
 
-    The language-model head runs only at scored positions (`_scored_logits`), and the softmax over the
+    The language-model head runs only at scored positions (`federated.batching.scored_logits`), and the softmax over the
     vocabulary in chunks of TOKEN_CHUNK positions, so a 128k-token vocabulary does not multiply the
     logits' memory."""
     examples = encode(records, tokenizer, max_length=max_length, response_only=response_only)
@@ -128,7 +93,7 @@ def compute_stats(model, tokenizer, records: Sequence[Record], *, max_length: in
         batch = to_device(collate([examples[i] for i in rows], tokenizer.pad_token_id), model)
         targets = batch["labels"][:, 1:]
         mask = targets != IGNORE
-        scored, wanted = _scored_logits(model, batch, mask), targets[mask]  # [M, V], [M]
+        scored, wanted = scored_logits(model, batch, mask), targets[mask]  # [M, V], [M]
         columns: list[list[torch.Tensor]] = [[], [], []]
         for chunk, ids in zip(scored.split(TOKEN_CHUNK), wanted.split(TOKEN_CHUNK)):
             logp = torch.log_softmax(chunk.float(), dim=-1)
