@@ -213,7 +213,8 @@ def round_memory(base, tokenizer, device, args) -> None:
     """5. Peak memory of one FEDIT round (fedleak's run_rounds, plain FedAvg) with 10 clients vs 1."""
     from fedleak.federated.fedit import FedIT
     from fedleak.federated.hooks import TrainingHooks
-    from fedleak.federated.rounds import FederationSettings, TrainingSetup, run_rounds
+    from fedleak.federated.loop import run_rounds
+    from fedleak.federated.rounds import FederationSettings, TrainingSetup
 
     per_client = args.round_records
     peaks = {}

@@ -31,7 +31,8 @@ from fedleak.federated.adapters import add_lora
 from fedleak.federated.data import FederatedData
 from fedleak.federated.fedpit import SelfGenerating
 from fedleak.federated.model import shared_base_model
-from fedleak.federated.rounds import ALGORITHMS, TrainingSetup, run_rounds
+from fedleak.federated.loop import run_rounds
+from fedleak.federated.rounds import ALGORITHMS, TrainingSetup
 
 log = logging.getLogger(__name__)
 

@@ -1,41 +1,33 @@
-"""The round loop every training algorithm runs in, and the interface an algorithm implements.
+"""The interface a training algorithm implements, and what the round loop hands it.
 
 An algorithm (FEDIT, FEDPIT, CENIT, LOCIT, or a user's own) says what one client does in one
 round (`client_round`) and whether a server aggregates uploads into a global adapter. The loop
-samples clients, calls the defense hooks around training and aggregation, and checkpoints every
-observer's view each round: `global`, `upload/i`, `client/i`.
+(`federated/loop.py`) samples clients, calls the defense hooks around training and aggregation, and
+checkpoints every observer's view each round: `global`, `upload/i`, `client/i`.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import time
 from abc import abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import torch
-from tqdm.auto import tqdm
 
-from fedleak.federated import checkpoint
-from fedleak.federated.adapters import DEFAULT, AdapterState, LoraSettings, add_lora, get_adapter_state
-from fedleak.federated.aggregation import nonfinite_reason
+from fedleak.federated.adapters import DEFAULT, AdapterState, LoraSettings
 from fedleak.federated.data import FederatedData, Record
 from fedleak.common.errors import FedleakError
 from fedleak.common.params import NonNegativeFloat, PositiveFloat, PositiveInt, UnitInterval, check_fields
-from fedleak.federated.hooks import Adversary, ClientJob, ClientUpdate, RoundInfo, TrainingHooks
-from fedleak.common.io import atomic_write_text, sha256_bytes
+from fedleak.federated.hooks import Adversary, ClientJob, TrainingHooks
 from fedleak.federated.registry import Component, Registry
-from fedleak.federated.seeding import derive_seed, numpy_rng, torch_generator
+from fedleak.federated.seeding import derive_seed, torch_generator
 from fedleak.federated.training import Example, TrainSettings, encode
 
 if TYPE_CHECKING:  # annotations only: transformers loads with the model, not with the round loop
     from transformers import PreTrainedTokenizerBase
 
 GLOBAL = "<global>"  # in a client view: "the adapter the server aggregated this round"
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -265,141 +257,3 @@ ALGORITHMS: Registry[type[Algorithm]] = Registry("algorithm", base=Algorithm, bu
     "fedleak.federated.baselines",
 ), entry_point_group="fedleak.algorithms")
 register_algorithm = ALGORITHMS.register
-
-
-def _round_files(global_state: AdapterState | None, results: dict[int, ClientResult], record_uploads: bool):
-    """File stems and views for one round, storing each distinct tensor dict once."""
-    files: dict[str, AdapterState] = {}
-    stem_of: dict[int, str] = {}
-
-    def stem(state: AdapterState, name: str) -> str:
-        if id(state) not in stem_of:
-            stem_of[id(state)] = name
-            files[name] = state
-        return stem_of[id(state)]
-
-    views: dict[str, dict[str, str]] = {}
-    if global_state is not None:
-        views["global"] = {DEFAULT: stem(global_state, "global")}
-    for client, result in sorted(results.items()):
-        if result.upload is not None and record_uploads:
-            views[checkpoint.view_key("upload", client)] = {DEFAULT: stem(result.upload, f"upload-client-{client:02d}")}
-        if result.view:
-            views[checkpoint.view_key("client", client)] = {
-                adapter: (stem(global_state, "global") if state is GLOBAL else stem(state, f"{adapter}-client-{client:02d}"))
-                for adapter, state in result.view.items()}
-    return files, views
-
-
-def _write_artifacts(folder: Path, results: dict[int, ClientResult]) -> dict:
-    entries = {}
-    for client, result in sorted(results.items()):
-        for name, rows in result.artifacts.items():
-            path = folder / f"{name}-client-{client:02d}.jsonl"
-            text = "".join(json.dumps(row) + "\n" for row in rows)
-            atomic_write_text(path, text)
-            entries[path.stem] = {"path": path.name, "sha256": sha256_bytes(text.encode()), "records": len(rows)}
-    return entries
-
-
-def run_rounds(setup: TrainingSetup, algorithm: Algorithm) -> TrainingRun:
-    """Train, write one checkpoint folder per round (round 0 = the initial adapter).
-
-    The server refuses an upload holding a NaN or inf value before any defense hook sees it (the round
-    history's `refused` names the client and the tensor, with a warning); a round with nothing left to
-    aggregate, or whose aggregate is not finite, keeps the previous global adapter (`global_unchanged`).
-    """
-    fed, seed = setup.federation, setup.seed
-    client_records = algorithm.client_data(setup.data)
-    num_clients = len(client_records)
-    model = add_lora(setup.base_model, setup.lora, seed=derive_seed(seed, "lora-init"))
-    algorithm.prepare(model, setup)
-    initial = get_adapter_state(model)
-    examples = [encode(records, setup.tokenizer, max_length=fed.max_length, response_only=fed.response_only_loss)
-                for records in client_records]
-    global_state = initial if algorithm.has_server else None
-    files, views = _round_files(global_state, {}, False)
-    checkpoint.write_round(setup.out_dir, 0, files=files, views=views, num_examples={}, config_hash=setup.config_hash)
-    memory: dict[int, dict] = {c: {} for c in range(num_clients)}
-    per_round = max(1, round(fed.client_fraction * num_clients))
-    sampler = numpy_rng(seed, "client-sampling")
-    history, contributors = [], set()
-    start = time.perf_counter()
-    rounds_bar = tqdm(range(1, fed.rounds + 1), desc=f"{setup.label} rounds".strip(), unit="round",
-                      disable=not setup.progress, leave=False)
-    for rnd in rounds_bar:
-        round_start = time.perf_counter()
-        sampled = sorted(int(c) for c in sampler.choice(num_clients, size=per_round, replace=False))
-        info = RoundInfo(round=rnd, clients=sampled, num_clients_total=num_clients,
-                         generator=torch_generator(seed, "server", rnd))
-        results: dict[int, ClientResult] = {}
-        privacy: dict[str, dict] = {}  # each private client's accounting (DP-SGD), whatever its metrics' nesting
-        for client in tqdm(sampled, desc="clients", unit="client", disable=not setup.progress, leave=False):
-            ctx = ClientContext(client=client, round=rnd, model=model, records=client_records[client],
-                                examples=examples[client], global_state=global_state, initial_state=initial,
-                                memory=memory[client], setup=setup,
-                                plan=algorithm.training_plan(len(client_records[client])))
-            results[client] = algorithm.client_round(ctx)
-            if ctx.privacy is not None:
-                privacy[str(client)] = ctx.privacy
-            if setup.adversary.poisons_data and setup.adversary.acts(client, rnd) and not ctx.data_poisoned:
-                raise FedleakError(f"algorithm {algorithm.name!r} does not support data poisoning: its client_round "
-                                   f"must pass the records its upload trains on through ctx.poison_data(...)")
-        updates = [ClientUpdate(client=c, state=r.upload, num_examples=r.num_examples)
-                   for c, r in results.items() if r.upload is not None]
-        if algorithm.has_server and not updates:
-            info.metrics["aggregated"] = []  # no upload: the global adapter holds nobody's data from this round
-        if algorithm.has_server and updates:
-            updates = setup.adversary.poison_updates(updates, global_state=global_state, info=info)
-            for u in updates:  # the upload view is what the server received
-                results[u.client].upload = u.state
-            # A NaN or inf coordinate would spread through every rule into the global adapter: refuse it.
-            refused = {str(u.client): f"non-finite upload ({reason})" for u in updates
-                       if (reason := nonfinite_reason(u.state)) is not None}
-            for client, reason in refused.items():
-                log.warning("%s round %d: refused client %s's %s", setup.label or "training", rnd, client, reason)
-            accepted = [u for u in updates if str(u.client) not in refused]
-            if refused:
-                info.metrics["refused"] = refused
-            received = (setup.hooks.before_aggregation(accepted, global_state=global_state, info=info)
-                        if accepted else [])
-            new_state = None
-            if received:
-                new_state = setup.hooks.after_aggregation(setup.hooks.aggregate(received, info=info),
-                                                          previous=global_state, info=info)
-                if (reason := nonfinite_reason(new_state)) is not None:
-                    log.warning("%s round %d: the aggregate has %s: the global adapter stays as it was",
-                                setup.label or "training", rnd, reason)
-                    info.metrics["aggregate_refused"] = f"non-finite aggregate ({reason})"
-                    new_state = None
-            if new_state is None:  # nothing usable this round: the clients keep the previous global adapter
-                info.metrics["global_unchanged"] = True
-                aggregated = []
-            else:
-                global_state = new_state
-                # Whose data entered the global adapter: what the rule received, less what it excluded
-                # (Krum's unselected uploads); the global view's members are scored against these.
-                excluded = set(info.metrics.get("excluded_clients", ()))
-                aggregated = sorted({u.client for u in received} - excluded)
-                contributors |= set(aggregated)
-            info.metrics["aggregated"] = aggregated
-        folder = checkpoint.round_dir(setup.out_dir, rnd)
-        artifacts = _write_artifacts(folder, results)
-        files, views = _round_files(global_state, results, algorithm.record_uploads and not setup.hooks.hides_uploads)
-        checkpoint.write_round(setup.out_dir, rnd, files=files, views=views,
-                               num_examples={u.client: u.num_examples for u in updates},
-                               config_hash=setup.config_hash, extra={"clients": sampled, "data": artifacts})
-        losses = [r.metrics["loss_last_quarter"] for r in results.values() if "loss_last_quarter" in r.metrics]
-        history.append({"round": rnd, "clients": sampled, "uploads": [u.client for u in updates],
-                        # what each client sent: the upload's tensors as the server received them
-                        "upload_bytes": {str(u.client): sum(t.numel() * t.element_size() for t in u.state.values())
-                                         for u in updates},
-                        "seconds": time.perf_counter() - round_start,
-                        "client_metrics": {str(c): r.metrics for c, r in results.items()},
-                        "mean_train_loss": sum(losses) / len(losses) if losses else None,
-                        **({"client_privacy": privacy} if privacy else {}), **info.metrics})
-        if losses:
-            rounds_bar.set_postfix(loss=f"{history[-1]['mean_train_loss']:.3f}")
-    return TrainingRun(model=model, history=history, train_seconds=time.perf_counter() - start,
-                       final_round=fed.rounds, training_dir=Path(setup.out_dir),
-                       global_members=algorithm.global_members(setup.data, contributors))

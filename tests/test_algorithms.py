@@ -12,7 +12,8 @@ from fedleak.federated.baselines import CenIT, LocIT, LocITSA
 from fedleak.federated.data import FederatedData, generate_records
 from fedleak.federated.fedpit import LOCAL, FedPIT
 from fedleak.federated.model import load_base_model
-from fedleak.federated.rounds import FederationSettings, TrainingSetup, run_rounds
+from fedleak.federated.loop import run_rounds
+from fedleak.federated.rounds import FederationSettings, TrainingSetup
 from fedleak.federated.selfgen import SelfGenSettings, rejection
 from fedleak.federated.training import encode
 

@@ -74,7 +74,8 @@ def test_a_lora_on_tied_embeddings_uploads_and_checkpoints_only_lora_tensors(tmp
     from fedleak.federated.adapters import LoraSettings
     from fedleak.federated.data import FederatedData, generate_records
     from fedleak.federated.fedit import FedIT
-    from fedleak.federated.rounds import FederationSettings, TrainingSetup, run_rounds
+    from fedleak.federated.loop import run_rounds
+    from fedleak.federated.rounds import FederationSettings, TrainingSetup
 
     class Uploads(Defense):
         def __init__(self):

@@ -22,7 +22,8 @@ from fedleak.federated.data import FederatedData, generate_records
 from fedleak.federated.fedit import FedIT
 from fedleak.federated.hooks import Adversary, ClientUpdate, RoundInfo
 from fedleak.federated.model import load_base_model
-from fedleak.federated.rounds import FederationSettings, TrainingSetup, run_rounds
+from fedleak.federated.loop import run_rounds
+from fedleak.federated.rounds import FederationSettings, TrainingSetup
 
 # Parameters that let each rule run with 5 uploads of which 2 are refused (3 honest left).
 PARAMS = {"krum": {"f": 0}, "multikrum": {"f": 0, "m": 2}, "bulyan": {"f": 0}, "trimmed_mean": {"beta": 0.2},

@@ -22,8 +22,8 @@ from fedleak.federated.fedit import FedIT
 from fedleak.federated.fedpit import FedPIT
 from fedleak.federated.hooks import ClientUpdate, RoundInfo
 from fedleak.federated.model import load_base_model
-from fedleak.federated.rounds import (Algorithm, ClientResult, FederationSettings, TrainingSetup, register_algorithm,
-                                      run_rounds)
+from fedleak.federated.loop import run_rounds
+from fedleak.federated.rounds import Algorithm, ClientResult, FederationSettings, TrainingSetup, register_algorithm
 from fedleak.federated.seeding import numpy_rng
 
 KEYS = ("layer.lora_A.weight", "layer.lora_B.weight")

@@ -5,7 +5,8 @@ from fedleak.federated import checkpoint
 from fedleak.federated.adapters import LoraSettings, add_lora
 from fedleak.federated.data import FederatedData, generate_records
 from fedleak.federated.fedit import FedIT
-from fedleak.federated.rounds import FederationSettings, TrainingSetup, run_rounds
+from fedleak.federated.loop import run_rounds
+from fedleak.federated.rounds import FederationSettings, TrainingSetup
 from fedleak.federated.model import load_base_model
 from fedleak.federated.training import IGNORE, TrainSettings, batches, encode, sequence_losses, train_adapter
 
