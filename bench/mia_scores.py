@@ -12,8 +12,9 @@ timed side by side with interleaved repeats:
                   moved to the CPU, a log-softmax over the full vocabulary at every position, a Python
                   loop over the tokens picking each log-prob with `.item()`, Min-K%++'s mu and sigma
                   over the stacked full distributions
-  forward only    the floor: a plain forward pass (logits at every position, nothing computed from
-                  them) over fedleak's batches; fedleak's scoring cannot be much cheaper than this
+  forward only    the floor: the forward pass alone over fedleak's batches, the output head at the
+                  scored positions only, no softmax or statistics; what fedleak's scoring adds to it
+                  is the softmax and the statistics
   per attack      the same loop with one forward pass per attack per document (each MIMIR attack
                   called without the shared `probs`: LOSS, zlib, Min-K% and Min-K%++ each run
                   `get_probabilities` again)
@@ -43,6 +44,7 @@ import torch
 
 from fedleak.attacks.base import ATTACKS, AttackEnvironment, Target
 from fedleak.federated.data import generate_records
+from fedleak.federated.batching import scored_logits
 from fedleak.federated.training import IGNORE, collate, encode
 
 from common import embedded_lora  # bench/ runs as scripts: its folder is on sys.path
@@ -151,10 +153,10 @@ def mimir_part(model, tokenizer, records, args) -> None:
 
 @torch.no_grad()
 def bare_forward(model, padded) -> None:
-    """The floor: one plain forward pass (logits at every position) over fedleak's length-sorted batches,
-    no statistics computed."""
+    """The floor: the forward pass alone over fedleak's length-sorted batches, the output head at the
+    scored positions only (it runs nowhere else in fedleak either), no softmax or statistics."""
     for batch in padded:
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        scored_logits(model, batch, batch["labels"][:, 1:] != IGNORE)
 
 
 def _clock(fn) -> float:

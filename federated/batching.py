@@ -40,7 +40,9 @@ def scored_logits(model, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> 
     A forward pre-hook on the output embeddings (`get_output_embeddings()`; every transformers CausalLM
     has one) hands the head the hidden states of those M positions, [1, M, H], instead of all B x T;
     whatever the CausalLM does after its head (Gemma 2's soft-capping) still applies. A model without
-    that module gets the full logits, then indexed.
+    that method gets the full logits, then indexed: so does Opacus's GradSampleModule (it forwards
+    submodules, not methods), which is what DP-SGD needs, since a hooked head sees one row of M
+    positions and a trainable head's per-sample gradients would then have one row, not one per record.
 
     Raises:
         FedleakError: the head ran more than once or returned another shape (not a plain causal LM head).
@@ -70,8 +72,9 @@ def scored_logits(model, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> 
     if len(applied) == 1 and logits.shape[:2] == (1, int(mask.sum())):
         return logits[0]
     if applied:
-        raise FedleakError(f"scoring: the output head of {type(model).__name__} was called {len(applied)} times "
-                           f"or returned logits of shape {tuple(logits.shape)}: not a plain causal LM head")
+        raise FedleakError(f"the output head of {type(model).__name__} was called {len(applied)} times or returned "
+                           f"logits of shape {tuple(logits.shape)} when handed the scored positions only: not a plain "
+                           f"causal LM head, which fedleak's training and scoring need")
     return logits[:, :-1][mask]
 
 
@@ -153,12 +156,13 @@ def packing_ok(model, *, pad_id: int | None, atol: float = 1e-4) -> bool:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     key = (type(base).__name__, str(getattr(base.config, "_attn_implementation", None)))
     if key not in _PACKING:
-        vocab = model.get_input_embeddings().num_embeddings
-        ids = torch.randint(3, vocab, (17,), generator=torch.Generator().manual_seed(0)).tolist()
-        examples = [Example(tuple(part), tuple(part)) for part in (ids[:9], ids[9:14], ids[14:])]
         training = model.training
         model.eval()
         try:
+            embeddings = model.get_input_embeddings()
+            vocab = getattr(embeddings, "base_layer", embeddings).num_embeddings  # peft wraps a LoRA'd embedding
+            ids = torch.randint(3, vocab, (17,), generator=torch.Generator().manual_seed(0)).tolist()
+            examples = [Example(tuple(part), tuple(part)) for part in (ids[:9], ids[9:14], ids[14:])]
             padded = collate(examples, pad_id)
             expected = row_losses(model, padded, padded_segments(padded), len(examples))
             packed, segments = collate_packed(examples, pad_id)

@@ -257,3 +257,11 @@ ALGORITHMS: Registry[type[Algorithm]] = Registry("algorithm", base=Algorithm, bu
     "fedleak.federated.baselines",
 ), entry_point_group="fedleak.algorithms")
 register_algorithm = ALGORITHMS.register
+
+
+def __getattr__(name: str):
+    """`run_rounds` lives in `federated/loop.py`; importing it from here keeps working (lazily: loop imports this)."""
+    if name == "run_rounds":
+        from fedleak.federated.loop import run_rounds
+        return run_rounds
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -96,7 +96,8 @@ def token_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
 
 def sequence_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per-sequence mean token loss [B] of a right-padded batch; a batch loss is its mean (what per-sample
-    DP clipping needs). The output head runs at target positions only (`batching.scored_logits`)."""
+    DP clipping needs). The output head runs at target positions only (`batching.scored_logits`), except
+    under Opacus's wrapper (DP-SGD), where it runs at every position."""
     return row_losses(model, batch, padded_segments(batch), batch["input_ids"].shape[0])
 
 
