@@ -105,3 +105,16 @@ def model_fit(*, base_utility: dict, trainings: list[dict], data_summary: dict, 
     return {"fits": not problems, "fit_perplexity": fit_perplexity, "base_perplexity": base,
             "best_trained_perplexity": best, "best_trained_view": best_view,
             "truncated_share_limit": TRUNCATED_SHARE, "off_domain_rouge_l": OFF_DOMAIN_ROUGE_L, "problems": problems}
+
+
+def seeds_model_fit(per_seed: dict[int, dict]) -> dict:
+    """One `model_fit` record for a run of several seeds (each seed's from `model_fit`, in seed order):
+    the first seed's numbers, `fits` only when every seed fits, `seeds` the seeds checked, and every
+    seed's problems, each message opening with its seed (a run of one seed: its record unchanged)."""
+    seeds = list(per_seed)
+    if len(seeds) == 1:
+        return per_seed[seeds[0]]
+    first = per_seed[seeds[0]]
+    problems = [{**p, "seed": seed, "message": f"seed {seed}: {p['message']}"}
+                for seed, fit in per_seed.items() for p in fit["problems"]]
+    return {**first, "fits": not problems, "seeds": seeds, "problems": problems}

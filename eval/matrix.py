@@ -22,7 +22,7 @@ from fedleak.eval.attacking import attack_key, attack_training, cached_cells
 from fedleak.eval.cache import ATTACKS_DIR, plugin_records, run_lock, training_key
 from fedleak.eval.config import RunConfig
 from fedleak.eval.context import check_data, describe_data, report_data_quality, resolve_model, seed_context
-from fedleak.eval.fit import model_fit
+from fedleak.eval.fit import model_fit, seeds_model_fit
 from fedleak.eval.identifiers import identifiers_record
 from fedleak.eval.plan import PlannedTraining, attack_cells, plan, training_steps
 from fedleak.eval.poisoning import poisoning_cells
@@ -137,10 +137,10 @@ def results_record(config: RunConfig, *, config_path: str | None, only: tuple[st
         "data_per_seed": {str(s): d.summary() for s, d in data.items()},
         "identifiers": identifiers_record(config, list(data.values())),
         "base_utility": base_utility[seeds[0]], "base_utility_per_seed": {str(s): u for s, u in base_utility.items()},
-        "model_fit": model_fit(base_utility=base_utility[seeds[0]], data_summary=data[seeds[0]].summary(),
-                               trainings=[t for t in trainings if t.get("seed", seeds[0]) == seeds[0]],
-                               fit_perplexity=config.utility.fit_perplexity,
-                               max_length=config.federation.max_length),
+        "model_fit": seeds_model_fit({seed: model_fit(
+            base_utility=base_utility[seed], data_summary=data[seed].summary(),
+            trainings=[t for t in trainings if t.get("seed", seeds[0]) == seed],
+            fit_perplexity=config.utility.fit_perplexity, max_length=config.federation.max_length) for seed in seeds}),
         "trainings": trainings, "cells": cells,
         "aggregates": aggregate_cells(cells), "training_aggregates": aggregate_trainings(trainings),
     }

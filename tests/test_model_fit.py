@@ -60,3 +60,19 @@ def test_a_base_that_fits_but_trainings_that_drift_still_fit():
 
 def test_results_without_a_scenario_label_count_as_clean():
     assert _fit([_training(4.0, scenario=None)], base=500.0)["best_trained_perplexity"] == 4.0
+
+
+def test_every_seed_is_judged_and_each_problem_names_its_seed():
+    """A second seed whose FEDPIT accepted nothing fails the run, though the first seed fits."""
+    from fedleak.eval.fit import seeds_model_fit
+
+    good = _fit([_training(4.5, synthetic={"candidates": 24, "accepted": 8}, domain=0.4)])
+    bad = _fit([_training(4.6, synthetic={"candidates": 24, "accepted": 0}, domain=None)])
+    assert seeds_model_fit({0: good}) is good  # one seed: its record unchanged
+    fit = seeds_model_fit({0: good, 1: bad})
+    assert not fit["fits"] and fit["seeds"] == [0, 1] and fit["best_trained_perplexity"] == 4.5
+    assert [(p["check"], p["seed"]) for p in fit["problems"]] == [("no_synthetic", 1)]
+    assert fit["problems"][0]["message"].startswith("seed 1: fedpit/none accepted none")
+    section = fit_section(_Run(fit))
+    assert section.title.startswith("Warning") and any(b.startswith("Seed 1: fedpit/none") for b in section.blocks)
+    assert seeds_model_fit({0: good, 1: good})["fits"]
