@@ -138,3 +138,13 @@ def test_embedded_llama_passes_and_the_probe_runs_once_per_model(small_model_pat
         job.client = client
         assert defense.train_client(job)["steps"] == 2
     assert len(calls) == 1  # cached on the model for its trainable parameters
+
+
+def test_a_trainable_output_head_keeps_per_record_gradients(small_model_path):
+    """Training runs the output head at target positions only (federated/batching.py) but not under
+    Opacus's wrapper: a hooked head would see one row of positions, and LoRA on the head would get one
+    per-sample gradient for the whole batch. The probe passing here is that guarantee."""
+    job = _job(small_model_path, ["q_proj", "lm_head"], b_init=True)
+    assert any("lm_head" in n and p.requires_grad for n, p in job.model.named_parameters())
+    check_per_sample_gradients(job.model, job.examples, job.pad_id)  # no refusal: one row per record, right values
+    assert DPSGD(noise_multiplier=1.0).train_client(job)["steps"] == 2
