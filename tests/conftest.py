@@ -33,6 +33,22 @@ def tiny_model_path(small_model_path, tmp_path_factory):
     return lambda family: build_tiny(family, root / family, tokenizer_from=small_model_path)
 
 
+@pytest.fixture(scope="module")
+def embedded(small_model_path):
+    """(model, tokenizer) of the small embedded model, loaded once per test module."""
+    from fedleak.federated.model import load_base_model
+
+    return load_base_model(small_model_path)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_path):
+    """`family -> (model, tokenizer)` of a tiny architecture, loaded anew on each call."""
+    from fedleak.federated.model import load_base_model
+
+    return lambda family: load_base_model(tiny_model_path(family))
+
+
 @pytest.fixture(scope="session")
 def small_model_path(model_cache):
     from fedleak.federated.embedded import EmbeddedModelConfig, build_embedded

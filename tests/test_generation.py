@@ -10,7 +10,6 @@ import torch
 
 from fedleak.federated.data import generate_records
 from fedleak.federated.generation import generate, length_batches
-from fedleak.federated.model import load_base_model
 from fedleak.federated.prompts import prompt_ids, stop_ids
 
 
@@ -22,16 +21,6 @@ def _prompts(tokenizer, n: int) -> list[list[int]]:
 
 def _batch1(model, tokenizer, prompts, **options):
     return [generate(model, tokenizer, [p], batch_size=1, **options)[0] for p in prompts]
-
-
-@pytest.fixture(scope="module")
-def embedded(small_model_path):
-    return load_base_model(small_model_path)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_path):
-    return lambda family: load_base_model(tiny_model_path(family))
 
 
 def test_length_batches_cover_every_prompt_once_in_near_equal_sorted_batches():

@@ -80,16 +80,6 @@ def _assert_equal_to_reference(model, tokenizer, records, *, response_only: bool
     return stats
 
 
-@pytest.fixture(scope="module")
-def embedded(small_model_path):
-    return load_base_model(small_model_path)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_path):
-    return lambda family: load_base_model(tiny_model_path(family))
-
-
 @pytest.mark.parametrize("response_only", [True, False])
 def test_embedded_peft_model_matches_the_per_record_loop(small_model_path, response_only):
     base, tokenizer = load_base_model(small_model_path)
