@@ -110,16 +110,15 @@ def pack_rows(lengths: Sequence[int], width: int) -> list[list[int]]:
     return rows
 
 
-def collate_packed(examples, pad_id: int | None, *, width: int | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def collate_packed(examples, pad_id: int | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """(batch with `input_ids`, `position_ids`, `labels` [R, W], segments [R, W]) for `examples` packed
-    into R rows of width W (default and at least: the longest example's). Positions restart at 0 for each example (and for the
+    into R rows of the longest example's width W. Positions restart at 0 for each example (and for the
     padding after the last one, which so forms its own block); the first token of each example carries
     no label, so the previous example's last position predicts nothing across the boundary."""
     pad_id = 0 if pad_id is None else pad_id
     lengths = [len(e.input_ids) for e in examples]
-    width = max(max(lengths), width or 0)
+    width = max(lengths)
     rows = pack_rows(lengths, width)
-    width = max(sum(lengths[i] for i in row) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     positions = torch.zeros((len(rows), width), dtype=torch.long)
