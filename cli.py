@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import shutil
 import sys
@@ -103,6 +104,8 @@ def cmd_run(args) -> int:
     from fedleak.eval.plan import plan
 
     config = load_config(args.config)
+    if args.engine:
+        config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, name=args.engine))
     out = _out(args, config)
     only = tuple(args.only or ())
     if args.dry_run:
@@ -247,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--jobs", type=_positive, default=1, help="trainings run at once, in processes (default 1)")
     run.add_argument("--dry-run", action="store_true", help="print the trainings, attack cells and work left; run nothing")
     run.add_argument("--fresh", action="store_true", help="ignore cached trainings and attacks (recompute everything)")
+    run.add_argument("--engine", choices=("inprocess", "flower"),
+                     help="where federated trainings run (default: the config's engine.name): fedleak's own loop, or "
+                          "Flower's Simulation Engine (needs fedleak[flower])")
     run.set_defaults(func=cmd_run)
     train = sub.add_parser("train", parents=[quiet], help="one training of a config: checkpoints only",
                            description="Train one (algorithm, defense, scenario, seed) of the config (the first of "

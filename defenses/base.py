@@ -86,6 +86,12 @@ class Composition(Defense):
     def train_client(self, job: ClientJob) -> dict:
         return self._owner("train_client").train_client(job)
 
+    def client_state(self, client: int) -> dict:
+        return self._owner("train_client").client_state(client)
+
+    def load_client_state(self, client: int, state: dict) -> None:
+        self._owner("train_client").load_client_state(client, state)
+
     def before_aggregation(self, updates: list[ClientUpdate], *, global_state: AdapterState,
                            info: RoundInfo) -> list[ClientUpdate]:
         for part in self.parts:

@@ -197,6 +197,22 @@ class DPSGD(Defense):
         self.engines: dict[int, PrivacyEngine] = {}  # one Opacus PrivacyEngine (and accountant) per client
         self.sigmas: dict[int, float] = {}  # each client's current sigma, kept while its plan holds
 
+    def client_state(self, client: int) -> dict:
+        """The client's accountant history ([sigma, sample rate, steps] per training) and kept sigma."""
+        engine = self.engines.get(client)
+        return {"history": [[float(s), float(q), int(k)] for s, q, k in engine.accountant.history] if engine else [],
+                "sigma": self.sigmas.get(client)}
+
+    def load_client_state(self, client: int, state: dict) -> None:
+        """A fresh engine whose accountant continues from `state["history"]`, and the kept sigma."""
+        from opacus import PrivacyEngine
+
+        engine = self.engines[client] = PrivacyEngine(accountant="rdp")
+        engine.accountant.history = [tuple(h) for h in state.get("history", ())]
+        self.sigmas.pop(client, None)
+        if state.get("sigma") is not None:
+            self.sigmas[client] = float(state["sigma"])
+
     def planned(self, job: ClientJob, *, sample_rate: float, steps: int) -> list[tuple[float, int]]:
         """(sample rate, steps) of this training and of every DP training the client's plan has after it.
 

@@ -128,6 +128,28 @@ class AttackSettings:
 
 
 @dataclass(frozen=True)
+class EngineSettings:
+    """Where the federated trainings run: in this process, or on Flower's Simulation Engine (Ray), one
+    virtual SuperNode per client. Results are the same either way (one thread per client: the same adapters)."""
+
+    name: Literal["inprocess", "flower"] = field(default="inprocess", metadata={
+        "help": "\"inprocess\": fedleak's own round loop; \"flower\": Flower's Simulation Engine (needs fedleak[flower]); "
+                "`fedleak run --engine` overrides. Trainings without a server (centralised, local) stay in process."})
+    num_cpus: PositiveFloat = field(default=1.0, metadata={
+        "help": "CPUs each Flower client reserves (Ray): about total CPUs / num_cpus clients train at once; "
+                "each client's torch uses max(1, floor(num_cpus)) threads."})
+    num_gpus: Annotated[float, Range(ge=0)] = field(default=0.0, metadata={
+        "help": "GPU share each Flower client reserves: 0.25 lets four clients share a GPU; 0 = CPU only."})
+    total_cpus: NonNegativeInt = field(default=0, metadata={"help": "CPUs the Ray backend may use; 0 = all."})
+    round_timeout: Annotated[float, Range(ge=0)] = field(default=0.0, metadata={
+        "help": "Seconds a Flower round waits for replies; later clients are recorded as failed and the round goes "
+                "on without them; 0 = wait for every client."})
+
+    def __post_init__(self):
+        check_fields(self, "engine.")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     plugins: tuple[str, ...] = field(default=(), metadata={
         "help": "Modules imported first (a my_defense.py beside the config works); they register components."})
@@ -147,6 +169,8 @@ class RunConfig:
     attack: AttackSettings = field(default_factory=AttackSettings, metadata={"help": "What every attack cell shares."})
     poisoning: PoisoningSettings = field(default_factory=PoisoningSettings, metadata={
         "help": "How poisoned models are measured."})
+    engine: EngineSettings = field(default_factory=EngineSettings, metadata={
+        "help": "Where the federated trainings run (in process or on Flower)."})
 
     def __post_init__(self):
         check_fields(self)

@@ -80,6 +80,14 @@ def run_matrix(config: RunConfig, out_dir: Path, *, config_path: str | None = No
     if jobs < 1:
         raise FedleakError(f"--jobs {jobs}: give at least 1 (the number of trainings run at once)")
     planned = plan(config, only)
+    if config.engine.name == "flower":
+        from fedleak.eval.flower_engine import check_available
+
+        check_available()  # before any model build
+        if jobs > 1:  # Ray already spreads one training's clients over the cores
+            log.warning("engine \"flower\": --jobs %d ignored, trainings run one at a time (each on Ray, "
+                        "engine.num_cpus per client)", jobs)
+            jobs = 1
     with run_lock(Path(out_dir)):
         return _run_planned(config, planned, Path(out_dir), config_path=config_path, progress=progress, jobs=jobs,
                             only=only, use_cache=use_cache)

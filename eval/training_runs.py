@@ -155,7 +155,7 @@ def _alive(pid: int) -> bool:
 
 
 def _train(ctx: SeedContext, unit: TrainingUnit, training_dir: Path, key: str, base_model, tokenizer,
-           progress: bool):
+           progress: bool, base_dir: Path):
     """Train into a scratch folder and move it into place once complete: a killed training leaves no
     folder that looks finished."""
     cfg = ctx.config
@@ -171,7 +171,13 @@ def _train(ctx: SeedContext, unit: TrainingUnit, training_dir: Path, key: str, b
                           config_hash=key, progress=progress, label=unit.label)
     if unit.scenario:
         setup.adversary = build_adversary(unit.scenario, cfg)
-    run = run_rounds(setup, algorithm)
+    engine = cfg.engine.name if algorithm.federated else "inprocess"  # no exchange: nothing for Flower to run
+    if engine == "flower":
+        from fedleak.eval.flower_engine import flower_rounds
+
+        run = flower_rounds(setup, algorithm, cfg, unit, base_dir=base_dir, model_ref=ctx.model_ref)
+    else:
+        run = run_rounds(setup, algorithm)
     per_round, total = upload_bytes(run.history)
     trained = {
         "format": "fedleak-training/1", "key": key,
@@ -186,7 +192,7 @@ def _train(ctx: SeedContext, unit: TrainingUnit, training_dir: Path, key: str, b
         "synthetic_domain_rouge_l": (synthetic_domain(scratch, run.final_round, ctx.data, seed=cfg.seed)
                                      if isinstance(algorithm, SelfGenerating) else None),
         "upload_bytes_per_client_per_round": per_round, "upload_bytes_total": total,
-        "torch_threads": torch.get_num_threads(), "rounds": run.history,
+        "torch_threads": torch.get_num_threads(), "engine": engine, "rounds": run.history,
     }
     if trained["synthetic"] is not None and trained["synthetic"].get("accepted", 0) == 0:
         log.warning("%s accepted none of its %d self-generated candidates: its global adapter never trained "
@@ -248,7 +254,8 @@ def training_record(unit: TrainingUnit, trained: dict, evaluated: dict, checkpoi
         "cost": {"wall_seconds": trained["train_seconds"] + evaluated["utility_seconds"] + poisoning_seconds,
                  "train_seconds": trained["train_seconds"],
                  "upload_bytes_per_client_per_round": trained["upload_bytes_per_client_per_round"],
-                 "upload_bytes_total": trained["upload_bytes_total"], "torch_threads": trained["torch_threads"]},
+                 "upload_bytes_total": trained["upload_bytes_total"], "torch_threads": trained["torch_threads"],
+                 "engine": trained.get("engine")},
         "rounds": trained["rounds"],
     }
 
@@ -281,7 +288,7 @@ def train_unit(config: RunConfig, unit: TrainingUnit, out_dir: Path, *, base_dir
         return training_record(unit, trained, evaluated, str(training_dir.relative_to(out_dir))), True
     base_model, tokenizer = shared_base_model(ctx.model_ref, **ctx.config.model.load_options())
     if trained is None:
-        trained, model = _train(ctx, unit, training_dir, t_key, base_model, tokenizer, progress)
+        trained, model = _train(ctx, unit, training_dir, t_key, base_model, tokenizer, progress, base_dir)
     else:  # checkpoints are there, the evaluation settings changed: the views carry every weight
         model = add_lora(base_model, ctx.config.model.lora, seed=0)
     evaluated = _evaluate(ctx, unit, trained, training_dir, e_key, model, tokenizer)

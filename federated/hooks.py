@@ -98,6 +98,26 @@ class TrainingHooks:
         """
         return job.run()
 
+    def client_state(self, client: int) -> dict:
+        """What `train_client` keeps about `client` between rounds, as JSON values (DP-SGD: its accountant's
+        history and sigma); an engine whose clients run in other processes carries it across rounds.
+
+        Args:
+            client: the client's id.
+
+        Returns:
+            A JSON-serialisable dict; empty when the hook keeps nothing (the default).
+        """
+        return {}
+
+    def load_client_state(self, client: int, state: dict) -> None:
+        """Restore what `client_state(client)` returned, before the client's next training in this process.
+
+        Args:
+            client: the client's id.
+            state: `client_state(client)`'s value from the client's last round (empty before its first).
+        """
+
     def before_aggregation(self, updates: list[ClientUpdate], *, global_state: AdapterState,
                            info: RoundInfo) -> list[ClientUpdate]:
         """Transform the uploads the server received (norm clipping); called after the adversary's.

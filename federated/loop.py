@@ -72,20 +72,24 @@ class ClientSide:
     Args:
         setup: the training (base model, tokenizer, data, settings, hooks, adversary, seed).
         algorithm: what a client does in a round (`Algorithm.client_round`).
-        clients: the client indices this side serves (default: all of `algorithm.client_data`).
+        clients: the client indices whose examples are encoded now (default: all of `algorithm.client_data`);
+            another client's are encoded when it is first updated (an engine serving clients in other processes).
     """
 
     def __init__(self, setup: TrainingSetup, algorithm: Algorithm, clients: list[int] | None = None):
-        fed = setup.federation
         self.setup, self.algorithm = setup, algorithm
         self.records = algorithm.client_data(setup.data)
         self.model = add_lora(setup.base_model, setup.lora, seed=derive_seed(setup.seed, "lora-init"))
         algorithm.prepare(self.model, setup)
         self.initial = get_adapter_state(self.model)
         served = range(len(self.records)) if clients is None else clients
-        self.examples = {c: encode(self.records[c], setup.tokenizer, max_length=fed.max_length,
-                                   response_only=fed.response_only_loss) for c in served}
+        self.examples = {c: self._encode(c) for c in served}
         self.memory: dict[int, dict] = {c: {} for c in served}
+
+    def _encode(self, client: int):
+        fed = self.setup.federation
+        return encode(self.records[client], self.setup.tokenizer, max_length=fed.max_length,
+                      response_only=fed.response_only_loss)
 
     @property
     def num_clients(self) -> int:
@@ -100,9 +104,11 @@ class ClientSide:
                 client must apply (`ClientContext.poison_data`).
         """
         setup = self.setup
+        if client not in self.examples:
+            self.examples[client] = self._encode(client)
         ctx = ClientContext(client=client, round=rnd, model=self.model, records=self.records[client],
                             examples=self.examples[client], global_state=global_state, initial_state=self.initial,
-                            memory=self.memory[client], setup=setup,
+                            memory=self.memory.setdefault(client, {}), setup=setup,
                             plan=self.algorithm.training_plan(len(self.records[client])))
         result = self.algorithm.client_round(ctx)
         if setup.adversary.poisons_data and setup.adversary.acts(client, rnd) and not ctx.data_poisoned:
@@ -140,14 +146,18 @@ class ServerSide:
         return sorted(int(c) for c in self.sampler.choice(self.num_clients, size=self.per_round, replace=False))
 
     def finish_round(self, rnd: int, sampled: list[int], results: dict[int, ClientResult],
-                     privacy: dict[str, dict], seconds_from: float) -> dict:
+                     privacy: dict[str, dict], seconds_from: float, failed: dict[int, str] | None = None) -> dict:
         """Aggregate round `rnd`'s results into the global adapter, checkpoint every view, append and return
         the round's history entry.
+
+        `failed` names the sampled clients that sent no result (crashed, timed out, dropped) with the reason:
+        the round completes with the others and the history's `failed` records them.
 
         A NaN or inf upload is refused before any defense hook sees it (`refused` names the client and the
         tensor); a round with nothing to aggregate, or whose aggregate is not finite, keeps the previous
         global adapter (`global_unchanged`)."""
         setup, algorithm = self.setup, self.algorithm
+        results = dict(sorted(results.items()))  # client order, however they arrived: the rules' float order
         label = setup.label or "training"
         info = RoundInfo(round=rnd, clients=sampled, num_clients_total=self.num_clients,
                          generator=torch_generator(setup.seed, "server", rnd))
@@ -202,7 +212,8 @@ class ServerSide:
                  "seconds": time.perf_counter() - seconds_from,
                  "client_metrics": {str(c): r.metrics for c, r in results.items()},
                  "mean_train_loss": sum(losses) / len(losses) if losses else None,
-                 **({"client_privacy": privacy} if privacy else {}), **info.metrics}
+                 **({"client_privacy": privacy} if privacy else {}),
+                 **({"failed": {str(c): r for c, r in sorted(failed.items())}} if failed else {}), **info.metrics}
         self.history.append(entry)
         return entry
 

@@ -121,10 +121,27 @@ def _total(values: list) -> str:
     return fmt(float(sum(known)), 1) + ("" if len(known) == len(values) else f" ({len(known)} of {len(values)} cells)")
 
 
+def engine_notes(results: dict) -> list[str]:
+    """Which trainings ran on Flower, and every client that failed a round there (the round went on without it)."""
+    notes = []
+    flower = [t for t in results["trainings"] if (t.get("cost") or {}).get("engine") == "flower"]
+    if flower:
+        rest = len(results["trainings"]) - len(flower)
+        notes.append(f"{len(flower)} of {len(results['trainings'])} trainings ran on Flower's Simulation Engine, one "
+                     f"virtual SuperNode per client" + ("; the others in fedleak's own round loop." if rest else "."))
+    for t in results["trainings"]:
+        for entry in t.get("rounds") or []:
+            for client, reason in sorted((entry.get("failed") or {}).items(), key=lambda kv: int(kv[0])):
+                notes.append(f"Client {client} failed in round {entry['round']} of {t['algorithm']}/{t['defense']}/"
+                             f"{t.get('scenario', CLEAN)} seed {fmt(t.get('seed'))} ({reason}); that round aggregated "
+                             f"the other clients' uploads.")
+    return notes
+
+
 def provenance_section(run: Merged) -> Section:
-    """Provenance, then the cost per training and per attack."""
+    """Provenance, the engine and failed clients, then the cost per training and per attack."""
     return Section("Provenance and cost", [
-        provenance_table(run),
+        provenance_table(run), *engine_notes(run.results),
         "Cost per training (wall: training, utility and poisoning evaluation; upload: what each client sends the "
         "server per round, and in all; n/a: not recorded, as in results before schema 4):",
         training_cost_table(run.results), "Cost per attack, over all its cells (trainings, views, rounds and seeds):",

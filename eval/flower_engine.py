@@ -1,0 +1,82 @@
+"""The matrix's federated trainings on Flower's Simulation Engine (`[engine] name = "flower"`).
+
+The driver (this process) runs the ServerApp with the training's own setup; each Ray actor rebuilds the
+client side from a spec (the run's config for the unit's seed, its base folder, the resolved model and
+the unit), once per training, and trains the clients its virtual SuperNodes are asked to. Needs the
+`fedleak[flower]` extra; the in-process engine does without it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from fedleak.common.errors import FedleakError
+from fedleak.common.params import instantiate
+from fedleak.eval.config import RunConfig, build_defense, parse_config, plain
+from fedleak.eval.plan import TrainingUnit, all_trainings
+
+INSTALL = "pip install 'fedleak[flower]' (or -c .ci/constraints.txt -e '.[flower]' in a clone)"
+
+
+def check_available() -> None:
+    """FedleakError naming the extra when Flower or Ray is not installed."""
+    missing = [m for m in ("flwr", "ray") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise FedleakError(f"engine \"flower\" needs {' and '.join(missing)}: {INSTALL}")
+
+
+def spec_of(config: RunConfig, unit: TrainingUnit, *, base_dir: Path, model_ref: str, key: str) -> dict:
+    """What a Flower client needs to rebuild `unit`'s client side (JSON; sent in every train message)."""
+    table = plain(config.for_seed(unit.seed))
+    table.pop("seeds")
+    return {"key": key, "config": table, "base_dir": str(Path(base_dir).resolve()), "model_ref": model_ref,
+            "unit": unit.stem, "threads": max(1, int(config.engine.num_cpus))}
+
+
+def build_client_side(spec: dict):
+    """The `ClientSide` of the training `spec` names, as the driver would build it (same seed, data, model)."""
+    from fedleak.eval.context import seed_context
+    from fedleak.eval.poisoning import build_adversary
+    from fedleak.federated.loop import ClientSide
+    from fedleak.federated.model import shared_base_model
+    from fedleak.federated.rounds import ALGORITHMS, TrainingSetup
+
+    torch.set_num_threads(spec["threads"])
+    base_dir = Path(spec["base_dir"])
+    config = parse_config(spec["config"], "<flower spec>", base_dir=base_dir)
+    unit = next((u for u in all_trainings(config) if u.stem == spec["unit"] and u.seed == config.seed), None)
+    if unit is None:
+        raise FedleakError(f"the Flower client found no training {spec['unit']!r} in the spec's config: "
+                           f"the server and the clients run different fedleak versions")
+    ctx = seed_context(config, config.seed, base_dir)
+    base_model, tokenizer = shared_base_model(spec["model_ref"], **config.model.load_options())
+    algorithm = instantiate(ALGORITHMS.get(unit.algorithm.name), unit.algorithm.kwargs,
+                            f"matrix.algorithms: {unit.algorithm.label}")
+    setup = TrainingSetup(base_model=base_model, tokenizer=tokenizer, data=ctx.data, federation=config.federation,
+                          lora=config.model.lora, hooks=build_defense(unit.defense, f"matrix.defenses: {unit.defense.label}"),
+                          seed=config.seed, out_dir=Path("."), config_hash=spec["key"], progress=False, label=unit.label)
+    if unit.scenario:
+        setup.adversary = build_adversary(unit.scenario, config)
+    return ClientSide(setup, algorithm, clients=[])
+
+
+def _client_app():
+    from fedleak.federated.flower.engine import client_app
+
+    return client_app(build_client_side)
+
+
+def flower_rounds(setup, algorithm, config: RunConfig, unit: TrainingUnit, *, base_dir: Path, model_ref: str):
+    """Train `setup` on Flower's Simulation Engine with the config's `[engine]` resources."""
+    check_available()
+    from fedleak.federated.flower.engine import run_simulation_rounds
+
+    engine = config.engine
+    return run_simulation_rounds(
+        setup, algorithm, app=_client_app(),
+        spec=spec_of(config, unit, base_dir=base_dir, model_ref=model_ref, key=setup.config_hash),
+        num_cpus=engine.num_cpus, num_gpus=engine.num_gpus, total_cpus=engine.total_cpus or None,
+        round_timeout=engine.round_timeout or None)

@@ -1,0 +1,248 @@
+"""fedleak's round loop on Flower (Beutel et al. 2020, "Flower: A Friendly Federated Learning Framework"):
+a ClientApp and a ServerApp over the same `ClientSide` and `ServerSide` the in-process loop drives, so
+no algorithm, defense or poisoning code exists twice.
+
+The ServerApp samples with the server's seeded sampler, sends each sampled client's node the global
+adapter (`message_type="train"`), and hands the replies to `ServerSide.finish_round`: aggregation, the
+defense's server hooks, model poisoning, checkpoints. A node that errs, or does not reply within
+`round_timeout`, is recorded in the round's `failed` and the round completes with the others. Each node
+answers a `query` with its `partition-id` (the fedleak client it holds) before the first round.
+
+The ClientApp rebuilds a training's `ClientSide` from the message's spec through a `build` function the
+caller gives (eval builds it from the run's config), once per training per process, and keeps a client's
+memory and defense state in the node's `Context.state` between rounds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from fedleak.common.errors import FedleakError
+from fedleak.federated.loop import ClientSide, ServerSide
+from fedleak.federated.rounds import Algorithm, ClientResult, TrainingRun, TrainingSetup
+
+log = logging.getLogger("fedleak.federated.flower")
+
+PARTITION = "partition-id"  # the node-config key naming the fedleak client a node holds (Flower's simulation sets it)
+_SIDES: dict[str, ClientSide] = {}  # per process: the latest training's client side
+
+
+def client_app(build: Callable[[dict], ClientSide]):
+    """A Flower ClientApp training fedleak clients.
+
+    Args:
+        build: spec (the JSON the server sends in every message) -> that training's `ClientSide`; called
+            once per training and process. Must be a module-level function: Ray pickles it by name.
+
+    Returns:
+        A `flwr.clientapp.ClientApp` answering `query` (its partition id) and `train` (one client round).
+    """
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.clientapp import ClientApp
+
+    from fedleak.federated.flower.records import (from_arrays, load_client_state, loads, result_content,
+                                                  store_client_state)
+
+    app = ClientApp()
+
+    @app.query()
+    def query(msg, context):
+        if PARTITION not in context.node_config:
+            raise FedleakError(f"node config has no {PARTITION!r}: start the SuperNode with "
+                               f"--node-config \"{PARTITION}=<client index>\"")
+        return Message(RecordDict({"node": ConfigRecord({PARTITION: int(context.node_config[PARTITION]),
+                                                        "pid": os.getpid()})}), reply_to=msg)
+
+    @app.train()
+    def train(msg, context):
+        config = msg.content["config"]
+        spec_text, client, rnd = config["spec"], int(config["client"]), int(config["round"])
+        key = loads(spec_text)["key"]
+        try:
+            if key not in _SIDES:
+                _SIDES.clear()  # one training at a time per process: drop the last one's model
+                _SIDES[key] = build(loads(spec_text))
+            side = _SIDES[key]
+            memory, hooks_state = load_client_state(context.state, key=key)
+            side.memory[client] = memory
+            side.setup.hooks.load_client_state(client, hooks_state)
+            received = from_arrays(msg.content["global"], loads(config["dtypes"])) if "global" in msg.content else None
+            result, privacy = side.update(client, rnd, received)
+            store_client_state(context.state, side.memory[client], side.setup.hooks.client_state(client), key=key)
+            return Message(result_content(result, privacy), reply_to=msg)
+        except FedleakError as exc:  # the run's own error (a config the client cannot train): the server stops
+            return Message(RecordDict({"fedleak_error": ConfigRecord({"message": str(exc)})}), reply_to=msg)
+        except Exception as exc:  # this client crashed: the server records it and the round goes on
+            log.exception("client %d, round %d", client, rnd)
+            return Message(RecordDict({"client_error": ConfigRecord({"message": _one_line(exc)})}), reply_to=msg)
+
+    return app
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
+
+
+def _error_reason(reason: str) -> str:
+    """Flower's error reason (a remote traceback) cut to its last meaningful line."""
+    lines = [line.strip() for line in reason.splitlines() if line.strip() and not set(line.strip()) <= set("^~")]
+    return " ".join((lines[-1] if lines else reason).split())[:300]
+
+
+def _wait_for_nodes(grid, count: int, timeout: float) -> list[int]:
+    start = time.monotonic()
+    while len(nodes := list(grid.get_node_ids())) < count:
+        if time.monotonic() - start > timeout:
+            raise FedleakError(f"only {len(nodes)} of {count} Flower nodes connected within {timeout:.0f} s: "
+                               f"start one SuperNode per client, or raise engine.connect_timeout")
+        time.sleep(0.1)
+    return sorted(nodes)
+
+
+def _partitions(grid, nodes: list[int], count: int, timeout: float) -> dict[int, int]:
+    """{fedleak client: node id}, from each node's answer to a query."""
+    from flwr.app import Message, RecordDict
+
+    replies = grid.send_and_receive([Message(RecordDict(), message_type="query", dst_node_id=n) for n in nodes],
+                                    timeout=timeout)
+    node_of: dict[int, int] = {}
+    for reply in replies:
+        if reply.has_error():
+            raise FedleakError(f"Flower node {reply.metadata.src_node_id} did not say which client it holds: "
+                               f"{reply.error.reason}")
+        client = int(reply.content["node"][PARTITION])
+        if client in node_of or not 0 <= client < count:
+            raise FedleakError(f"Flower node {reply.metadata.src_node_id} holds client {client}: each of clients "
+                               f"0..{count - 1} must be held by exactly one node (node config {PARTITION!r})")
+        node_of[client] = reply.metadata.src_node_id
+    if missing := sorted(set(range(count)) - set(node_of)):
+        raise FedleakError(f"no Flower node holds client(s) {missing}: start a SuperNode for each")
+    return node_of
+
+
+def serve(grid, server: ServerSide, *, spec: dict, rounds: int, round_timeout: float | None,
+          connect_timeout: float) -> None:
+    """The ServerApp's main loop: `rounds` rounds through `server`, clients reached through `grid`."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from fedleak.federated.flower.records import dumps, read_result, to_arrays
+
+    spec_text = dumps(spec, "the training spec")
+    nodes = _wait_for_nodes(grid, server.num_clients, connect_timeout)
+    node_of = _partitions(grid, nodes, server.num_clients, connect_timeout)
+    for rnd in range(1, rounds + 1):
+        start = time.perf_counter()
+        sampled = server.sample()
+        content = RecordDict()
+        dtypes = {}
+        if server.global_state is not None:
+            content["global"], dtypes = to_arrays(server.global_state)
+        messages = []
+        for client in sampled:
+            body = RecordDict({**content, "config": ConfigRecord(
+                {"spec": spec_text, "client": client, "round": rnd, "dtypes": json.dumps(dtypes)})})
+            messages.append(Message(body, message_type="train", dst_node_id=node_of[client]))
+        client_of = {node: client for client, node in node_of.items()}
+        results: dict[int, ClientResult] = {}
+        privacy: dict[str, dict] = {}
+        failed: dict[int, str] = {}
+        for reply in grid.send_and_receive(messages, timeout=round_timeout):
+            client = client_of[reply.metadata.src_node_id]
+            if reply.has_error():  # the node or its ClientApp runtime failed
+                failed[client] = _error_reason(reply.error.reason)
+            elif "fedleak_error" in reply.content:
+                raise FedleakError(reply.content["fedleak_error"]["message"])
+            elif "client_error" in reply.content:
+                failed[client] = reply.content["client_error"]["message"]
+            else:
+                results[client], accounting = read_result(reply.content)
+                if accounting is not None:
+                    privacy[str(client)] = accounting
+        for client in sampled:
+            if client not in results and client not in failed:
+                failed[client] = f"no reply within engine.round_timeout = {round_timeout} s"
+        for client, reason in sorted(failed.items()):
+            log.warning("%s round %d: client %d failed (%s); the round goes on without it",
+                        server.setup.label or "training", rnd, client, reason)
+        if failed and not results:
+            raise FedleakError(f"round {rnd}: every sampled client failed (client {min(failed)}: "
+                               f"{failed[min(failed)]})")
+        server.finish_round(rnd, sampled, results, privacy, start, failed)
+
+
+class _DropDeprecation(logging.Filter):
+    """Flower 1.42 deprecates the `run_simulation` Python entry in favour of `flwr run`; fedleak keeps it
+    because the ServerApp must share this process's training setup (`flwr run` starts it in another)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "run_simulation" not in record.getMessage()
+
+
+def run_simulation_rounds(setup: TrainingSetup, algorithm: Algorithm, *, app, spec: dict, num_cpus: float,
+                          num_gpus: float, total_cpus: int | None = None, round_timeout: float | None = None,
+                          connect_timeout: float = 300.0) -> TrainingRun:
+    """Train on Flower's Simulation Engine (Ray backend), one virtual SuperNode per client.
+
+    Args:
+        setup: the training (the server's side runs in this process, with this setup).
+        algorithm: the training algorithm.
+        app: the ClientApp (`client_app(build)`, `build` turning `spec` into this training's client side).
+        spec: JSON-serialisable; sent to every client; must hold `key`, unique per training.
+        num_cpus: CPUs each ClientApp reserves (Ray), so total_cpus // num_cpus clients train at once.
+        num_gpus: GPU fraction each ClientApp reserves (0.25: four clients share a GPU).
+        total_cpus: CPUs Ray may use (None: all).
+        round_timeout: seconds a round waits for replies (None: until all reply); late clients are failed.
+        connect_timeout: seconds to wait for the virtual nodes to register.
+
+    Returns:
+        The training run, as `run_rounds` returns it (its model holds the initial adapters).
+
+    Raises:
+        FedleakError: a client's own FedleakError, every client of a round failing, or the engine failing.
+    """
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    clients = ClientSide(setup, algorithm, clients=[])  # the initial adapter; the clients train in the actors
+    server = ServerSide(setup, algorithm, num_clients=clients.num_clients, initial=clients.initial)
+    failure: list[BaseException] = []
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid, context):
+        try:
+            serve(grid, server, spec=spec, rounds=setup.federation.rounds, round_timeout=round_timeout,
+                  connect_timeout=connect_timeout)
+        except BaseException as exc:  # Flower logs and swallows the ServerApp's exceptions: re-raised below
+            failure.append(exc)
+
+    init_args = {"include_dashboard": False, "log_to_driver": False}
+    quiet = _DropDeprecation()
+    if total_cpus is not None:
+        init_args["num_cpus"] = total_cpus
+    start = time.perf_counter()
+    flower_log = logging.getLogger("flwr")
+    level = flower_log.level
+    flower_log.setLevel(logging.WARNING)
+    flower_log.addFilter(quiet)
+    try:
+        run_simulation(server_app=server_app, client_app=app, num_supernodes=clients.num_clients,
+                       backend_config={"client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus},
+                                       "init_args": init_args})
+    finally:
+        flower_log.setLevel(level)
+        flower_log.removeFilter(quiet)
+    if failure:
+        raise failure[0]
+    if len(server.history) != setup.federation.rounds:
+        raise FedleakError(f"the Flower simulation stopped after {len(server.history)} of "
+                           f"{setup.federation.rounds} rounds: see Flower's log above")
+    return TrainingRun(model=clients.model, history=server.history, train_seconds=time.perf_counter() - start,
+                       final_round=setup.federation.rounds, training_dir=Path(setup.out_dir),
+                       global_members=algorithm.global_members(setup.data, server.contributors))

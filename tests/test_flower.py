@@ -1,0 +1,210 @@
+"""Flower's Simulation Engine (`fedleak run --engine flower`) against fedleak's own round loop: the same
+checkpoints, privacy accounting and attack cells; a crashed client recorded and the round completed; the
+message records and the per-node state that carry adapters, results and client memory."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedleak.common.errors import FedleakError
+from fedleak.eval.results import validate_results
+
+# FEDIT under no defense, the median and DP-FedAvg (the issue's parity cases), FEDIT under a backdoor whose
+# malicious client poisons its data on the client and boosts its update on the server, and FEDPIT under
+# DP-SGD with a budget: its local adapter, synthetic records and accountant live in each node's state.
+MATRIX = """
+[matrix]
+algorithms = ["fedit", { name = "fedpit", synthetic_per_round = 4, max_attempts = 6 }]
+defenses = ["none", "median", { name = "dp_fedavg", noise_multiplier = 0.5, clip_norm = 1.0 },
+            { name = "dp_sgd", target_epsilon = 8.0 }]
+attacks = [{ name = "loss", observers = ["global", "upload", "client"], rounds = "all" }]
+scenarios = [{ name = "backdoor", clients = [1], attacks = [{ name = "backdoor", poison_rate = 1.0 },
+                                                              { name = "scaling", boost = 2.0 }] }]
+include = [
+    { algorithm = "fedit", defense = "none" },
+    { algorithm = "fedit", defense = "median", scenario = "clean" },
+    { algorithm = "fedit", defense = "dp_fedavg", scenario = "clean" },
+    { algorithm = "fedpit", defense = "dp_sgd", scenario = "clean" },
+]
+"""
+CRASHY = '''
+from fedleak.federated.fedit import FedIT
+from fedleak.federated.rounds import register_algorithm
+
+
+@register_algorithm("crashy")
+class Crashy(FedIT):
+    """FEDIT whose client 1 crashes in round 2."""
+
+    def client_round(self, ctx):
+        if ctx.client == 1 and ctx.round == 2:
+            raise RuntimeError("client 1 lost its disk")
+        return super().client_round(ctx)
+'''
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    # One torch thread in this run and in every Flower client: the same float order, so the same adapters.
+    home = tmp_path_factory.mktemp("flwr-home")
+    return {**os.environ, "OMP_NUM_THREADS": "1", "FLWR_HOME": str(home), "RAY_DISABLE_USAGE_STATS": "1",
+            "FLWR_DISABLE_UPDATE_CHECK": "1"}
+
+
+def fedleak(*args, env, timeout=600):
+    proc = subprocess.run([sys.executable, "-m", "fedleak", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_run_config, env):
+    folder = tmp_path_factory.mktemp("flower")
+    config = folder / "run.toml"
+    config.write_text(tiny_run_config + MATRIX)
+    fedleak("run", config, "--out", folder / "inprocess", "--quiet", env=env)
+    fedleak("run", config, "--out", folder / "flower", "--quiet", "--engine", "flower", env=env)
+    return folder / "inprocess", folder / "flower"
+
+
+def results(folder: Path) -> dict:
+    return json.loads((folder / "results.json").read_text())
+
+
+def test_flower_writes_the_same_checkpoints_as_the_inprocess_loop(runs):
+    inprocess, flower = runs
+    files = sorted(p.relative_to(inprocess) for p in inprocess.glob("trainings/*/round-*/*.safetensors"))
+    assert len({f.parts[1] for f in files}) == 5 and any("upload" in f.name for f in files)
+    assert files == sorted(p.relative_to(flower) for p in flower.glob("trainings/*/round-*/*.safetensors"))
+    worst, moved = 0.0, 0.0
+    for name in files:
+        a, b = load_file(inprocess / name), load_file(flower / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.allclose(a[key], b[key], rtol=0, atol=1e-6), (name, key)
+            worst = max(worst, (a[key] - b[key]).abs().max().item())
+        if name.name == "global.safetensors" and name.parent.name == "round-0002":
+            start = load_file(inprocess / name.parent.with_name("round-0000") / name.name)
+            moved = max(moved, *((a[k] - start[k]).abs().max().item() for k in a))
+    assert moved > 1e-3  # the adapters trained: equal checkpoints are not two untouched initialisations
+    print(f"largest difference between the engines: {worst:.2e} (adapters moved up to {moved:.2e})")
+
+
+def test_flower_gives_the_same_cells_privacy_and_history(runs):
+    inprocess, flower = (results(f) for f in runs)
+    assert [c["metrics"] for c in inprocess["cells"]] == [c["metrics"] for c in flower["cells"]]
+    assert len(flower["cells"]) >= 20
+    for a, b in zip(inprocess["trainings"], flower["trainings"]):
+        assert (a["cost"]["engine"], b["cost"]["engine"]) == ("inprocess", "flower")
+        assert a["privacy"] == b["privacy"] and a["utility"] == b["utility"] and a["synthetic"] == b["synthetic"]
+        assert a["poisoning"]["backdoors"] == b["poisoning"]["backdoors"]
+        for ra, rb in zip(a["rounds"], b["rounds"]):
+            same = ("clients", "uploads", "aggregated", "malicious_clients", "epsilon", "client_privacy")
+            assert {k: ra.get(k) for k in same} == {k: rb.get(k) for k in same}
+            assert ra["client_metrics"] == rb["client_metrics"]
+    fedpit = next(t for t in flower["trainings"] if t["algorithm"].startswith("fedpit"))
+    # The accountant continued across rounds in each node's state: both rounds charged, the budget met.
+    assert all(len(h) >= 2 for h in fedpit["privacy"]["record_level_accounting"].values())
+    assert 7.0 < fedpit["privacy"]["record_level_epsilon"] <= 8.0
+    backdoor = next(t for t in flower["trainings"] if t["scenario"] == "backdoor")
+    assert all(r["malicious_clients"] == [1] for r in backdoor["rounds"])
+    validate_results(flower)
+
+
+@pytest.fixture(scope="module")
+def crashed(tmp_path_factory, tiny_run_config, env):
+    folder = tmp_path_factory.mktemp("crash")
+    (folder / "crashy.py").write_text(CRASHY)
+    config = folder / "run.toml"
+    config.write_text('plugins = ["crashy"]\n' + tiny_run_config + '[matrix]\nalgorithms = ["crashy"]\n'
+                      'defenses = ["none"]\nattacks = [{ name = "loss", observers = ["global"] }]\n')
+    proc = fedleak("run", config, "--out", folder / "out", "--quiet", "--engine", "flower", env=env)
+    return folder / "out", proc
+
+
+def test_a_crashed_client_is_recorded_and_its_round_completes(crashed):
+    out, proc = crashed
+    run = results(out)
+    rounds = run["trainings"][0]["rounds"]
+    assert "failed" not in rounds[0] and rounds[0]["aggregated"] == [0, 1, 2]
+    assert rounds[1]["failed"] == {"1": "RuntimeError: client 1 lost its disk"}
+    assert rounds[1]["uploads"] == [0, 2] and rounds[1]["aggregated"] == [0, 2]
+    assert (out / "trainings/crashy-none-seed0/round-0002/manifest.json").exists()
+    assert "client 1 failed (RuntimeError: client 1 lost its disk)" in proc.stderr
+    report = (out / "report.md").read_text()
+    assert "Client 1 failed in round 2 of crashy/none/clean seed 0 (RuntimeError: client 1 lost its disk)" in report
+    assert "ran on Flower's Simulation Engine" in report
+    validate_results(run)
+
+
+def test_flower_engine_without_the_extra_names_the_install(monkeypatch):
+    import importlib.util
+
+    from fedleak.eval import flower_engine
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    with pytest.raises(FedleakError, match=r"needs ray: pip install 'fedleak\[flower\]'"):
+        flower_engine.check_available()
+
+
+def test_engine_settings_are_checked(tmp_path):
+    from fedleak.eval.config import load_config
+
+    path = tmp_path / "bad.toml"
+    path.write_text('[engine]\nname = "ray"\n')
+    with pytest.raises(FedleakError, match="engine.name"):
+        load_config(path)
+    path.write_text('[engine]\nnum_gpus = -1\n')
+    with pytest.raises(FedleakError, match="engine.num_gpus"):
+        load_config(path)
+
+
+def test_records_carry_adapters_results_and_client_memory_exactly():
+    from flwr.app import RecordDict
+
+    from fedleak.federated.data import Record
+    from fedleak.federated.flower import records
+    from fedleak.federated.rounds import GLOBAL, ClientResult
+
+    state = {"a.lora_A.weight": torch.randn(4, 3), "b.lora_B.weight": torch.randn(3, 4).to(torch.bfloat16)}
+    arrays, dtypes = records.to_arrays(state)
+    back = records.from_arrays(arrays, dtypes)
+    assert all(back[k].dtype == state[k].dtype and torch.equal(back[k], state[k]) for k in state)
+
+    record = Record("Do it.", "", "Done.", "notes", "r-1", identifiers=("Ann Lee",), identifier_types=("name",))
+    result = ClientResult(upload=state, num_examples=7, view={"default": GLOBAL, "local": state},
+                          metrics={"loss_last_quarter": 1.5, "selfgen": {"accepted": 2}},
+                          artifacts={"synthetic": [{"instruction": "x"}]})
+    got, privacy = records.read_result(records.result_content(result, {"epsilon": 1.0}))
+    assert privacy == {"epsilon": 1.0} and got.num_examples == 7 and got.view["default"] is GLOBAL
+    assert got.view["local"] is got.upload  # sent once, one object: the server writes one file for both views
+    assert torch.equal(got.view["local"]["b.lora_B.weight"], state["b.lora_B.weight"])
+    assert got.metrics == result.metrics and got.artifacts == result.artifacts
+
+    node = RecordDict()
+    records.store_client_state(node, {"local": state, "synthetic": [record]}, {"sigma": 1.2}, key="t1")
+    memory, hooks = records.load_client_state(node, key="t1")
+    assert memory["synthetic"] == [record] and hooks == {"sigma": 1.2}
+    assert torch.equal(memory["local"]["a.lora_A.weight"], state["a.lora_A.weight"])
+    assert records.load_client_state(node, key="another training") == ({}, {})
+    with pytest.raises(FedleakError, match="client memory holds a value that cannot travel"):
+        records.store_client_state(node, {"handle": object()}, {}, key="t1")
+
+
+def test_dp_sgd_state_restores_the_accountant():
+    from fedleak.defenses.dp_sgd import DPSGD
+
+    a = DPSGD(target_epsilon=4.0)
+    assert a.client_state(3) == {"history": [], "sigma": None}
+    b = DPSGD(target_epsilon=4.0)
+    b.load_client_state(3, {"history": [[1.1, 0.25, 12], [1.1, 0.5, 4]], "sigma": 1.1})
+    assert b.client_state(3) == {"history": [[1.1, 0.25, 12], [1.1, 0.5, 4]], "sigma": 1.1}
+    assert b.engines[3].get_epsilon(1e-5) > 0
