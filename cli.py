@@ -189,6 +189,19 @@ def cmd_attack(args) -> int:
     return 0
 
 
+def cmd_flower(args) -> int:
+    from fedleak.eval.config import load_config
+    from fedleak.eval.flower_engine import check_available
+
+    out = _out(args, load_config(args.config))
+    check_available(("flwr",))
+    from fedleak.eval.flower_app import submit
+
+    print(submit(args.config, superlink=args.superlink, out=out, training=args.training or "",
+                 root_certificates=args.root_certificates, quiet=args.quiet))
+    return 0
+
+
 def cmd_report(args) -> int:
     from fedleak.reports.report import write_report
 
@@ -275,6 +288,18 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--seed", type=int, help="for checkpoints without training.json: the data seed")
     attack.add_argument("--fresh", action="store_true", help="ignore cached attack results in the output folder")
     attack.set_defaults(func=cmd_attack)
+    flower = sub.add_parser("flower", parents=[quiet], help="train one training on a deployed Flower federation",
+                            description="Submit one training of the config to a running Flower SuperLink (one "
+                                        "SuperNode per client, each started with --node-config \"partition-id=I "
+                                        "data-file=F out-dir=D\"): the server's views are written under "
+                                        "OUT/trainings/<name>, each client's view in its node's out-dir.")
+    flower.add_argument("config", help="TOML matrix config, as the SuperLink's machine sees it")
+    flower.add_argument("--superlink", required=True, help="the SuperLink's HOST:PORT (flower-superlink --port)")
+    flower.add_argument("--out", help="the server's output folder (default: the config's `out`)")
+    flower.add_argument("--training", help="algorithm/defense[/scenario] label (default: the first federated one)")
+    flower.add_argument("--root-certificates", help="CA certificate of a TLS SuperLink (default: insecure, "
+                                                     "for loopback tests only)")
+    flower.set_defaults(func=cmd_flower)
     report = sub.add_parser("report", parents=[secrets], help="(re)write report.md and report.html from results.json")
     report.add_argument("run_dir", help="output folder of a finished run")
     report.set_defaults(func=cmd_report)

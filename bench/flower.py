@@ -1,11 +1,11 @@
 """Flower's Simulation Engine against fedleak's in-process round loop, side by side on one machine.
 
-The demo's model and data (configs/quick.toml), FEDIT without a defense, 3 rounds of 1 local epoch, 10
-clients training per round. Each case runs in a fresh process (so its memory is its own), one after the
+The demo's model and data (configs/quick.toml; 6 private records per client), FEDIT without a defense,
+4 rounds of 1 local epoch, 10 clients training per round. Each case runs in a fresh process (so its memory is its own), one after the
 other; a sampling thread records the peak resident memory of the process and every process it started
 (Ray's GCS, raylet and workers included). Printed:
 
-- a round after start-up (rounds 2-3), Flower against in-process, with 10 clients: the ratio to read;
+- a round after start-up (rounds 2-4), Flower against in-process, with 10 clients: the ratio to read;
 - Flower's start-up: Ray, the virtual nodes and the partition query, until round 1 starts, plus each
   worker's one-off model load (round 1 minus a later round);
 - Flower with 10, 100 and 1000 virtual clients (client_fraction = 10 / clients): time per round and peak
@@ -76,11 +76,11 @@ def case(engine: str, clients: int, num_cpus: float) -> dict:
     quiet_libraries()
     config = load_config(CONFIG)
     data = config.data
-    embedded = dataclasses.replace(data.embedded, private_records=max(data.embedded.private_records, 4 * clients))
+    embedded = dataclasses.replace(data.embedded, private_records=6 * clients)
     config = dataclasses.replace(
         config, data=dataclasses.replace(data, embedded=embedded),
         federation=dataclasses.replace(config.federation, clients=clients, client_fraction=PER_ROUND / clients,
-                                       rounds=3, local_epochs=1, partition="iid", min_records_per_client=2),
+                                       rounds=4, local_epochs=1, partition="iid", min_records_per_client=2),
         matrix=dataclasses.replace(config.matrix, algorithms=config.matrix.algorithms[:1],
                                    defenses=config.matrix.defenses[:1], scenarios=(), include=(), exclude=()),
         engine=dataclasses.replace(config.engine, name=engine, num_cpus=num_cpus))
@@ -126,7 +126,7 @@ def main() -> None:
     flower = {n: run_case("flower", n, args.num_cpus) for n in args.clients}
     first = flower[min(flower)]
     steady = lambda r: sum(r["rounds"][1:]) / len(r["rounds"][1:])  # noqa: E731 (rounds after start-up)
-    print(f"{PER_ROUND} clients per round, 3 rounds of 1 local epoch, FEDIT on the demo's model; "
+    print(f"{PER_ROUND} clients per round, 4 rounds of 1 local epoch, FEDIT on the demo's model; "
           f"Flower: {args.num_cpus:g} CPU per client")
     print(f"round after start-up: in-process {steady(inprocess):.2f} s, Flower {steady(first):.2f} s "
           f"-> Flower / in-process {steady(first) / steady(inprocess):.2f}x (goal <= 1.3x)")

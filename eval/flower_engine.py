@@ -17,13 +17,14 @@ from fedleak.common.errors import FedleakError
 from fedleak.common.params import instantiate
 from fedleak.eval.config import RunConfig, build_defense, parse_config, plain
 from fedleak.eval.plan import TrainingUnit, all_trainings
+from fedleak.federated.flower.engine import DATA_FILE, PARTITION
 
 INSTALL = "pip install 'fedleak[flower]' (or -c .ci/constraints.txt -e '.[flower]' in a clone)"
 
 
-def check_available() -> None:
-    """FedleakError naming the extra when Flower or Ray is not installed."""
-    missing = [m for m in ("flwr", "ray") if importlib.util.find_spec(m) is None]
+def check_available(modules: tuple[str, ...] = ("flwr", "ray")) -> None:
+    """FedleakError naming the extra when Flower (or, for the Simulation Engine, Ray) is not installed."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
         raise FedleakError(f"engine \"flower\" needs {' and '.join(missing)}: {INSTALL}")
 
@@ -36,11 +37,13 @@ def spec_of(config: RunConfig, unit: TrainingUnit, *, base_dir: Path, model_ref:
             "unit": unit.stem, "threads": max(1, int(config.engine.num_cpus))}
 
 
-def build_client_side(spec: dict):
-    """The `ClientSide` of the training `spec` names, as the driver would build it (same seed, data, model)."""
+def build_client_side(spec: dict, node_config: dict | None = None):
+    """The `ClientSide` of the training `spec` names, as the driver would build it (same seed, data, model);
+    on a node whose config names a `data-file`, that client's records are the file's."""
     from fedleak.eval.context import seed_context
     from fedleak.eval.poisoning import build_adversary
     from fedleak.federated.loop import ClientSide
+    from fedleak.federated.data import FederatedData
     from fedleak.federated.model import shared_base_model
     from fedleak.federated.rounds import ALGORITHMS, TrainingSetup
 
@@ -51,16 +54,40 @@ def build_client_side(spec: dict):
     if unit is None:
         raise FedleakError(f"the Flower client found no training {spec['unit']!r} in the spec's config: "
                            f"the server and the clients run different fedleak versions")
-    ctx = seed_context(config, config.seed, base_dir)
-    base_model, tokenizer = shared_base_model(spec["model_ref"], **config.model.load_options())
+    node_config = node_config or {}
+    if DATA_FILE in node_config:  # a deployed node: its own records, nothing of the server's data
+        client = int(node_config[PARTITION])
+        clients: list[list] = [[] for _ in range(config.federation.clients)]
+        if not 0 <= client < len(clients):
+            raise FedleakError(f"node config {PARTITION}={client}: the run has clients 0..{len(clients) - 1}")
+        clients[client] = node_records(Path(str(node_config[DATA_FILE])), config, client)
+        data = FederatedData(clients=clients, heldout=[])
+    else:
+        data = seed_context(config, config.seed, base_dir).data
+    model_ref = spec["model_ref"]
+    if config.model.name == "embedded" and not Path(model_ref).is_dir():  # another machine: build it here
+        from fedleak.eval.context import resolve_model
+
+        model_ref = resolve_model(config)[0]
+    base_model, tokenizer = shared_base_model(model_ref, **config.model.load_options())
     algorithm = instantiate(ALGORITHMS.get(unit.algorithm.name), unit.algorithm.kwargs,
                             f"matrix.algorithms: {unit.algorithm.label}")
-    setup = TrainingSetup(base_model=base_model, tokenizer=tokenizer, data=ctx.data, federation=config.federation,
+    setup = TrainingSetup(base_model=base_model, tokenizer=tokenizer, data=data, federation=config.federation,
                           lora=config.model.lora, hooks=build_defense(unit.defense, f"matrix.defenses: {unit.defense.label}"),
                           seed=config.seed, out_dir=Path("."), config_hash=spec["key"], progress=False, label=unit.label)
     if unit.scenario:
         setup.adversary = build_adversary(unit.scenario, config)
     return ClientSide(setup, algorithm, clients=[])
+
+
+def node_records(path: Path, config: RunConfig, client: int):
+    """A SuperNode's own records: its Alpaca-style file, read with the config's [data.file] field names."""
+    from fedleak.federated.loader import FieldNames, read_data_file
+
+    f = config.data.file
+    return read_data_file(path, FieldNames(instruction=f.instruction_field, input=f.input_field, output=f.output_field,
+                                           category=f.category_field, identifiers=f.identifiers_field),
+                          patterns=f.identifier_patterns, id_prefix=f"node{client}").records
 
 
 def _client_app():
@@ -80,3 +107,12 @@ def flower_rounds(setup, algorithm, config: RunConfig, unit: TrainingUnit, *, ba
         spec=spec_of(config, unit, base_dir=base_dir, model_ref=model_ref, key=setup.config_hash),
         num_cpus=engine.num_cpus, num_gpus=engine.num_gpus, total_cpus=engine.total_cpus or None,
         round_timeout=engine.round_timeout or None)
+
+
+def deployment_rounds(grid, setup, algorithm, config: RunConfig, unit: TrainingUnit, *, base_dir: Path, model_ref: str):
+    """Train `setup` through a deployed federation's `grid`: one SuperNode per client, this process the server."""
+    from fedleak.federated.flower.engine import grid_rounds
+
+    return grid_rounds(grid, setup, algorithm,
+                       spec=spec_of(config, unit, base_dir=base_dir, model_ref=model_ref, key=setup.config_hash),
+                       round_timeout=config.engine.round_timeout or None)

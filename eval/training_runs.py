@@ -155,7 +155,7 @@ def _alive(pid: int) -> bool:
 
 
 def _train(ctx: SeedContext, unit: TrainingUnit, training_dir: Path, key: str, base_model, tokenizer,
-           progress: bool, base_dir: Path):
+           progress: bool, base_dir: Path, grid=None):
     """Train into a scratch folder and move it into place once complete: a killed training leaves no
     folder that looks finished."""
     cfg = ctx.config
@@ -172,7 +172,12 @@ def _train(ctx: SeedContext, unit: TrainingUnit, training_dir: Path, key: str, b
     if unit.scenario:
         setup.adversary = build_adversary(unit.scenario, cfg)
     engine = cfg.engine.name if algorithm.federated else "inprocess"  # no exchange: nothing for Flower to run
-    if engine == "flower":
+    if grid is not None:  # this process is a ServerApp on a real Flower federation
+        from fedleak.eval.flower_engine import deployment_rounds
+
+        engine = "flower-deployment"
+        run = deployment_rounds(grid, setup, algorithm, cfg, unit, base_dir=base_dir, model_ref=ctx.model_ref)
+    elif engine == "flower":
         from fedleak.eval.flower_engine import flower_rounds
 
         run = flower_rounds(setup, algorithm, cfg, unit, base_dir=base_dir, model_ref=ctx.model_ref)
@@ -273,9 +278,9 @@ def cached_training(config: RunConfig, unit: TrainingUnit, out_dir: Path, *, bas
 
 
 def train_unit(config: RunConfig, unit: TrainingUnit, out_dir: Path, *, base_dir: Path, progress: bool = False,
-               use_cache: bool = True) -> tuple[dict, bool]:
+               use_cache: bool = True, grid=None) -> tuple[dict, bool]:
     """Train (unless cached) and evaluate one training; returns its results record and whether all of
-    it came from the cache."""
+    it came from the cache. With a Flower `grid` (a ServerApp's), the clients are that federation's nodes."""
     ctx = seed_context(config, unit.seed, base_dir)
     training_dir = Path(out_dir) / "trainings" / unit.stem
     t_key = training_key(ctx, unit)
@@ -288,7 +293,7 @@ def train_unit(config: RunConfig, unit: TrainingUnit, out_dir: Path, *, base_dir
         return training_record(unit, trained, evaluated, str(training_dir.relative_to(out_dir))), True
     base_model, tokenizer = shared_base_model(ctx.model_ref, **ctx.config.model.load_options())
     if trained is None:
-        trained, model = _train(ctx, unit, training_dir, t_key, base_model, tokenizer, progress, base_dir)
+        trained, model = _train(ctx, unit, training_dir, t_key, base_model, tokenizer, progress, base_dir, grid)
     else:  # checkpoints are there, the evaluation settings changed: the views carry every weight
         model = add_lora(base_model, ctx.config.model.lora, seed=0)
     evaluated = _evaluate(ctx, unit, trained, training_dir, e_key, model, tokenizer)

@@ -29,6 +29,8 @@ from fedleak.federated.rounds import Algorithm, ClientResult, TrainingRun, Train
 log = logging.getLogger("fedleak.federated.flower")
 
 PARTITION = "partition-id"  # the node-config key naming the fedleak client a node holds (Flower's simulation sets it)
+DATA_FILE = "data-file"  # node config: the node's own Alpaca-style records (a deployment); unset: the run's split
+OUT_DIR = "out-dir"  # node config: where the node writes its client view; set: the view never leaves the node
 _SIDES: dict[str, ClientSide] = {}  # per process: the latest training's client side
 
 
@@ -36,8 +38,10 @@ def client_app(build: Callable[[dict], ClientSide]):
     """A Flower ClientApp training fedleak clients.
 
     Args:
-        build: spec (the JSON the server sends in every message) -> that training's `ClientSide`; called
-            once per training and process. Must be a module-level function: Ray pickles it by name.
+        build: (spec, node config) -> that training's `ClientSide`; spec is the JSON the server sends in every
+            message, the node config holds `partition-id` and, on a deployment, `data-file` (the node's own
+            records, which `build` puts in place of the split's). Called once per training and process; must
+            be a module-level function (Ray pickles it by name).
 
     Returns:
         A `flwr.clientapp.ClientApp` answering `query` (its partition id) and `train` (one client round).
@@ -66,7 +70,7 @@ def client_app(build: Callable[[dict], ClientSide]):
         try:
             if key not in _SIDES:
                 _SIDES.clear()  # one training at a time per process: drop the last one's model
-                _SIDES[key] = build(loads(spec_text))
+                _SIDES[key] = build(loads(spec_text), dict(context.node_config))
             side = _SIDES[key]
             memory, hooks_state = load_client_state(context.state, key=key)
             side.memory[client] = memory
@@ -74,6 +78,9 @@ def client_app(build: Callable[[dict], ClientSide]):
             received = from_arrays(msg.content["global"], loads(config["dtypes"])) if "global" in msg.content else None
             result, privacy = side.update(client, rnd, received)
             store_client_state(context.state, side.memory[client], side.setup.hooks.client_state(client), key=key)
+            if OUT_DIR in context.node_config:  # a deployment: the client's model stays on its machine
+                write_client_view(Path(str(context.node_config[OUT_DIR])), rnd, client, result, key=key)
+                result.view = {}
             return Message(result_content(result, privacy), reply_to=msg)
         except FedleakError as exc:  # the run's own error (a config the client cannot train): the server stops
             return Message(RecordDict({"fedleak_error": ConfigRecord({"message": str(exc)})}), reply_to=msg)
@@ -82,6 +89,19 @@ def client_app(build: Callable[[dict], ClientSide]):
             return Message(RecordDict({"client_error": ConfigRecord({"message": _one_line(exc)})}), reply_to=msg)
 
     return app
+
+
+def write_client_view(folder: Path, rnd: int, client: int, result: ClientResult, *, key: str) -> None:
+    """The client's own adapters of round `rnd` as a `client/i` view in `folder`'s checkpoint layout (an
+    adapter that is the round's aggregate is in the server's `global` checkpoint of that round)."""
+    from fedleak.federated import checkpoint
+    from fedleak.federated.rounds import GLOBAL
+
+    own = {adapter: state for adapter, state in result.view.items() if state is not GLOBAL}
+    files = {f"{adapter}-client-{client:02d}": state for adapter, state in own.items()}
+    views = {checkpoint.view_key("client", client): {a: f"{a}-client-{client:02d}" for a in own}} if own else {}
+    checkpoint.write_round(folder, rnd, files=files, views=views, num_examples={}, config_hash=key,
+                           extra={"global_adapters": [a for a, s in result.view.items() if s is GLOBAL]})
 
 
 def _one_line(exc: BaseException) -> str:
@@ -134,6 +154,8 @@ def serve(grid, server: ServerSide, *, spec: dict, rounds: int, round_timeout: f
     from fedleak.federated.flower.records import dumps, read_result, to_arrays
 
     spec_text = dumps(spec, "the training spec")
+    if hasattr(grid, "pull_interval"):  # the simulation's in-memory grid polls for replies every 0.1 s by default
+        grid.pull_interval = min(grid.pull_interval, 0.01)
     nodes = _wait_for_nodes(grid, server.num_clients, connect_timeout)
     node_of = _partitions(grid, nodes, server.num_clients, connect_timeout)
     for rnd in range(1, rounds + 1):
@@ -209,16 +231,15 @@ def run_simulation_rounds(setup: TrainingSetup, algorithm: Algorithm, *, app, sp
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
-    clients = ClientSide(setup, algorithm, clients=[])  # the initial adapter; the clients train in the actors
-    server = ServerSide(setup, algorithm, num_clients=clients.num_clients, initial=clients.initial)
+    runs: list[TrainingRun] = []
     failure: list[BaseException] = []
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid, context):
         try:
-            serve(grid, server, spec=spec, rounds=setup.federation.rounds, round_timeout=round_timeout,
-                  connect_timeout=connect_timeout)
+            runs.append(grid_rounds(grid, setup, algorithm, spec=spec, round_timeout=round_timeout,
+                                    connect_timeout=connect_timeout))
         except BaseException as exc:  # Flower logs and swallows the ServerApp's exceptions: re-raised below
             failure.append(exc)
 
@@ -232,7 +253,7 @@ def run_simulation_rounds(setup: TrainingSetup, algorithm: Algorithm, *, app, sp
     flower_log.setLevel(logging.WARNING)
     flower_log.addFilter(quiet)
     try:
-        run_simulation(server_app=server_app, client_app=app, num_supernodes=clients.num_clients,
+        run_simulation(server_app=server_app, client_app=app, num_supernodes=len(algorithm.client_data(setup.data)),
                        backend_config={"client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus},
                                        "init_args": init_args})
     finally:
@@ -240,9 +261,28 @@ def run_simulation_rounds(setup: TrainingSetup, algorithm: Algorithm, *, app, sp
         flower_log.removeFilter(quiet)
     if failure:
         raise failure[0]
-    if len(server.history) != setup.federation.rounds:
-        raise FedleakError(f"the Flower simulation stopped after {len(server.history)} of "
-                           f"{setup.federation.rounds} rounds: see Flower's log above")
+    if not runs:
+        raise FedleakError("the Flower simulation ended before its ServerApp finished: see Flower's log above")
+    runs[0].train_seconds = time.perf_counter() - start  # Ray's start-up included
+    return runs[0]
+
+
+def grid_rounds(grid, setup: TrainingSetup, algorithm: Algorithm, *, spec: dict, round_timeout: float | None = None,
+                connect_timeout: float = 300.0) -> TrainingRun:
+    """Train through a Flower `Grid` (a ServerApp's, on either engine): this process is the server.
+
+    Args:
+        grid: the ServerApp's grid; one node per client must connect, each answering its partition id.
+        setup, algorithm, spec, round_timeout, connect_timeout: as `run_simulation_rounds`.
+
+    Returns:
+        The training run (its model holds the initial adapters; the clients trained elsewhere).
+    """
+    clients = ClientSide(setup, algorithm, clients=[])  # the seeded initial adapter; the clients train on the nodes
+    server = ServerSide(setup, algorithm, num_clients=clients.num_clients, initial=clients.initial)
+    start = time.perf_counter()
+    serve(grid, server, spec=spec, rounds=setup.federation.rounds, round_timeout=round_timeout,
+          connect_timeout=connect_timeout)
     return TrainingRun(model=clients.model, history=server.history, train_seconds=time.perf_counter() - start,
                        final_round=setup.federation.rounds, training_dir=Path(setup.out_dir),
                        global_members=algorithm.global_members(setup.data, server.contributors))

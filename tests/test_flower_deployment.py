@@ -1,0 +1,184 @@
+"""A real Flower deployment on loopback: a SuperLink and three SuperNodes started as processes (insecure
+mode), each SuperNode with its own data file and output folder; `fedleak flower` trains through them,
+`fedleak attack` probes the server's checkpoints; a SuperNode killed mid-round is recorded as failed.
+Every process is stopped by its process group at the end, also on failure."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedleak.eval.results import validate_results
+
+MATRIX = """
+[matrix]
+algorithms = ["fedit", "slowpoke"]
+defenses = ["none"]
+attacks = [{ name = "loss", observers = ["global", "upload"] }]
+[engine]
+round_timeout = 20
+"""
+SLOWPOKE = '''
+import time
+from pathlib import Path
+
+from fedleak.federated.fedit import FedIT
+from fedleak.federated.rounds import register_algorithm
+
+
+@register_algorithm("slowpoke")
+class Slowpoke(FedIT):
+    """FEDIT whose client 2 says it is training in round 2, then takes minutes (long enough to be killed)."""
+
+    def client_round(self, ctx):
+        if ctx.client == 2 and ctx.round == 2:
+            (Path(__file__).parent / "client2-training").touch()
+            time.sleep(300)
+        return super().client_round(ctx)
+'''
+CLIENTS = 3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(args, log: Path, env) -> subprocess.Popen:
+    return subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """The process, its session's process group and every descendant (Flower starts its SuperExec, ServerApp and
+    ClientApp processes in sessions of their own)."""
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for child in family:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=30)
+    psutil.wait_procs(family, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory, tiny_run_config):
+    """(folder, config, superlink address, env, {client: SuperNode process}); the SuperLink and nodes run
+    until the module's tests end."""
+    folder = tmp_path_factory.mktemp("deployment")
+    (folder / "slowpoke.py").write_text(SLOWPOKE)
+    config = folder / "run.toml"
+    config.write_text('plugins = ["slowpoke"]\n' + tiny_run_config + MATRIX)
+    bin_dir = Path(sys.executable).parent  # the SuperLink and SuperNodes start Flower's other commands by name
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FLWR_HOME": str(folder / "flwr-home"),
+           "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1",
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # Each organisation's own file: the records the run's split gives its client.
+    script = ("import json, sys; from pathlib import Path; from fedleak.eval.config import load_config; "
+              "from fedleak.eval.context import seed_context; c = load_config(sys.argv[1]); "
+              "d = seed_context(c, c.seed, Path(sys.argv[1]).parent).data; "
+              "[Path(sys.argv[2], f'client{i}.jsonl').write_text(''.join(json.dumps(r.to_alpaca()) + '\\n' for r in rs)) "
+              "for i, rs in enumerate(d.clients)]")
+    subprocess.run([sys.executable, "-c", script, str(config), str(folder)], check=True, env=env, timeout=120)
+    port = free_port()
+    processes = [start([bin_dir / "flower-superlink", "--insecure", "--port", str(port),
+                        "--disable-runtime-dependency-installation"], folder / "superlink.log", env)]
+    nodes = {}
+    try:
+        time.sleep(3)
+        for i in range(CLIENTS):
+            node_config = f'partition-id={i} data-file="{folder}/client{i}.jsonl" out-dir="{folder}/node{i}"'
+            nodes[i] = start([bin_dir / "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
+                              "--port", str(free_port()), "--node-config", node_config], folder / f"node{i}.log", env)
+            processes.append(nodes[i])
+        yield folder, config, f"127.0.0.1:{port}", env, nodes
+    finally:
+        for proc in reversed(processes):
+            stop(proc)
+
+
+def fedleak(*args, env, timeout=300):
+    proc = subprocess.run([sys.executable, "-m", "fedleak", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def deployed(federation):
+    folder, config, superlink, env, _ = federation
+    proc = fedleak("flower", config, "--superlink", superlink, "--out", folder / "server", "--training", "fedit/none",
+                   "--quiet", env=env)
+    training = Path(proc.stdout.strip().splitlines()[-1])
+    fedleak("run", config, "--out", folder / "inprocess", "--only", "fedit", "--quiet", env=env)
+    return folder, training
+
+
+def test_a_deployed_federation_trains_what_the_inprocess_loop_trains(deployed):
+    folder, training = deployed
+    assert training == folder / "server/trainings/fedit-none-seed0"
+    trained = json.loads((training / "training.json").read_text())
+    assert trained["engine"] == "flower-deployment"
+    assert trained["views"] == ["global", "upload/0", "upload/1", "upload/2"]  # the clients' models stayed home
+    reference = folder / "inprocess/trainings/fedit-none-seed0"
+    for rnd in (1, 2):
+        for stem in ["global", *(f"upload-client-{i:02d}" for i in range(CLIENTS))]:
+            a = load_file(training / f"round-{rnd:04d}/{stem}.safetensors")
+            b = load_file(reference / f"round-{rnd:04d}/{stem}.safetensors")
+            assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a), (rnd, stem)
+        for i in range(CLIENTS):  # each node's own view, in its own folder: FEDIT's client model is its upload
+            mine = load_file(folder / f"node{i}/round-{rnd:04d}/default-client-{i:02d}.safetensors")
+            theirs = load_file(reference / f"round-{rnd:04d}/upload-client-{i:02d}.safetensors")
+            assert all(torch.allclose(mine[k], theirs[k], rtol=0, atol=1e-6) for k in mine)
+    start = load_file(training / "round-0000/global.safetensors")
+    end = load_file(training / "round-0002/global.safetensors")
+    assert max((end[k] - start[k]).abs().max().item() for k in end) > 1e-3
+
+
+def test_fedleak_attack_probes_the_servers_checkpoints(deployed, federation):
+    folder, training = deployed
+    _, config, _, env, _ = federation
+    fedleak("attack", training, "--config", config, "--out", folder / "attacked", "--quiet", env=env)
+    attacked = json.loads((folder / "attacked/results.json").read_text())
+    reference = json.loads((folder / "inprocess/results.json").read_text())
+    cells = lambda r: {(c["observer"], c["client"]): c["metrics"]["auc"] for c in r["cells"]}  # noqa: E731
+    assert cells(attacked) == cells(reference) and len(cells(attacked)) == 1 + CLIENTS
+    validate_results(attacked)
+
+
+def test_a_supernode_killed_mid_round_is_recorded_and_the_run_completes(deployed, federation):
+    folder, config, superlink, env, nodes = federation
+    proc = subprocess.Popen([sys.executable, "-m", "fedleak", "flower", config, "--superlink", superlink, "--out",
+                             folder / "server", "--training", "slowpoke/none", "--quiet"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (folder / "client2-training").exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "client 2 never started round 2"
+            time.sleep(0.5)
+        stop(nodes[2])  # its SuperNode and the ClientApp it runs, mid-training
+        out, err = proc.communicate(timeout=180)
+    finally:
+        stop(proc)
+    assert proc.returncode == 0, out[-2000:] + err[-3000:]
+    rounds = json.loads((folder / "server/trainings/slowpoke-none-seed0/training.json").read_text())["rounds"]
+    assert "failed" not in rounds[0] and rounds[0]["aggregated"] == [0, 1, 2]
+    assert set(rounds[1]["failed"]) == {"2"} and rounds[1]["aggregated"] == [0, 1]
+    assert (folder / "server/trainings/slowpoke-none-seed0/round-0002/global.safetensors").exists()
