@@ -135,7 +135,7 @@ def _partitions(grid, nodes: list[int], count: int, timeout: float) -> dict[int,
     for reply in replies:
         if reply.has_error():
             raise FedleakError(f"Flower node {reply.metadata.src_node_id} did not say which client it holds: "
-                               f"{reply.error.reason}")
+                               f"{_error_reason(reply.error.reason)}")
         client = int(reply.content["node"][PARTITION])
         if client in node_of or not 0 <= client < count:
             raise FedleakError(f"Flower node {reply.metadata.src_node_id} holds client {client}: each of clients "
