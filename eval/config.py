@@ -144,9 +144,25 @@ class EngineSettings:
     round_timeout: Annotated[float, Range(ge=0)] = field(default=0.0, metadata={
         "help": "Seconds a Flower round waits for replies; later clients are recorded as failed and the round goes "
                 "on without them; 0 = wait for every client."})
+    connect_timeout: PositiveFloat = field(default=300.0, metadata={
+        "help": "Seconds a Flower training waits for one node per client to connect and say which client it holds."})
+    secagg_clipping_range: PositiveFloat = field(default=8.0, metadata={
+        "help": "With the secagg defense on Flower (SecAgg+): each adapter value is clipped to +-this before it is "
+                "quantised and masked."})
+    secagg_quantization_range: PositiveInt = field(default=4194304, metadata={
+        "help": "SecAgg+'s quantisation levels over [-clipping range, clipping range]: the global adapter differs from "
+                "FedAvg's by about clipping range / quantization range per value."})
+    secagg_max_weight: NonNegativeInt = field(default=0, metadata={
+        "help": "SecAgg+'s largest FedAvg weight (an upload's training examples; a larger one is clipped to it): "
+                "weights are scaled by it before quantisation, so a loose bound costs precision; 0 = the largest "
+                "client's record count in the run's split."})
 
     def __post_init__(self):
         check_fields(self, "engine.")
+
+    def secagg(self) -> dict:
+        return {"clipping_range": self.secagg_clipping_range, "quantization_range": self.secagg_quantization_range,
+                "max_weight": self.secagg_max_weight}
 
 
 @dataclass(frozen=True)

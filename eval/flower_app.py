@@ -12,8 +12,10 @@ on each SuperNode: it trains on the node's own records and writes the node's `cl
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -137,13 +139,34 @@ def submit(config_path: str, *, superlink: str, out: Path, training: str = "", r
         run_config = (f'config="{Path(config_path).resolve()}" out="{Path(out).resolve()}" '
                       f'training="{unit.label}"')
         env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1"}
-        proc = subprocess.run([flwr, "run", str(app), "fedleak", "--run-config", run_config, "--stream"], env=env,
-                              stdout=subprocess.DEVNULL if quiet else None, stderr=subprocess.STDOUT if quiet else None)
-    if proc.returncode != 0:
-        raise FedleakError(f"flwr run failed (exit status {proc.returncode}): is a SuperLink listening on {superlink}? "
-                           f"start it with flower-superlink")
-    trained = folder / "training.json"
-    if not trained.exists():
-        raise FedleakError(f"the Flower run wrote no {trained}: its ServerApp failed; see the log above "
-                           f"(or `flwr log RUN_ID` against the SuperLink)")
+        proc = subprocess.Popen([flwr, "run", str(app), "fedleak", "--run-config", run_config, "--stream"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = []
+        for line in proc.stdout:  # the run's log, streamed until it ends
+            lines.append(line)
+            if not quiet:
+                sys.stdout.write(line)
+        proc.wait()
+        started = re.search(r"started run (\d+)", "".join(lines))
+        if proc.returncode != 0 or not started:
+            tail = " ".join("".join(lines[-5:]).split())[-400:]
+            raise FedleakError(f"flwr run failed (exit status {proc.returncode}: {tail}): is a SuperLink listening on "
+                               f"{superlink}? start it with flower-superlink")
+        status = _run_status(flwr, started.group(1), env)
+    if "completed" not in status:
+        reasons = [line.split("FedleakError:", 1)[1].strip() for line in lines if "FedleakError:" in line]
+        why = f": {reasons[-1]}" if reasons else "; see the log above"
+        raise FedleakError(f"Flower run {started.group(1)} ended {status!r}{why} (the whole log: `flwr log "
+                           f"{started.group(1)}` against the SuperLink)")
     return folder
+
+
+def _run_status(flwr: str, run_id: str, env: dict) -> str:
+    """A finished run's status as the SuperLink reports it (`flwr ls --run-id`), e.g. "finished:completed"."""
+    proc = subprocess.run([flwr, "ls", "fedleak", "--run-id", run_id, "--format", "json"], env=env,
+                          capture_output=True, text=True)
+    try:
+        runs = json.loads(proc.stdout).get("runs", [])
+        return str(runs[0].get("status", "unknown"))
+    except (json.JSONDecodeError, IndexError, AttributeError):
+        return f"unknown ({' '.join((proc.stdout + proc.stderr).split())[-200:]})"

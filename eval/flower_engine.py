@@ -17,7 +17,7 @@ from fedleak.common.errors import FedleakError
 from fedleak.common.params import instantiate
 from fedleak.eval.config import RunConfig, build_defense, parse_config, plain
 from fedleak.eval.plan import TrainingUnit, all_trainings
-from fedleak.federated.flower.engine import DATA_FILE, PARTITION
+from fedleak.federated.flower.engine import DATA_FILE, PARTITION, partition_of
 
 INSTALL = "pip install 'fedleak[flower]' (or -c .ci/constraints.txt -e '.[flower]' in a clone)"
 
@@ -29,12 +29,14 @@ def check_available(modules: tuple[str, ...] = ("flwr", "ray")) -> None:
         raise FedleakError(f"engine \"flower\" needs {' and '.join(missing)}: {INSTALL}")
 
 
-def spec_of(config: RunConfig, unit: TrainingUnit, *, base_dir: Path, model_ref: str, key: str) -> dict:
-    """What a Flower client needs to rebuild `unit`'s client side (JSON; sent in every train message)."""
+def spec_of(config: RunConfig, unit: TrainingUnit, *, base_dir: Path, model_ref: str, key: str,
+            deployment: bool = False) -> dict:
+    """What a Flower client needs to rebuild `unit`'s client side (JSON; sent in every train message); on a
+    deployment each node must train on its own `data-file` and keep its model in its `out-dir`."""
     table = plain(config.for_seed(unit.seed))
     table.pop("seeds")
     return {"key": key, "config": table, "base_dir": str(Path(base_dir).resolve()), "model_ref": model_ref,
-            "unit": unit.stem, "threads": max(1, int(config.engine.num_cpus))}
+            "unit": unit.stem, "threads": max(1, int(config.engine.num_cpus)), "deployment": deployment}
 
 
 def build_client_side(spec: dict, node_config: dict | None = None):
@@ -56,7 +58,7 @@ def build_client_side(spec: dict, node_config: dict | None = None):
                            f"the server and the clients run different fedleak versions")
     node_config = node_config or {}
     if DATA_FILE in node_config:  # a deployed node: its own records, nothing of the server's data
-        client = int(node_config[PARTITION])
+        client = partition_of(node_config)
         clients: list[list] = [[] for _ in range(config.federation.clients)]
         if not 0 <= client < len(clients):
             raise FedleakError(f"node config {PARTITION}={client}: the run has clients 0..{len(clients) - 1}")
@@ -84,6 +86,9 @@ def node_records(path: Path, config: RunConfig, client: int):
     """A SuperNode's own records: its Alpaca-style file, read with the config's [data.file] field names."""
     from fedleak.federated.loader import FieldNames, read_data_file
 
+    if not path.is_file():
+        raise FedleakError(f"node config {DATA_FILE}={str(path)!r} of client {client}: no such file on this node: "
+                           f"give the SuperNode's own Alpaca-style .json or .jsonl file")
     f = config.data.file
     return read_data_file(path, FieldNames(instruction=f.instruction_field, input=f.input_field, output=f.output_field,
                                            category=f.category_field, identifiers=f.identifiers_field),
@@ -96,6 +101,41 @@ def _client_app():
     return client_app(build_client_side)
 
 
+def check_unit(config: RunConfig, unit: TrainingUnit) -> dict | None:
+    """SecAgg+'s settings when `unit` trains under secure aggregation on Flower (None without it); FedleakError
+    for what SecAgg+ cannot run: a server-side rule or transform over individual uploads, model poisoning
+    (the server never holds an upload to rewrite), fewer than 2 clients per round."""
+    defense = build_defense(unit.defense, f"matrix.defenses: {unit.defense.label}")
+    if not defense.hides_uploads:
+        return None
+    from fedleak.defenses.base import Composition, Defense
+
+    parts = defense.parts if isinstance(defense, Composition) else [defense]
+    for part in parts:
+        for hook in ("before_aggregation", "aggregate"):
+            if getattr(type(part), hook) is not getattr(Defense, hook):
+                raise FedleakError(f"matrix.defenses: {unit.defense.label}: {part.name} runs {hook} on individual "
+                                   f"uploads, which SecAgg+ on Flower hides from the server: drop it, or run this "
+                                   f"training in process (engine.name = \"inprocess\") for the simulated view")
+    from fedleak.attacks.base import ATTACKS
+    from fedleak.attacks.poisoning.base import ModelPoisoning
+
+    scenario = unit.scenario
+    if scenario and any(issubclass(ATTACKS.get(a.name), ModelPoisoning) for a in scenario.attacks):
+        raise FedleakError(f"matrix.scenarios: {scenario.name} rewrites uploads on the server, which SecAgg+ on Flower "
+                           f"never sees: use data poisoning only with secure aggregation on Flower")
+    if config.federation.clients_per_round < 2:
+        raise FedleakError("federation.client_fraction: SecAgg+ needs at least 2 clients per round: raise it")
+    return config.engine.secagg()
+
+
+def _secagg(config: RunConfig, unit: TrainingUnit, setup, algorithm) -> dict | None:
+    secagg = check_unit(config, unit)
+    if secagg is not None and not secagg["max_weight"]:
+        secagg["max_weight"] = max(len(records) for records in algorithm.client_data(setup.data))
+    return secagg
+
+
 def flower_rounds(setup, algorithm, config: RunConfig, unit: TrainingUnit, *, base_dir: Path, model_ref: str):
     """Train `setup` on Flower's Simulation Engine with the config's `[engine]` resources."""
     check_available()
@@ -106,7 +146,8 @@ def flower_rounds(setup, algorithm, config: RunConfig, unit: TrainingUnit, *, ba
         setup, algorithm, app=_client_app(),
         spec=spec_of(config, unit, base_dir=base_dir, model_ref=model_ref, key=setup.config_hash),
         num_cpus=engine.num_cpus, num_gpus=engine.num_gpus, total_cpus=engine.total_cpus or None,
-        round_timeout=engine.round_timeout or None)
+        round_timeout=engine.round_timeout or None, connect_timeout=engine.connect_timeout,
+        secagg=_secagg(config, unit, setup, algorithm))
 
 
 def deployment_rounds(grid, setup, algorithm, config: RunConfig, unit: TrainingUnit, *, base_dir: Path, model_ref: str):
@@ -114,5 +155,7 @@ def deployment_rounds(grid, setup, algorithm, config: RunConfig, unit: TrainingU
     from fedleak.federated.flower.engine import grid_rounds
 
     return grid_rounds(grid, setup, algorithm,
-                       spec=spec_of(config, unit, base_dir=base_dir, model_ref=model_ref, key=setup.config_hash),
-                       round_timeout=config.engine.round_timeout or None)
+                       spec=spec_of(config, unit, base_dir=base_dir, model_ref=model_ref, key=setup.config_hash,
+                                    deployment=True),
+                       round_timeout=config.engine.round_timeout or None, connect_timeout=config.engine.connect_timeout,
+                       secagg=_secagg(config, unit, setup, algorithm))

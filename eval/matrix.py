@@ -81,9 +81,12 @@ def run_matrix(config: RunConfig, out_dir: Path, *, config_path: str | None = No
         raise FedleakError(f"--jobs {jobs}: give at least 1 (the number of trainings run at once)")
     planned = plan(config, only)
     if config.engine.name == "flower":
-        from fedleak.eval.flower_engine import check_available
+        from fedleak.eval.flower_engine import check_available, check_unit
 
         check_available()  # before any model build
+        for item in planned:  # what SecAgg+ on Flower cannot run fails before any training
+            if ALGORITHMS.get(item.unit.algorithm.name).federated:
+                check_unit(config, item.unit)
         if jobs > 1:  # Ray already spreads one training's clients over the cores
             log.warning("engine \"flower\": --jobs %d ignored, trainings run one at a time (each on Ray, "
                         "engine.num_cpus per client)", jobs)

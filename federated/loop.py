@@ -146,76 +146,95 @@ class ServerSide:
         return sorted(int(c) for c in self.sampler.choice(self.num_clients, size=self.per_round, replace=False))
 
     def finish_round(self, rnd: int, sampled: list[int], results: dict[int, ClientResult],
-                     privacy: dict[str, dict], seconds_from: float, failed: dict[int, str] | None = None) -> dict:
+                     privacy: dict[str, dict], seconds_from: float, failed: dict[int, str] | None = None, *,
+                     secure_mean: AdapterState | None = None) -> dict:
         """Aggregate round `rnd`'s results into the global adapter, checkpoint every view, append and return
         the round's history entry.
 
         `failed` names the sampled clients that sent no result (crashed, timed out, dropped) with the reason:
-        the round completes with the others and the history's `failed` records them.
+        the round completes with the others and the history's `failed` records them. `secure_mean` is the
+        weighted mean of the uploads a secure-aggregation protocol computed (the results then carry no
+        upload): only the defense's `after_aggregation` runs on it.
 
         A NaN or inf upload is refused before any defense hook sees it (`refused` names the client and the
         tensor); a round with nothing to aggregate, or whose aggregate is not finite, keeps the previous
         global adapter (`global_unchanged`)."""
         setup, algorithm = self.setup, self.algorithm
         results = dict(sorted(results.items()))  # client order, however they arrived: the rules' float order
-        label = setup.label or "training"
         info = RoundInfo(round=rnd, clients=sampled, num_clients_total=self.num_clients,
                          generator=torch_generator(setup.seed, "server", rnd))
-        global_state = self.global_state
         updates = [ClientUpdate(client=c, state=r.upload, num_examples=r.num_examples)
                    for c, r in results.items() if r.upload is not None]
-        if algorithm.has_server and not updates:
+        if secure_mean is not None:
+            self._aggregate(secure_mean, sorted(results), rnd, info)
+        elif algorithm.has_server and not updates:
             info.metrics["aggregated"] = []  # no upload: the global adapter holds nobody's data from this round
-        if algorithm.has_server and updates:
-            updates = setup.adversary.poison_updates(updates, global_state=global_state, info=info)
-            for u in updates:  # the upload view is what the server received
-                results[u.client].upload = u.state
-            # A NaN or inf coordinate would spread through every rule into the global adapter: refuse it.
-            refused = {str(u.client): f"non-finite upload ({reason})" for u in updates
-                       if (reason := nonfinite_reason(u.state)) is not None}
-            for client, reason in refused.items():
-                log.warning("%s round %d: refused client %s's %s", label, rnd, client, reason)
-            accepted = [u for u in updates if str(u.client) not in refused]
-            if refused:
-                info.metrics["refused"] = refused
-            received = setup.hooks.before_aggregation(accepted, global_state=global_state, info=info) if accepted else []
-            new_state = None
-            if received:
-                new_state = setup.hooks.after_aggregation(setup.hooks.aggregate(received, info=info),
-                                                          previous=global_state, info=info)
-                if (reason := nonfinite_reason(new_state)) is not None:
-                    log.warning("%s round %d: the aggregate has %s: the global adapter stays as it was", label, rnd, reason)
-                    info.metrics["aggregate_refused"] = f"non-finite aggregate ({reason})"
-                    new_state = None
-            if new_state is None:  # nothing usable this round: the clients keep the previous global adapter
-                info.metrics["global_unchanged"] = True
-                aggregated = []
-            else:
-                global_state = self.global_state = new_state
-                # Whose data entered the global adapter: what the rule received, less what it excluded
-                # (Krum's unselected uploads); the global view's members are scored against these.
-                excluded = set(info.metrics.get("excluded_clients", ()))
-                aggregated = sorted({u.client for u in received} - excluded)
-                self.contributors |= set(aggregated)
-            info.metrics["aggregated"] = aggregated
+        elif algorithm.has_server:
+            updates = self._aggregate_uploads(updates, results, rnd, info)
         folder = checkpoint.round_dir(setup.out_dir, rnd)
         artifacts = _write_artifacts(folder, results)
-        files, views = _round_files(global_state, results, algorithm.record_uploads and not setup.hooks.hides_uploads)
+        files, views = _round_files(self.global_state, results,
+                                    algorithm.record_uploads and not setup.hooks.hides_uploads)
         checkpoint.write_round(setup.out_dir, rnd, files=files, views=views,
-                               num_examples={u.client: u.num_examples for u in updates},
+                               num_examples={c: r.num_examples for c, r in results.items()} if secure_mean is not None
+                               else {u.client: u.num_examples for u in updates},
                                config_hash=setup.config_hash, extra={"clients": sampled, "data": artifacts})
         losses = [r.metrics["loss_last_quarter"] for r in results.values() if "loss_last_quarter" in r.metrics]
-        entry = {"round": rnd, "clients": sampled, "uploads": [u.client for u in updates],
+        sent = ({str(c): sum(t.numel() * t.element_size() for t in secure_mean.values()) for c in results}
+                if secure_mean is not None  # a masked vector of the adapter's size (the server never sees it unmasked)
+                else {str(u.client): sum(t.numel() * t.element_size() for t in u.state.values()) for u in updates})
+        entry = {"round": rnd, "clients": sampled,
+                 "uploads": [int(c) for c in sent],
                  # what each client sent: the upload's tensors as the server received them
-                 "upload_bytes": {str(u.client): sum(t.numel() * t.element_size() for t in u.state.values())
-                                  for u in updates},
+                 "upload_bytes": sent,
                  "seconds": time.perf_counter() - seconds_from,
                  "client_metrics": {str(c): r.metrics for c, r in results.items()},
                  "mean_train_loss": sum(losses) / len(losses) if losses else None,
-                 **({"client_privacy": privacy} if privacy else {}),
+                 **({"client_privacy": dict(sorted(privacy.items(), key=lambda kv: int(kv[0])))} if privacy else {}),
                  **({"failed": {str(c): r for c, r in sorted(failed.items())}} if failed else {}), **info.metrics}
         self.history.append(entry)
         return entry
+
+    def _aggregate_uploads(self, updates: list[ClientUpdate], results: dict[int, ClientResult], rnd: int,
+                           info: RoundInfo) -> list[ClientUpdate]:
+        """Model poisoning, refusal of non-finite uploads, the defense's hooks; returns the uploads as received."""
+        setup, label = self.setup, self.setup.label or "training"
+        updates = setup.adversary.poison_updates(updates, global_state=self.global_state, info=info)
+        for u in updates:  # the upload view is what the server received
+            results[u.client].upload = u.state
+        # A NaN or inf coordinate would spread through every rule into the global adapter: refuse it.
+        refused = {str(u.client): f"non-finite upload ({reason})" for u in updates
+                   if (reason := nonfinite_reason(u.state)) is not None}
+        for client, reason in refused.items():
+            log.warning("%s round %d: refused client %s's %s", label, rnd, client, reason)
+        accepted = [u for u in updates if str(u.client) not in refused]
+        if refused:
+            info.metrics["refused"] = refused
+        received = setup.hooks.before_aggregation(accepted, global_state=self.global_state, info=info) if accepted else []
+        if received:
+            self._aggregate(setup.hooks.aggregate(received, info=info), [u.client for u in received], rnd, info)
+        else:
+            info.metrics["global_unchanged"] = True
+            info.metrics["aggregated"] = []
+        return updates
+
+    def _aggregate(self, aggregate: AdapterState, clients: list[int], rnd: int, info: RoundInfo) -> None:
+        """The defense's after_aggregation on the round's aggregate of `clients`' uploads; the new global adapter
+        unless it is not finite."""
+        setup, label = self.setup, self.setup.label or "training"
+        new_state = setup.hooks.after_aggregation(aggregate, previous=self.global_state, info=info)
+        if (reason := nonfinite_reason(new_state)) is not None:
+            log.warning("%s round %d: the aggregate has %s: the global adapter stays as it was", label, rnd, reason)
+            info.metrics["aggregate_refused"] = f"non-finite aggregate ({reason})"
+            info.metrics["global_unchanged"] = True  # the clients keep the previous global adapter
+            info.metrics["aggregated"] = []
+            return
+        self.global_state = new_state
+        # Whose data entered the global adapter: what the rule received, less what it excluded (Krum's
+        # unselected uploads); the global view's members are scored against these.
+        aggregated = sorted(set(clients) - set(info.metrics.get("excluded_clients", ())))
+        self.contributors |= set(aggregated)
+        info.metrics["aggregated"] = aggregated
 
 
 def run_rounds(setup: TrainingSetup, algorithm: Algorithm) -> TrainingRun:

@@ -124,11 +124,11 @@ def _total(values: list) -> str:
 def engine_notes(results: dict) -> list[str]:
     """Which trainings ran on Flower, and every client that failed a round there (the round went on without it)."""
     notes = []
-    flower = [t for t in results["trainings"] if (t.get("cost") or {}).get("engine") == "flower"]
-    if flower:
-        rest = len(results["trainings"]) - len(flower)
-        notes.append(f"{len(flower)} of {len(results['trainings'])} trainings ran on Flower's Simulation Engine, one "
-                     f"virtual SuperNode per client" + ("; the others in fedleak's own round loop." if rest else "."))
+    engines = [(t.get("cost") or {}).get("engine") for t in results["trainings"]]
+    for engine, where in (("flower", "Flower's Simulation Engine, one virtual SuperNode per client"),
+                          ("flower-deployment", "a deployed Flower federation, one SuperNode per client")):
+        if engine in engines:
+            notes.append(f"{engines.count(engine)} of {len(engines)} trainings ran on {where}.")
     for t in results["trainings"]:
         for entry in t.get("rounds") or []:
             for client, reason in sorted((entry.get("failed") or {}).items(), key=lambda kv: int(kv[0])):

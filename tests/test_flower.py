@@ -17,12 +17,13 @@ from fedleak.eval.results import validate_results
 
 # FEDIT under no defense, the median and DP-FedAvg (the issue's parity cases), FEDIT under a backdoor whose
 # malicious client poisons its data on the client and boosts its update on the server, and FEDPIT under
-# DP-SGD with a budget: its local adapter, synthetic records and accountant live in each node's state.
+# DP-SGD with a budget: its local adapter, synthetic records and accountant live in each node's state; FEDIT
+# under secure aggregation, which on Flower is its SecAgg+ protocol (in process: the simulated view).
 MATRIX = """
 [matrix]
 algorithms = ["fedit", { name = "fedpit", synthetic_per_round = 4, max_attempts = 6 }]
 defenses = ["none", "median", { name = "dp_fedavg", noise_multiplier = 0.5, clip_norm = 1.0 },
-            { name = "dp_sgd", target_epsilon = 8.0 }]
+            { name = "dp_sgd", target_epsilon = 8.0 }, "secagg"]
 attacks = [{ name = "loss", observers = ["global", "upload", "client"], rounds = "all" }]
 scenarios = [{ name = "backdoor", clients = [1], attacks = [{ name = "backdoor", poison_rate = 1.0 },
                                                               { name = "scaling", boost = 2.0 }] }]
@@ -31,6 +32,7 @@ include = [
     { algorithm = "fedit", defense = "median", scenario = "clean" },
     { algorithm = "fedit", defense = "dp_fedavg", scenario = "clean" },
     { algorithm = "fedpit", defense = "dp_sgd", scenario = "clean" },
+    { algorithm = "fedit", defense = "secagg", scenario = "clean" },
 ]
 """
 CRASHY = '''
@@ -78,11 +80,16 @@ def results(folder: Path) -> dict:
     return json.loads((folder / "results.json").read_text())
 
 
+def checkpoints(folder: Path) -> list[Path]:
+    files = [p.relative_to(folder) for p in folder.glob("trainings/*/round-*/*.safetensors")]
+    return sorted(f for f in files if "secagg" not in f.parts[1])
+
+
 def test_flower_writes_the_same_checkpoints_as_the_inprocess_loop(runs):
     inprocess, flower = runs
-    files = sorted(p.relative_to(inprocess) for p in inprocess.glob("trainings/*/round-*/*.safetensors"))
+    files = checkpoints(inprocess)
     assert len({f.parts[1] for f in files}) == 5 and any("upload" in f.name for f in files)
-    assert files == sorted(p.relative_to(flower) for p in flower.glob("trainings/*/round-*/*.safetensors"))
+    assert files == checkpoints(flower)
     worst, moved = 0.0, 0.0
     for name in files:
         a, b = load_file(inprocess / name), load_file(flower / name)
@@ -99,16 +106,19 @@ def test_flower_writes_the_same_checkpoints_as_the_inprocess_loop(runs):
 
 def test_flower_gives_the_same_cells_privacy_and_history(runs):
     inprocess, flower = (results(f) for f in runs)
-    assert [c["metrics"] for c in inprocess["cells"]] == [c["metrics"] for c in flower["cells"]]
-    assert len(flower["cells"]) >= 20
+    cells = lambda r: [c["metrics"] for c in r["cells"] if c["defense"] != "secagg"]  # noqa: E731
+    assert cells(inprocess) == cells(flower) and len(cells(flower)) >= 20
+    assert len(inprocess["trainings"]) == len(flower["trainings"]) == 6
     for a, b in zip(inprocess["trainings"], flower["trainings"]):
+        if a["defense"] == "secagg":
+            continue
         assert (a["cost"]["engine"], b["cost"]["engine"]) == ("inprocess", "flower")
         assert a["privacy"] == b["privacy"] and a["utility"] == b["utility"] and a["synthetic"] == b["synthetic"]
         assert a["poisoning"]["backdoors"] == b["poisoning"]["backdoors"]
-        for ra, rb in zip(a["rounds"], b["rounds"]):
-            same = ("clients", "uploads", "aggregated", "malicious_clients", "epsilon", "client_privacy")
-            assert {k: ra.get(k) for k in same} == {k: rb.get(k) for k in same}
-            assert ra["client_metrics"] == rb["client_metrics"]
+        assert a["synthetic_examples"] == b["synthetic_examples"] and a["views"] == b["views"]
+        assert len(a["rounds"]) == len(b["rounds"]) == 2
+        for ra, rb in zip(a["rounds"], b["rounds"]):  # every entry of the history but its timing
+            assert {k: v for k, v in ra.items() if k != "seconds"} == {k: v for k, v in rb.items() if k != "seconds"}
     fedpit = next(t for t in flower["trainings"] if t["algorithm"].startswith("fedpit"))
     # The accountant continued across rounds in each node's state: both rounds charged, the budget met.
     assert all(len(h) >= 2 for h in fedpit["privacy"]["record_level_accounting"].values())
@@ -116,6 +126,46 @@ def test_flower_gives_the_same_cells_privacy_and_history(runs):
     backdoor = next(t for t in flower["trainings"] if t["scenario"] == "backdoor")
     assert all(r["malicious_clients"] == [1] for r in backdoor["rounds"])
     validate_results(flower)
+
+
+def test_secure_aggregation_on_flower_is_secagg_plus_and_hides_every_upload(runs):
+    inprocess, flower = runs
+    name = "trainings/fedit-secagg-seed0"
+    assert not list((flower / name).glob("round-*/upload-*")) and not list((flower / name).glob("round-*/*client*"))
+    trained = json.loads((flower / name / "training.json").read_text())
+    assert trained["views"] == ["global"] and trained["engine"] == "flower"
+    assert [r["aggregated"] for r in trained["rounds"]] == [[0, 1, 2], [0, 1, 2]]
+    # Round 1 starts from the same adapter on both engines: the secure mean is FedAvg's up to SecAgg+'s
+    # quantisation (2 x 8 / 2**22 per level, over weights scaled by the largest client's records).
+    a, b = (load_file(f / name / "round-0001/global.safetensors") for f in (inprocess, flower))
+    error = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert 0 < error < 2e-5, error
+    a, b = (load_file(f / name / "round-0002/global.safetensors") for f in (inprocess, flower))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-2  # then two trainings from near-equal starts
+    observers = {c["observer"] for c in results(flower)["cells"] if c["defense"] == "secagg"}
+    assert observers == {"global"}  # nothing else exists to attack
+
+
+def test_what_secagg_plus_cannot_run_is_a_config_error(tiny_run_config, tmp_path):
+    from fedleak.eval.config import load_config
+    from fedleak.eval.flower_engine import check_unit
+    from fedleak.eval.plan import all_trainings
+
+    path = tmp_path / "run.toml"
+    path.write_text(tiny_run_config + """
+[matrix]
+algorithms = ["fedit"]
+defenses = [["secagg", { name = "norm_bound", max_norm = 1.0 }], "secagg"]
+attacks = [{ name = "loss", observers = ["global"] }]
+scenarios = [{ name = "boost", clients = [1], attacks = [{ name = "scaling", boost = 2.0 }] }]
+""")
+    config = load_config(path)
+    units = {u.label: u for u in all_trainings(config)}
+    with pytest.raises(FedleakError, match="norm_bound runs before_aggregation on individual uploads"):
+        check_unit(config, units["fedit/secagg+norm_bound(max_norm=1.0)"])
+    with pytest.raises(FedleakError, match="boost rewrites uploads on the server"):
+        check_unit(config, units["fedit/secagg/boost"])
+    assert check_unit(config, units["fedit/secagg"])["clipping_range"] == 8.0
 
 
 @pytest.fixture(scope="module")
@@ -197,6 +247,22 @@ def test_records_carry_adapters_results_and_client_memory_exactly():
     assert records.load_client_state(node, key="another training") == ({}, {})
     with pytest.raises(FedleakError, match="client memory holds a value that cannot travel"):
         records.store_client_state(node, {"handle": object()}, {}, key="t1")
+
+
+def test_a_deployed_node_keeps_client_state_in_files(tmp_path):
+    from fedleak.federated.data import Record
+    from fedleak.federated.flower import records
+
+    state = {"x.lora_A.weight": torch.randn(2, 3).to(torch.bfloat16)}
+    record = Record("Do it.", "", "Done.", "notes", "r-1")
+    assert records.load_client_files(tmp_path / "s", key="t1") == ({}, {})
+    records.save_client_files(tmp_path / "s", {"local": state, "synthetic": [record]}, {"history": [[1.0, 0.5, 3]]},
+                              key="t1")
+    memory, hooks = records.load_client_files(tmp_path / "s", key="t1")
+    assert memory["synthetic"] == [record] and hooks == {"history": [[1.0, 0.5, 3]]}
+    assert torch.equal(memory["local"]["x.lora_A.weight"], state["x.lora_A.weight"])
+    assert records.load_client_files(tmp_path / "s", key="another training") == ({}, {})
+    assert not list((tmp_path / "s").glob("*.partial"))
 
 
 def test_dp_sgd_state_restores_the_accountant():

@@ -21,9 +21,11 @@ from fedleak.eval.results import validate_results
 
 MATRIX = """
 [matrix]
-algorithms = ["fedit", "slowpoke"]
-defenses = ["none"]
+algorithms = ["fedit", "slowpoke", { name = "fedpit", synthetic_per_round = 4, max_attempts = 6 }]
+defenses = ["none", { name = "dp_sgd", target_epsilon = 8.0 }]
 attacks = [{ name = "loss", observers = ["global", "upload"] }]
+include = [{ algorithm = "fedit", defense = "none" }, { algorithm = "slowpoke", defense = "none" },
+           { algorithm = "fedpit", defense = "dp_sgd" }]
 [engine]
 round_timeout = 20
 """
@@ -127,7 +129,7 @@ def deployed(federation):
     proc = fedleak("flower", config, "--superlink", superlink, "--out", folder / "server", "--training", "fedit/none",
                    "--quiet", env=env)
     training = Path(proc.stdout.strip().splitlines()[-1])
-    fedleak("run", config, "--out", folder / "inprocess", "--only", "fedit", "--quiet", env=env)
+    fedleak("run", config, "--out", folder / "inprocess", "--only", "fedit", "--only", "fedpit", "--quiet", env=env)
     return folder, training
 
 
@@ -144,7 +146,7 @@ def test_a_deployed_federation_trains_what_the_inprocess_loop_trains(deployed):
             b = load_file(reference / f"round-{rnd:04d}/{stem}.safetensors")
             assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a), (rnd, stem)
         for i in range(CLIENTS):  # each node's own view, in its own folder: FEDIT's client model is its upload
-            mine = load_file(folder / f"node{i}/round-{rnd:04d}/default-client-{i:02d}.safetensors")
+            mine = load_file(folder / f"node{i}/fedit-none-seed0/round-{rnd:04d}/default-client-{i:02d}.safetensors")
             theirs = load_file(reference / f"round-{rnd:04d}/upload-client-{i:02d}.safetensors")
             assert all(torch.allclose(mine[k], theirs[k], rtol=0, atol=1e-6) for k in mine)
     start = load_file(training / "round-0000/global.safetensors")
@@ -158,9 +160,33 @@ def test_fedleak_attack_probes_the_servers_checkpoints(deployed, federation):
     fedleak("attack", training, "--config", config, "--out", folder / "attacked", "--quiet", env=env)
     attacked = json.loads((folder / "attacked/results.json").read_text())
     reference = json.loads((folder / "inprocess/results.json").read_text())
-    cells = lambda r: {(c["observer"], c["client"]): c["metrics"]["auc"] for c in r["cells"]}  # noqa: E731
+    cells = lambda r: {(c["observer"], c["client"]): c["metrics"]["auc"] for c in r["cells"]  # noqa: E731
+                       if c["algorithm"] == "fedit"}
     assert cells(attacked) == cells(reference) and len(cells(attacked)) == 1 + CLIENTS
     validate_results(attacked)
+
+
+def test_fedpit_under_dp_sgd_keeps_its_local_adapter_accountant_and_synthetic_data_on_the_nodes(deployed, federation):
+    folder, _ = deployed
+    _, config, superlink, env, _ = federation
+    proc = fedleak("flower", config, "--superlink", superlink, "--out", folder / "server", "--training",
+                   "fedpit(max_attempts=6,synthetic_per_round=4)/dp_sgd(target_epsilon=8.0)", "--quiet", env=env)
+    training = Path(proc.stdout.strip().splitlines()[-1])
+    reference = folder / "inprocess/trainings" / training.name
+    server, inprocess = (json.loads((f / "training.json").read_text()) for f in (training, reference))
+    assert server["privacy"] == inprocess["privacy"]  # each node's accountant went on across its fresh processes
+    assert server["views"] == ["global", "upload/0", "upload/1", "upload/2"]
+    assert not list(training.glob("round-*/synthetic-*")) and server["synthetic_examples"] == []
+    for rnd in (1, 2):
+        for stem in ["global", *(f"upload-client-{i:02d}" for i in range(CLIENTS))]:
+            a, b = (load_file(f / f"round-{rnd:04d}/{stem}.safetensors") for f in (training, reference))
+            assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a), (rnd, stem)
+        for i in range(CLIENTS):  # the local adapter, trained on the real records, stayed on its node
+            mine = load_file(folder / f"node{i}" / training.name / f"round-{rnd:04d}/local-client-{i:02d}.safetensors")
+            theirs = load_file(reference / f"round-{rnd:04d}/local-client-{i:02d}.safetensors")
+            assert all(torch.allclose(mine[k], theirs[k], rtol=0, atol=1e-6) for k in mine)
+            assert (folder / f"node{i}" / training.name / f"round-{rnd:04d}/synthetic-client-{i:02d}.jsonl").read_text() == \
+                (reference / f"round-{rnd:04d}/synthetic-client-{i:02d}.jsonl").read_text()
 
 
 def test_a_supernode_killed_mid_round_is_recorded_and_the_run_completes(deployed, federation):

@@ -49,40 +49,59 @@ def client_app(build: Callable[[dict], ClientSide]):
     from flwr.app import ConfigRecord, Message, RecordDict
     from flwr.clientapp import ClientApp
 
-    from fedleak.federated.flower.records import (from_arrays, load_client_state, loads, result_content,
-                                                  store_client_state)
+    from fedleak.federated.flower.records import (from_arrays, load_client_files, load_client_state, loads,
+                                                  result_content, save_client_files, store_client_state)
+
+    from fedleak.federated.flower.secagg import fitres_content, is_fitins, read_fitins, secagg_mod
 
     app = ClientApp()
 
     @app.query()
     def query(msg, context):
-        if PARTITION not in context.node_config:
-            raise FedleakError(f"node config has no {PARTITION!r}: start the SuperNode with "
-                               f"--node-config \"{PARTITION}=<client index>\"")
-        return Message(RecordDict({"node": ConfigRecord({PARTITION: int(context.node_config[PARTITION]),
+        return Message(RecordDict({"node": ConfigRecord({PARTITION: partition_of(context.node_config),
                                                         "pid": os.getpid()})}), reply_to=msg)
 
-    @app.train()
+    @app.train(mods=[secagg_mod])
     def train(msg, context):
-        config = msg.content["config"]
+        secure = is_fitins(msg.content)  # SecAgg+: the workflow forwards a legacy FitIns, the mod masks the reply
+        if secure:
+            config, received = read_fitins(msg.content)
+        else:
+            config = msg.content["config"]
+            received = from_arrays(msg.content["global"], loads(config["dtypes"])) if "global" in msg.content else None
         spec_text, client, rnd = config["spec"], int(config["client"]), int(config["round"])
         key = loads(spec_text)["key"]
         try:
             if key not in _SIDES:
+                spec = loads(spec_text)
+                if spec.get("deployment"):  # a real node: never the server's data, never its model sent
+                    _check_node(context.node_config)
                 _SIDES.clear()  # one training at a time per process: drop the last one's model
-                _SIDES[key] = build(loads(spec_text), dict(context.node_config))
+                _SIDES[key] = build(spec, dict(context.node_config))
             side = _SIDES[key]
-            memory, hooks_state = load_client_state(context.state, key=key)
+            # A deployed node keeps the client's state on its disk (see save_client_files); a simulated one in
+            # its Context.state, which the engine keeps in memory.
+            folder = (Path(str(context.node_config[OUT_DIR])) / str(loads(spec_text).get("unit", key))
+                      if OUT_DIR in context.node_config else None)
+            memory, hooks_state = (load_client_files(folder / "client-state", key=key) if folder
+                                   else load_client_state(context.state, key=key))
             side.memory[client] = memory
             side.setup.hooks.load_client_state(client, hooks_state)
-            received = from_arrays(msg.content["global"], loads(config["dtypes"])) if "global" in msg.content else None
             result, privacy = side.update(client, rnd, received)
-            store_client_state(context.state, side.memory[client], side.setup.hooks.client_state(client), key=key)
-            if OUT_DIR in context.node_config:  # a deployment: the client's model stays on its machine
-                write_client_view(Path(str(context.node_config[OUT_DIR])), rnd, client, result, key=key)
-                result.view = {}
+            if folder:  # a deployment: the client's model, data and state stay on its machine
+                save_client_files(folder / "client-state", side.memory[client],
+                                  side.setup.hooks.client_state(client), key=key)
+                write_client_view(folder, rnd, client, result, key=key)
+                result.view, result.artifacts = {}, {}
+            else:
+                store_client_state(context.state, side.memory[client], side.setup.hooks.client_state(client),
+                                   key=key)
+            if secure:  # the upload leaves masked; no adapter travels in the clear
+                return Message(fitres_content(result, privacy, json.loads(config["names"])), reply_to=msg)
             return Message(result_content(result, privacy), reply_to=msg)
-        except FedleakError as exc:  # the run's own error (a config the client cannot train): the server stops
+        except FedleakError as exc:
+            if secure:  # the protocol needs a FitRes: fail the node with the message, SecAgg+ drops it
+                raise  # the run's own error (a config the client cannot train): the server stops
             return Message(RecordDict({"fedleak_error": ConfigRecord({"message": str(exc)})}), reply_to=msg)
         except Exception as exc:  # this client crashed: the server records it and the round goes on
             log.exception("client %d, round %d", client, rnd)
@@ -91,17 +110,41 @@ def client_app(build: Callable[[dict], ClientSide]):
     return app
 
 
+def partition_of(node_config) -> int:
+    """The fedleak client a node holds (its node config's partition-id); FedleakError naming the fix."""
+    value = node_config.get(PARTITION)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise FedleakError(f"node config {PARTITION}={value!r}: start the SuperNode with --node-config "
+                           f"\"{PARTITION}=<client index, 0 to clients - 1>\"") from None
+
+
+def _check_node(node_config) -> None:
+    missing = [k for k in (DATA_FILE, OUT_DIR) if k not in node_config]
+    if missing:
+        raise FedleakError(f"node config lacks {' and '.join(missing)}: on a deployment each SuperNode trains on its own "
+                           f"records and keeps its model: --node-config \"{PARTITION}=I {DATA_FILE}=FILE {OUT_DIR}=DIR\"")
+
+
 def write_client_view(folder: Path, rnd: int, client: int, result: ClientResult, *, key: str) -> None:
-    """The client's own adapters of round `rnd` as a `client/i` view in `folder`'s checkpoint layout (an
-    adapter that is the round's aggregate is in the server's `global` checkpoint of that round)."""
+    """The client's own adapters of round `rnd` as a `client/i` view in `folder`'s checkpoint layout, and its
+    artifacts (FEDPIT's synthetic records). An adapter the client's model shares with the round's aggregate
+    (FEDPIT's global one) is in the server's `global` checkpoint of that round: the manifest's
+    `global_adapters` names it, and the full model is this view plus that one."""
     from fedleak.federated import checkpoint
     from fedleak.federated.rounds import GLOBAL
+
+    from fedleak.common.io import atomic_write_text
 
     own = {adapter: state for adapter, state in result.view.items() if state is not GLOBAL}
     files = {f"{adapter}-client-{client:02d}": state for adapter, state in own.items()}
     views = {checkpoint.view_key("client", client): {a: f"{a}-client-{client:02d}" for a in own}} if own else {}
     checkpoint.write_round(folder, rnd, files=files, views=views, num_examples={}, config_hash=key,
                            extra={"global_adapters": [a for a, s in result.view.items() if s is GLOBAL]})
+    for name, rows in result.artifacts.items():  # FEDPIT's synthetic records: generated from the real ones
+        atomic_write_text(checkpoint.round_dir(folder, rnd) / f"{name}-client-{client:02d}.jsonl",
+                          "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def _one_line(exc: BaseException) -> str:
@@ -120,7 +163,7 @@ def _wait_for_nodes(grid, count: int, timeout: float) -> list[int]:
     while len(nodes := list(grid.get_node_ids())) < count:
         if time.monotonic() - start > timeout:
             raise FedleakError(f"only {len(nodes)} of {count} Flower nodes connected within {timeout:.0f} s: "
-                               f"start one SuperNode per client, or raise engine.connect_timeout")
+                               f"start one SuperNode per client (federation.clients), or raise engine.connect_timeout")
         time.sleep(0.1)
     return sorted(nodes)
 
@@ -147,8 +190,9 @@ def _partitions(grid, nodes: list[int], count: int, timeout: float) -> dict[int,
 
 
 def serve(grid, server: ServerSide, *, spec: dict, rounds: int, round_timeout: float | None,
-          connect_timeout: float) -> None:
-    """The ServerApp's main loop: `rounds` rounds through `server`, clients reached through `grid`."""
+          connect_timeout: float, secagg: dict | None = None) -> None:
+    """The ServerApp's main loop: `rounds` rounds through `server`, clients reached through `grid`; with
+    `secagg` (SecAgg+'s clipping_range, quantization_range, max_weight), each round through SecAgg+."""
     from flwr.app import ConfigRecord, Message, RecordDict
 
     from fedleak.federated.flower.records import dumps, read_result, to_arrays
@@ -159,6 +203,11 @@ def serve(grid, server: ServerSide, *, spec: dict, rounds: int, round_timeout: f
     nodes = _wait_for_nodes(grid, server.num_clients, connect_timeout)
     node_of = _partitions(grid, nodes, server.num_clients, connect_timeout)
     for rnd in range(1, rounds + 1):
+        if secagg is not None:
+            from fedleak.federated.flower.secagg import secagg_round
+
+            secagg_round(grid, server, rnd, node_of, spec_text, timeout=round_timeout, **secagg)
+            continue
         start = time.perf_counter()
         sampled = server.sample()
         content = RecordDict()
@@ -179,7 +228,7 @@ def serve(grid, server: ServerSide, *, spec: dict, rounds: int, round_timeout: f
             if reply.has_error():  # the node or its ClientApp runtime failed
                 failed[client] = _error_reason(reply.error.reason)
             elif "fedleak_error" in reply.content:
-                raise FedleakError(reply.content["fedleak_error"]["message"])
+                raise FedleakError(f"client {client}: {reply.content['fedleak_error']['message']}")
             elif "client_error" in reply.content:
                 failed[client] = reply.content["client_error"]["message"]
             else:
@@ -208,7 +257,7 @@ class _DropDeprecation(logging.Filter):
 
 def run_simulation_rounds(setup: TrainingSetup, algorithm: Algorithm, *, app, spec: dict, num_cpus: float,
                           num_gpus: float, total_cpus: int | None = None, round_timeout: float | None = None,
-                          connect_timeout: float = 300.0) -> TrainingRun:
+                          connect_timeout: float = 300.0, secagg: dict | None = None) -> TrainingRun:
     """Train on Flower's Simulation Engine (Ray backend), one virtual SuperNode per client.
 
     Args:
@@ -221,6 +270,8 @@ def run_simulation_rounds(setup: TrainingSetup, algorithm: Algorithm, *, app, sp
         total_cpus: CPUs Ray may use (None: all).
         round_timeout: seconds a round waits for replies (None: until all reply); late clients are failed.
         connect_timeout: seconds to wait for the virtual nodes to register.
+        secagg: SecAgg+'s settings (clipping_range, quantization_range, max_weight) to aggregate every round
+            through Flower's SecAgg+ workflow; None: the uploads travel in the clear.
 
     Returns:
         The training run, as `run_rounds` returns it (its model holds the initial adapters).
@@ -239,7 +290,7 @@ def run_simulation_rounds(setup: TrainingSetup, algorithm: Algorithm, *, app, sp
     def main(grid, context):
         try:
             runs.append(grid_rounds(grid, setup, algorithm, spec=spec, round_timeout=round_timeout,
-                                    connect_timeout=connect_timeout))
+                                    connect_timeout=connect_timeout, secagg=secagg))
         except BaseException as exc:  # Flower logs and swallows the ServerApp's exceptions: re-raised below
             failure.append(exc)
 
@@ -268,12 +319,12 @@ def run_simulation_rounds(setup: TrainingSetup, algorithm: Algorithm, *, app, sp
 
 
 def grid_rounds(grid, setup: TrainingSetup, algorithm: Algorithm, *, spec: dict, round_timeout: float | None = None,
-                connect_timeout: float = 300.0) -> TrainingRun:
+                connect_timeout: float = 300.0, secagg: dict | None = None) -> TrainingRun:
     """Train through a Flower `Grid` (a ServerApp's, on either engine): this process is the server.
 
     Args:
         grid: the ServerApp's grid; one node per client must connect, each answering its partition id.
-        setup, algorithm, spec, round_timeout, connect_timeout: as `run_simulation_rounds`.
+        setup, algorithm, spec, round_timeout, connect_timeout, secagg: as `run_simulation_rounds`.
 
     Returns:
         The training run (its model holds the initial adapters; the clients trained elsewhere).
@@ -282,7 +333,7 @@ def grid_rounds(grid, setup: TrainingSetup, algorithm: Algorithm, *, spec: dict,
     server = ServerSide(setup, algorithm, num_clients=clients.num_clients, initial=clients.initial)
     start = time.perf_counter()
     serve(grid, server, spec=spec, rounds=setup.federation.rounds, round_timeout=round_timeout,
-          connect_timeout=connect_timeout)
+          connect_timeout=connect_timeout, secagg=secagg)
     return TrainingRun(model=clients.model, history=server.history, train_seconds=time.perf_counter() - start,
                        final_round=setup.federation.rounds, training_dir=Path(setup.out_dir),
                        global_members=algorithm.global_members(setup.data, server.contributors))

@@ -2,15 +2,17 @@
 
 Adapters travel as numpy arrays (Flower's wire format, and what its secure-aggregation mods work on);
 numpy has no bfloat16, so a bf16 tensor travels as float32 (exact) and its dtype is named beside it.
-A client's memory across rounds (FEDPIT's local adapter and synthetic records, LOCIT's adapter) and its
-defense's state (DP-SGD's accountant) are kept in the node's `Context.state`, which never leaves the
-node: a simulation actor serves many nodes, and a node may be served by another actor next round.
+A client's memory across rounds (FEDPIT's local adapter and synthetic records) and its defense's state
+(DP-SGD's accountant) never leave the node: on a simulation they are kept in the node's `Context.state`
+(a Ray worker serves many nodes, and a node may be served by another worker next round), on a deployment
+in files on the node's disk (`save_client_files`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -137,4 +139,39 @@ def load_client_state(state: RecordDict, *, key: str) -> tuple[dict, dict]:
     memory = dict(meta["memory"])
     for name in meta["tensors"]:
         memory[name] = from_arrays(state[f"fedleak.memory.{name}"], meta["dtypes"].get(name))
+    return memory, meta["hooks"]
+
+
+def save_client_files(folder: Path, memory: dict, hooks_state: dict, *, key: str) -> None:
+    """A client's memory and defense state on the node's own disk (safetensors + JSON, each file replaced
+    whole): a deployed SuperNode pushes its ClientApp's `Context` only after the reply, so the next round's
+    message can arrive first and find the previous round's state there."""
+    from safetensors.torch import save_file
+
+    from fedleak.common.io import atomic_write_text
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v for k, v in memory.items() if _is_state(v)}
+    for name, state in tensors.items():
+        scratch = folder / f".memory-{name}.safetensors.partial"
+        save_file({n: t.detach().cpu().contiguous() for n, t in state.items()}, str(scratch))
+        scratch.replace(folder / f"memory-{name}.safetensors")
+    rest = {k: v for k, v in memory.items() if k not in tensors}
+    atomic_write_text(folder / "state.json", dumps({"key": key, "memory": rest, "tensors": list(tensors),
+                                                    "hooks": hooks_state}, "the algorithm's client memory"))
+
+
+def load_client_files(folder: Path, *, key: str) -> tuple[dict, dict]:
+    """What `save_client_files` wrote for training `key` ({}, {} before the client's first round)."""
+    from safetensors.torch import load_file
+
+    path = folder / "state.json"
+    if not path.is_file():
+        return {}, {}
+    meta = loads(path.read_text(encoding="utf-8"))
+    if meta.get("key") != key:
+        return {}, {}
+    memory = dict(meta["memory"])
+    for name in meta["tensors"]:
+        memory[name] = load_file(str(folder / f"memory-{name}.safetensors"))
     return memory, meta["hooks"]
