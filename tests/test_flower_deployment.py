@@ -26,9 +26,10 @@ defenses = ["none", { name = "dp_sgd", target_epsilon = 8.0 }]
 attacks = [{ name = "loss", observers = ["global", "upload"] }]
 include = [{ algorithm = "fedit", defense = "none" }, { algorithm = "slowpoke", defense = "none" },
            { algorithm = "fedpit", defense = "dp_sgd" }]
-[engine]
-round_timeout = 20
 """
+# The killed node's round ends at this timeout; a live node's round takes about 20 s here (a fresh ClientApp
+# process per message), so the margin keeps a slow machine from failing live nodes.
+TIMEOUT = "[engine]\nround_timeout = 60\n"
 SLOWPOKE = '''
 import time
 from pathlib import Path
@@ -88,6 +89,7 @@ def federation(tmp_path_factory, tiny_run_config):
     (folder / "slowpoke.py").write_text(SLOWPOKE)
     config = folder / "run.toml"
     config.write_text('plugins = ["slowpoke"]\n' + tiny_run_config + MATRIX)
+    (folder / "timeout.toml").write_text('plugins = ["slowpoke"]\n' + tiny_run_config + MATRIX + TIMEOUT)
     bin_dir = Path(sys.executable).parent  # the SuperLink and SuperNodes start Flower's other commands by name
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FLWR_HOME": str(folder / "flwr-home"),
            "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1",
@@ -191,7 +193,8 @@ def test_fedpit_under_dp_sgd_keeps_its_local_adapter_accountant_and_synthetic_da
 
 def test_a_supernode_killed_mid_round_is_recorded_and_the_run_completes(deployed, federation):
     folder, config, superlink, env, nodes = federation
-    proc = subprocess.Popen([sys.executable, "-m", "fedleak", "flower", config, "--superlink", superlink, "--out",
+    proc = subprocess.Popen([sys.executable, "-m", "fedleak", "flower", folder / "timeout.toml", "--superlink",
+                             superlink, "--out",
                              folder / "server", "--training", "slowpoke/none", "--quiet"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:

@@ -2,15 +2,15 @@
 a ClientApp and a ServerApp over the same `ClientSide` and `ServerSide` the in-process loop drives, so
 no algorithm, defense or poisoning code exists twice.
 
-The ServerApp samples with the server's seeded sampler, sends each sampled client's node the global
-adapter (`message_type="train"`), and hands the replies to `ServerSide.finish_round`: aggregation, the
-defense's server hooks, model poisoning, checkpoints. A node that errs, or does not reply within
-`round_timeout`, is recorded in the round's `failed` and the round completes with the others. Each node
-answers a `query` with its `partition-id` (the fedleak client it holds) before the first round.
+The ServerApp asks each node which fedleak client it holds (a `query` answered with its `partition-id`),
+then runs the rounds through `FedleakStrategy` (`strategy.py`: the server's seeded sampling and
+`ServerSide.finish_round`) under Flower's own `Strategy.start`, or, with secure aggregation, through
+Flower's SecAgg+ workflow (`secagg.py`).
 
 The ClientApp rebuilds a training's `ClientSide` from the message's spec through a `build` function the
 caller gives (eval builds it from the run's config), once per training per process, and keeps a client's
-memory and defense state in the node's `Context.state` between rounds.
+memory and defense state between rounds in the node's `Context.state` (simulation) or on the node's disk
+(deployment: `records.save_client_files`).
 """
 
 from __future__ import annotations
@@ -152,12 +152,6 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
 
 
-def _error_reason(reason: str) -> str:
-    """Flower's error reason (a remote traceback) cut to its last meaningful line."""
-    lines = [line.strip() for line in reason.splitlines() if line.strip() and not set(line.strip()) <= set("^~")]
-    return " ".join((lines[-1] if lines else reason).split())[:300]
-
-
 def _wait_for_nodes(grid, count: int, timeout: float) -> list[int]:
     start = time.monotonic()
     while len(nodes := list(grid.get_node_ids())) < count:
@@ -172,13 +166,15 @@ def _partitions(grid, nodes: list[int], count: int, timeout: float) -> dict[int,
     """{fedleak client: node id}, from each node's answer to a query."""
     from flwr.app import Message, RecordDict
 
+    from fedleak.federated.flower.strategy import error_reason
+
     replies = grid.send_and_receive([Message(RecordDict(), message_type="query", dst_node_id=n) for n in nodes],
                                     timeout=timeout)
     node_of: dict[int, int] = {}
     for reply in replies:
         if reply.has_error():
             raise FedleakError(f"Flower node {reply.metadata.src_node_id} did not say which client it holds: "
-                               f"{_error_reason(reply.error.reason)}")
+                               f"{error_reason(reply.error.reason)}")
         client = int(reply.content["node"][PARTITION])
         if client in node_of or not 0 <= client < count:
             raise FedleakError(f"Flower node {reply.metadata.src_node_id} holds client {client}: each of clients "
@@ -193,58 +189,25 @@ def serve(grid, server: ServerSide, *, spec: dict, rounds: int, round_timeout: f
           connect_timeout: float, secagg: dict | None = None) -> None:
     """The ServerApp's main loop: `rounds` rounds through `server`, clients reached through `grid`; with
     `secagg` (SecAgg+'s clipping_range, quantization_range, max_weight), each round through SecAgg+."""
-    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.app import ArrayRecord
 
-    from fedleak.federated.flower.records import dumps, read_result, to_arrays
+    from fedleak.federated.flower.records import dumps, to_arrays
+    from fedleak.federated.flower.strategy import FedleakStrategy
 
     spec_text = dumps(spec, "the training spec")
     if hasattr(grid, "pull_interval"):  # the simulation's in-memory grid polls for replies every 0.1 s by default
         grid.pull_interval = min(grid.pull_interval, 0.01)
     nodes = _wait_for_nodes(grid, server.num_clients, connect_timeout)
     node_of = _partitions(grid, nodes, server.num_clients, connect_timeout)
-    for rnd in range(1, rounds + 1):
-        if secagg is not None:
-            from fedleak.federated.flower.secagg import secagg_round
+    if secagg is not None:  # Flower ships SecAgg+ as a workflow of its legacy strategies: fedleak drives it
+        from fedleak.federated.flower.secagg import secagg_round
 
+        for rnd in range(1, rounds + 1):
             secagg_round(grid, server, rnd, node_of, spec_text, timeout=round_timeout, **secagg)
-            continue
-        start = time.perf_counter()
-        sampled = server.sample()
-        content = RecordDict()
-        dtypes = {}
-        if server.global_state is not None:
-            content["global"], dtypes = to_arrays(server.global_state)
-        messages = []
-        for client in sampled:
-            body = RecordDict({**content, "config": ConfigRecord(
-                {"spec": spec_text, "client": client, "round": rnd, "dtypes": json.dumps(dtypes)})})
-            messages.append(Message(body, message_type="train", dst_node_id=node_of[client]))
-        client_of = {node: client for client, node in node_of.items()}
-        results: dict[int, ClientResult] = {}
-        privacy: dict[str, dict] = {}
-        failed: dict[int, str] = {}
-        for reply in grid.send_and_receive(messages, timeout=round_timeout):
-            client = client_of[reply.metadata.src_node_id]
-            if reply.has_error():  # the node or its ClientApp runtime failed
-                failed[client] = _error_reason(reply.error.reason)
-            elif "fedleak_error" in reply.content:
-                raise FedleakError(f"client {client}: {reply.content['fedleak_error']['message']}")
-            elif "client_error" in reply.content:
-                failed[client] = reply.content["client_error"]["message"]
-            else:
-                results[client], accounting = read_result(reply.content)
-                if accounting is not None:
-                    privacy[str(client)] = accounting
-        for client in sampled:
-            if client not in results and client not in failed:
-                failed[client] = f"no reply within engine.round_timeout = {round_timeout} s"
-        for client, reason in sorted(failed.items()):
-            log.warning("%s round %d: client %d failed (%s); the round goes on without it",
-                        server.setup.label or "training", rnd, client, reason)
-        if failed and not results:
-            raise FedleakError(f"round {rnd}: every sampled client failed (client {min(failed)}: "
-                               f"{failed[min(failed)]})")
-        server.finish_round(rnd, sampled, results, privacy, start, failed)
+        return
+    initial = to_arrays(server.global_state)[0] if server.global_state is not None else ArrayRecord()
+    FedleakStrategy(server, node_of, spec_text, round_timeout).start(grid, initial, num_rounds=rounds,
+                                                                     timeout=round_timeout)
 
 
 class _DropDeprecation(logging.Filter):
