@@ -110,7 +110,6 @@ def secagg_round(grid, server: ServerSide, rnd: int, node_of: dict[int, int], sp
     secure weighted mean. Returns the round's history entry."""
     from flwr.app import ConfigRecord, Context, RecordDict
     from flwr.common import parameters_to_ndarrays
-    from flwr.compat.common import recorddict_compat as compat  # noqa: F401 (imported for the workflow's records)
     from flwr.server.compat.legacy_context import LegacyContext
     from flwr.server.workflow import SecAggPlusWorkflow
     from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
