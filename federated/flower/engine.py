@@ -99,12 +99,14 @@ def client_app(build: Callable[[dict], ClientSide]):
             if secure:  # the upload leaves masked; no adapter travels in the clear
                 return Message(fitres_content(result, privacy, json.loads(config["names"])), reply_to=msg)
             return Message(result_content(result, privacy), reply_to=msg)
-        except FedleakError as exc:
-            if secure:  # the protocol needs a FitRes: fail the node with the message, SecAgg+ drops it
-                raise  # the run's own error (a config the client cannot train): the server stops
+        except FedleakError as exc:  # the run's own error (a config the client cannot train): the server stops
+            if secure:  # SecAgg+ needs a FitRes: the node fails, and the protocol goes on without it
+                raise
             return Message(RecordDict({"fedleak_error": ConfigRecord({"message": str(exc)})}), reply_to=msg)
         except Exception as exc:  # this client crashed: the server records it and the round goes on
             log.exception("client %d, round %d", client, rnd)
+            if secure:
+                raise
             return Message(RecordDict({"client_error": ConfigRecord({"message": _one_line(exc)})}), reply_to=msg)
 
     return app
