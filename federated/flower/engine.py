@@ -69,11 +69,10 @@ def client_app(build: Callable[[dict], ClientSide]):
         else:
             config = msg.content["config"]
             received = from_arrays(msg.content["global"], loads(config["dtypes"])) if "global" in msg.content else None
-        spec_text, client, rnd = config["spec"], int(config["client"]), int(config["round"])
-        key = loads(spec_text)["key"]
+        spec, client, rnd = loads(config["spec"]), int(config["client"]), int(config["round"])
+        key = spec["key"]
         try:
             if key not in _SIDES:
-                spec = loads(spec_text)
                 if spec.get("deployment"):  # a real node: never the server's data, never its model sent
                     _check_node(context.node_config)
                 _SIDES.clear()  # one training at a time per process: drop the last one's model
@@ -81,7 +80,7 @@ def client_app(build: Callable[[dict], ClientSide]):
             side = _SIDES[key]
             # A deployed node keeps the client's state on its disk (see save_client_files); a simulated one in
             # its Context.state, which the engine keeps in memory.
-            folder = (Path(str(context.node_config[OUT_DIR])) / str(loads(spec_text).get("unit", key))
+            folder = (Path(str(context.node_config[OUT_DIR])) / str(spec.get("unit", key))
                       if OUT_DIR in context.node_config else None)
             memory, hooks_state = (load_client_files(folder / "client-state", key=key) if folder
                                    else load_client_state(context.state, key=key))
