@@ -152,21 +152,31 @@ def submit(config_path: str, *, superlink: str, out: Path, training: str = "", r
             tail = " ".join("".join(lines[-5:]).split())[-400:]
             raise FedleakError(f"flwr run failed (exit status {proc.returncode}: {tail}): is a SuperLink listening on "
                                f"{superlink}? start it with flower-superlink")
-        status = _run_status(flwr, started.group(1), env)
+        status, details = _run_status(flwr, started.group(1), env)
     if "completed" not in status:
-        reasons = [line.split("FedleakError:", 1)[1].strip() for line in lines if "FedleakError:" in line]
-        why = f": {reasons[-1]}" if reasons else "; see the log above"
-        raise FedleakError(f"Flower run {started.group(1)} ended {status!r}{why} (the whole log: `flwr log "
-                           f"{started.group(1)}` against the SuperLink)")
+        raise FedleakError(f"Flower run {started.group(1)} ended {status!r}{_why(lines, details)} (the whole log: "
+                           f"`flwr log {started.group(1)}` against the SuperLink)")
     return folder
 
 
-def _run_status(flwr: str, run_id: str, env: dict) -> str:
-    """A finished run's status as the SuperLink reports it (`flwr ls --run-id`), e.g. "finished:completed"."""
+def _run_status(flwr: str, run_id: str, env: dict) -> tuple[str, str]:
+    """A finished run's status and its details as the SuperLink reports them (`flwr ls --run-id`), e.g.
+    ("finished:completed", "")."""
     proc = subprocess.run([flwr, "ls", "fedleak", "--run-id", run_id, "--format", "json"], env=env,
                           capture_output=True, text=True)
     try:
-        runs = json.loads(proc.stdout).get("runs", [])
-        return str(runs[0].get("status", "unknown"))
+        run = json.loads(proc.stdout).get("runs", [])[0]
+        return str(run.get("status", "unknown")), str(run.get("status-details", "") or "")
     except (json.JSONDecodeError, IndexError, AttributeError):
-        return f"unknown ({' '.join((proc.stdout + proc.stderr).split())[-200:]})"
+        return f"unknown ({' '.join((proc.stdout + proc.stderr).split())[-200:]})", ""
+
+
+def _why(lines: list[str], details: str) -> str:
+    """Why a run failed: the ServerApp's last FedleakError, else the SuperLink's status details and the log's
+    last error line (the log is not printed under --quiet)."""
+    reasons = [line.split("FedleakError:", 1)[1].strip() for line in lines if "FedleakError:" in line]
+    if reasons:
+        return f": {reasons[-1]}"
+    errors = [" ".join(line.split()) for line in lines if re.search(r"\bERROR\b|Error:|Exception", line)]
+    said = "; ".join(x for x in (details.strip(), errors[-1][-300:] if errors else "") if x)
+    return f": {said}" if said else ""

@@ -274,3 +274,31 @@ def test_dp_sgd_state_restores_the_accountant():
     b.load_client_state(3, {"history": [[1.1, 0.25, 12], [1.1, 0.5, 4]], "sigma": 1.1})
     assert b.client_state(3) == {"history": [[1.1, 0.25, 12], [1.1, 0.5, 4]], "sigma": 1.1}
     assert b.engines[3].get_epsilon(1e-5) > 0
+
+
+def test_a_failed_deployment_run_says_why_even_when_its_log_was_cut():
+    """`fedleak flower`'s error: the ServerApp's FedleakError line when the stream has it, else the SuperLink's
+    status details (they hold the exception: Flower's log stream can end before the last lines arrive)."""
+    from fedleak.eval.flower_app import _why
+
+    lines = ["INFO: round 2\n", "ERROR: ServerApp raised an exception\n",
+             "fedleak.common.errors.FedleakError: round 2: every client failed\n"]
+    assert _why(lines, "ServerApp failed with exception: x") == ": round 2: every client failed"
+    assert _why(["INFO: round 2\n"], "ServerApp failed with exception: boom") == \
+        ": ServerApp failed with exception: boom"
+    assert _why(["ERROR: Failed to push task output: timeout\n"], "") == \
+        ": ERROR: Failed to push task output: timeout"
+    assert _why(["INFO: fine\n"], "") == ""
+
+
+def test_an_offline_nodes_error_reply_is_matched_to_its_node_by_message_id():
+    """The SuperLink answers for a node it declared offline with an error from node 1 (itself); the reply is
+    the node's by the message it answers (it once raised KeyError: 1 and failed the whole run)."""
+    from types import SimpleNamespace as NS
+
+    from fedleak.federated.flower.strategy import replying_node
+
+    sent = [NS(metadata=NS(message_id="m-a", dst_node_id=7001)), NS(metadata=NS(message_id="m-b", dst_node_id=7002))]
+    assert replying_node(NS(metadata=NS(src_node_id=7001, reply_to_message_id="m-a")), sent) == 7001
+    assert replying_node(NS(metadata=NS(src_node_id=1, reply_to_message_id="m-b")), sent) == 7002
+    assert replying_node(NS(metadata=NS(src_node_id=1, reply_to_message_id="m-x")), sent) == 1

@@ -167,14 +167,14 @@ def _partitions(grid, nodes: list[int], count: int, timeout: float) -> dict[int,
     """{fedleak client: node id}, from each node's answer to a query."""
     from flwr.app import Message, RecordDict
 
-    from fedleak.federated.flower.strategy import error_reason
+    from fedleak.federated.flower.strategy import error_reason, replying_node
 
-    replies = grid.send_and_receive([Message(RecordDict(), message_type="query", dst_node_id=n) for n in nodes],
-                                    timeout=timeout)
+    queries = [Message(RecordDict(), message_type="query", dst_node_id=n) for n in nodes]
+    replies = grid.send_and_receive(queries, timeout=timeout)
     node_of: dict[int, int] = {}
     for reply in replies:
         if reply.has_error():
-            raise FedleakError(f"Flower node {reply.metadata.src_node_id} did not say which client it holds: "
+            raise FedleakError(f"Flower node {replying_node(reply, queries)} did not say which client it holds: "
                                f"{error_reason(reply.error.reason)}")
         client = int(reply.content["node"][PARTITION])
         if client in node_of or not 0 <= client < count:

@@ -33,6 +33,17 @@ def error_reason(reason: str) -> str:
     return " ".join((lines[-1] if lines else reason).split())[:300]
 
 
+def replying_node(reply, sent) -> int:
+    """The node a reply speaks for. An error the SuperLink writes for a node it declared offline comes from
+    the SuperLink itself (node id 1): its `reply_to_message_id` names the message, whose destination is the node."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+
+    if reply.metadata.src_node_id != SUPERLINK_NODE_ID:
+        return reply.metadata.src_node_id
+    asked = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
+    return asked.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+
 class FedleakStrategy(Strategy):
     """fedleak's seeded sampling and server side for Flower's round loop.
 
@@ -47,6 +58,7 @@ class FedleakStrategy(Strategy):
         self.server, self.node_of, self.spec_text, self.round_timeout = server, node_of, spec_text, round_timeout
         self.client_of = {node: client for client, node in node_of.items()}
         self.sampled: list[int] = []
+        self.sent: list = []
         self.started = 0.0
 
     def summary(self) -> None:
@@ -58,9 +70,11 @@ class FedleakStrategy(Strategy):
         content, dtypes = RecordDict(), {}
         if self.server.global_state is not None:
             content["global"], dtypes = to_arrays(self.server.global_state)
-        return [Message(RecordDict({**content, "config": ConfigRecord(
-                    {"spec": self.spec_text, "client": c, "round": server_round, "dtypes": json.dumps(dtypes)})}),
-                        message_type="train", dst_node_id=self.node_of[c]) for c in self.sampled]
+        # Kept: the grid gives each its message id when it sends it, and error replies name only that id.
+        self.sent = [Message(RecordDict({**content, "config": ConfigRecord(
+                        {"spec": self.spec_text, "client": c, "round": server_round, "dtypes": json.dumps(dtypes)})}),
+                             message_type="train", dst_node_id=self.node_of[c]) for c in self.sampled]
+        return self.sent
 
     def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The round's results through `ServerSide.finish_round`; the new global adapter and the mean loss."""
@@ -68,7 +82,10 @@ class FedleakStrategy(Strategy):
         privacy: dict[str, dict] = {}
         failed: dict[int, str] = {}
         for reply in replies:
-            client = self.client_of[reply.metadata.src_node_id]
+            client = self.client_of.get(replying_node(reply, self.sent))
+            if client is None:
+                raise FedleakError(f"round {server_round}: a reply from Flower node {reply.metadata.src_node_id}, "
+                                   f"which holds no client of this training: {error_reason(reply.error.reason) if reply.has_error() else 'unexpected'}")
             if reply.has_error():  # the node or its ClientApp runtime failed
                 failed[client] = error_reason(reply.error.reason)
             elif "fedleak_error" in reply.content:
