@@ -17,9 +17,9 @@ $(STAMP): pyproject.toml .ci/constraints.txt
 	$(BIN)/python -m pip install --quiet -c .ci/constraints.txt -e .
 	touch $(STAMP)
 
-# The test tools (flwr with Ray, jsonschema, playwright) only for `make test`: the demo does without them.
+# The test tools (flwr with Ray, Ray, jsonschema, playwright) only for `make test`: the demo does without them.
 $(DEV_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet -c .ci/constraints.txt -e '.[dev,flower]'
+	$(BIN)/python -m pip install --quiet -c .ci/constraints.txt -e '.[dev,flower,ray]'
 	touch $(DEV_STAMP)
 
 demo: $(STAMP)

@@ -106,6 +106,13 @@ def cmd_run(args) -> int:
     config = load_config(args.config)
     if args.engine:
         config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, name=args.engine))
+    if args.executor or args.address is not None:
+        executor = dataclasses.replace(config.executor, name=args.executor or config.executor.name)
+        if args.address is not None:
+            if executor.name != "ray":
+                raise FedleakError(f"--address {args.address}: only with --executor ray (or executor.name = \"ray\")")
+            executor = dataclasses.replace(executor, address=args.address)
+        config = dataclasses.replace(config, executor=executor)
     out = _out(args, config)
     only = tuple(args.only or ())
     if args.dry_run:
@@ -117,9 +124,14 @@ def cmd_run(args) -> int:
     quiet_libraries()
     with _LogFile(out):
         log.info("fedleak %s: run %s into %s", __version__, args.config, out)
-        run_matrix(config, out, config_path=str(args.config), progress=not args.quiet, jobs=args.jobs, only=only,
-                   use_cache=not args.fresh)
+        results = run_matrix(config, out, config_path=str(args.config), progress=not args.quiet, jobs=args.jobs,
+                             only=only, use_cache=not args.fresh)
         _report(out, show_secrets=args.show_secrets)
+        if results.get("failures"):
+            from fedleak.eval.ray_executor import describe_failures
+
+            log.error("%s", describe_failures(results["failures"]))
+            return 1
     return 0
 
 
@@ -266,6 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--engine", choices=("inprocess", "flower"),
                      help="where federated trainings run (default: the config's engine.name): fedleak's own loop, or "
                           "Flower's Simulation Engine (needs fedleak[flower])")
+    run.add_argument("--executor", choices=("local", "ray"),
+                     help="where trainings and attack cells run (default: the config's executor.name): this machine's "
+                          "processes (--jobs), or tasks on Ray (needs fedleak[ray])")
+    run.add_argument("--address", help="with --executor ray: the cluster, HOST:PORT of `ray start --head`, "
+                                       "ray://HOST:PORT or auto (default: the config's executor.address; \"\": a Ray "
+                                       "instance started for the run)")
     run.set_defaults(func=cmd_run)
     train = sub.add_parser("train", parents=[quiet], help="one training of a config: checkpoints only",
                            description="Train one (algorithm, defense, scenario, seed) of the config (the first of "

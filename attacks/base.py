@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
@@ -56,6 +57,10 @@ class AttackEnvironment:
     train: TrainSettings | None = None  # how one target was fine-tuned (epochs = total over rounds)
     cache: dict = field(default_factory=dict)
     progress: bool = False  # progress bars over scoring batches
+    # Run-wide results worth keeping across processes and machines (LiRA's shadow statistics), keyed by
+    # what produced them plus `cache_salt` (the caller's model, data and code fingerprints); None: memory only.
+    cache_dir: Path | None = None
+    cache_salt: str = ""
 
 
 @dataclass

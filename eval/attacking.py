@@ -32,7 +32,8 @@ from fedleak.common.errors import FedleakError
 from fedleak.common.io import atomic_write_json
 from fedleak.common.params import instantiate
 from fedleak.eval.audit import empirical_epsilon, one_run_epsilon
-from fedleak.eval.cache import ATTACKS_DIR, cache_key, read_json
+from fedleak.eval.cache import (ATTACKS_DIR, cache_key, code_fingerprint, data_fingerprint, model_fingerprint,
+                                read_json)
 from fedleak.eval.config import AttackSettings, ComponentSpec, plain
 from fedleak.eval.context import SeedContext
 from fedleak.eval.metrics import UndefinedMetricWarning, membership_metrics, roc_points
@@ -323,9 +324,11 @@ def adapter_identity(folder: Path, view: str) -> tuple[tuple[str, str], ...]:
 
 def attack_training(ctx: SeedContext, unit: TrainingUnit, record: dict, training_dir: Path,
                     attacks: list[tuple[ComponentSpec, tuple[str, ...]]], *, algorithm=None, progress: bool = False,
-                    use_cache: bool = True, cache_dir: Path | None = None) -> tuple[list[dict], int]:
+                    use_cache: bool = True, cache_dir: Path | None = None,
+                    shadow_dir: Path | None = None) -> tuple[list[dict], int]:
     """Every planned attack's cells on one training (cached ones read back, in `cache_dir`, by default
-    the training's attacks/ folder); returns the cells in attack order and how many attacks ran."""
+    the training's attacks/ folder); returns the cells in attack order and how many attacks ran.
+    `shadow_dir` keeps run-wide attack results on disk (LiRA's shadows), for every process and node."""
     cfg, fed, data = ctx.config, ctx.config.federation, ctx.data
     history = record["rounds"]
     present = checkpoint.rounds(training_dir)
@@ -348,6 +351,9 @@ def attack_training(ctx: SeedContext, unit: TrainingUnit, record: dict, training
         model = add_lora(base_model, cfg.model.lora, seed=0)  # every view loads its own weights
         env = ctx.environment(tokenizer)
         env.progress = progress
+        if shadow_dir is not None and use_cache:
+            env.cache_dir = Path(shadow_dir)
+            env.cache_salt = cache_key(code_fingerprint(cfg.plugins), model_fingerprint(cfg), data_fingerprint(ctx))
         privacy = record["privacy"] or {}
         # The empirical epsilon is a bound at the accountant's delta when there is one.
         delta = privacy.get("record_level_delta", privacy.get("user_level_delta", cfg.attack.delta))

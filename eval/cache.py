@@ -7,6 +7,7 @@ one more attack) redoes only the files whose key changed:
     trainings/<stem>/training.json       key, history, costs: the folder appears complete or not at all
     trainings/<stem>/evaluation.json     key, utility, poisoning trigger rates
     trainings/<stem>/attacks/<attack>.json   key, the attack's cells on that training
+    shadows/lira-shadows-<key>.safetensors   LiRA's shadow statistics, shared by every training of a seed
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from fedleak.eval.config import RunConfig, plain
 from fedleak.eval.context import SeedContext
 from fedleak.eval.plan import TrainingUnit
 
-TRAINING_FILE, EVALUATION_FILE, ATTACKS_DIR = "training.json", "evaluation.json", "attacks"
+TRAINING_FILE, EVALUATION_FILE, ATTACKS_DIR, SHADOWS_DIR = "training.json", "evaluation.json", "attacks", "shadows"
 LOCK_FILE = ".fedleak.lock"
 CODE_FOLDERS = ("attacks", "common", "defenses", "eval", "federated")  # what trains, evaluates and attacks (not reports/)
 

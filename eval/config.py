@@ -21,6 +21,7 @@ from typing import Annotated, Literal
 from fedleak.common.errors import FedleakError, did_you_mean
 from fedleak.common.names import CLEAN, OBSERVERS
 from fedleak.common.params import NonNegativeInt, OpenUnitInterval, PositiveFloat, PositiveInt, Range, build, check_fields, checked
+from fedleak.eval.execution import EngineSettings, ExecutorSettings
 from fedleak.eval.matrix_config import ComponentSpec, MatrixSettings, ScenarioSpec, build_defense, component_spec
 from fedleak.federated.adapters import LoraSettings
 from fedleak.federated.datasource import DataSettings
@@ -128,44 +129,6 @@ class AttackSettings:
 
 
 @dataclass(frozen=True)
-class EngineSettings:
-    """Where the federated trainings run: in this process, or on Flower's Simulation Engine (Ray), one
-    virtual SuperNode per client. Results are the same either way (one thread per client: the same adapters)."""
-
-    name: Literal["inprocess", "flower"] = field(default="inprocess", metadata={
-        "help": "\"inprocess\": fedleak's own round loop; \"flower\": Flower's Simulation Engine (needs fedleak[flower]); "
-                "`fedleak run --engine` overrides. Trainings without a server (centralised, local) stay in process."})
-    num_cpus: PositiveFloat = field(default=1.0, metadata={
-        "help": "CPUs each Flower client reserves (Ray): about total CPUs / num_cpus clients train at once; "
-                "each client's torch uses max(1, floor(num_cpus)) threads."})
-    num_gpus: Annotated[float, Range(ge=0)] = field(default=0.0, metadata={
-        "help": "GPU share each Flower client reserves: 0.25 lets four clients share a GPU; 0 = CPU only."})
-    total_cpus: NonNegativeInt = field(default=0, metadata={"help": "CPUs the Ray backend may use; 0 = all."})
-    round_timeout: Annotated[float, Range(ge=0)] = field(default=0.0, metadata={
-        "help": "Seconds a Flower round waits for replies; later clients are recorded as failed and the round goes "
-                "on without them; 0 = wait for every client."})
-    connect_timeout: PositiveFloat = field(default=300.0, metadata={
-        "help": "Seconds a Flower training waits for one node per client to connect and say which client it holds."})
-    secagg_clipping_range: PositiveFloat = field(default=8.0, metadata={
-        "help": "With the secagg defense on Flower (SecAgg+): each adapter value is clipped to +-this before it is "
-                "quantised and masked."})
-    secagg_quantization_range: PositiveInt = field(default=4194304, metadata={
-        "help": "SecAgg+'s quantisation levels over [-clipping range, clipping range]: the global adapter differs from "
-                "FedAvg's by about clipping range / quantization range per value."})
-    secagg_max_weight: NonNegativeInt = field(default=0, metadata={
-        "help": "SecAgg+'s largest FedAvg weight (an upload's training examples; a larger one is clipped to it): "
-                "weights are scaled by it before quantisation, so a loose bound costs precision; 0 = the largest "
-                "client's record count in the run's split."})
-
-    def __post_init__(self):
-        check_fields(self, "engine.")
-
-    def secagg(self) -> dict:
-        return {"clipping_range": self.secagg_clipping_range, "quantization_range": self.secagg_quantization_range,
-                "max_weight": self.secagg_max_weight}
-
-
-@dataclass(frozen=True)
 class RunConfig:
     plugins: tuple[str, ...] = field(default=(), metadata={
         "help": "Modules imported first (a my_defense.py beside the config works); they register components."})
@@ -187,6 +150,8 @@ class RunConfig:
         "help": "How poisoned models are measured."})
     engine: EngineSettings = field(default_factory=EngineSettings, metadata={
         "help": "Where the federated trainings run (in process or on Flower)."})
+    executor: ExecutorSettings = field(default_factory=ExecutorSettings, metadata={
+        "help": "Where the matrix's trainings and attack cells run (this machine's processes or a Ray cluster)."})
 
     def __post_init__(self):
         check_fields(self)

@@ -14,7 +14,7 @@ import torch
 from fedleak.common.errors import FedleakError
 from fedleak.common.params import instantiate
 from fedleak.eval.attacking import attack_training
-from fedleak.eval.cache import ATTACKS_DIR, TRAINING_FILE, cache_key, read_json, run_lock, training_key
+from fedleak.eval.cache import ATTACKS_DIR, SHADOWS_DIR, TRAINING_FILE, cache_key, read_json, run_lock, training_key
 from fedleak.eval.config import ComponentSpec, RunConfig, component_spec
 from fedleak.eval.context import report_data_quality, resolve_model, seed_context
 from fedleak.eval.matrix import results_record
@@ -125,7 +125,8 @@ def attack_checkpoint(config: RunConfig, training_dir: Path, out_dir: Path, *, c
         trained = trained or _external_training(key, history, algorithm_obj, views)
         record = training_record(unit, trained, evaluated, str(training_dir.resolve()))
         cells, _ = attack_training(ctx, unit, record, training_dir, attacks, algorithm=algorithm_obj,
-                                   progress=progress, cache_dir=out_dir / ATTACKS_DIR, use_cache=use_cache)
+                                   progress=progress, cache_dir=out_dir / ATTACKS_DIR, use_cache=use_cache,
+                                   shadow_dir=out_dir / SHADOWS_DIR)
         # The data's warnings and truncation counts, as `run` gives them (after the checkpoints proved usable:
         # a failing command prints its one error line alone).
         report_data_quality(config, base_dir, ctx.model_ref)

@@ -3,8 +3,9 @@
 view of every requested round (final by default), and write the results file. Finished work is cached
 on disk (`cache.py`), so a rerun does only what is missing and writes the same results. Trainings are
 independent and run in parallel processes with `jobs` > 1 (`workers.py`, one training: `training_runs.py`);
-attacks run in this process afterwards (`attacking.py`; LiRA's shadows and the reference model's
-statistics are shared per seed); `external.py` attacks one training's checkpoints alone."""
+attacks run in this process afterwards (`attacking.py`; the reference model's statistics are shared per
+seed, LiRA's shadows too, and kept on disk). With executor "ray" both are tasks on a Ray cluster
+(`ray_executor.py`). `external.py` attacks one training's checkpoints alone."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from fedleak.common.errors import FedleakError
 from fedleak.common.params import instantiate
 from fedleak.eval.aggregate import aggregate_cells, aggregate_trainings
 from fedleak.eval.attacking import attack_key, attack_training, cached_cells
-from fedleak.eval.cache import ATTACKS_DIR, plugin_records, run_lock, training_key
+from fedleak.eval.cache import ATTACKS_DIR, SHADOWS_DIR, plugin_records, run_lock, training_key
 from fedleak.eval.config import RunConfig
 from fedleak.eval.context import check_data, describe_data, report_data_quality, resolve_model, seed_context
 from fedleak.eval.fit import model_fit, seeds_model_fit
@@ -91,6 +92,17 @@ def run_matrix(config: RunConfig, out_dir: Path, *, config_path: str | None = No
             log.warning("engine \"flower\": --jobs %d ignored, trainings run one at a time (each on Ray, "
                         "engine.num_cpus per client)", jobs)
             jobs = 1
+    if config.executor.name == "ray":
+        from fedleak.eval.ray_executor import check_available as ray_available
+
+        ray_available()
+        if config.engine.name == "flower":
+            raise FedleakError("executor \"ray\" with engine \"flower\": Flower's simulation is itself a Ray job and "
+                               "cannot run inside a Ray task: set engine.name = \"inprocess\" (the same results)")
+        if jobs > 1:
+            log.warning("executor \"ray\": --jobs %d ignored, Ray runs as many tasks as executor.train_cpus and "
+                        "train_gpus allow", jobs)
+            jobs = 1
     with run_lock(Path(out_dir)):
         return _run_planned(config, planned, Path(out_dir), config_path=config_path, progress=progress, jobs=jobs,
                             only=only, use_cache=use_cache)
@@ -106,6 +118,32 @@ def _run_planned(config: RunConfig, planned: list[PlannedTraining], out_dir: Pat
     report_data_quality(config, base_dir, model_ref)  # warnings, and truncation counted with its tokenizer
     base_utility = {s: base_model_utility(seed_context(config, s, base_dir), out_dir, use_cache) for s in seeds}
     log.info("%d trainings, seeds %s, %d job(s); cache in %s", len(planned), seeds, jobs, out_dir / "trainings")
+    extra: dict = {}
+    if config.executor.name == "ray":
+        from fedleak.eval.ray_executor import run_on_ray
+
+        release_shared_model()  # the tasks load their own copies
+        records, found, failures, extra["executor"] = run_on_ray(config, planned, out_dir, base_dir=base_dir,
+                                                                 model_ref=model_ref, use_cache=use_cache,
+                                                                 progress=progress)
+        extra["failures"] = failures
+        trainings = [records[p.unit] for p in planned if p.unit in records]
+        cells = [cell for p in planned for cell in found.get(p.unit, [])]
+    else:
+        trainings, cells = _run_here(config, planned, out_dir, base_dir=base_dir, jobs=jobs, progress=progress,
+                                     use_cache=use_cache)
+    cells += poisoning_cells(trainings, config.matrix.scenarios)
+    contexts = {s: seed_context(config, s, base_dir) for s in seeds}
+    results = results_record(config, config_path=config_path, only=only, jobs=jobs, started=started,
+                             model_info=model_info, data={s: c.data for s, c in contexts.items()},
+                             base_utility=base_utility, trainings=trainings, cells=cells, **extra)
+    write_results(out_dir, results)
+    return results
+
+
+def _run_here(config: RunConfig, planned: list[PlannedTraining], out_dir: Path, *, base_dir: Path, jobs: int,
+              progress: bool, use_cache: bool) -> tuple[list[dict], list[dict]]:
+    """The trainings on this machine (`jobs` processes), then every training's attacks in this process."""
     if jobs > 1:
         release_shared_model()  # each worker loads its own copy: this one would be one more on the device
     records = train_all(config, [p.unit for p in planned], out_dir, base_dir=base_dir, jobs=jobs,
@@ -118,17 +156,12 @@ def _run_planned(config: RunConfig, planned: list[PlannedTraining], out_dir: Pat
         ctx = seed_context(config, item.unit.seed, base_dir)
         start = time.perf_counter()
         found, ran = attack_training(ctx, item.unit, records[item.unit], out_dir / records[item.unit]["checkpoint_dir"],
-                                     item.attacks, progress=progress, use_cache=use_cache)
+                                     item.attacks, progress=progress, use_cache=use_cache,
+                                     shadow_dir=out_dir / SHADOWS_DIR)
         cells += found
         log.info("attacks on %s seed %d: %d run, %d cached (%.1f s)", item.unit.label, item.unit.seed, ran,
                  len(item.attacks) - ran, time.perf_counter() - start)
-    cells += poisoning_cells(trainings, config.matrix.scenarios)
-    contexts = {s: seed_context(config, s, base_dir) for s in seeds}
-    results = results_record(config, config_path=config_path, only=only, jobs=jobs, started=started,
-                             model_info=model_info, data={s: c.data for s, c in contexts.items()},
-                             base_utility=base_utility, trainings=trainings, cells=cells)
-    write_results(out_dir, results)
-    return results
+    return trainings, cells
 
 
 def results_record(config: RunConfig, *, config_path: str | None, only: tuple[str, ...], jobs: int,

@@ -138,10 +138,27 @@ def engine_notes(results: dict) -> list[str]:
     return notes
 
 
+def executor_notes(results: dict) -> list[str]:
+    """Where the tasks ran (a Ray cluster) and every task that failed there: what is missing from the report."""
+    executor = results.get("executor") or {}
+    notes = []
+    if executor.get("name") == "ray":
+        notes.append(f"Trainings and attack cells ran as Ray {executor.get('ray_version', '')} tasks on "
+                     f"{executor.get('nodes', '?')} node(s) ({fmt(executor.get('cpus'))} CPUs, "
+                     f"{fmt(executor.get('gpus'))} GPUs; address {executor.get('address', '?')}, storage "
+                     f"{executor.get('storage', '?')}).")
+    for f in results.get("failures") or []:
+        what = "its training" if f["task"] == "training" else "its attack cells"
+        how = f"failed after {f['attempts']} attempt(s)" if f["attempts"] else "did not run"
+        notes.append(f"MISSING: {what} of {f['algorithm']}/{f['defense']}/{f.get('scenario', CLEAN)} seed "
+                     f"{fmt(f.get('seed'))} {how} ({f['error']}). Rerun to retry (finished work is cached).")
+    return notes
+
+
 def provenance_section(run: Merged) -> Section:
     """Provenance, the engine and failed clients, then the cost per training and per attack."""
     return Section("Provenance and cost", [
-        provenance_table(run), *engine_notes(run.results),
+        provenance_table(run), *engine_notes(run.results), *executor_notes(run.results),
         "Cost per training (wall: training, utility and poisoning evaluation; upload: what each client sends the "
         "server per round, and in all; n/a: not recorded, as in results before schema 4):",
         training_cost_table(run.results), "Cost per attack, over all its cells (trainings, views, rounds and seeds):",

@@ -214,3 +214,24 @@ def test_records_outside_the_population_are_refused(trained):
     with pytest.raises(FedleakError, match="no attack environment"):
         attack.score(Target(model=trained[0], tokenizer=trained[1], observer="global", round=1), population)
     assert not env.cache  # refused before any shadow was trained
+
+
+def test_shadows_kept_on_disk_serve_another_process_and_a_new_key_retrains(trained, tmp_path, monkeypatch):
+    """With env.cache_dir the shadow statistics outlive the process (a fresh environment, as a Ray task on
+    another node has, reads them back bit for bit); another salt (model, data or code) trains anew, and a
+    damaged file is trained over."""
+    population = trained[2]
+    quick = {"shadow_models": 2, "epochs": 1}
+    first = LiRAAttack(**quick).score(_target(trained, _env(trained, cache_dir=tmp_path, cache_salt="a")), population)
+    files = list(tmp_path.glob("lira-shadows-*.safetensors"))
+    assert len(files) == 1
+    calls = []
+    monkeypatch.setattr(lira, "train_adapter", lambda *a, **k: calls.append(1))
+    again = LiRAAttack(**quick).score(_target(trained, _env(trained, cache_dir=tmp_path, cache_salt="a")), population)
+    np.testing.assert_array_equal(again, first)
+    assert calls == []  # read from disk, no fine-tune
+    LiRAAttack(**quick).score(_target(trained, _env(trained, cache_dir=tmp_path, cache_salt="b")), population)
+    assert len(calls) == 2 and len(list(tmp_path.glob("lira-shadows-*.safetensors"))) == 2
+    files[0].write_bytes(b"not a safetensors file")
+    LiRAAttack(**quick).score(_target(trained, _env(trained, cache_dir=tmp_path, cache_salt="a")), population)
+    assert len(calls) == 4

@@ -14,16 +14,20 @@ Higher = member. With few shadows the per-record variances are unreliable, so by
 pooled variance per side is used for all records (the paper's "fixed variance").
 
 Cost: `shadow_models` LoRA fine-tunes of the target's length, once per run (the statistics are
-cached in `env.cache` for every view). On 2 CPU cores with the embedded model (1.24M parameters),
+cached in `env.cache` for every view and, with `env.cache_dir`, on disk for every process and node). On 2 CPU cores with the embedded model (1.24M parameters),
 a shadow on 90 of 180 population records takes about 16 s at 8 epochs and 1 min at 32.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Literal, Sequence
 
 import numpy as np
@@ -129,6 +133,35 @@ class ShadowStatistics:
     seconds: tuple[float, ...]  # wall time of each shadow (fine-tune + population pass)
 
 
+def write_shadows(path: Path, digest: str, shadows: ShadowStatistics) -> None:
+    """Shadow statistics to safetensors (stats float64 [S, N], in_mask uint8 [S, N]; ids and seconds in the
+    header), written whole or not at all."""
+    from safetensors.numpy import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = path.with_name(f".{path.name}.{os.getpid()}")
+    save_file({"stats": np.ascontiguousarray(shadows.stats, dtype=np.float64),
+               "in_mask": np.ascontiguousarray(shadows.in_mask, dtype=np.uint8)}, str(scratch),
+              metadata={"key": digest, "record_ids": json.dumps(list(shadows.record_ids)),
+                        "seconds": json.dumps(list(shadows.seconds))})
+    os.replace(scratch, path)
+
+
+def read_shadows(path: Path, digest: str) -> ShadowStatistics | None:
+    """The shadow statistics saved under `digest`, or None (missing, another key, unreadable)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            meta = handle.metadata() or {}
+            if meta.get("key") != digest:
+                return None
+            return ShadowStatistics(tuple(json.loads(meta["record_ids"])), handle.get_tensor("stats"),
+                                    handle.get_tensor("in_mask").astype(bool), tuple(json.loads(meta["seconds"])))
+    except (OSError, ValueError, KeyError, SafetensorError):  # missing or damaged: train them again
+        return None
+
+
 def _check_env(env: AttackEnvironment | None) -> AttackEnvironment:
     if env is None:
         raise FedleakError("attack lira: the target has no attack environment: LiRA needs its population, "
@@ -227,11 +260,19 @@ class LiRAAttack(MembershipAttack):
         epochs = env.train.epochs if self.epochs is None else self.epochs
         key = ("lira-shadows", self.shadow_models, epochs, env.seed, str(env.base_model_ref), env.lora, env.train,
                env.max_length, env.response_only, target.max_length, target.response_only,
-               tuple(r.record_id for r in env.population), tuple(hash(r) for r in env.population))
+               tuple(repr(r) for r in env.population), env.cache_salt)
         if key not in env.cache:
-            env.cache[key] = train_shadows(env, target.model, target.tokenizer, shadow_models=self.shadow_models,
-                                           epochs=epochs,
-                                           max_length=target.max_length, response_only=target.response_only)
+            # repr, not hash(): str hashes are salted per process, and the disk key must hold across processes.
+            digest = hashlib.sha256(repr(key).encode()).hexdigest()[:24]
+            path = env.cache_dir / f"lira-shadows-{digest}.safetensors" if env.cache_dir else None
+            shadows = read_shadows(path, digest) if path else None
+            if shadows is None:
+                shadows = train_shadows(env, target.model, target.tokenizer, shadow_models=self.shadow_models,
+                                        epochs=epochs, max_length=target.max_length,
+                                        response_only=target.response_only)
+                if path:
+                    write_shadows(path, digest, shadows)
+            env.cache[key] = shadows
         return env.cache[key]
 
     def score(self, target: Target, records: Sequence[Record]) -> np.ndarray:

@@ -1,0 +1,219 @@
+"""The matrix on a real two-node Ray cluster on this machine (`ray start --head` plus a second `ray start`,
+one CPU each, both stopped by pid at the end): the same results as the local run with one thread per task,
+resume after the driver is killed, a failing task retried and then recorded, storage "driver", and the
+embedded model shipped to nodes that lack it (the nodes' FEDLEAK_CACHE starts empty)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedleak.eval.results import validate_results
+from tests.processes import free_port, start, stop
+
+pytest.importorskip("ray")
+
+PLUGIN = '''
+import os
+import time
+from pathlib import Path
+
+from fedleak.federated.fedit import FedIT
+from fedleak.federated.rounds import register_algorithm
+
+
+@register_algorithm("slow")
+class Slow(FedIT):
+    """FEDIT taking two seconds per client round: long enough for a driver to be killed mid-matrix."""
+
+    def client_round(self, ctx):
+        time.sleep(2.0)
+        return super().client_round(ctx)
+
+
+@register_algorithm("flaky")
+class Flaky(FedIT):
+    """FEDIT whose every attempt raises; each leaves a line (the folder this plug-in was loaded from) in the
+    file the nodes' FEDLEAK_TEST_ATTEMPTS names."""
+
+    def client_round(self, ctx):
+        with open(os.environ["FEDLEAK_TEST_ATTEMPTS"], "a") as f:
+            f.write(f"{Path(__file__).parent}\\n")
+        raise RuntimeError("flaky: this node's disk is gone")
+'''
+MATRIX = """
+[matrix]
+algorithms = ["fedit", "slow"]
+defenses = ["none"]
+attacks = [{ name = "loss", observers = ["global", "upload", "client"] },
+           { name = "lira", shadow_models = 2, epochs = 1, observers = ["global"] }]
+"""
+TIMING = {"node", "timings", "seconds"}  # what differs between two runs of the same work
+
+
+def strip(value):
+    """Results without timings and node names."""
+    if isinstance(value, dict):
+        return {k: strip(v) for k, v in value.items() if k not in TIMING and not k.endswith("_seconds")}
+    if isinstance(value, list):
+        return [strip(v) for v in value]
+    return value
+
+
+def same_results(a: dict, b: dict) -> None:
+    for key in ("trainings", "cells", "aggregates", "training_aggregates", "model_fit", "base_utility"):
+        assert strip(a[key]) == strip(b[key]), key
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, tiny_run_config):
+    """(folder, config, address, env): a Ray head and one more node, one CPU each, on this machine."""
+    folder = tmp_path_factory.mktemp("ray")
+    (folder / "plugs.py").write_text(PLUGIN)
+    config = folder / "run.toml"
+    config.write_text('plugins = ["plugs"]\n' + tiny_run_config + MATRIX)
+    bin_dir = Path(sys.executable).parent
+    node_cache = folder / "node-cache"  # empty: every task's node gets the model from the driver
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_DISABLE_USAGE_STATS": "1", "PYTHONUNBUFFERED": "1",
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    node_env = {**env, "FEDLEAK_CACHE": str(node_cache), "FEDLEAK_TEST_ATTEMPTS": str(folder / "attempts.txt")}
+    port = free_port()
+    common = ["--block", "--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
+    processes = [start([bin_dir / "ray", "start", "--head", "--port", port, "--include-dashboard", "false",
+                        "--temp-dir", folder / "ray-tmp", *common], folder / "head.log", node_env)]
+    try:
+        probe = ("import ray, sys, time; ray.init(address=sys.argv[1], log_to_driver=False); deadline = time.time() + 60\n"
+                 "while sum(n['Alive'] for n in ray.nodes()) < 2 and time.time() < deadline: time.sleep(0.5)\n"
+                 "print(sum(n['Alive'] for n in ray.nodes()))")
+        for _ in range(60):  # the head takes a few seconds to listen
+            if "Ray runtime started" in (folder / "head.log").read_text():
+                break
+            time.sleep(0.5)
+        processes.append(start([bin_dir / "ray", "start", "--address", f"127.0.0.1:{port}", *common],
+                               folder / "node.log", node_env))
+        alive = subprocess.run([sys.executable, "-c", probe, f"127.0.0.1:{port}"], capture_output=True, text=True,
+                               env=env, timeout=120)
+        assert alive.stdout.strip().endswith("2"), (alive.stdout + alive.stderr)[-2000:]
+        yield folder, config, f"127.0.0.1:{port}", env
+    finally:
+        for proc in reversed(processes):
+            stop(proc)
+
+
+def fedleak(*args, env, timeout=600, status=0):
+    proc = subprocess.run([sys.executable, "-m", "fedleak", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+    assert proc.returncode == status, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def runs(cluster):
+    """The matrix with --jobs 1 and on the cluster (shared storage)."""
+    folder, config, address, env = cluster
+    fedleak("run", config, "--out", folder / "local", "--quiet", env=env)
+    fedleak("run", config, "--out", folder / "ray", "--executor", "ray", "--address", address, "--quiet", env=env)
+    read = lambda name: json.loads((folder / name / "results.json").read_text())  # noqa: E731
+    return read("local"), read("ray")
+
+
+def test_the_matrix_on_a_two_node_cluster_gives_the_local_runs_results(runs, cluster):
+    folder, *_ = cluster
+    local, ray_run = runs
+    same_results(ray_run, local)
+    validate_results(ray_run)
+    assert ray_run["executor"]["name"] == "ray" and ray_run["executor"]["nodes"] == 2
+    assert ray_run["failures"] == []
+    nodes = {t["cost"]["node"] for t in ray_run["trainings"]} | {c["cost"]["node"] for c in ray_run["cells"]}
+    assert all(n.count("/") == 1 for n in nodes)
+    log = (folder / "ray/run.log").read_text()
+    assert "ray: trainings 2/2 done, 0 running, 0 queued; attack tasks 2/2 done" in log
+    # LiRA's shadows went to disk once, for every task of the seed; the nodes unpacked the driver's model.
+    assert len(list((folder / "ray/shadows").glob("lira-shadows-*.safetensors"))) == 1
+    assert list((folder / "node-cache").glob("embedded-*/fedleak_build.json"))
+    assert "Ray" in (folder / "ray/report.md").read_text()
+
+
+def test_a_killed_driver_resumes_without_redoing_finished_work(runs, cluster):
+    folder, config, address, env = cluster
+    out = folder / "resumed"
+    driver = subprocess.Popen([sys.executable, "-m", "fedleak", "run", str(config), "--out", str(out), "--executor",
+                               "ray", "--address", address, "--quiet"], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "trainings/fedit-none-seed0/evaluation.json").exists():  # FEDIT is done, slow is training
+            assert time.monotonic() < deadline and driver.poll() is None, "no training finished"
+            time.sleep(0.2)
+        assert not (out / "trainings/slow-none-seed0/training.json").exists()
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        stop(driver)
+    time.sleep(5)  # Ray kills the dead driver's tasks
+    finished = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("trainings/*/evaluation.json")}
+    assert "fedit-none-seed0" in finished and "slow-none-seed0" not in finished
+    fedleak("run", config, "--out", out, "--executor", "ray", "--address", address, "--quiet", env=env)
+    after = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("trainings/*/evaluation.json")}
+    assert all(after[name] == mtime for name, mtime in finished.items())  # not trained or evaluated again
+    log = (out / "run.log").read_text().split(": run ")[-1]  # the second run's lines
+    assert "training fedit/none seed 0: cached" in log and "training slow/none seed 0: " in log
+    same_results(json.loads((out / "results.json").read_text()), runs[0])
+
+
+def test_a_failing_task_is_retried_then_recorded_and_driver_storage_completes_the_rest(runs, cluster, tiny_run_config):
+    folder, _, address, env = cluster
+    own = folder / "flaky-config"  # its own folder: storage "driver" ships the config's folder to the nodes
+    own.mkdir()
+    (own / "plugs.py").write_text(PLUGIN)
+    config = own / "run.toml"
+    config.write_text('plugins = ["plugs"]\n' + tiny_run_config
+                      + MATRIX.replace('["fedit", "slow"]', '["fedit", "flaky"]')
+                      + '[executor]\nname = "ray"\nstorage = "driver"\nmax_retries = 1\n')
+    proc = fedleak("run", config, "--out", folder / "flaky", "--address", address, "--quiet", env=env, status=1)
+    assert "Ray task(s) (training) failed after their retries" in proc.stderr
+    results = json.loads((folder / "flaky/results.json").read_text())
+    validate_results(results)
+    failed = [{k: f[k] for k in ("algorithm", "task", "attempts")} for f in results["failures"]]
+    assert failed == [{"algorithm": "flaky", "task": "training", "attempts": 2},
+                      {"algorithm": "flaky", "task": "attacks", "attempts": 0}]
+    assert "RuntimeError: flaky: this node's disk is gone" in results["failures"][0]["error"]
+    # Two attempts, each from the config folder Ray shipped to a node (not from `own`, the driver's copy).
+    attempts = (folder / "attempts.txt").read_text().split()
+    assert len(attempts) == 2 and str(own) not in attempts
+    local = runs[0]
+    fedit = lambda r, key: [x for x in r[key] if x["algorithm"] == "fedit"]  # noqa: E731
+    assert strip(fedit(results, "trainings")) == strip(fedit(local, "trainings"))
+    assert strip(fedit(results, "cells")) == strip(fedit(local, "cells")) and fedit(results, "cells")
+    assert (folder / "flaky/trainings/fedit-none-seed0/attacks").is_dir()  # the driver wrote what the task sent
+    assert "MISSING: its training of flaky/none" in (folder / "flaky/report.md").read_text()
+
+
+def test_ray_settings_and_flags_are_checked(tmp_path, tiny_run_config):
+    config = tmp_path / "run.toml"
+    config.write_text(tiny_run_config + MATRIX.replace('"fedit", "slow"', '"fedit"')
+                      + '[executor]\nstorage = "nfs"\n')
+    proc = subprocess.run([sys.executable, "-m", "fedleak", "run", str(config)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "executor.storage" in proc.stderr and "Traceback" not in proc.stderr
+    config.write_text(tiny_run_config + MATRIX.replace('"fedit", "slow"', '"fedit"'))
+    proc = subprocess.run([sys.executable, "-m", "fedleak", "run", str(config), "--address", "127.0.0.1:1"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "only with --executor ray" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "fedleak", "run", str(config), "--executor", "ray", "--address",
+                           f"127.0.0.1:{free_port()}", "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                          timeout=180, env={**os.environ, "RAY_DISABLE_USAGE_STATS": "1"})
+    assert proc.returncode == 2 and "cannot connect to Ray" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_without_ray_the_error_names_the_extra(monkeypatch):
+    from fedleak.common.errors import FedleakError
+    from fedleak.eval.ray_executor import check_available
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray now fails as it does without the extra
+    with pytest.raises(FedleakError, match=r"pip install 'fedleak\[ray\]'"):
+        check_available()
