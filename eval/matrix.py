@@ -94,8 +94,10 @@ def run_matrix(config: RunConfig, out_dir: Path, *, config_path: str | None = No
             jobs = 1
     if config.executor.name == "ray":
         from fedleak.eval.ray_executor import check_available as ray_available
+        from fedleak.eval.ray_executor import check_reachable
 
         ray_available()
+        check_reachable(config.executor.address)  # before the model build and base utility of minutes
         if config.engine.name == "flower":
             raise FedleakError("executor \"ray\" with engine \"flower\": Flower's simulation is itself a Ray job and "
                                "cannot run inside a Ray task: set engine.name = \"inprocess\" (the same results)")

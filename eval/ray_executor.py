@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 
 from fedleak.common.errors import FedleakError
 from fedleak.eval.attacking import attack_key, cached_cells
-from fedleak.eval.cache import ATTACKS_DIR, SHADOWS_DIR, training_key
+from fedleak.eval.cache import ATTACKS_DIR, SHADOWS_DIR, TRAINING_FILE, read_json, training_key
 from fedleak.eval.config import RunConfig
 from fedleak.eval.context import seed_context
 from fedleak.eval.plan import PlannedTraining, TrainingUnit
@@ -57,18 +58,24 @@ def connected(config: RunConfig, base_dir: Path, out_dir: Path):
         if out_dir.resolve().is_relative_to(base_dir.resolve()):
             excludes.append("/" + str(out_dir.resolve().relative_to(base_dir.resolve())))
         runtime_env.update(working_dir=str(base_dir.resolve()), excludes=excludes)
+        # A data file is often git-ignored; Ray's packaging skips ignored files unless told not to.
+        os.environ["RAY_RUNTIME_ENV_IGNORE_GITIGNORE"] = "1"
     options = dict(runtime_env=runtime_env, log_to_driver=False, configure_logging=False, namespace="fedleak")
-    _check_reachable(settings.address)
     try:
         if settings.address:
             ray.init(address=settings.address, **options)
         else:
             ray.init(num_cpus=settings.num_cpus or None, include_dashboard=False, **options)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise FedleakError(f"executor.address = {settings.address!r}: cannot connect to Ray ({' '.join(str(exc).split())[:200]}): "
-                           f"start the head with `ray start --head --port PORT` and pass its HOST:PORT") from None
+        said = " ".join(str(exc).split())[:200]
+        if "size" in said.lower() and settings.storage == "driver":
+            raise FedleakError(f"executor.storage = \"driver\": Ray cannot ship the config's folder {base_dir} ({said}): "
+                               f"keep only the config, plug-ins and data files there") from None
+        raise FedleakError(f"executor.address = {settings.address!r}: cannot connect to Ray ({said}): start the head "
+                           f"with `ray start --head --port PORT` and pass its HOST:PORT") from None
     try:
         nodes = [n for n in ray.nodes() if n.get("Alive")]
+        _check_resources(settings, nodes)
         yield {"name": "ray", "address": settings.address or "local", "storage": settings.storage,
                "ray_version": ray.__version__, "nodes": len(nodes),
                "cpus": sum(n["Resources"].get("CPU", 0) for n in nodes),
@@ -77,7 +84,21 @@ def connected(config: RunConfig, base_dir: Path, out_dir: Path):
         ray.shutdown()
 
 
-def _check_reachable(address: str) -> None:
+def _check_resources(settings, nodes: list[dict]) -> None:
+    """A task no node can hold would wait forever: say so now.
+
+    Raises:
+        FedleakError: naming the setting and the largest node.
+    """
+    for kind in ("train", "attack"):
+        cpus, gpus = getattr(settings, f"{kind}_cpus"), getattr(settings, f"{kind}_gpus")
+        if not any(n["Resources"].get("CPU", 0) >= cpus and n["Resources"].get("GPU", 0) >= gpus for n in nodes):
+            most = max(((n["Resources"].get("CPU", 0), n["Resources"].get("GPU", 0)) for n in nodes), default=(0, 0))
+            raise FedleakError(f"executor.{kind}_cpus = {cpus:g}, {kind}_gpus = {gpus:g}: no node of the Ray cluster has "
+                               f"that much (the largest: {most[0]:g} CPUs, {most[1]:g} GPUs): lower them or add a node")
+
+
+def check_reachable(address: str) -> None:
     """A HOST:PORT nobody listens on fails in seconds (ray.init would retry it for minutes).
 
     Raises:
@@ -88,7 +109,7 @@ def _check_reachable(address: str) -> None:
     if not address or address == "auto":
         return
     host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise FedleakError(f"executor.address = {address!r}: give HOST:PORT (the head's `ray start --head --port`), "
                            f"ray://HOST:PORT or auto")
     try:
@@ -124,12 +145,14 @@ def run_on_ray(config: RunConfig, planned: list[PlannedTraining], out_dir: Path,
 
     settings = config.executor
     shared = settings.storage == "shared"
-    out_dir = out_dir.resolve()  # a task's working directory is not the driver's
+    out_dir = out_dir.absolute()  # a task's working directory is not the driver's (absolute, not resolve(): a
+    # symlink the driver sees, e.g. to an automount, may resolve to a path other nodes lack)
     with connected(config, base_dir, out_dir) as executor:
+        config = _as_tasks_see_it(config)
         board = ray.remote(num_cpus=0)(ProgressBoard).remote()
         model = _model_blob(config, model_ref)
         model_ref_obj = ray.put(model) if model else None
-        common = dict(base_dir=str(base_dir.resolve()) if shared else "", board=board)
+        common = dict(base_dir=str(base_dir.absolute()) if shared else "", board=board)
         train = ray.remote(train_task).options(num_cpus=settings.train_cpus, num_gpus=settings.train_gpus,
                                                max_retries=settings.max_retries, retry_exceptions=True)
         attack = ray.remote(attack_task).options(num_cpus=settings.attack_cpus, num_gpus=settings.attack_gpus,
@@ -160,8 +183,14 @@ def run_on_ray(config: RunConfig, planned: list[PlannedTraining], out_dir: Path,
                 log.info("training %s seed %d: cached", item.unit.label, item.unit.seed)
                 submit_attacks(item)
             else:
+                extra = {}
+                if not shared and use_cache:  # trained already, evaluation settings changed: only re-evaluate
+                    folder = out_dir / "trainings" / item.unit.stem
+                    trained = read_json(folder / TRAINING_FILE) or {}
+                    if trained.get("key") == training_key(seed_context(config, item.unit.seed, base_dir), item.unit):
+                        extra["training"] = ray.put(pack(folder))
                 ref = train.remote(config, item.unit, out_dir=str(out_dir) if shared else "", use_cache=use_cache,
-                                   cpus=settings.train_cpus, model=model_ref_obj, **common)
+                                   cpus=settings.train_cpus, model=model_ref_obj, **common, **extra)
                 work.pending[ref] = ("training", item)
                 _count(work, bars, "training")
         last_line, said = 0.0, ""
@@ -175,6 +204,8 @@ def run_on_ray(config: RunConfig, planned: list[PlannedTraining], out_dir: Path,
                     work.done[kind] += 1
                     if result is None:
                         continue
+                    for line in result.get("log", []):  # the task's warnings, as a local run logs them
+                        log.warning("[%s] %s", result["node"], line)
                     if kind == "training":
                         if "files" in result:  # storage "driver": the driver writes the training folder
                             _install(out_dir / "trainings" / item.unit.stem, result["files"])
@@ -194,7 +225,7 @@ def run_on_ray(config: RunConfig, planned: list[PlannedTraining], out_dir: Path,
                                                  if "cost" in c else c for c in result["cells"]]
                         log.info("attacks on %s seed %d: %d run on %s", item.unit.label, item.unit.seed,
                                  result["ran"], result["node"])
-                line = _progress_line(work, ray.get(board.snapshot.remote()))
+                line = _progress_line(work, _running(board, work))
                 if line != said and time.monotonic() - last_line >= settings.progress_interval or not work.pending:
                     log.info("%s", line)
                     last_line, said = time.monotonic(), line
@@ -206,6 +237,29 @@ def run_on_ray(config: RunConfig, planned: list[PlannedTraining], out_dir: Path,
             for bar in bars.values():
                 bar.close()
     return work.records, work.cells, work.failures, executor
+
+
+def _as_tasks_see_it(config: RunConfig) -> RunConfig:
+    """The config with model.dtype "auto" resolved as a training task resolves it: the cache keys hold the
+    resolved dtype, and a task (which sees only the GPUs it reserved) and the driver must agree on them."""
+    import dataclasses
+
+    import ray
+
+    from fedleak.eval.ray_tasks import resolved_dtype
+
+    if config.model.dtype != "auto":
+        return config
+    probe = ray.remote(resolved_dtype).options(num_cpus=config.executor.train_cpus,
+                                               num_gpus=config.executor.train_gpus)
+    try:
+        dtype = ray.get(probe.remote(config.model.device))
+    except ray.exceptions.RayError as exc:  # e.g. model.device = "cuda" for tasks that reserve no GPU
+        raise FedleakError(f"model.device = {config.model.device!r}: a training task (executor.train_gpus = "
+                           f"{config.executor.train_gpus:g}) cannot use it ({_one_line(exc)}): reserve GPUs with "
+                           f"executor.train_gpus or set model.device = \"auto\"") from None
+    log.info("executor ray: model.dtype \"auto\" is %s on the training tasks' nodes", dtype)
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, dtype=dtype))
 
 
 def _count(work: _Work, bars: dict, kind: str) -> None:
@@ -234,7 +288,8 @@ def _result(ref, kind: str, item: PlannedTraining, work: _Work, retries: int) ->
                                   "attempts": 0})
         return None
     if "fedleak_error" in result:
-        raise FedleakError(result["fedleak_error"])
+        raise FedleakError(f"{kind} of {item.unit.label} seed {item.unit.seed} on {result['node']}: "
+                           f"{result['fedleak_error']}")
     return result
 
 
@@ -251,6 +306,19 @@ def _cached_attack_cells(config: RunConfig, item: PlannedTraining, record: dict,
             return None
         cells += found
     return cells
+
+
+def _running(board, work: _Work) -> dict:
+    """The tasks running now, by node: the board's word for tasks still pending (a finished task's last
+    message may come late, a killed one's never); best effort, the run does not depend on it."""
+    import ray
+
+    try:
+        running = ray.get(board.snapshot.remote(), timeout=10)
+    except ray.exceptions.RayError:
+        return {}
+    pending = {(kind, item.unit.stem) for kind, item in work.pending.values()}
+    return {key: node for key, node in running.items() if key in pending}
 
 
 def _progress_line(work: _Work, running: dict[tuple[str, str], str]) -> str:
@@ -276,7 +344,6 @@ def _model_blob(config: RunConfig, model_ref: str) -> tuple[str, bytes] | None:
 
 def _install(target: Path, blob: bytes) -> None:
     """A task's training folder into the run folder, whole or not at all (as a local training moves its scratch)."""
-    import os
     import shutil
 
     scratch = target.with_name(f".{target.name}.partial-{os.getpid()}")
@@ -287,8 +354,6 @@ def _install(target: Path, blob: bytes) -> None:
 
 
 def _write(path: Path, blob: bytes) -> None:
-    import os
-
     path.parent.mkdir(parents=True, exist_ok=True)
     scratch = path.with_name(f".{path.name}.{os.getpid()}")
     scratch.write_bytes(blob)

@@ -10,7 +10,9 @@ again) is returned, not raised, so Ray does not retry it; any other exception is
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
 import math
 import os
 import shutil
@@ -30,7 +32,13 @@ def pack(folder: Path, arcname: str = ".") -> bytes:
 
 
 def unpack(blob: bytes, into: Path) -> None:
-    """Unpack `pack`'s archive under `into` ("data" filter: no absolute paths, links out or devices)."""
+    """Unpack `pack`'s archive under `into` ("data" filter: no absolute paths, links out or devices).
+
+    Raises:
+        FedleakError: this Python lacks tarfile's extraction filters (before 3.10.12 / 3.11.4).
+    """
+    if not hasattr(tarfile, "data_filter"):
+        raise FedleakError("executor ray needs tarfile's extraction filters: use Python >= 3.10.12 or >= 3.11.4")
     into.mkdir(parents=True, exist_ok=True)
     with tarfile.open(fileobj=io.BytesIO(blob), mode="r") as tar:
         tar.extractall(str(into), filter="data")
@@ -61,15 +69,46 @@ def _prepare(plugins: tuple[str, ...], base_dir: str, cpus: float, model: tuple[
         name, blob = model
         target = cache_root() / name
         if not (target / "fedleak_build.json").exists():
-            scratch = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent if target.parent.exists()
-                                            else None))
-            unpack(blob, scratch)
             target.parent.mkdir(parents=True, exist_ok=True)
+            scratch = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))  # same filesystem: os.replace
+            unpack(blob, scratch)
             try:
                 os.replace(scratch, target)
-            except OSError:  # another task of this node got there first
+            except OSError:
                 shutil.rmtree(scratch, ignore_errors=True)
+                if not (target / "fedleak_build.json").exists():  # not another task of this node getting there first
+                    raise
     return base
+
+
+def resolved_dtype(device: str) -> str:
+    """model.dtype "auto" as this task resolves it (it sees only the GPUs it reserved): "float32", "bfloat16"."""
+    from fedleak.federated.model import DTYPES, resolve_device, resolve_dtype
+
+    resolved = resolve_dtype("auto", resolve_device(device))
+    return next(name for name, dtype in DTYPES.items() if dtype == resolved)
+
+
+class _Lines(logging.Handler):
+    """fedleak's warnings in a task, sent back for the driver's log (Ray does not forward them)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _captured():
+    handler = _Lines()
+    root = logging.getLogger("fedleak")
+    root.addHandler(handler)
+    try:
+        yield handler.lines
+    finally:
+        root.removeHandler(handler)
 
 
 def _board_call(board, method: str, *args) -> None:
@@ -78,22 +117,27 @@ def _board_call(board, method: str, *args) -> None:
 
 
 def train_task(config, unit, *, out_dir: str, base_dir: str, use_cache: bool, cpus: float,
-               model: tuple[str, bytes] | None, board) -> dict:
-    """Train and evaluate one unit. Returns {"record", "cached", "node"} and, when `out_dir` is "" (storage
-    "driver"), "files": the training folder packed; {"fedleak_error": message} for a config or plug-in fault."""
+               model: tuple[str, bytes] | None, board, training: bytes | None = None) -> dict:
+    """Train and evaluate one unit. Returns {"record", "cached", "node", "log"} (the task's warnings) and, when
+    `out_dir` is "" (storage "driver"), "files": the training folder packed (`training`: the folder as the
+    driver has it, when only its evaluation is missing); {"fedleak_error": message} for a config or plug-in
+    fault."""
     from fedleak.eval.training_runs import train_unit
 
     node = node_name()
     _board_call(board, "started", ("training", unit.stem), node)
     try:
-        base = _prepare(config.plugins, base_dir, cpus, model)
-        if out_dir:
-            record, cached = train_unit(config, unit, Path(out_dir), base_dir=base, use_cache=use_cache)
-            return {"record": record, "cached": cached, "node": node}
-        with tempfile.TemporaryDirectory(prefix="fedleak-ray-") as scratch:
-            record, cached = train_unit(config, unit, Path(scratch), base_dir=base, use_cache=False)
-            return {"record": record, "cached": cached, "node": node,
-                    "files": pack(Path(scratch) / "trainings" / unit.stem)}
+        with _captured() as lines:
+            base = _prepare(config.plugins, base_dir, cpus, model)
+            if out_dir:
+                record, cached = train_unit(config, unit, Path(out_dir), base_dir=base, use_cache=use_cache)
+                return {"record": record, "cached": cached, "node": node, "log": lines}
+            with tempfile.TemporaryDirectory(prefix="fedleak-ray-") as scratch:
+                folder = Path(scratch) / "trainings" / unit.stem
+                if training is not None:  # its checkpoints, to evaluate again without training again
+                    unpack(training, folder)
+                record, cached = train_unit(config, unit, Path(scratch), base_dir=base, use_cache=training is not None)
+                return {"record": record, "cached": cached, "node": node, "files": pack(folder), "log": lines}
     except FedleakError as exc:
         return {"fedleak_error": str(exc), "node": node}
     finally:
@@ -103,39 +147,45 @@ def train_task(config, unit, *, out_dir: str, base_dir: str, use_cache: bool, cp
 def attack_task(config, unit, record: dict, attacks, *, out_dir: str, base_dir: str, use_cache: bool, cpus: float,
                 model: tuple[str, bytes] | None, board, training: bytes | None = None,
                 shadows: dict[str, bytes] | None = None) -> dict:
-    """Every planned attack's cells on one training. Returns {"cells", "ran", "node"} and, under storage "driver"
+    """Every planned attack's cells on one training. Returns {"cells", "ran", "node", "log"} and, under storage "driver"
     (`training` holds the packed training folder, `shadows` the run's shadow files), "attack_files" (the
     training's attacks/ cache files) and "shadow_files" (shadow statistics it trained); {"fedleak_error"} for a
     config or plug-in fault."""
-    from fedleak.eval.attacking import attack_training
-    from fedleak.eval.cache import ATTACKS_DIR, SHADOWS_DIR
-    from fedleak.eval.context import seed_context
-
     node = node_name()
     _board_call(board, "started", ("attacks", unit.stem), node)
     try:
-        base = _prepare(config.plugins, base_dir, cpus, model)
-        ctx = seed_context(config, unit.seed, base)
-        if out_dir:
-            cells, ran = attack_training(ctx, unit, record, Path(out_dir) / record["checkpoint_dir"], attacks,
-                                         use_cache=use_cache, shadow_dir=Path(out_dir) / SHADOWS_DIR)
-            return {"cells": cells, "ran": ran, "node": node}
-        with tempfile.TemporaryDirectory(prefix="fedleak-ray-") as scratch:
-            folder, shadow_dir = Path(scratch) / "training", Path(scratch) / SHADOWS_DIR
-            unpack(training, folder)
-            shadow_dir.mkdir()
-            for name, blob in (shadows or {}).items():
-                (shadow_dir / name).write_bytes(blob)
-            cells, ran = attack_training(ctx, unit, record, folder, attacks, use_cache=use_cache,
-                                         shadow_dir=shadow_dir)
-            return {"cells": cells, "ran": ran, "node": node,
-                    "attack_files": {p.name: p.read_bytes() for p in (folder / ATTACKS_DIR).glob("*.json")},
-                    "shadow_files": {p.name: p.read_bytes() for p in shadow_dir.glob("*.safetensors")
-                                     if p.name not in (shadows or {})}}
+        with _captured() as lines:
+            return {**_attack(config, unit, record, attacks, out_dir=out_dir, base_dir=base_dir, use_cache=use_cache,
+                              cpus=cpus, model=model, training=training, shadows=shadows), "node": node, "log": lines}
     except FedleakError as exc:
         return {"fedleak_error": str(exc), "node": node}
     finally:
         _board_call(board, "finished", ("attacks", unit.stem))
+
+
+def _attack(config, unit, record: dict, attacks, *, out_dir: str, base_dir: str, use_cache: bool, cpus: float,
+            model, training: bytes | None, shadows: dict[str, bytes] | None) -> dict:
+    from fedleak.eval.attacking import attack_training
+    from fedleak.eval.cache import ATTACKS_DIR, SHADOWS_DIR
+    from fedleak.eval.context import seed_context
+
+    base = _prepare(config.plugins, base_dir, cpus, model)
+    ctx = seed_context(config, unit.seed, base)
+    if out_dir:
+        cells, ran = attack_training(ctx, unit, record, Path(out_dir) / record["checkpoint_dir"], attacks,
+                                     use_cache=use_cache, shadow_dir=Path(out_dir) / SHADOWS_DIR)
+        return {"cells": cells, "ran": ran}
+    with tempfile.TemporaryDirectory(prefix="fedleak-ray-") as scratch:
+        folder, shadow_dir = Path(scratch) / "training", Path(scratch) / SHADOWS_DIR
+        unpack(training, folder)
+        shadow_dir.mkdir()
+        for name, blob in (shadows or {}).items():
+            (shadow_dir / name).write_bytes(blob)
+        cells, ran = attack_training(ctx, unit, record, folder, attacks, use_cache=use_cache, shadow_dir=shadow_dir)
+        return {"cells": cells, "ran": ran,
+                "attack_files": {p.name: p.read_bytes() for p in (folder / ATTACKS_DIR).glob("*.json")},
+                "shadow_files": {p.name: p.read_bytes() for p in shadow_dir.glob("*.safetensors")
+                                 if p.name not in (shadows or {})}}
 
 
 class ProgressBoard:

@@ -5,6 +5,7 @@ embedded model shipped to nodes that lack it (the nodes' FEDLEAK_CACHE starts em
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from tests.processes import free_port, start, stop
 pytest.importorskip("ray")
 
 PLUGIN = '''
+import logging
 import os
 import time
 from pathlib import Path
@@ -33,6 +35,8 @@ class Slow(FedIT):
 
     def client_round(self, ctx):
         time.sleep(2.0)
+        if ctx.client == 0:  # a warning from inside a task: the driver's log must show it
+            logging.getLogger("fedleak.plugs").warning("slow: round %d took its time", ctx.round)
         return super().client_round(ctx)
 
 
@@ -133,6 +137,7 @@ def test_the_matrix_on_a_two_node_cluster_gives_the_local_runs_results(runs, clu
     assert all(n.count("/") == 1 for n in nodes)
     log = (folder / "ray/run.log").read_text()
     assert "ray: trainings 2/2 done, 0 running, 0 queued; attack tasks 2/2 done" in log
+    assert re.search(r"\[[0-9.]+/[0-9a-f]{8}\] slow: round 2 took its time", log)  # a task's warning, with its node
     # LiRA's shadows went to disk once, for every task of the seed; the nodes unpacked the driver's model.
     assert len(list((folder / "ray/shadows").glob("lira-shadows-*.safetensors"))) == 1
     assert list((folder / "node-cache").glob("embedded-*/fedleak_build.json"))
@@ -192,6 +197,17 @@ def test_a_failing_task_is_retried_then_recorded_and_driver_storage_completes_th
     assert strip(fedit(results, "cells")) == strip(fedit(local, "cells")) and fedit(results, "cells")
     assert (folder / "flaky/trainings/fedit-none-seed0/attacks").is_dir()  # the driver wrote what the task sent
     assert "MISSING: its training of flaky/none" in (folder / "flaky/report.md").read_text()
+    # New evaluation settings: the driver sends the checkpoints to a node to evaluate again, not to retrain,
+    # and the attack files (keyed by the training) stay valid.
+    fedit_dir = folder / "flaky/trainings/fedit-none-seed0"
+    stamps = {name: (fedit_dir / name).stat().st_mtime_ns for name in ("training.json", "evaluation.json")}
+    attack_files = {p.name: p.read_bytes() for p in (fedit_dir / "attacks").glob("*.json")}
+    config.write_text(config.read_text().replace("records = 4", "records = 3"))
+    fedleak("run", config, "--out", folder / "flaky", "--address", address, "--quiet", "--only", "fedit", env=env)
+    assert (fedit_dir / "training.json").stat().st_mtime_ns == stamps["training.json"]
+    assert (fedit_dir / "evaluation.json").stat().st_mtime_ns != stamps["evaluation.json"]
+    assert json.loads((fedit_dir / "evaluation.json").read_text())["utility"]["records"] == 3
+    assert {p.name: p.read_bytes() for p in (fedit_dir / "attacks").glob("*.json")} == attack_files
 
 
 def test_ray_settings_and_flags_are_checked(tmp_path, tiny_run_config):
@@ -208,6 +224,16 @@ def test_ray_settings_and_flags_are_checked(tmp_path, tiny_run_config):
                            f"127.0.0.1:{free_port()}", "--out", str(tmp_path / "out")], capture_output=True, text=True,
                           timeout=180, env={**os.environ, "RAY_DISABLE_USAGE_STATS": "1"})
     assert proc.returncode == 2 and "cannot connect to Ray" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_task_no_node_can_hold_is_an_error_before_anything_runs(cluster, tmp_path):
+    folder, config, address, env = cluster
+    (tmp_path / "plugs.py").write_text(PLUGIN)
+    own = tmp_path / "gpu.toml"
+    own.write_text(config.read_text() + '[executor]\ntrain_gpus = 1\n')
+    proc = fedleak("run", own, "--executor", "ray", "--address", address, "--out", tmp_path / "out", env=env, status=2)
+    assert "executor.train_cpus = 1, train_gpus = 1: no node of the Ray cluster has that much" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_without_ray_the_error_names_the_extra(monkeypatch):

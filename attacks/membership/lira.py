@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal, Sequence
@@ -139,7 +140,7 @@ def write_shadows(path: Path, digest: str, shadows: ShadowStatistics) -> None:
     from safetensors.numpy import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    scratch = path.with_name(f".{path.name}.{os.getpid()}")
+    scratch = path.with_name(f".{path.name}.{uuid.uuid4().hex}")  # nodes of a cluster share pids
     save_file({"stats": np.ascontiguousarray(shadows.stats, dtype=np.float64),
                "in_mask": np.ascontiguousarray(shadows.in_mask, dtype=np.uint8)}, str(scratch),
               metadata={"key": digest, "record_ids": json.dumps(list(shadows.record_ids)),
@@ -263,7 +264,8 @@ class LiRAAttack(MembershipAttack):
                tuple(repr(r) for r in env.population), env.cache_salt)
         if key not in env.cache:
             # repr, not hash(): str hashes are salted per process, and the disk key must hold across processes.
-            digest = hashlib.sha256(repr(key).encode()).hexdigest()[:24]
+            # The salt names the model when set; the model's path differs between nodes.
+            digest = hashlib.sha256(repr(key[:4] + key[5:] if env.cache_salt else key).encode()).hexdigest()[:24]
             path = env.cache_dir / f"lira-shadows-{digest}.safetensors" if env.cache_dir else None
             shadows = read_shadows(path, digest) if path else None
             if shadows is None:
