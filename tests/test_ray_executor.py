@@ -49,6 +49,18 @@ class Flaky(FedIT):
         with open(os.environ["FEDLEAK_TEST_ATTEMPTS"], "a") as f:
             f.write(f"{Path(__file__).parent}\\n")
         raise RuntimeError("flaky: this node's disk is gone")
+
+
+@register_algorithm("broken")
+class Broken(FedIT):
+    """FEDIT with a config fault: a FedleakError, which no retry can mend."""
+
+    def client_round(self, ctx):
+        from fedleak.common.errors import FedleakError
+
+        with open(os.environ["FEDLEAK_TEST_ATTEMPTS"], "a") as f:
+            f.write("broken\\n")
+        raise FedleakError("broken: set broken.fix = true")
 '''
 MATRIX = """
 [matrix]
@@ -189,7 +201,7 @@ def test_a_failing_task_is_retried_then_recorded_and_driver_storage_completes_th
                       {"algorithm": "flaky", "task": "attacks", "attempts": 0}]
     assert "RuntimeError: flaky: this node's disk is gone" in results["failures"][0]["error"]
     # Two attempts, each from the config folder Ray shipped to a node (not from `own`, the driver's copy).
-    attempts = (folder / "attempts.txt").read_text().split()
+    attempts = [line for line in (folder / "attempts.txt").read_text().split() if line != "broken"]
     assert len(attempts) == 2 and str(own) not in attempts
     local = runs[0]
     fedit = lambda r, key: [x for x in r[key] if x["algorithm"] == "fedit"]  # noqa: E731
@@ -224,6 +236,18 @@ def test_ray_settings_and_flags_are_checked(tmp_path, tiny_run_config):
                            f"127.0.0.1:{free_port()}", "--out", str(tmp_path / "out")], capture_output=True, text=True,
                           timeout=180, env={**os.environ, "RAY_DISABLE_USAGE_STATS": "1"})
     assert proc.returncode == 2 and "cannot connect to Ray" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_fedleak_error_in_a_task_is_not_retried_and_stops_the_run(cluster, tmp_path):
+    folder, config, address, env = cluster
+    (tmp_path / "plugs.py").write_text(PLUGIN)
+    own = tmp_path / "broken.toml"
+    own.write_text(config.read_text().replace('["fedit", "slow"]', '["broken"]') + '[executor]\nmax_retries = 2\n')
+    before = (folder / "attempts.txt").read_text().count("broken") if (folder / "attempts.txt").exists() else 0
+    proc = fedleak("run", own, "--executor", "ray", "--address", address, "--out", tmp_path / "out", env=env, status=2)
+    assert "training of broken/none seed 0 on " in proc.stderr and "broken: set broken.fix = true" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out/results.json").exists()
+    assert (folder / "attempts.txt").read_text().count("broken") == before + 1  # one attempt: no retry
 
 
 def test_a_task_no_node_can_hold_is_an_error_before_anything_runs(cluster, tmp_path):
