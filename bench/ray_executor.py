@@ -9,11 +9,11 @@ secagg) with the loss attack on every observer, each run in a fresh output folde
 
 Printed: each run's wall time, the speed-up over `--jobs 1`, Ray on two nodes against `--jobs N` (the ratio
 to read), and what Ray adds. Ray on one one-CPU node does the same work as `--jobs 1`, one task at a time;
-from each run's wall time the work itself is taken away (each training's and each cell's own seconds, from
-results.json), so what is left is the driver's share (base utility, results, report: the same in both) plus,
-for Ray, everything it adds: connecting, the dtype probe, the progress actor, scheduling, the workers'
-start-up (imports, model load) and argument and result transfer. That difference over the tasks is Ray's
-overhead per task; the goal is under 1 s per training.
+Ray adds = (its wall - jobs 1's wall) - (its work's own seconds - jobs 1's), the work's own seconds being
+each training's and each cell's from results.json (summed per cell they exceed the wall, cells of one view
+sharing forward passes, but the same way in both runs). What is left: connecting, the dtype probe, the
+progress actor, scheduling, the workers' start-up (imports, model load) and argument and result transfer.
+That over the tasks is Ray's overhead per task; the goal is under 1 s per training.
 
     .venv/bin/python bench/ray_executor.py [--jobs 2] [--cpus-per-node 1]
 """
@@ -144,7 +144,8 @@ def main() -> None:
         print(f"  {name:<14} {wall:7.1f} s   speed-up over jobs 1: {walls['jobs 1'] / wall:.2f}x")
     print(f"ray on 2 nodes / jobs {args.jobs}: {walls['ray 2 node(s)'] / walls[f'jobs {args.jobs}']:.2f}x (wall)")
     added = outside["ray"] - outside["jobs 1"]
-    print(f"wall outside the work itself: jobs 1 {outside['jobs 1']:.1f} s, ray on 1 node {outside['ray']:.1f} s: "
+    wall = walls["ray 1 node(s)"] - walls["jobs 1"]
+    print(f"ray on 1 node - jobs 1: wall {wall:+.1f} s, the work's own seconds {wall - added:+.1f} s: "
           f"Ray adds {added:.1f} s")
     if args.cpus_per_node == 1:
         print(f"Ray's overhead per task (one task at a time, everything included): {added / tasks:.2f} s "
