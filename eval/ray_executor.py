@@ -25,6 +25,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from fedleak.common.errors import FedleakError
+from fedleak.common.io import atomic_write_bytes
 from fedleak.eval.attacking import attack_key, cached_cells
 from fedleak.eval.cache import ATTACKS_DIR, SHADOWS_DIR, TRAINING_FILE, read_json, training_key
 from fedleak.eval.config import RunConfig
@@ -218,15 +219,15 @@ def run_on_ray(config: RunConfig, planned: list[PlannedTraining], out_dir: Path,
                     else:
                         folder = out_dir / work.records[item.unit]["checkpoint_dir"]
                         for name, blob in result.get("attack_files", {}).items():
-                            _write(folder / ATTACKS_DIR / name, blob)
+                            atomic_write_bytes(folder / ATTACKS_DIR / name, blob)
                         for name, blob in result.get("shadow_files", {}).items():
-                            _write(out_dir / SHADOWS_DIR / name, blob)
+                            atomic_write_bytes(out_dir / SHADOWS_DIR / name, blob)
                         work.cells[item.unit] = [{**c, "cost": {**c["cost"], "node": result["node"]}}
                                                  if "cost" in c else c for c in result["cells"]]
                         log.info("attacks on %s seed %d: %d run on %s", item.unit.label, item.unit.seed,
                                  result["ran"], result["node"])
                 line = _progress_line(work, _running(board, work))
-                if line != said and time.monotonic() - last_line >= settings.progress_interval or not work.pending:
+                if (line != said and time.monotonic() - last_line >= settings.progress_interval) or not work.pending:
                     log.info("%s", line)
                     last_line, said = time.monotonic(), line
         except BaseException:
@@ -351,13 +352,6 @@ def _install(target: Path, blob: bytes) -> None:
     unpack(blob, scratch)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(scratch, target)
-
-
-def _write(path: Path, blob: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    scratch = path.with_name(f".{path.name}.{os.getpid()}")
-    scratch.write_bytes(blob)
-    os.replace(scratch, path)
 
 
 def describe_failures(failures: list[dict]) -> str:

@@ -111,11 +111,6 @@ def _captured():
         root.removeHandler(handler)
 
 
-def _board_call(board, method: str, *args) -> None:
-    if board is not None:
-        getattr(board, method).remote(*args)
-
-
 def train_task(config, unit, *, out_dir: str, base_dir: str, use_cache: bool, cpus: float,
                model: tuple[str, bytes] | None, board, training: bytes | None = None) -> dict:
     """Train and evaluate one unit. Returns {"record", "cached", "node", "log"} (the task's warnings) and, when
@@ -125,7 +120,7 @@ def train_task(config, unit, *, out_dir: str, base_dir: str, use_cache: bool, cp
     from fedleak.eval.training_runs import train_unit
 
     node = node_name()
-    _board_call(board, "started", ("training", unit.stem), node)
+    board.started.remote(("training", unit.stem), node)
     try:
         with _captured() as lines:
             base = _prepare(config.plugins, base_dir, cpus, model)
@@ -141,7 +136,7 @@ def train_task(config, unit, *, out_dir: str, base_dir: str, use_cache: bool, cp
     except FedleakError as exc:
         return {"fedleak_error": str(exc), "node": node}
     finally:
-        _board_call(board, "finished", ("training", unit.stem))
+        board.finished.remote(("training", unit.stem))
 
 
 def attack_task(config, unit, record: dict, attacks, *, out_dir: str, base_dir: str, use_cache: bool, cpus: float,
@@ -152,7 +147,7 @@ def attack_task(config, unit, record: dict, attacks, *, out_dir: str, base_dir: 
     training's attacks/ cache files) and "shadow_files" (shadow statistics it trained); {"fedleak_error"} for a
     config or plug-in fault."""
     node = node_name()
-    _board_call(board, "started", ("attacks", unit.stem), node)
+    board.started.remote(("attacks", unit.stem), node)
     try:
         with _captured() as lines:
             return {**_attack(config, unit, record, attacks, out_dir=out_dir, base_dir=base_dir, use_cache=use_cache,
@@ -160,7 +155,7 @@ def attack_task(config, unit, record: dict, attacks, *, out_dir: str, base_dir: 
     except FedleakError as exc:
         return {"fedleak_error": str(exc), "node": node}
     finally:
-        _board_call(board, "finished", ("attacks", unit.stem))
+        board.finished.remote(("attacks", unit.stem))
 
 
 def _attack(config, unit, record: dict, attacks, *, out_dir: str, base_dir: str, use_cache: bool, cpus: float,

@@ -24,9 +24,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal, Sequence
@@ -39,6 +37,7 @@ from fedleak.attacks.base import AttackEnvironment, MembershipAttack, Target, re
 from fedleak.attacks.membership.stats import compute_stats, shared_stats
 from fedleak.federated.data import Record
 from fedleak.common.errors import FedleakError
+from fedleak.common.io import atomic_write_bytes
 from fedleak.common.params import PositiveInt, Range
 from fedleak.federated.seeding import derive_seed, numpy_rng, torch_generator
 from fedleak.federated.training import encode, train_adapter
@@ -137,15 +136,12 @@ class ShadowStatistics:
 def write_shadows(path: Path, digest: str, shadows: ShadowStatistics) -> None:
     """Shadow statistics to safetensors (stats float64 [S, N], in_mask uint8 [S, N]; ids and seconds in the
     header), written whole or not at all."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    scratch = path.with_name(f".{path.name}.{uuid.uuid4().hex}")  # nodes of a cluster share pids
-    save_file({"stats": np.ascontiguousarray(shadows.stats, dtype=np.float64),
-               "in_mask": np.ascontiguousarray(shadows.in_mask, dtype=np.uint8)}, str(scratch),
-              metadata={"key": digest, "record_ids": json.dumps(list(shadows.record_ids)),
-                        "seconds": json.dumps(list(shadows.seconds))})
-    os.replace(scratch, path)
+    atomic_write_bytes(path, save({"stats": np.ascontiguousarray(shadows.stats, dtype=np.float64),
+                                   "in_mask": np.ascontiguousarray(shadows.in_mask, dtype=np.uint8)},
+                                  metadata={"key": digest, "record_ids": json.dumps(list(shadows.record_ids)),
+                                            "seconds": json.dumps(list(shadows.seconds))}))
 
 
 def read_shadows(path: Path, digest: str) -> ShadowStatistics | None:
