@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # annotations only: importing torch and transformers here wou
     import torch
     from transformers import PreTrainedTokenizerBase
 
+    from fedleak.attacks.updates import ServerRecord
     from fedleak.federated.adapters import LoraSettings
     from fedleak.federated.training import TrainSettings
 
@@ -61,6 +62,10 @@ class AttackEnvironment:
     # what produced them plus `cache_salt` (the caller's model, data and code fingerprints); None: memory only.
     cache_dir: Path | None = None
     cache_salt: str = ""
+    # Records the attacker holds that no model of the run trained on, from the targets' domain where the run
+    # knows one (`attack.public_file`, else the embedded generator's public records): ReCaLL's prefixes,
+    # DC-PDD's token frequencies, SPV-MIA's self-prompts. Never a target.
+    public: list[Record] = field(default_factory=list)
 
 
 @dataclass
@@ -81,6 +86,9 @@ class Target:
     response_only: bool = True  # score the tokens training looked at
     env: AttackEnvironment | None = None
     cache: dict = field(default_factory=dict)  # statistics shared by the attacks on this view
+    # The training's checkpoints as a curious server holds them (every round's global adapter and uploads,
+    # `attacks/updates.py`); None for a target built by hand. Update-based attacks read it.
+    server: ServerRecord | None = None
 
     @property
     def batch_size(self) -> int:
@@ -229,10 +237,18 @@ ATTACKS: Registry[type[Attack]] = Registry("attack", base=Attack, contract=_fami
     "fedleak.attacks.membership.min_k",
     "fedleak.attacks.membership.reference",
     "fedleak.attacks.membership.lira",
+    "fedleak.attacks.membership.recall",
+    "fedleak.attacks.membership.dc_pdd",
+    "fedleak.attacks.membership.rmia",
+    "fedleak.attacks.membership.spv_mia",
+    "fedleak.attacks.membership.update_gradient",
+    "fedleak.attacks.membership.fedmia",
     "fedleak.attacks.extraction.discoverable",
     "fedleak.attacks.extraction.pii",
     "fedleak.attacks.extraction.exposure",
     "fedleak.attacks.extraction.generate_rank",
+    "fedleak.attacks.extraction.vocabulary",
+    "fedleak.attacks.extraction.fedpii",
     "fedleak.attacks.poisoning.backdoor",
     "fedleak.attacks.poisoning.label_flip",
     "fedleak.attacks.poisoning.scaling",

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from fedleak.attacks.base import ATTACKS, ExtractionResult, MembershipAttack, Secrets, Target
 from fedleak.attacks.membership.stats import BASE, reference_cache
+from fedleak.attacks.updates import ServerRecord
 from fedleak.common.errors import FedleakError
 from fedleak.common.io import atomic_write_json
 from fedleak.common.params import instantiate
@@ -322,6 +323,12 @@ def adapter_identity(folder: Path, view: str) -> tuple[tuple[str, str], ...]:
     return tuple(sorted((name, manifest["files"][stem]["sha256"]) for name, stem in files.items()))
 
 
+def _hides_uploads(unit: TrainingUnit) -> bool:
+    from fedleak.defenses.base import DEFENSES
+
+    return bool(getattr(DEFENSES.get(unit.defense.name), "hides_uploads", False))
+
+
 def attack_training(ctx: SeedContext, unit: TrainingUnit, record: dict, training_dir: Path,
                     attacks: list[tuple[ComponentSpec, tuple[str, ...]]], *, algorithm=None, progress: bool = False,
                     use_cache: bool = True, cache_dir: Path | None = None,
@@ -368,6 +375,7 @@ def attack_training(ctx: SeedContext, unit: TrainingUnit, record: dict, training
         probes = [(rnd, view) for rnd, view in probes if wanted_on(rnd, view)]
         # Views loading the same adapter files share one statistics cache, kept until the last of them.
         identities = [adapter_identity(checkpoint.round_dir(training_dir, rnd), view) for rnd, view in probes]
+        server = ServerRecord(training_dir, cfg.model.lora, hides_uploads=_hides_uploads(unit))
         uses = Counter(identities)
         caches: dict[tuple, dict] = {}
         for (rnd, view), identity in tqdm(list(zip(probes, identities)), desc=f"{unit.label} attacks", unit="view",
@@ -379,7 +387,7 @@ def attack_training(ctx: SeedContext, unit: TrainingUnit, record: dict, training
             truth = _view_truth(algorithm, history, data, observer, client, rnd)
             target = Target(model=model, tokenizer=tokenizer, observer=observer, client=client, round=rnd,
                             max_length=fed.max_length, response_only=fed.response_only_loss, env=env,
-                            cache=caches.setdefault(identity, {}))
+                            cache=caches.setdefault(identity, {}), server=server)
             uses[identity] -= 1
             if not uses[identity]:
                 del caches[identity]  # the dict lives on in `target` until this view is done

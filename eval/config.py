@@ -123,6 +123,12 @@ class AttackSettings:
         "help": "Level of the AUC intervals, the audit's Clopper-Pearson bounds and the poisoning rates' Clopper-Pearson intervals."})
     delta: Annotated[float, Range(ge=0, lt=1)] = field(default=1e-5, metadata={
         "help": "Delta of the empirical epsilon when the training has no accountant (with one: the accountant's)."})
+    public_file: str = field(default="", metadata={
+        "help": "Alpaca-style JSON or JSONL file of records the attacker holds and no client trained on, relative to the "
+                "config's folder: ReCaLL's prefixes, DC-PDD's token frequencies, SPV-MIA's self-prompts. \"\": the "
+                "embedded generator's public records (synthetic clinical text naming no patient)."})
+    public_records: PositiveInt = field(default=400, metadata={
+        "help": "Records of the attacker's public pool: the first of public_file's, or this many generated ones."})
 
     def __post_init__(self):
         check_fields(self, "attack.")

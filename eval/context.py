@@ -14,7 +14,7 @@ from pathlib import Path
 from fedleak.attacks.base import AttackEnvironment
 from fedleak.attacks.membership.stats import scorable
 from fedleak.eval.config import RunConfig
-from fedleak.federated.data import FederatedData, Record
+from fedleak.federated.data import FederatedData, Record, generate_records
 from fedleak.federated.dataquality import truncation_counts, truncation_messages
 from fedleak.federated.datasource import prepare_data
 from fedleak.federated.embedded import build_embedded
@@ -42,6 +42,21 @@ class SeedContext:
     data_sha256: str | None  # a user data file's content
     env: AttackEnvironment | None = None
     scorable_cache: dict = field(default_factory=dict)
+    base_dir: Path = Path(".")  # the config's folder: relative files are read from there
+
+    @functools.cached_property
+    def public(self) -> list[Record]:
+        """The attacker's public pool (`attack.public_file`, else generated public records): records no client
+        trained on, never scored as targets."""
+        settings = self.config.attack
+        if settings.public_file:
+            from fedleak.federated.loader import load_alpaca
+
+            path = Path(settings.public_file)
+            return load_alpaca(path if path.is_absolute() else self.base_dir / path, id_prefix="public")[
+                :settings.public_records]
+        return generate_records(settings.public_records, seed=self.config.seed, purpose="attacker-public",
+                                private=False)
 
     @functools.cached_property
     def model_ref(self) -> str:
@@ -66,6 +81,7 @@ class SeedContext:
                 allow_download=cfg.model.allow_download,
                 # The attacker's pool: every candidate it scores (members, held-out records, audit canaries).
                 population=data.members + data.heldout + [c.record(0) for c in data.audit_canaries],
+                public=self.public,
                 train=dataclasses.replace(fed.train_settings(), epochs=fed.rounds * fed.local_epochs))
         return self.env
 
@@ -82,7 +98,7 @@ def seed_context(config: RunConfig, seed: int, base_dir: Path) -> SeedContext:
         data = prepare_data(cfg.data, seed=seed, num_clients=fed.clients, partition_method=fed.partition,
                             alpha=fed.alpha, min_records=fed.min_records_per_client, base_dir=base_dir)
         # The loader hashed the bytes it parsed: the cache keys name exactly the file that was read.
-        _CONTEXTS[key] = SeedContext(cfg, data, (data.quality.get("file") or {}).get("sha256"))
+        _CONTEXTS[key] = SeedContext(cfg, data, (data.quality.get("file") or {}).get("sha256"), base_dir=Path(base_dir))
     return _CONTEXTS[key]
 
 
@@ -90,7 +106,10 @@ def check_data(config: RunConfig, base_dir: Path, seeds=None) -> list[SeedContex
     """Every seed's data (`seeds`, default the run's), loaded and checked before anything else (model
     build, output folder): a bad data file is one line in seconds, not after minutes of model build, and
     leaves nothing behind."""
-    return [seed_context(config, seed, base_dir) for seed in (config.run_seeds if seeds is None else seeds)]
+    contexts = [seed_context(config, seed, base_dir) for seed in (config.run_seeds if seeds is None else seeds)]
+    for ctx in contexts if config.attack.public_file else ():
+        ctx.public  # a bad attack.public_file fails here, before anything is written
+    return contexts
 
 
 def load_tokenizer(config: RunConfig, model_ref: str):

@@ -75,3 +75,11 @@ min_records_per_client = 2
 records = 4
 max_new_tokens = 8
 """
+
+
+@pytest.fixture(scope="session")
+def frontier(small_model_path, tmp_path_factory):
+    """A small FEDIT federation (defenses none and secagg) trained once per session (tests/frontier.py)."""
+    from tests.frontier import Frontier
+
+    return Frontier(tmp_path_factory.mktemp("frontier"))

@@ -49,6 +49,7 @@ class TokenStats:
     sigma: np.ndarray  # [N, T] std of log p(z) under the same distribution
     mask: np.ndarray  # [N, T] bool
     texts: tuple[str, ...]  # the scored text of each record (the response, or the whole example)
+    ids: np.ndarray | None = None  # [N, T] int64 token id of each scored token (DC-PDD's frequency lookup)
 
     @property
     def loss(self) -> np.ndarray:
@@ -85,6 +86,7 @@ def compute_stats(model, tokenizer, records: Sequence[Record], *, max_length: in
     counts = np.array([sum(label != IGNORE for label in e.labels[1:]) for e in examples], dtype=np.int64)
     width = int(counts.max(initial=0))
     out = [np.zeros((n, width)) for _ in range(3)]  # logp, mu, sigma
+    token_ids = np.zeros((n, width), dtype=np.int64)
     order = sorted(range(n), key=lambda i: -len(examples[i].input_ids))
     model.eval()
     starts = range(0, n, batch_size)
@@ -112,9 +114,10 @@ def compute_stats(model, tokenizer, records: Sequence[Record], *, max_length: in
         for target, values in zip(out, columns):
             if values:
                 target[record, column] = torch.cat(values).double().cpu().numpy()
+        token_ids[record, column] = wanted.cpu().numpy()
     mask = np.arange(width)[None, :] < counts[:, None]
     texts = tuple(r.output if response_only else f"{r.instruction}\n{r.input}\n{r.output}" for r in records)
-    return TokenStats(logp=out[0], mu=out[1], sigma=out[2], mask=mask, texts=texts)
+    return TokenStats(logp=out[0], mu=out[1], sigma=out[2], mask=mask, texts=texts, ids=token_ids)
 
 
 def reference_model(target, reference: str):
