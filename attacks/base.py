@@ -106,7 +106,9 @@ class Secrets:
     held-out ones), for prompts an attacker builds from others' templates (under FEDIT a client's
     model has seen other clients' records through the global adapter: they are not non-members);
     `nonmembers`: records of the same distribution that no model of the run trained on (the
-    held-out split), the control that tells memorisation from what the domain's templates give.
+    held-out split), the control that tells memorisation from what the domain's templates give;
+    `clients`: each contributing client's own records (canary copies excluded) by client index, for an
+    attacker who is one of them (`fedpii`); empty for a target built by hand.
     """
 
     records: list[Record]
@@ -114,6 +116,7 @@ class Secrets:
     reference_canaries: list[Canary] = field(default_factory=list)
     other_records: list[Record] = field(default_factory=list)
     nonmembers: list[Record] = field(default_factory=list)
+    clients: dict[int, list[Record]] = field(default_factory=dict)
 
     @property
     def identifiers(self) -> list[str]:
@@ -148,6 +151,13 @@ class ExtractionResult:
 class Attack(Component):
     """Base of every attack; a plug-in derives from a family's base instead: `MembershipAttack`,
     `ExtractionAttack`, `DataPoisoning` or `ModelPoisoning` (the last two in `attacks/poisoning/base.py`)."""
+
+    # What the attack reads: "black-box" (the view's model: its outputs or logits), or "updates" (the server's
+    # record of the training, white-box: `Target.server`); the report's curious-server section compares the two.
+    access: str = "black-box"
+    # The views its threat model holds on (the matrix refuses others at config time), and why not the rest.
+    observers: tuple[str, ...] = ("global", "upload", "client")
+    observers_why: str = ""
 
     @property
     @abstractmethod

@@ -32,7 +32,7 @@ from fedleak.attacks.updates import ServerRecord
 from fedleak.common.errors import FedleakError
 from fedleak.common.io import atomic_write_json
 from fedleak.common.params import instantiate
-from fedleak.eval.audit import empirical_epsilon, one_run_epsilon
+from fedleak.eval.audit import empirical_epsilon, one_run_by_design
 from fedleak.eval.cache import (ATTACKS_DIR, cache_key, code_fingerprint, data_fingerprint, model_fingerprint,
                                 read_json)
 from fedleak.eval.config import AttackSettings, ComponentSpec, plain
@@ -41,6 +41,7 @@ from fedleak.eval.metrics import UndefinedMetricWarning, membership_metrics, roc
 from fedleak.eval.plan import TrainingUnit
 from fedleak.federated import checkpoint
 from fedleak.federated.adapters import add_lora
+from fedleak.federated.canary_designs import RANDOM, design_of
 from fedleak.federated.data import Canary, FederatedData, Record
 from fedleak.federated.model import shared_base_model
 from fedleak.federated.rounds import ALGORITHMS
@@ -137,27 +138,32 @@ def blind_scores(attack: MembershipAttack, target: Target, records: list[Record]
         return _checked_scores(attack, blind, records)
 
 
-def _not_finite_note(scores: np.ndarray, what: str) -> str | None:
+def _not_finite_note(scores: np.ndarray, what: str, *, update_round_0: bool = False) -> str | None:
     bad = int((~np.isfinite(scores)).sum())
-    return f"{bad} of {len(scores)} {what} scores are NaN or infinite (a diverged model?): metrics undefined" \
-        if bad else None
+    why = "round 0 is the initial adapter: there is no update to read" if update_round_0 else "a diverged model?"
+    return f"{bad} of {len(scores)} {what} scores are NaN or infinite ({why}): metrics undefined" if bad else None
 
 
 def run_membership(attack: MembershipAttack, target: Target, members, nonmembers, *, settings: AttackSettings,
-                   delta: float, seed: int, audit: list[Canary] = (), blind: bool = True) -> dict:
+                   delta: float, seed: int, audit: list[Canary] = (), audit_designs=(RANDOM,),
+                   blind: bool = True) -> dict:
     """Score members and non-members in one call (so the attacks on a view share one forward pass),
     then the metrics, the blind baseline, the empirical epsilon and, with audit canaries, the one-run
-    audit (Steinke, Nasr and Jagielski 2023).
+    audit (Steinke, Nasr and Jagielski 2023) of each canary design on its own.
 
     Args:
         members, nonmembers: the n1 and n0 records scored (label 1 and 0).
         seed: the bootstrap's; the view and its blind baseline resample the same records.
+        audit_designs: the run's canary designs (`data.embedded.audit_canary_designs`), the first giving
+            `one_run_epsilon_lb` and `audit.one_run`.
         blind: also score the base model (`blind_scores`); needs a peft target.
 
     Returns:
         {"metrics", "n_members", "n_nonmembers", "audit"}, "roc" where defined, and "error" when some scores are NaN or
         infinite: `membership_metrics`' keys, `blind_auc` with `blind_auc_low`/`_high`, `epsilon_lb`
-        and `one_run_epsilon_lb`; NaN where undefined, never an exception for NaN scores.
+        and `one_run_epsilon_lb`; NaN where undefined, never an exception for NaN scores. With designs
+        beyond ["random"] also `audit.one_run_designs` ({design: bound and canary AUC}) and the metrics
+        `one_run_epsilon_lb_<design>` and `canary_auc_<design>` (with `_low`/`_high`).
 
     Raises:
         FedleakError: the attack breaks its contract (not one score per record) or the blind baseline
@@ -169,8 +175,13 @@ def run_membership(attack: MembershipAttack, target: Target, members, nonmembers
         scores = _checked_scores(attack, target, records)
         metrics = membership_metrics(y_true, scores, n_bootstrap=settings.bootstrap, confidence=settings.confidence,
                                      seed=derive_seed(seed, "bootstrap"))
-        notes = [_not_finite_note(scores, "member and non-member")]
-        if blind:
+        notes = [_not_finite_note(scores, "member and non-member", update_round_0=attack.access == "updates"
+                                  and target.round == 0)]
+        blind_note = None
+        if blind and attack.access == "updates":  # the base model has no update to read
+            blind_note = ("no blind baseline: the attack reads the server's updates, which the base model does not "
+                          "have; its members and non-members are the category-matched draw every attack scores")
+        elif blind:
             base_scores = blind_scores(attack, target, records)
             base = membership_metrics(y_true, base_scores, n_bootstrap=settings.bootstrap,
                                       confidence=settings.confidence, seed=derive_seed(seed, "bootstrap"))
@@ -179,14 +190,24 @@ def run_membership(attack: MembershipAttack, target: Target, members, nonmembers
         empirical = empirical_epsilon(y_true, scores, delta=delta, confidence=settings.confidence)
         metrics["epsilon_lb"] = empirical["epsilon_lb"]
         outcome = {"metrics": metrics, "n_members": len(members), "n_nonmembers": len(nonmembers),
-                   "audit": {"empirical": empirical}}
+                   "audit": {"empirical": empirical}, **({"blind_note": blind_note} if blind_note else {})}
         if audit:
             included = np.array([c.repetitions > 0 for c in audit])
-            audit_scores = _checked_scores(attack, target, [c.record(0) for c in audit])
-            if included.any() and not included.all():
-                one_run = one_run_epsilon(included, audit_scores, delta=delta, confidence=settings.confidence)
-                metrics["one_run_epsilon_lb"] = one_run["epsilon_lb"]
-                outcome["audit"]["one_run"] = one_run
+            audit_scores = _checked_scores(attack, target, [c.record(0) for c in audit])  # every design at once
+            designed = list(audit_designs) != [RANDOM]  # today's run keeps today's fields alone
+            by_design = one_run_by_design(included, audit_scores, [design_of(c) for c in audit], audit_designs,
+                                          delta=delta, confidence=settings.confidence,
+                                          n_bootstrap=settings.bootstrap if designed else 0,
+                                          seed=derive_seed(seed, "canaries"))
+            first = by_design.get(audit_designs[0])
+            if first is not None:
+                metrics["one_run_epsilon_lb"] = first["epsilon_lb"]
+                outcome["audit"]["one_run"] = {k: v for k, v in first.items() if not k.startswith("auc")}
+            if designed:
+                outcome["audit"]["one_run_designs"] = by_design
+                for design, bound in by_design.items():
+                    metrics[f"one_run_epsilon_lb_{design}"] = bound["epsilon_lb"]
+                    metrics.update({f"canary_auc_{design}{end}": bound[f"auc{end}"] for end in ("", "_low", "_high")})
         fpr, tpr = roc_points(y_true, scores)
     if np.isfinite(fpr).all():  # an undefined ROC (NaN scores, one class) has no curve to plot
         outcome["roc"] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
@@ -258,7 +279,7 @@ def _view_truth(algorithm, history: list[dict], data: FederatedData, observer: s
     members = data.members_of(clients)
     secrets = Secrets(records=members, canaries=[c for c in data.canaries if c.client in clients],
                       reference_canaries=list(data.reference_canaries), other_records=list(others),
-                      nonmembers=list(data.heldout))
+                      nonmembers=list(data.heldout), clients={c: data.members_of({c}) for c in sorted(clients)})
     return _ViewTruth(members, secrets, [c for c in data.audit_canaries if c.client in clients],
                       tuple(sorted(clients)))
 
@@ -279,11 +300,12 @@ def _membership_cell(ctx: SeedContext, attack: MembershipAttack, target: Target,
                 "unscorable_members": len(truth.members) - len(scorable_members)}
     outcome = run_membership(attack, target, split.members, split.nonmembers, settings=cfg.attack, delta=delta,
                              seed=derive_seed(cfg.seed, unit.label, "clients", *truth.clients, rnd, spec.label),
-                             audit=truth.audit)
+                             audit=truth.audit, audit_designs=cfg.data.embedded.audit_canary_designs)
     if outcome.get("error"):
         log.warning("attack %s on %s/%s round %d of %s: %s", spec.label, target.observer, target.client, rnd,
                     unit.label, outcome["error"])
-    return {**{k: outcome[k] for k in ("metrics", "n_members", "n_nonmembers", "roc", "audit") if k in outcome},
+    return {**{k: outcome[k] for k in ("metrics", "n_members", "n_nonmembers", "roc", "audit", "blind_note")
+               if k in outcome},
             **({"error": outcome["error"]} if "error" in outcome else {}), **split.record(),
             "unscorable_members": len(truth.members) - len(scorable_members)}
 
@@ -393,7 +415,7 @@ def attack_training(ctx: SeedContext, unit: TrainingUnit, record: dict, training
                 del caches[identity]  # the dict lives on in `target` until this view is done
             for spec, attack in wanted:
                 cell = {**unit.key(), "attack": spec.label, "attack_name": spec.name, "attack_params": attack.params(),
-                        "family": attack.family, "observer": observer, "client": client, "round": rnd}
+                        "family": attack.family, "access": attack.access, "observer": observer, "client": client, "round": rnd}
                 membership = isinstance(attack, MembershipAttack)
                 if membership and not truth.members:
                     continue

@@ -7,7 +7,9 @@
   (`empirical_epsilon`).
 - Steinke, Nasr and Jagielski (2023), "Privacy Auditing with One (1) Training Run": canaries each
   included with probability 1/2 in a single run; the number of correct membership guesses is
-  compared with the binomial tail that eps-DP allows (`one_run_epsilon`).
+  compared with the binomial tail that eps-DP allows (`one_run_epsilon`); `one_run_by_design` audits
+  each canary design of Panda, Tang, Nasr, Choquette-Choo and Mittal (2025), "Privacy Auditing of
+  Large Language Models" (arXiv 2503.06808), on its own.
 
 Same conventions as `fedleak.eval.metrics`: higher score = member / included.
 """
@@ -21,7 +23,8 @@ from scipy.optimize import brentq
 from scipy.special import expit
 from scipy.stats import beta, binom
 
-from fedleak.eval.metrics import UndefinedMetricWarning, _check_confidence, _split_by_class
+from fedleak.eval.metrics import (UndefinedMetricWarning, _check_confidence, _split_by_class, auc_confidence_interval,
+                                  roc_auc)
 
 _EPS_MAX = 50.0  # e^50 / (1 + e^50) is 1 in float64: no finite count of guesses can reject more
 
@@ -174,3 +177,34 @@ def one_run_epsilon(included, y_score, *, delta: float = 0.0, confidence: float 
         if best is None or eps > best["epsilon_lb"]:
             best = {"epsilon_lb": eps, "guesses": r, "correct": v, "k_plus": k_plus, "k_minus": k_minus}
     return {**best, "canaries": m, "confidence": confidence, "delta": delta}
+
+
+def one_run_by_design(included, y_score, designs, order, *, delta: float = 0.0, confidence: float = 0.95,
+                      n_bootstrap: int = 1000, seed: int = 0) -> dict[str, dict]:
+    """The one-run audit of each canary design on its own canaries: `designs[i]` names canary i's design.
+
+    Each design's canaries were drawn and inserted independently of the others', so each gives its own
+    bound at `confidence` (the largest over designs would hold at a lower one). Beside each bound the
+    canaries' AUC (included against left out, with a stratified bootstrap interval): with a few dozen
+    canaries the bound moves in coarse steps, and the AUC compares designs more finely.
+
+    Returns {design: one_run_epsilon's dict plus "auc", "auc_low", "auc_high"} for each design in
+    `order` whose canaries here are neither all included nor all left out (no bound otherwise).
+    """
+    included, y_score, designs = np.asarray(included), np.asarray(y_score, dtype=float), np.asarray(designs)
+    if not included.shape == y_score.shape == designs.shape:
+        raise ValueError(f"included {included.shape}, y_score {y_score.shape} and designs {designs.shape} must "
+                         "have one entry per canary")
+    out = {}
+    for design in order:
+        mine = designs == design
+        inc, scores = included[mine].astype(bool), y_score[mine]
+        if not inc.any() or inc.all():
+            continue
+        result = one_run_epsilon(inc, scores, delta=delta, confidence=confidence)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UndefinedMetricWarning)  # one_run_epsilon has warned of NaN scores
+            low, high = auc_confidence_interval(inc, scores, n_bootstrap=n_bootstrap, confidence=confidence,
+                                                seed=seed) if n_bootstrap else (float("nan"), float("nan"))
+            out[design] = {**result, "auc": roc_auc(inc, scores), "auc_low": low, "auc_high": high}
+    return out

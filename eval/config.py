@@ -220,19 +220,17 @@ def _check_rule_names(config: RunConfig, where: str) -> None:
         for i, rule in enumerate(getattr(config.matrix, kind)):
             for field_name in ("algorithm", "defense", "scenario", "attack", "observer"):
                 pattern = getattr(rule, field_name)
-                name = (pattern or "*").removeprefix("!")
-                if any(ch in name for ch in "*?["):
-                    continue
                 if field_name == "scenario":
                     known = [CLEAN, *(s.name for s in config.matrix.scenarios)]
                 elif field_name == "observer":
                     known = list(OBSERVERS)
                 else:
                     known = list(dict.fromkeys(n for spec in axes[field_name] for n in (spec.name, spec.label)))
-                if name not in known:
-                    raise FedleakError(f"{where}: matrix.{kind}[{i}].{field_name} = {pattern!r} matches no "
-                                       f"{field_name} of the matrix: {did_you_mean(name, known)}"
-                                       f"known: {', '.join(known)}")
+                for name in (pattern or "*").removeprefix("!").split("|"):  # each alternative of "a|b"
+                    if not any(ch in name for ch in "*?[") and name not in known:
+                        raise FedleakError(f"{where}: matrix.{kind}[{i}].{field_name} = {pattern!r} matches no "
+                                           f"{field_name} of the matrix: {did_you_mean(name, known)}"
+                                           f"known: {', '.join(known)}")
 
 
 def _check_not_late(rounds: str | tuple[int, ...], config: RunConfig, key: str) -> None:

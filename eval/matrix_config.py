@@ -86,8 +86,8 @@ class ScenarioSpec:
 
 @dataclass(frozen=True)
 class MatrixRule:
-    """One `include` or `exclude` rule: glob patterns (on name or label; a leading "!" negates) on the
-    axes of a cell, (algorithm, defense, scenario, attack, observer). A rule naming only trainings
+    """One `include` or `exclude` rule: glob patterns (on name or label; "a|b" matches either, a leading "!"
+    negates the whole) on the axes of a cell, (algorithm, defense, scenario, attack, observer). A rule naming only trainings
     (no `attack`, no `observer`) selects whole trainings: as an exclude rule,
     {algorithm = "fedpit", defense = "!none"} keeps FEDPIT with no defense only. A rule with `attack`
     or `observer` selects attack cells and leaves the trainings alone: {defense = "krum", attack = "*"}
@@ -116,9 +116,10 @@ class MatrixRule:
 
 
 def _glob_name(pattern: str, *names: str) -> bool:
+    """Whether a name matches: "a|b" is either pattern, a leading "!" negates the whole ("!loss|lira": neither)."""
     negate = pattern.startswith("!")
     pattern = pattern[1:] if negate else pattern
-    return any(fnmatch.fnmatchcase(n, pattern) for n in names) != negate
+    return any(fnmatch.fnmatchcase(n, p) for p in pattern.split("|") for n in names) != negate
 
 
 def _glob(pattern: str, spec: "ComponentSpec") -> bool:
@@ -159,6 +160,10 @@ def _components(value, key: str, where: str, *, kind: str) -> tuple[ComponentSpe
                                f"attacks = [\"{entry['name']}\"]}}]")
         if kind == "attacks":
             observers = _observers(entry.get("observers", ["global"]), f"{item}.observers", where)
+            outside = [o for o in observers if o not in cls.observers]
+            if outside:  # the attack's threat model does not hold on that view
+                raise FedleakError(f"{where}: {item}.observers: {entry['name']} cannot probe the {outside[0]!r} view "
+                                   f"({cls.observers_why}): use observers among {list(cls.observers)}")
             rounds = _rounds(entry.get("rounds", "final"), f"{item}.rounds", where)
             scenarios = _names(entry.get("scenarios", [CLEAN]), f"{item}.scenarios", where)
         else:

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
-from fedleak.federated.data import (FederatedData, generate_records, make_audit_canaries, make_canaries,
-                                   with_canaries)
+from fedleak.federated.canary_designs import DESIGNS, RANDOM, design_of, make_designed_audit_canaries
+from fedleak.federated.data import FederatedData, generate_records, make_canaries, with_canaries
 from fedleak.common.errors import FedleakError, did_you_mean
 from fedleak.common.params import NonNegativeInt, OpenUnitInterval, PositiveInt, check_fields
 from fedleak.federated.dataquality import drop_duplicates, drop_overlap
@@ -29,9 +29,19 @@ class EmbeddedDataSettings:
         "help": "Canaries per repetition count (each also gets a never-inserted reference twin); 0 = no canaries."})
     audit_canaries: NonNegativeInt = field(default=0, metadata={
         "help": "Canaries for the one-run audit, each inserted once with probability 1/2; 0 = no one-run audit."})
+    audit_canary_designs: tuple[Literal["random", "rare_tokens", "unseen_bigrams"], ...] = field(
+        default=(RANDOM,), metadata={
+            "help": "Kinds of audit canary, each with its own audit_canaries canaries and its own one-run bound "
+                    "(Panda et al. 2025): \"random\" (six digits), \"rare_tokens\" (six symbols the pretraining "
+                    "corpus never has) and \"unseen_bigrams\" (six everyday corpus words in random order). The "
+                    "first gives one_run_epsilon_lb."})
 
     def __post_init__(self):
         check_fields(self, "data.embedded.")
+        designs = self.audit_canary_designs
+        if not designs or len(set(designs)) < len(designs):
+            raise FedleakError(f"data.embedded.audit_canary_designs = {list(designs)}: list each design once, at "
+                               f"least one, among {list(DESIGNS)}")
 
 
 @dataclass(frozen=True)
@@ -169,8 +179,13 @@ def prepare_data(settings: DataSettings, *, seed: int, num_clients: int, partiti
         if s.canaries_per_repetition:
             canaries, reference = make_canaries(seed=seed, repetitions=s.canary_repetitions,
                                                 per_repetition=s.canaries_per_repetition, num_clients=num_clients)
-        audit = make_audit_canaries(s.audit_canaries, seed=seed, num_clients=num_clients,
-                                    taken=canaries + reference)
+        audit = make_designed_audit_canaries(s.audit_canaries, s.audit_canary_designs, seed=seed,
+                                             num_clients=num_clients, taken=canaries + reference)
+        if audit and list(s.audit_canary_designs) != [RANDOM]:  # the summary's audit_canaries counts them all
+            quality["audit_canary_designs"] = {d: {"canaries": sum(design_of(c) == d for c in audit),
+                                                   "inserted": sum(c.repetitions for c in audit if design_of(c) == d),
+                                                   "design": DESIGNS[d]}
+                                               for d in s.audit_canary_designs}
         if canaries or audit:
             clients = with_canaries(clients, canaries + [c for c in audit if c.repetitions], seed=seed)
     quality.update({"duplicates_dropped": dropped, "split": plan})

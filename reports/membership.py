@@ -1,6 +1,7 @@
 """Membership inference at the final round: every cell's AUC beside its blind baseline (the same attack on
 the base model), TPR at low FPR (or "not resolvable" where the non-members are too few) and audit bounds
-(means over seeds, then each seed's own numbers), and log-log ROC curves per attack and observer."""
+(means over seeds, then each seed's own numbers), the one-run bound of each audit canary design side by side,
+and log-log ROC curves per attack and observer."""
 
 from __future__ import annotations
 
@@ -74,7 +75,10 @@ def resolution_note(cells: list[dict]) -> str | None:
 
 
 def blind_text(cell: dict) -> str:
-    """The blind baseline's AUC with its interval (n/a in results written before it existed)."""
+    """The blind baseline's AUC with its interval (n/a in results written before it existed; "none (reads the
+    updates)" for an update-based attack, whose base model has no update)."""
+    if cell.get("blind_note") and "blind_auc" not in cell["metrics"]:
+        return "none (reads the updates)"
     return metric_text(cell, "blind_auc")
 
 
@@ -103,6 +107,41 @@ def per_seed_table(run: Merged) -> Table:
             for c in cells]
     return Table(["algorithm", "defense", "attack", "view", "seed", "AUC [95% CI]", "blind AUC [95% CI]",
                   *[h for _, h in tprs], "TPR@1/n FPR", "empirical eps"], rows)
+
+
+DESIGN_PREFIX = "one_run_epsilon_lb_"
+
+
+def canary_designs(cells: list[dict]) -> list[str]:
+    """The canary designs audited separately in these cells (`one_run_epsilon_lb_<design>`), in run order."""
+    return list(dict.fromkeys(k.removeprefix(DESIGN_PREFIX) for c in cells for k in c["metrics"]
+                              if k.startswith(DESIGN_PREFIX)))
+
+
+def design_note(designs: list[str], described: dict | None = None) -> str:
+    """What each design is (as results.json's data summary describes it) and how to read its bound."""
+    described = described or {}
+    what = "; ".join(f"`{d}`: {(described.get(d) or {}).get('design', 'not described in these results')}"
+                     for d in designs)
+    return ("One-run audit by canary design (data.embedded.audit_canary_designs): each design has its own audit "
+            "canaries, each inserted once with probability 1/2, and its own one-run epsilon lower bound (Steinke, "
+            "Nasr and Jagielski 2023) at 95% confidence; canary AUC separates the design's inserted canaries from "
+            f"its left-out ones, a finer comparison than the bound's coarse steps. Designs: {what}. The membership "
+            "table's one-run eps is the first design's.")
+
+
+def design_table(run: Merged) -> Table | None:
+    """Final-round membership cells: each canary design's one-run epsilon bound and canary AUC side by side."""
+    cells = [c for c in run.of_family("membership") if any(k.startswith(DESIGN_PREFIX) for k in c["metrics"])]
+    designs = canary_designs(cells)
+    if not designs:
+        return None
+    ci = " [95% CI]" if len(run.seeds) > 1 else ""
+    pairs = lambda c: [text for d in designs for text in (metric_text(c, DESIGN_PREFIX + d, 2),
+                                                           metric_text(c, f"canary_auc_{d}"))]
+    rows = [[c["algorithm"], defense_label(c), c["attack"], view(c), *pairs(c)] for c in cells]
+    return Table(["algorithm", "defense", "attack", "view",
+                  *[h for d in designs for h in (f"one-run eps: {d}{ci}", f"canary AUC: {d} [95% CI]")]], rows)
 
 
 def failed_note(cells: list[dict]) -> str | None:
@@ -150,6 +189,10 @@ def membership_section(run: Merged) -> Section:
     blocks: list = [f"{MATCHED_NOTE if matched else UNMATCHED_NOTE} {BLIND_NOTE}", membership_table(run)]
     blocks += [note for note in (resolution_note(run.of_family("membership")),
                                  failed_note(run.of_family("membership"))) if note]
+    designs = design_table(run)
+    if designs is not None:
+        blocks += [design_note(canary_designs(run.of_family("membership")),
+                               (run.results.get("data") or {}).get("audit_canary_designs")), designs]
     if several:
         blocks += ["Each seed's own numbers (final round; AUC intervals: bootstrap within the seed):",
                    per_seed_table(run)]

@@ -22,6 +22,7 @@ from fedleak.reports.merge import merged
 from fedleak.reports.poisoning import poisoning_section
 from fedleak.reports.provenance import provenance_section
 from fedleak.reports.redact import redactor
+from fedleak.reports.server import server_section
 from fedleak.reports.render import render_html, render_markdown
 from fedleak.reports.rounds import rounds_section
 from fedleak.reports.summary import summary_section
@@ -57,7 +58,8 @@ def build_document(results: dict, *, show_secrets: bool = False) -> list[Section
     fit = fit_section(run)
     warning = fit is not None and not run.results["model_fit"]["fits"]  # before every number it qualifies
     sections = [fit if warning else None, summary_section(run, show_secrets=show_secrets), defenses_section(run),
-                dp_section(run), membership_section(run), rounds_section(run), extraction_section(run, redact),
+                dp_section(run), membership_section(run), server_section(run), rounds_section(run),
+                extraction_section(run, redact),
                 poisoning_section(run, redact), synthetic_section(run, redact), None if warning else fit,
                 provenance_section(run)]
     return [s for s in sections if s]

@@ -14,8 +14,10 @@ Higher = member. With few shadows the per-record variances are unreliable, so by
 pooled variance per side is used for all records (the paper's "fixed variance").
 
 Cost: `shadow_models` LoRA fine-tunes of the target's length, once per run (the statistics are
-cached in `env.cache` for every view and, with `env.cache_dir`, on disk for every process and node). On 2 CPU cores with the embedded model (1.24M parameters),
-a shadow on 90 of 180 population records takes about 16 s at 8 epochs and 1 min at 32.
+cached in `env.cache` for every view and, with `env.cache_dir`, on disk for every process and node;
+RMIA, `rmia.py`, reads the same shadows through `shadow_statistics`). On 2 CPU cores with the embedded
+model (1.24M parameters), a shadow on 90 of 180 population records takes about 16 s at 8 epochs and 1 min
+at 32.
 """
 
 from __future__ import annotations
@@ -159,18 +161,35 @@ def read_shadows(path: Path, digest: str) -> ShadowStatistics | None:
         return None
 
 
-def _check_env(env: AttackEnvironment | None) -> AttackEnvironment:
+def check_env(env: AttackEnvironment | None, attack: str = "lira") -> AttackEnvironment:
+    """The environment the shadows need (population, base model, LoRA and train settings); `attack` names
+    the attack in the error."""
     if env is None:
-        raise FedleakError("attack lira: the target has no attack environment: LiRA needs its population, "
-                           "base_model_ref, lora and train settings to fine-tune shadow models")
+        raise FedleakError(f"attack {attack}: the target has no attack environment: it needs the population, "
+                           f"base_model_ref, lora and train settings to fine-tune LiRA's shadow models")
     missing = [name for name in ("population", "base_model_ref", "lora", "train") if not getattr(env, name)]
     if missing:
-        raise FedleakError(f"attack lira: the attack environment lacks {', '.join(missing)}: LiRA fine-tunes "
-                           f"shadow models of the base model on the population")
+        raise FedleakError(f"attack {attack}: the attack environment lacks {', '.join(missing)}: LiRA's shadow "
+                           f"models are fine-tunes of the base model on the population")
     ids = [r.record_id for r in env.population]
     if len(set(ids)) != len(ids):
-        raise FedleakError("attack lira: the population has duplicate record ids: each record must appear once")
+        raise FedleakError(f"attack {attack}: the population has duplicate record ids: each record must appear once")
     return env
+
+
+def population_columns(env: AttackEnvironment, records: Sequence[Record], attack: str = "lira") -> np.ndarray:
+    """Each record's column in the shadow statistics (its index in `env.population`).
+
+    Raises:
+        FedleakError: a record is not in the population, or differs from the population's record of that id.
+    """
+    index = {r.record_id: i for i, r in enumerate(env.population)}
+    outside = [r.record_id for r in records if r.record_id not in index or env.population[index[r.record_id]] != r]
+    if outside:
+        raise FedleakError(f"attack {attack}: {len(outside)} scored records are not in the attack population "
+                           f"(first: {outside[0]!r}): put every candidate record in env.population, the pool "
+                           f"the shadow models are trained on")
+    return np.array([index[r.record_id] for r in records], dtype=int)
 
 
 def train_shadows(env: AttackEnvironment, model, tokenizer, *, shadow_models: int, epochs: int | None,
@@ -219,6 +238,39 @@ def train_shadows(env: AttackEnvironment, model, tokenizer, *, shadow_models: in
     return ShadowStatistics(tuple(r.record_id for r in population), stats, in_mask, tuple(seconds))
 
 
+def shadow_statistics(target: Target, *, shadow_models: int, epochs: int | None,
+                      attack: str = "lira") -> ShadowStatistics:
+    """The run's shadow statistics for these shadow settings, trained on first use; every attack reading
+    LiRA's shadows (LiRA online and offline, RMIA) and every view of the run share them.
+
+    Looked up in `env.cache`, then in `env.cache_dir` (`lira-shadows-<digest>.safetensors`), trained only when
+    neither holds them. The key holds only what changes the shadows (their count and epochs, the seed, the
+    base model, LoRA and train settings, lengths, the population, the run's salt), not the attack reading them.
+
+    Args:
+        epochs: epochs of each shadow; None: the target's (`env.train.epochs`).
+        attack: names the attack in errors.
+    """
+    env = check_env(target.env, attack)
+    epochs = env.train.epochs if epochs is None else epochs
+    key = ("lira-shadows", shadow_models, epochs, env.seed, str(env.base_model_ref), env.lora, env.train,
+           env.max_length, env.response_only, target.max_length, target.response_only,
+           tuple(repr(r) for r in env.population), env.cache_salt)
+    if key not in env.cache:
+        # repr, not hash(): str hashes are salted per process, and the disk key must hold across processes.
+        # The salt names the model when set; the model's path differs between nodes.
+        digest = hashlib.sha256(repr(key[:4] + key[5:] if env.cache_salt else key).encode()).hexdigest()[:24]
+        path = env.cache_dir / f"lira-shadows-{digest}.safetensors" if env.cache_dir else None
+        shadows = read_shadows(path, digest) if path else None
+        if shadows is None:
+            shadows = train_shadows(env, target.model, target.tokenizer, shadow_models=shadow_models,
+                                    epochs=epochs, max_length=target.max_length, response_only=target.response_only)
+            if path:
+                write_shadows(path, digest, shadows)
+        env.cache[key] = shadows
+    return env.cache[key]
+
+
 @register_attack("lira")
 class LiRAAttack(MembershipAttack):
     """LiRA: Gaussian likelihood ratio of the target's log-prob against shadow models (Carlini et al. 2022)."""
@@ -251,27 +303,8 @@ class LiRAAttack(MembershipAttack):
         self.epochs = epochs
 
     def shadows(self, target: Target) -> ShadowStatistics:
-        """The run's shadow statistics, trained on first use. The key holds only what changes the
-        shadows, so online and offline LiRA (and every view of the run) share them."""
-        env = _check_env(target.env)
-        epochs = env.train.epochs if self.epochs is None else self.epochs
-        key = ("lira-shadows", self.shadow_models, epochs, env.seed, str(env.base_model_ref), env.lora, env.train,
-               env.max_length, env.response_only, target.max_length, target.response_only,
-               tuple(repr(r) for r in env.population), env.cache_salt)
-        if key not in env.cache:
-            # repr, not hash(): str hashes are salted per process, and the disk key must hold across processes.
-            # The salt names the model when set; the model's path differs between nodes.
-            digest = hashlib.sha256(repr(key[:4] + key[5:] if env.cache_salt else key).encode()).hexdigest()[:24]
-            path = env.cache_dir / f"lira-shadows-{digest}.safetensors" if env.cache_dir else None
-            shadows = read_shadows(path, digest) if path else None
-            if shadows is None:
-                shadows = train_shadows(env, target.model, target.tokenizer, shadow_models=self.shadow_models,
-                                        epochs=epochs, max_length=target.max_length,
-                                        response_only=target.response_only)
-                if path:
-                    write_shadows(path, digest, shadows)
-            env.cache[key] = shadows
-        return env.cache[key]
+        """The run's shadow statistics, trained on first use (`shadow_statistics`)."""
+        return shadow_statistics(target, shadow_models=self.shadow_models, epochs=self.epochs)
 
     def score(self, target: Target, records: Sequence[Record]) -> np.ndarray:
         """LiRA scores of `records` (see `MembershipAttack.score`); the shadows train on first use.
@@ -280,15 +313,9 @@ class LiRAAttack(MembershipAttack):
             FedleakError: a record is not in `target.env.population` (the shadows' pool), or the
                 environment cannot train shadows (no base model, no train settings).
         """
-        env = _check_env(target.env)
-        index = {r.record_id: i for i, r in enumerate(env.population)}
-        outside = [r.record_id for r in records if r.record_id not in index or env.population[index[r.record_id]] != r]
-        if outside:
-            raise FedleakError(f"attack lira: {len(outside)} scored records are not in the attack population "
-                               f"(first: {outside[0]!r}): put every candidate record in env.population, the pool "
-                               f"the shadow models are trained on")
+        env = check_env(target.env)
+        columns = population_columns(env, records)
         shadows = self.shadows(target)
-        columns = np.array([index[r.record_id] for r in records], dtype=int)
         obs = -shared_stats(target, records).loss
         return lira_scores(obs, shadows.stats, shadows.in_mask, columns=columns, variant=self.variant,
                            global_variance=self.global_variance)

@@ -14,6 +14,10 @@ Statistics of the target model live in `target.cache` (one view, or every view t
 adapter files: `eval/attacking.py`); those of the reference model (by default the base model,
 identical for every view of a run) in `env.cache`, so the reference pass runs once per run and record
 set, not once per view.
+
+A pass may put the same token `prefix` in front of every example (ReCaLL's context): the prefix and the
+example's first token carry IGNORE labels, so the prefixed pass scores exactly the plain pass's tokens,
+and it is cached per (prefix, records) beside the plain one.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from fedleak.federated.data import Record
 from fedleak.common.errors import FedleakError
 from fedleak.federated.batching import scored_logits
 from fedleak.federated.model import to_device
-from fedleak.federated.training import IGNORE, collate, encode
+from fedleak.federated.training import IGNORE, Example, collate, encode
 
 ORIGINAL, LOWERCASE = "original", "lowercase"
 TARGET, REFERENCE = "target", "reference"  # the model a statistic comes from
@@ -72,16 +76,42 @@ def scorable(records: Sequence[Record], tokenizer, *, max_length: int, response_
 TOKEN_CHUNK = 512  # scored positions per softmax: bounds memory at TOKEN_CHUNK x vocabulary floats
 
 
+def positions(model) -> int | None:
+    """The positions the model has (config.json's max_position_embeddings or n_positions), None if unknown."""
+    config = getattr(model, "config", None)
+    return next((value for key in ("max_position_embeddings", "n_positions")
+                 if isinstance(value := getattr(config, key, None), int)), None)
+
+
+def prefixed(examples: Sequence[Example], prefix: Sequence[int], *, context: int | None) -> list[Example]:
+    """Each example behind `prefix`, which is scored nowhere: the prefix and the example's first token (never
+    scored in a plain pass, whose labels start at the second token) carry IGNORE labels, so exactly the plain
+    pass's tokens are scored. A sequence longer than `context` keeps the prefix's last tokens (those next to
+    the example): the example itself, as `encode` cut it to max_length, is never cut."""
+    out = []
+    for e in examples:
+        room = len(prefix) if context is None else max(0, min(len(prefix), context - len(e.input_ids)))
+        head = tuple(prefix[len(prefix) - room:])
+        out.append(Example(head + e.input_ids, (IGNORE,) * (room + 1) + e.labels[1:]))
+    return out
+
+
 @torch.no_grad()
 def compute_stats(model, tokenizer, records: Sequence[Record], *, max_length: int, response_only: bool,
-                  batch_size: int, progress: bool = False) -> TokenStats:
+                  batch_size: int, progress: bool = False, prefix: Sequence[int] = (),
+                  context: int | None = None) -> TokenStats:
     """One forward pass per batch of `records`, the records batched by length (longest first, so
     batches carry little padding and the largest comes first; the output keeps the input order).
 
     The language-model head runs only at scored positions (`federated.batching.scored_logits`), and the softmax over the
     vocabulary in chunks of TOKEN_CHUNK positions, so a 128k-token vocabulary does not multiply the
-    logits' memory."""
+    logits' memory.
+
+    `prefix`: token ids put in front of every example, unscored (`prefixed`); `context` caps the prefixed
+    sequence's length by shortening the prefix (None: no cap)."""
     examples = encode(records, tokenizer, max_length=max_length, response_only=response_only)
+    if prefix:
+        examples = prefixed(examples, prefix, context=context)
     n = len(examples)
     counts = np.array([sum(label != IGNORE for label in e.labels[1:]) for e in examples], dtype=np.int64)
     width = int(counts.max(initial=0))
@@ -159,10 +189,15 @@ def reference_cache(target, reference: str = BASE) -> dict:
 
 
 def shared_stats(target, records: Sequence[Record], *, model: str = TARGET, variant: str = ORIGINAL,
-                 reference: str = BASE) -> TokenStats:
+                 reference: str = BASE, prefix: Sequence[int] = ()) -> TokenStats:
     """Statistics of `records` under the target view (`model="target"`) or the reference model,
-    computed on first use and cached: the target's per view, the reference's per run."""
+    computed on first use and cached: the target's per view, the reference's per run.
+
+    `prefix`: token ids (of that model's tokenizer) in front of every record, unscored (`compute_stats`);
+    cached per prefix beside the plain pass, the prefixed sequence capped at the model's positions."""
     key = (variant, tuple(r.record_id for r in records), tuple(hash(r) for r in records))
+    if prefix:  # the plain pass keeps its key: the blind baseline and every other score share it
+        key += (("prefix", tuple(int(t) for t in prefix)),)
     if model == TARGET:
         cache, net, tokenizer, context = target.cache, target.model, target.tokenizer, contextlib.nullcontext()
     else:
@@ -173,7 +208,8 @@ def shared_stats(target, records: Sequence[Record], *, model: str = TARGET, vari
         with context:
             cache[key] = compute_stats(net, tokenizer, texts, max_length=target.max_length,
                                        response_only=target.response_only, batch_size=target.batch_size,
-                                       progress=target.env is not None and target.env.progress)
+                                       progress=target.env is not None and target.env.progress,
+                                       prefix=prefix, context=positions(net) if prefix else None)
     return cache[key]
 
 
