@@ -348,7 +348,7 @@ def adapter_identity(folder: Path, view: str) -> tuple[tuple[str, str], ...]:
 def _hides_uploads(unit: TrainingUnit) -> bool:
     from fedleak.defenses.base import DEFENSES
 
-    return bool(getattr(DEFENSES.get(unit.defense.name), "hides_uploads", False))
+    return any(getattr(DEFENSES.get(p.name), "hides_uploads", False) for p in (unit.defense.parts or (unit.defense,)))
 
 
 def attack_training(ctx: SeedContext, unit: TrainingUnit, record: dict, training_dir: Path,
