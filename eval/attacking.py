@@ -37,6 +37,7 @@ from fedleak.eval.cache import (ATTACKS_DIR, cache_key, code_fingerprint, data_f
                                 read_json)
 from fedleak.eval.config import AttackSettings, ComponentSpec, plain
 from fedleak.eval.context import SeedContext
+from fedleak.eval.membership_split import CATEGORY_MATCHED, MembershipSplit, membership_split  # noqa: F401 (re-exported)
 from fedleak.eval.metrics import UndefinedMetricWarning, membership_metrics, roc_points
 from fedleak.eval.plan import TrainingUnit
 from fedleak.federated import checkpoint
@@ -48,9 +49,6 @@ from fedleak.federated.rounds import ALGORITHMS
 from fedleak.federated.seeding import derive_seed
 
 log = logging.getLogger(__name__)
-
-
-from fedleak.eval.membership_split import CATEGORY_MATCHED, MembershipSplit, membership_split  # noqa: F401 (re-exported)
 
 
 def _balanced_candidates(members, nonmembers):
