@@ -23,6 +23,19 @@ def model_cache(request, tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): tiny matrices gain
+    little from a second thread and lose a lot when another process holds the other core (OpenMP threads wait on
+    each other)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_path(small_model_path, tmp_path_factory):
     """`family -> folder` of a tiny random instance of a real architecture (tests/tiny_archs.py), built

@@ -18,18 +18,11 @@ from fedleak.common.errors import FedleakError
 from fedleak.federated.model import load_base_model
 from fedleak.federated.training import TrainSettings, collate, encode, token_logprobs, train_adapter
 
+# One thread: tiny matrices gain little from a second, and lose a lot when another process holds the other core.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CANARY = Canary(patient_name="Quentin Rasmussen", secret="4821", repetitions=4, client=0)
 REFERENCE = Canary(patient_name="Greta Novak", secret="7305", repetitions=0, client=None)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices gain little from a second thread, and lose a lot when another process holds the
-    other core (OpenMP threads wait on each other): one thread keeps this file fast on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _same(a: ExtractionResult, b: ExtractionResult) -> bool:

@@ -22,18 +22,12 @@ from fedleak.federated.generation import Generation
 from fedleak.federated.model import load_base_model
 from fedleak.federated.training import TrainSettings, encode, train_adapter
 
+# One thread: tiny matrices gain little from a second, and lose a lot when another process holds the other core.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PROMPT = "### Instruction:\nCall Ann Lee (MRN 12345678).\n### Response:\n"
 RESPONSE = "Hello Ann Lee, bring MRN 12345678 and call 555-123-4567."
 IDS = ["Ann Lee", "12345678", "555-123-4567"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread: tiny matrices gain nothing from a second, and lose a lot on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # -- prefixes by hand -------------------------------------------------------------------------------------------

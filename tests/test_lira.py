@@ -15,6 +15,9 @@ from fedleak.common.errors import FedleakError
 from fedleak.federated.model import load_base_model
 from fedleak.federated.training import TrainSettings, encode, train_adapter
 
+# One thread: tiny matrices gain little from a second, and lose a lot when another process holds the other core.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # Hand-made shadow statistics: 4 shadows x 3 records, each record IN for 2 shadows.
 STATS = np.array([[-2.0, -3.1, -1.0],
                   [-2.6, -2.2, -1.9],
@@ -119,16 +122,6 @@ def test_registered_and_valid_params_accepted():
 LORA = LoraSettings(r=8, alpha=16)
 TRAIN = TrainSettings(epochs=8, batch_size=4, lr=3e-3)
 MAX_LENGTH = 64
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: two OpenMP threads competing with other processes
-    make each step many times slower, one thread does not."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,9 @@ from fedleak.federated.generation import Generation
 from fedleak.federated.model import load_base_model
 from fedleak.federated.training import TrainSettings, encode, train_adapter
 
+# One thread: tiny matrices gain little from a second, and lose a lot when another process holds the other core.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # Hand-made shadow statistics (mean token log-probs): 4 shadows x 5 population records, each IN for 2.
 STATS = np.array([[-2.0, -3.1, -1.0, -2.5, -1.7],
                   [-2.6, -2.2, -1.9, -2.4, -1.2],
@@ -122,15 +125,6 @@ def test_registered_with_their_params():
 LORA = LoraSettings(r=8, alpha=16)
 TRAIN = TrainSettings(epochs=8, batch_size=4, lr=3e-3)
 MAX_LENGTH = 64
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one OpenMP thread is faster than two competing ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
