@@ -32,6 +32,15 @@ class Defense(TrainingHooks, Component):
         """
 
 
+
+def round_start(info: RoundInfo, rule: str) -> AdapterState:
+    """The global adapter the round's clients started from (`info.start`, set by the round loop), which a rule
+    over updates (upload - start) needs; FedleakError naming the fix when a caller did not set it."""
+    if info.start is None:
+        raise FedleakError(f"{rule}: RoundInfo.start is not set, and the rule reads updates (upload - start): "
+                           f"pass the round's starting global adapter as RoundInfo(start=...)")
+    return info.start
+
 DEFENSES: Registry[type[Defense]] = Registry("defense", base=Defense, builtin_modules=(
     "fedleak.defenses.none",
     "fedleak.defenses.median",
@@ -40,6 +49,9 @@ DEFENSES: Registry[type[Defense]] = Registry("defense", base=Defense, builtin_mo
     "fedleak.defenses.bulyan",
     "fedleak.defenses.norm_bound",
     "fedleak.defenses.geomedian",
+    "fedleak.defenses.robust_lr",
+    "fedleak.defenses.centered_clip",
+    "fedleak.defenses.foolsgold",
     "fedleak.defenses.secagg",
     "fedleak.defenses.dp_sgd",
     "fedleak.defenses.dp_fedavg",

@@ -66,6 +66,8 @@ class RoundInfo:
     num_clients_total: int
     generator: torch.Generator  # seeded per round: server-side randomness (noise) draws from it
     metrics: dict = field(default_factory=dict)  # hooks record per-round facts here (epsilon, exclusions)
+    # The global adapter the round's clients started from: rules over updates (upload - start) read it.
+    start: AdapterState | None = None
 
 
 class TrainingHooks:

@@ -162,7 +162,7 @@ class ServerSide:
         setup, algorithm = self.setup, self.algorithm
         results = dict(sorted(results.items()))  # client order, however they arrived: the rules' float order
         info = RoundInfo(round=rnd, clients=sampled, num_clients_total=self.num_clients,
-                         generator=torch_generator(setup.seed, "server", rnd))
+                         generator=torch_generator(setup.seed, "server", rnd), start=self.global_state)
         updates = [ClientUpdate(client=c, state=r.upload, num_examples=r.num_examples)
                    for c, r in results.items() if r.upload is not None]
         if secure_mean is not None:
