@@ -51,7 +51,7 @@ def robust_lr(results: Sequence[tuple[AdapterState, int]], start: AdapterState, 
     deltas = torch.stack([flatten(s) - base for s, _ in kept])
     weights = torch.tensor([float(n) for _, n in kept], dtype=torch.float64)
     agreement = deltas.sign().sum(dim=0).abs()
-    rates = torch.where(agreement >= threshold, server_lr, -server_lr)
+    rates = server_lr * (2 * (agreement >= threshold).to(torch.float64) - 1)  # float64: server_lr unrounded
     mean = (weights[:, None] * deltas).sum(dim=0) / weights.sum()
     return unflatten(base + rates * mean, kept[0][0]), float((agreement < threshold).double().mean())
 
@@ -85,4 +85,3 @@ class RobustLR(Defense):
                                           threshold=self.threshold, server_lr=self.server_lr)
         info.metrics["robust_lr_reversed"] = reversed_share
         return state
-

@@ -103,8 +103,8 @@ def test_centered_clip_starts_each_round_from_the_previous_aggregate_update():
     torch.testing.assert_close(out[KEY], torch.tensor([11.0, 10.0 + 1 / 3], dtype=torch.float64))
     assert second.metrics["centered_clip_clipped"] == [2]
     # A new training (round 1 again) forgets the centre.
-    again = rule.aggregate(_updates(_s(1.0, 0.0), _s(1.0, 0.0)), info=_info(1, start=_s(0.0, 0.0)))
-    torch.testing.assert_close(again[KEY], torch.tensor([1.0, 0.0], dtype=torch.float64))
+    again = rule.aggregate(_updates(_s(3.0, 0.0), _s(3.0, 0.0)), info=_info(1, start=_s(0.0, 0.0)))
+    torch.testing.assert_close(again[KEY], torch.tensor([1.0, 0.0], dtype=torch.float64))  # carried centre: (2, 1/3)
 
 
 # -- FoolsGold ----------------------------------------------------------------------------------------------------
@@ -136,7 +136,11 @@ def test_foolsgold_gives_sybil_twins_nothing_and_a_distinct_client_everything():
     # its similarity is scaled by 0.707 / 1 to 0.5 and it keeps full weight.
     w = foolsgold_weights(torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 1.0]]))
     torch.testing.assert_close(w, torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64))
-    # Graded: a and b at cos 0.5, c orthogonal to both. alpha = 1 - 0.5 for a and b, 1 for c (pardoned to 0);
+    # Pardoning decides: a = b, c = (1, 1), d = (-1, 1). c's similarity to the twins (0.707) is scaled by 0.707 to 0.5,
+    # so c keeps weight 0.5 (without pardoning: 0).
+    w = foolsgold_weights(torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 1.0], [-1.0, 1.0]]))
+    torch.testing.assert_close(w, torch.tensor([0.0, 0.0, 0.5, 1.0], dtype=torch.float64))
+    # Graded: a and b at cos 0.5, c orthogonal to both. alpha = 1 - 0.5 for a and b, 1 for c;
     # normalised 0.5, 0.5, 1 -> 0.99; logit(0.5) + 0.5 = 0.5.
     w = foolsgold_weights(torch.tensor([[1.0, 0.0, 0.0], [0.5, math.sqrt(0.75), 0.0], [0.0, 0.0, 1.0]]))
     torch.testing.assert_close(w, torch.tensor([0.5, 0.5, 1.0], dtype=torch.float64))
