@@ -9,8 +9,13 @@ are refused when it loads and a construction from Python the same way.
 
 from __future__ import annotations
 
+from typing import Sequence
+
+import torch
+
 from fedleak.common.errors import FedleakError
-from fedleak.federated.adapters import AdapterState
+from fedleak.federated.adapters import AdapterState, flatten
+from fedleak.federated.aggregation import finite_results
 from fedleak.federated.hooks import ClientJob, ClientUpdate, RoundInfo, TrainingHooks
 from fedleak.federated.registry import Component, Registry
 
@@ -32,7 +37,6 @@ class Defense(TrainingHooks, Component):
         """
 
 
-
 def round_start(info: RoundInfo, rule: str) -> AdapterState:
     """The global adapter the round's clients started from (`info.start`, set by the round loop), which a rule
     over updates (upload - start) needs; FedleakError naming the fix when a caller did not set it."""
@@ -40,6 +44,29 @@ def round_start(info: RoundInfo, rule: str) -> AdapterState:
         raise FedleakError(f"{rule}: RoundInfo.start is not set, and the rule reads updates (upload - start): "
                            f"pass the round's starting global adapter as RoundInfo(start=...)")
     return info.start
+
+
+def update_rows(results: Sequence[tuple[AdapterState, int]], start: AdapterState) -> tuple[list[int], torch.Tensor,
+                                                                                          torch.Tensor]:
+    """The finite uploads' updates (upload - start) as rows, for the rules over updates.
+
+    Args:
+        results: (upload, num_examples) pairs; non-finite uploads are left out.
+        start: the global adapter the round's clients started from.
+
+    Returns:
+        The kept indices into `results`, `start` flattened (float64, `federated.adapters.flatten` order) and the
+        [len(kept), P] float64 updates.
+
+    Raises:
+        ValueError: no results, or none finite.
+    """
+    if not results:
+        raise ValueError("a rule over updates needs at least one client update")
+    kept = finite_results(results)
+    base = flatten(start)
+    return kept, base, torch.stack([flatten(results[i][0]) - base for i in kept])
+
 
 DEFENSES: Registry[type[Defense]] = Registry("defense", base=Defense, builtin_modules=(
     "fedleak.defenses.none",

@@ -23,9 +23,8 @@ from typing import Sequence
 import torch
 
 from fedleak.common.params import PositiveFloat, PositiveInt
-from fedleak.defenses.base import Defense, register_defense, round_start
+from fedleak.defenses.base import Defense, register_defense, round_start, update_rows
 from fedleak.federated.adapters import AdapterState, flatten, unflatten
-from fedleak.federated.aggregation import finite_results
 from fedleak.federated.hooks import ClientUpdate, RoundInfo
 
 
@@ -48,11 +47,7 @@ def centered_clip(results: Sequence[tuple[AdapterState, int]], start: AdapterSta
     Raises:
         ValueError: no results, or none finite.
     """
-    if not results:
-        raise ValueError("centered_clip needs at least one client update")
-    kept = finite_results(results)
-    base = flatten(start)
-    deltas = torch.stack([flatten(results[i][0]) - base for i in kept])
+    kept, base, deltas = update_rows(results, start)
     v = torch.zeros_like(base) if center is None else center.to(torch.float64).clone()
     clipped: list[int] = []
     for _ in range(iterations):

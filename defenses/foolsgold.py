@@ -29,9 +29,8 @@ import torch
 
 from fedleak.common.errors import FedleakError
 from fedleak.common.params import PositiveFloat
-from fedleak.defenses.base import Defense, register_defense, round_start
+from fedleak.defenses.base import Defense, register_defense, round_start, update_rows
 from fedleak.federated.adapters import AdapterState, flatten, unflatten
-from fedleak.federated.aggregation import finite_results
 from fedleak.federated.hooks import ClientUpdate, RoundInfo
 
 
@@ -59,13 +58,12 @@ def foolsgold_weights(histories: torch.Tensor, *, kappa: float = 1.0) -> torch.T
         return torch.zeros(n, dtype=torch.float64)  # every history has a twin: nobody is trusted
     alpha = alpha / alpha.max()
     alpha = torch.where(alpha == 1, torch.tensor(0.99, dtype=torch.float64), alpha)
-    with torch.no_grad():
-        logit = torch.where(alpha > 0, torch.log(alpha / (1 - alpha)), torch.tensor(-math.inf, dtype=torch.float64))
+    logit = torch.where(alpha > 0, torch.log(alpha / (1 - alpha)), torch.tensor(-math.inf, dtype=torch.float64))
     return (kappa * (logit + 0.5)).clamp(0, 1)
 
 
 def foolsgold(results: Sequence[tuple[AdapterState, int]], start: AdapterState, histories: torch.Tensor, *,
-              kappa: float = 1.0) -> tuple[AdapterState, torch.Tensor, list[int]]:
+              kappa: float = 1.0) -> tuple[AdapterState, torch.Tensor, torch.Tensor]:
     """The FoolsGold aggregate of one round (Fung et al. 2020).
 
     Args:
@@ -82,11 +80,9 @@ def foolsgold(results: Sequence[tuple[AdapterState, int]], start: AdapterState, 
     Raises:
         ValueError: fewer than 2 finite results, or none.
     """
-    kept = finite_results(results)
+    kept, base, deltas = update_rows(results, start)
     if len(kept) < 2:
         raise ValueError(f"foolsgold needs at least 2 finite client updates to compare, got {len(kept)}")
-    base = flatten(start)
-    deltas = torch.stack([flatten(results[i][0]) - base for i in kept])
     after = histories.to(torch.float64).clone()
     after[kept] += deltas
     w = foolsgold_weights(after[kept], kappa=kappa)

@@ -22,9 +22,8 @@ import torch
 
 from fedleak.common.errors import FedleakError
 from fedleak.common.params import PositiveFloat, PositiveInt
-from fedleak.defenses.base import Defense, register_defense, round_start
-from fedleak.federated.adapters import AdapterState, flatten, unflatten
-from fedleak.federated.aggregation import finite_results
+from fedleak.defenses.base import Defense, register_defense, round_start, update_rows
+from fedleak.federated.adapters import AdapterState, unflatten
 from fedleak.federated.hooks import ClientUpdate, RoundInfo
 
 
@@ -44,16 +43,12 @@ def robust_lr(results: Sequence[tuple[AdapterState, int]], start: AdapterState, 
     Raises:
         ValueError: no results, or none finite.
     """
-    if not results:
-        raise ValueError("robust_lr needs at least one client update")
-    kept = [results[i] for i in finite_results(results)]
-    base = flatten(start)
-    deltas = torch.stack([flatten(s) - base for s, _ in kept])
-    weights = torch.tensor([float(n) for _, n in kept], dtype=torch.float64)
+    kept, base, deltas = update_rows(results, start)
+    weights = torch.tensor([float(results[i][1]) for i in kept], dtype=torch.float64)
     agreement = deltas.sign().sum(dim=0).abs()
     rates = server_lr * (2 * (agreement >= threshold).to(torch.float64) - 1)  # float64: server_lr unrounded
     mean = (weights[:, None] * deltas).sum(dim=0) / weights.sum()
-    return unflatten(base + rates * mean, kept[0][0]), float((agreement < threshold).double().mean())
+    return unflatten(base + rates * mean, results[kept[0]][0]), float((agreement < threshold).double().mean())
 
 
 @register_defense("robust_lr")
