@@ -16,6 +16,7 @@ import torch
 from fedleak.common.errors import FedleakError
 from fedleak.federated.adapters import AdapterState, flatten
 from fedleak.federated.aggregation import finite_results
+from fedleak.federated.data import Record
 from fedleak.federated.hooks import ClientJob, ClientUpdate, RoundInfo, TrainingHooks
 from fedleak.federated.registry import Component, Registry
 
@@ -79,6 +80,8 @@ DEFENSES: Registry[type[Defense]] = Registry("defense", base=Defense, builtin_mo
     "fedleak.defenses.robust_lr",
     "fedleak.defenses.centered_clip",
     "fedleak.defenses.foolsgold",
+    "fedleak.defenses.fltrust",
+    "fedleak.defenses.scrub",
     "fedleak.defenses.secagg",
     "fedleak.defenses.dp_sgd",
     "fedleak.defenses.dp_fedavg",
@@ -124,6 +127,13 @@ class Composition(Defense):
 
     def train_client(self, job: ClientJob) -> dict:
         return self._owner("train_client").train_client(job)
+
+    def client_records(self, records: list[Record], *, client: int) -> tuple[list[Record], dict]:
+        facts: dict = {}
+        for part in self.parts:
+            records, more = part.client_records(records, client=client)
+            facts.update(more)
+        return records, facts
 
     def client_state(self, client: int) -> dict:
         return self._owner("train_client").client_state(client)

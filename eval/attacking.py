@@ -22,6 +22,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -99,7 +100,7 @@ def _not_finite_note(scores: np.ndarray, what: str, *, update_round_0: bool = Fa
 
 def run_membership(attack: MembershipAttack, target: Target, members, nonmembers, *, settings: AttackSettings,
                    delta: float, seed: int, audit: list[Canary] = (), audit_designs=(RANDOM,),
-                   blind: bool = True) -> dict:
+                   blind: bool = True, rewrite: Callable[[list[Record]], list[Record]] | None = None) -> dict:
     """Score members and non-members in one call (so the attacks on a view share one forward pass),
     then the metrics, the blind baseline, the empirical epsilon and, with audit canaries, the one-run
     audit (Steinke, Nasr and Jagielski 2023) of each canary design on its own.
@@ -110,6 +111,9 @@ def run_membership(attack: MembershipAttack, target: Target, members, nonmembers
         audit_designs: the run's canary designs (`data.embedded.audit_canary_designs`), the first giving
             `one_run_epsilon_lb` and `audit.one_run`.
         blind: also score the base model (`blind_scores`); needs a peft target.
+        rewrite: the records as the view's training data holds them (a sanitising defense's `client_records`):
+            an attacker who knows the defense scores the candidates and the audit canaries rewritten the same way
+            (the adaptive attack); None: as they are.
 
     Returns:
         {"metrics", "n_members", "n_nonmembers", "audit"}, "roc" where defined, and "error" when some scores are NaN or
@@ -123,6 +127,8 @@ def run_membership(attack: MembershipAttack, target: Target, members, nonmembers
             has no adapters to switch off.
     """
     records, y_true = _balanced_candidates(members, nonmembers)
+    rewrite = rewrite or (lambda rs: rs)
+    records = rewrite(records)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UndefinedMetricWarning)  # the cell's `error` says it once
         scores = _checked_scores(attack, target, records)
@@ -146,7 +152,7 @@ def run_membership(attack: MembershipAttack, target: Target, members, nonmembers
                    "audit": {"empirical": empirical}, **({"blind_note": blind_note} if blind_note else {})}
         if audit:
             included = np.array([c.repetitions > 0 for c in audit])
-            audit_scores = _checked_scores(attack, target, [c.record(0) for c in audit])  # every design at once
+            audit_scores = _checked_scores(attack, target, rewrite([c.record(0) for c in audit]))  # every design at once
             designed = list(audit_designs) != [RANDOM]  # today's run keeps today's fields alone
             by_design = one_run_by_design(included, audit_scores, [design_of(c) for c in audit], audit_designs,
                                           delta=delta, confidence=settings.confidence,
@@ -238,10 +244,11 @@ def _view_truth(algorithm, history: list[dict], data: FederatedData, observer: s
 
 
 def _membership_cell(ctx: SeedContext, attack: MembershipAttack, target: Target, truth: _ViewTruth, *,
-                     spec: ComponentSpec, unit: TrainingUnit, rnd: int, delta: float, tokenizer) -> dict:
+                     spec: ComponentSpec, unit: TrainingUnit, rnd: int, delta: float, tokenizer,
+                     rewrite: Callable[[list[Record]], list[Record]] | None = None) -> dict:
     """One membership cell's fields: category-matched members and non-members of the view's clients
     (the same for every view of those clients, and so is the bootstrap's seed), the metrics with their
-    blind baseline, the audit."""
+    blind baseline, the audit; `rewrite`: the training's sanitising defense, applied to what is scored."""
     cfg = ctx.config
     scorable_members = ctx.scorable(truth.members, tokenizer)
     split = membership_split(scorable_members, ctx.scorable(ctx.data.heldout, tokenizer), seed=cfg.seed,
@@ -253,7 +260,8 @@ def _membership_cell(ctx: SeedContext, attack: MembershipAttack, target: Target,
                 "unscorable_members": len(truth.members) - len(scorable_members)}
     outcome = run_membership(attack, target, split.members, split.nonmembers, settings=cfg.attack, delta=delta,
                              seed=derive_seed(cfg.seed, unit.label, "clients", *truth.clients, rnd, spec.label),
-                             audit=truth.audit, audit_designs=cfg.data.embedded.audit_canary_designs)
+                             audit=truth.audit, audit_designs=cfg.data.embedded.audit_canary_designs,
+                             rewrite=rewrite)
     if outcome.get("error"):
         log.warning("attack %s on %s/%s round %d of %s: %s", spec.label, target.observer, target.client, rnd,
                     unit.label, outcome["error"])
@@ -304,6 +312,18 @@ def _hides_uploads(unit: TrainingUnit) -> bool:
     return any(getattr(DEFENSES.get(p.name), "hides_uploads", False) for p in (unit.defense.parts or (unit.defense,)))
 
 
+def _record_rewrite(unit: TrainingUnit) -> Callable[[list[Record]], list[Record]] | None:
+    """The training's sanitising defense as the attacker applies it to candidates; None when none rewrites records."""
+    from fedleak.defenses.base import Defense
+    from fedleak.eval.matrix_config import build_defense
+
+    defense = build_defense(unit.defense, f"matrix.defenses: {unit.defense.label}")
+    parts = getattr(defense, "parts", [defense])
+    if all(type(p).client_records is Defense.client_records for p in parts):
+        return None
+    return lambda records: defense.client_records(list(records), client=-1)[0]
+
+
 def attack_training(ctx: SeedContext, unit: TrainingUnit, record: dict, training_dir: Path,
                     attacks: list[tuple[ComponentSpec, tuple[str, ...]]], *, algorithm=None, progress: bool = False,
                     use_cache: bool = True, cache_dir: Path | None = None,
@@ -336,6 +356,9 @@ def attack_training(ctx: SeedContext, unit: TrainingUnit, record: dict, training
         if shadow_dir is not None and use_cache:
             env.cache_dir = Path(shadow_dir)
             env.cache_salt = cache_key(code_fingerprint(cfg.plugins), model_fingerprint(cfg), data_fingerprint(ctx))
+        rewrite = _record_rewrite(unit)
+        if rewrite is not None:  # the adaptive attacker's pool (LiRA's, RMIA's shadows) is scrubbed like its candidates
+            env = dataclasses.replace(env, population=rewrite(env.population))
         privacy = record["privacy"] or {}
         # The empirical epsilon is a bound at the accountant's delta when there is one.
         delta = privacy.get("record_level_delta", privacy.get("user_level_delta", cfg.attack.delta))
@@ -375,7 +398,7 @@ def attack_training(ctx: SeedContext, unit: TrainingUnit, record: dict, training
                 start = time.perf_counter()
                 try:
                     cell.update(_membership_cell(ctx, attack, target, truth, spec=spec, unit=unit, rnd=rnd,
-                                                 delta=delta, tokenizer=tokenizer) if membership
+                                                 delta=delta, tokenizer=tokenizer, rewrite=rewrite) if membership
                                 else _extraction_cell(attack, spec, target, truth))
                 except CELL_FAILURES as exc:
                     if not _is_cell_failure(exc):

@@ -76,6 +76,29 @@ def _synthetic_summary(history: list[dict]) -> dict | None:
     return totals or None
 
 
+def sanitisation_summary(history: list[dict]) -> dict | None:
+    """What the defense's `client_records` changed in the clients' records (scrub), summed over clients: per part
+    of the defense, `records`, `changed`, `identifiers_left` and `replaced` per entity, each client counted once
+    (its facts are the same every round). None when no client's records were changed or described."""
+    per_client: dict[str, dict] = {}
+    for entry in history:
+        for client, metrics in entry["client_metrics"].items():
+            if metrics.get("sanitisation"):
+                per_client[client] = metrics["sanitisation"]
+    totals: dict[str, dict] = {}
+    for facts in per_client.values():
+        for part, counts in facts.items():
+            total = totals.setdefault(part, {"clients": 0, "replaced": {}})
+            total["clients"] += 1
+            for key, value in counts.items():
+                if isinstance(value, dict):
+                    for entity, n in value.items():
+                        total.setdefault(key, {})[entity] = total.setdefault(key, {}).get(entity, 0) + n
+                else:
+                    total[key] = total.get(key, 0) + value
+    return totals or None
+
+
 SELF_GENERATED_SCOPE = (
     "the DP-SGD trainings on their records as generated: the synthetic records are generated with the "
     "clients' real records as in-context demonstrations, without noise, so what a real record passes into "
@@ -256,6 +279,7 @@ def training_record(unit: TrainingUnit, trained: dict, evaluated: dict, checkpoi
         "synthetic": trained["synthetic"], "privacy": trained["privacy"],
         "synthetic_examples": trained["synthetic_examples"],
         "synthetic_domain_rouge_l": trained.get("synthetic_domain_rouge_l"),
+        "sanitisation": sanitisation_summary(trained["rounds"]),
         "cost": {"wall_seconds": trained["train_seconds"] + evaluated["utility_seconds"] + poisoning_seconds,
                  "train_seconds": trained["train_seconds"],
                  "upload_bytes_per_client_per_round": trained["upload_bytes_per_client_per_round"],

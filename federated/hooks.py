@@ -57,6 +57,29 @@ class ClientUpdate:
     num_examples: int  # its FedAvg weight
 
 
+class ServerModel:
+    """The model the server holds beside the round loop, for a defense that trains on the server's own data
+    (FLTrust's root update, a server-side fine-tune): the engine builds it from the clients' seeded model."""
+
+    seed: int  # the run's seed: a server-side data draw derives its stream from it
+
+    def train(self, records: Sequence[Record], *, start: AdapterState, round: int, purpose: str) -> tuple[AdapterState,
+                                                                                                           dict]:
+        """Train the shared (default) adapter from `start` on `records` as an honest client trains its upload
+        (the federation's local epochs, batch size, learning rate and clipping; plain AdamW; seeded batches).
+
+        Args:
+            records: the server's records.
+            start: the adapter to start from (the round's starting global adapter).
+            round: the round (1-based); seeds the batch order with `purpose`.
+            purpose: names the training in its seed (one stream per defense and use).
+
+        Returns:
+            The trained adapter and the training metrics (`loss_last_quarter`, `steps`, `examples`).
+        """
+        raise NotImplementedError
+
+
 @dataclass
 class RoundInfo:
     """The server's side of one round, shared by every hook of the round."""
@@ -68,6 +91,8 @@ class RoundInfo:
     metrics: dict = field(default_factory=dict)  # hooks record per-round facts here (epsilon, exclusions)
     # The global adapter the round's clients started from: rules over updates (upload - start) read it.
     start: AdapterState | None = None
+    # The server's model, where the engine gives the server one (rules that train server-side read it).
+    server: ServerModel | None = None
 
 
 class TrainingHooks:
@@ -99,6 +124,23 @@ class TrainingHooks:
             FedleakError: the job cannot be trained this way (the message names the fix).
         """
         return job.run()
+
+    def client_records(self, records: list[Record], *, client: int) -> tuple[list[Record], dict]:
+        """The records a client trains on, given its own, before any training or encoding (data sanitisation).
+
+        Called once per client and training, on what `Algorithm.client_data` gives the client; every use of the
+        client's data in the rounds (its examples, FEDPIT's self-generation demonstrations) sees the result, while
+        the attacks keep scoring the original records.
+
+        Args:
+            records: the client's records (canary copies included).
+            client: the client's id.
+
+        Returns:
+            The records to use (the same list when nothing changes) and facts about the change, JSON values (they
+            go to each of the client's rounds in the history as its metrics' `sanitisation`); empty when nothing changes.
+        """
+        return records, {}
 
     def client_state(self, client: int) -> dict:
         """What `train_client` keeps about `client` between rounds, as JSON values (DP-SGD: its accountant's

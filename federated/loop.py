@@ -15,17 +15,18 @@ import logging
 import time
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from fedleak.common.errors import FedleakError
 from fedleak.common.io import atomic_write_text, sha256_bytes
 from fedleak.federated import checkpoint
-from fedleak.federated.adapters import DEFAULT, AdapterState, add_lora, get_adapter_state
+from fedleak.federated.adapters import DEFAULT, AdapterState, activate, add_lora, get_adapter_state, set_adapter_state
 from fedleak.federated.aggregation import nonfinite_reason
-from fedleak.federated.hooks import ClientUpdate, RoundInfo
+from fedleak.federated.hooks import ClientUpdate, RoundInfo, ServerModel
 from fedleak.federated.rounds import GLOBAL, Algorithm, ClientContext, ClientResult, TrainingRun, TrainingSetup
 from fedleak.federated.seeding import derive_seed, numpy_rng, torch_generator
-from fedleak.federated.training import encode
+from fedleak.federated.training import encode, train_adapter
 
 log = logging.getLogger("fedleak.federated.rounds")
 
@@ -65,6 +66,25 @@ def _write_artifacts(folder: Path, results: dict[int, ClientResult]) -> dict:
     return entries
 
 
+class ServerTraining(ServerModel):
+    """`ServerModel` on the clients' peft model (the same seeded adapters): trains the default adapter server-side,
+    after the round's clients have trained (each client loads its starting adapter itself)."""
+
+    def __init__(self, model, setup: TrainingSetup):
+        self.model, self.setup, self.seed = model, setup, setup.seed
+
+    def train(self, records, *, start, round, purpose):
+        fed = self.setup.federation
+        examples = encode(records, self.setup.tokenizer, max_length=fed.max_length,
+                          response_only=fed.response_only_loss)
+        activate(self.model, [DEFAULT], trainable=DEFAULT)
+        set_adapter_state(self.model, start)
+        torch.manual_seed(derive_seed(self.setup.seed, "server-train", round, purpose))  # dropout
+        metrics = train_adapter(self.model, examples, fed.train_settings(), pad_id=self.setup.tokenizer.pad_token_id,
+                                generator=torch_generator(self.setup.seed, "server-batches", round, purpose))
+        return get_adapter_state(self.model), metrics
+
+
 class ClientSide:
     """The clients' half of a training: the peft model (every adapter the algorithm uses, seeded the same
     way on every side), each client's records and encoded examples, and each client's memory across rounds.
@@ -83,17 +103,27 @@ class ClientSide:
         algorithm.prepare(self.model, setup)
         self.initial = get_adapter_state(self.model)
         served = range(len(self.records)) if clients is None else clients
-        self.examples = {c: self._encode(c) for c in served}
+        self.trained: dict[int, tuple] = {}  # client -> (records it trains on, facts about them, encoded examples)
+        for c in served:
+            self._prepare(c)
         self.memory: dict[int, dict] = {c: {} for c in served}
 
-    def _encode(self, client: int):
-        fed = self.setup.federation
-        return encode(self.records[client], self.setup.tokenizer, max_length=fed.max_length,
-                      response_only=fed.response_only_loss)
+    def _prepare(self, client: int) -> tuple:
+        """The client's records after the defense's `client_records` (sanitisation), their facts and examples."""
+        if client not in self.trained:
+            records, facts = self.setup.hooks.client_records(list(self.records[client]), client=client)
+            fed = self.setup.federation
+            self.trained[client] = (records, facts, encode(records, self.setup.tokenizer, max_length=fed.max_length,
+                                                           response_only=fed.response_only_loss))
+        return self.trained[client]
 
     @property
     def num_clients(self) -> int:
         return len(self.records)
+
+    def server_model(self) -> ServerTraining:
+        """The server's model for defenses that train server-side: this side's peft model (same seeded adapters)."""
+        return ServerTraining(self.model, self.setup)
 
     def update(self, client: int, rnd: int, global_state: AdapterState | None) -> tuple[ClientResult, dict | None]:
         """What `client` does in round `rnd` given the adapter it received: (its result, its cumulative
@@ -104,13 +134,14 @@ class ClientSide:
                 client must apply (`ClientContext.poison_data`).
         """
         setup = self.setup
-        if client not in self.examples:
-            self.examples[client] = self._encode(client)
-        ctx = ClientContext(client=client, round=rnd, model=self.model, records=self.records[client],
-                            examples=self.examples[client], global_state=global_state, initial_state=self.initial,
+        records, facts, examples = self._prepare(client)
+        ctx = ClientContext(client=client, round=rnd, model=self.model, records=records,
+                            examples=examples, global_state=global_state, initial_state=self.initial,
                             memory=self.memory.setdefault(client, {}), setup=setup,
-                            plan=self.algorithm.training_plan(len(self.records[client])))
+                            plan=self.algorithm.training_plan(len(records)))
         result = self.algorithm.client_round(ctx)
+        if facts:
+            result.metrics["sanitisation"] = facts
         if setup.adversary.poisons_data and setup.adversary.acts(client, rnd) and not ctx.data_poisoned:
             raise FedleakError(f"algorithm {self.algorithm.name!r} does not support data poisoning: its client_round "
                                f"must pass the records its upload trains on through ctx.poison_data(...)")
@@ -127,10 +158,14 @@ class ServerSide:
         algorithm: whether a server aggregates, whose uploads it records, whose data the global holds.
         num_clients: the clients it samples from.
         initial: the seeded initial adapter (the global adapter before round 1).
+        server_model: the model a defense that trains server-side uses (`RoundInfo.server`); None: the server has
+            none, and such a defense refuses to run.
     """
 
-    def __init__(self, setup: TrainingSetup, algorithm: Algorithm, *, num_clients: int, initial: AdapterState):
+    def __init__(self, setup: TrainingSetup, algorithm: Algorithm, *, num_clients: int, initial: AdapterState,
+                 server_model: ServerModel | None = None):
         self.setup, self.algorithm, self.num_clients = setup, algorithm, num_clients
+        self.server_model = server_model
         self.global_state = initial if algorithm.has_server else None
         files, views = _round_files(self.global_state, {}, False)
         checkpoint.write_round(setup.out_dir, 0, files=files, views=views, num_examples={},
@@ -162,7 +197,8 @@ class ServerSide:
         setup, algorithm = self.setup, self.algorithm
         results = dict(sorted(results.items()))  # client order, however they arrived: the rules' float order
         info = RoundInfo(round=rnd, clients=sampled, num_clients_total=self.num_clients,
-                         generator=torch_generator(setup.seed, "server", rnd), start=self.global_state)
+                         generator=torch_generator(setup.seed, "server", rnd), start=self.global_state,
+                         server=self.server_model)
         updates = [ClientUpdate(client=c, state=r.upload, num_examples=r.num_examples)
                    for c, r in results.items() if r.upload is not None]
         if secure_mean is not None:
@@ -241,7 +277,8 @@ def run_rounds(setup: TrainingSetup, algorithm: Algorithm) -> TrainingRun:
     """Train in this process, both sides in turn, writing one checkpoint folder per round (round 0 = the
     initial adapter); see `ServerSide.finish_round` for refused uploads and unchanged rounds."""
     clients = ClientSide(setup, algorithm)
-    server = ServerSide(setup, algorithm, num_clients=clients.num_clients, initial=clients.initial)
+    server = ServerSide(setup, algorithm, num_clients=clients.num_clients, initial=clients.initial,
+                        server_model=clients.server_model())
     start = time.perf_counter()
     rounds_bar = tqdm(range(1, setup.federation.rounds + 1), desc=f"{setup.label} rounds".strip(), unit="round",
                       disable=not setup.progress, leave=False)

@@ -12,6 +12,7 @@ from fedleak.common.names import CHANCE_AUC, CLEAN, NO_DEFENSE
 from fedleak.reports.document import Figure, Section, Table, epsilon_text, fmt, is_number, privacy_level, signed
 from fedleak.reports.merge import Merged, best, by, interval, metric_text, pair, worst_auc, worst_auc_cell
 from fedleak.reports.plots import axes, png
+from fedleak.reports.sanitisation import SANITISATION_INTRO, sanitisation_table
 from fedleak.reports.summary import headline
 
 DEFENSES_INTRO = (
@@ -197,6 +198,9 @@ def defenses_section(run: Merged) -> Section | None:
     if not table.rows:
         return None
     blocks: list = [DEFENSES_INTRO, table]
+    scrubbed = sanitisation_table(run)
+    if scrubbed is not None:
+        blocks += [SANITISATION_INTRO, scrubbed]
     points = frontier_points(run)
     if points:
         shown = {p.pair for p in points}

@@ -63,6 +63,7 @@ EXTRACTION_HEADLINES = {
     "pii": Headline("own_fraction", "own identifiers leaked", (0.0, 1.0)),
     "exposure": Headline("exposure_max", "max exposure (bits)", None, digits=1),
     "generate_rank": Headline("hit_rate", "samples with private text", (0.0, 1.0)),
+    "adversarial_prompt": Headline("secret_rate_with", "others' secrets written with the suffix", (0.0, 1.0)),
 }
 
 

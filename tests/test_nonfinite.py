@@ -28,7 +28,7 @@ from fedleak.federated.rounds import FederationSettings, TrainingSetup
 # Parameters that let each rule run with 5 uploads of which 2 are refused (3 honest left).
 PARAMS = {"krum": {"f": 0}, "multikrum": {"f": 0, "m": 2}, "bulyan": {"f": 0}, "trimmed_mean": {"beta": 0.2},
           "norm_bound": {"max_norm": 1.0}, "dp_fedavg": {"noise_multiplier": 0.5, "clip_norm": 1.0},
-          "dp_sgd": {"noise_multiplier": 0.5}}
+          "dp_sgd": {"noise_multiplier": 0.5}, "fltrust": {"root_records": 8}}
 
 
 class CorruptUploads(Adversary):
@@ -73,7 +73,8 @@ def test_every_builtin_defense_keeps_the_global_adapter_finite_and_refuses_the_c
         tmp_path, small_model_path, caplog):
     names = _builtin_defenses()
     assert {"none", "median", "krum", "multikrum", "bulyan", "trimmed_mean", "geomedian", "norm_bound",
-            "dp_fedavg", "secagg", "dp_sgd", "robust_lr", "centered_clip", "foolsgold"} <= set(names)
+            "dp_fedavg", "secagg", "dp_sgd", "robust_lr", "centered_clip", "foolsgold", "fltrust",
+            "scrub"} <= set(names)
     for name in names:
         defense = DEFENSES.get(name)(**PARAMS.get(name, {}))
         with caplog.at_level(logging.WARNING, logger="fedleak.federated.rounds"):
@@ -93,7 +94,8 @@ def test_every_builtin_defense_keeps_the_global_adapter_finite_and_refuses_the_c
         # selecting rule (Krum, Bulyan) also leaves honest uploads out: only what it aggregated counts.
         aggregated = {c for entry in run.history for c in entry["aggregated"]}
         assert aggregated <= {0, 2, 4} and aggregated, (name, aggregated)
-        if name not in ("krum", "multikrum", "bulyan", "foolsgold"):  # FoolsGold weights alike histories 0
+        # FoolsGold weights alike histories 0; FLTrust an update pointing away from its root update.
+        if name not in ("krum", "multikrum", "bulyan", "foolsgold", "fltrust"):
             assert aggregated == {0, 2, 4}, name
         assert {r.record_id for r in run.global_members} == {
             r.record_id for c in aggregated for r in generate_records(20, seed=0, purpose="pool",

@@ -294,7 +294,8 @@ def grid_rounds(grid, setup: TrainingSetup, algorithm: Algorithm, *, spec: dict,
         The training run (its model holds the initial adapters; the clients trained elsewhere).
     """
     clients = ClientSide(setup, algorithm, clients=[])  # the seeded initial adapter; the clients train on the nodes
-    server = ServerSide(setup, algorithm, num_clients=clients.num_clients, initial=clients.initial)
+    server = ServerSide(setup, algorithm, num_clients=clients.num_clients, initial=clients.initial,
+                        server_model=clients.server_model())
     start = time.perf_counter()
     serve(grid, server, spec=spec, rounds=setup.federation.rounds, round_timeout=round_timeout,
           connect_timeout=connect_timeout, secagg=secagg)
