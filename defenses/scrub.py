@@ -17,7 +17,8 @@ Patterns (each an entity in `entities`, applied in this order so an e-mail's dig
   digits         any other run of at least `min_digits` digits  -> [NUMBER] (not after a decimal point)
   name           a word from the name list (case-sensitive)     -> [NAME] (a full name on one line: one [NAME])
 
-Not covered: social security numbers and other short dash-separated numbers, street addresses, ages.
+The hook runs for every client, a poisoning scenario's malicious ones too (the shipped configs train scrub clean
+only). Not covered: social security numbers and other short dash-separated numbers, street addresses, ages.
 """
 
 from __future__ import annotations
