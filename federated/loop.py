@@ -77,12 +77,22 @@ class ServerTraining(ServerModel):
         fed = self.setup.federation
         examples = encode(records, self.setup.tokenizer, max_length=fed.max_length,
                           response_only=fed.response_only_loss)
-        activate(self.model, [DEFAULT], trainable=DEFAULT)
-        set_adapter_state(self.model, start)
-        torch.manual_seed(derive_seed(self.setup.seed, "server-train", round, purpose))  # dropout
-        metrics = train_adapter(self.model, examples, fed.train_settings(), pad_id=self.setup.tokenizer.pad_token_id,
-                                generator=torch_generator(self.setup.seed, "server-batches", round, purpose))
-        return get_adapter_state(self.model), metrics
+        # The clients' activation and trainable flags come back afterwards (FEDPIT's rest state is not FEDIT's),
+        # and the global RNG too: the server's training draws nothing the clients' runs would have drawn.
+        active = list(self.model.active_adapters)
+        trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        with torch.random.fork_rng(devices=[]):
+            activate(self.model, [DEFAULT], trainable=DEFAULT)
+            set_adapter_state(self.model, start)
+            torch.manual_seed(derive_seed(self.setup.seed, "server-train", round, purpose))  # dropout
+            metrics = train_adapter(self.model, examples, fed.train_settings(),
+                                    pad_id=self.setup.tokenizer.pad_token_id,
+                                    generator=torch_generator(self.setup.seed, "server-batches", round, purpose))
+            state = get_adapter_state(self.model)
+        activate(self.model, active)
+        for name, param in self.model.named_parameters():
+            param.requires_grad = name in trainable
+        return state, metrics
 
 
 class ClientSide:

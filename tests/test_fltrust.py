@@ -159,3 +159,30 @@ def test_in_a_real_federation_the_server_trusts_the_honest_clients_and_not_the_m
         assert trust["2"] == 0 and trust["0"] > 0 and trust["1"] > 0, entry
         assert entry["aggregated"] == [0, 1] and math.isfinite(entry["fltrust_server_loss"])
     assert {r.record_id for r in run.global_members} == {r.record_id for r in records[:12]}
+
+
+def test_the_server_training_leaves_the_clients_model_as_it_found_it(embedded, tmp_path):
+    """FEDPIT's rest state (both adapters on, the local one trainable) comes back after a server training, the local
+    adapter untouched, and the trained state starts from `start`."""
+    from fedleak.federated.adapters import DEFAULT, activate, add_lora, add_named_adapter, get_adapter_state
+    from fedleak.federated.loop import ServerTraining
+    from fedleak.federated.rounds import TrainingSetup
+
+    base, tokenizer = embedded
+    model = add_lora(base, LoraSettings(r=4, alpha=8), seed=0)
+    add_named_adapter(model, "local", LoraSettings(r=4, alpha=8), seed=1)
+    activate(model, [DEFAULT, "local"], trainable="local")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    local, start = get_adapter_state(model, "local"), get_adapter_state(model)
+    setup = TrainingSetup(base_model=base, tokenizer=tokenizer, data=None, federation=FederationSettings(local_epochs=1),
+                          lora=LoraSettings(r=4, alpha=8), hooks=None, seed=0, out_dir=tmp_path, config_hash="h")
+    torch.manual_seed(7)
+    expected_draw = torch.rand(1)
+    torch.manual_seed(7)
+    state, metrics = ServerTraining(model, setup).train(generate_records(8, seed=0, purpose="r", private=False),
+                                                        start=start, round=1, purpose="test")
+    assert torch.rand(1) == expected_draw  # the global RNG is where it was
+    assert metrics["steps"] > 0 and any(not torch.equal(state[k], start[k]) for k in start)
+    assert list(model.active_adapters) == [DEFAULT, "local"]
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    assert all(torch.equal(v, local[k]) for k, v in get_adapter_state(model, "local").items())
