@@ -38,7 +38,7 @@ from fedleak.attacks.extraction.common import run_seed, view_key
 from fedleak.common.params import PositiveInt
 from fedleak.federated.data import Canary
 from fedleak.federated.generation import generate
-from fedleak.federated.prompts import _special_ids, bos_prefix, is_chat, prompt_ids, prompt_text
+from fedleak.federated.prompts import _special_ids, _text_ids, bos_prefix, is_chat, prompt_ids, prompt_text
 from fedleak.federated.seeding import numpy_rng, torch_generator
 from fedleak.federated.batching import IGNORE
 from fedleak.federated.training import encode
@@ -49,21 +49,17 @@ METRICS = ("secret_rate_without", "secret_rate_with", "secret_rate_gain", "answe
            "known_secret_rate_with", "suffix_loss", "targets", "known")
 
 
-def _ids(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
 def split_prompt(tokenizer, instruction: str) -> tuple[list[int], list[int]]:
     """The prompt's ids before the suffix's place (through the instruction) and after it (the template's rest).
 
     Where the prompt's own tokens start with the head's (the usual case), the tail is the rest of them, so head +
     tail is exactly the prompt training saw; otherwise (a token spans the boundary) the tail is tokenised alone."""
     head_text, tail_text = prompt_text(tokenizer, instruction + _MARK).split(_MARK)
-    head = ([] if is_chat(tokenizer) else bos_prefix(tokenizer)) + _ids(tokenizer, head_text)
+    head = ([] if is_chat(tokenizer) else bos_prefix(tokenizer)) + _text_ids(tokenizer, head_text)
     full = prompt_ids(tokenizer, instruction)
     if full[:len(head)] == head:
         return head, full[len(head):]
-    return head, _ids(tokenizer, tail_text)
+    return head, _text_ids(tokenizer, tail_text)
 
 
 def answer_ids(tokenizer, canary: Canary, max_length: int) -> list[int]:
@@ -197,7 +193,7 @@ class AdversarialPrompt(ExtractionAttack):
         allowed = torch.ones(vocab, dtype=torch.bool)
         allowed[[i for i in _special_ids(tok) if i < vocab]] = False
         allowed[len(tok):] = False  # embedding rows no token maps to
-        init_id = _ids(tok, "!")[-1]
+        init_id = _text_ids(tok, "!")[-1]
         prompts = [(*split_prompt(tok, c.prompt), answer_ids(tok, c, target.max_length)) for c in known]
         suffix, history = gcg_suffix(model, prompts, suffix_tokens=self.suffix_tokens, steps=self.steps,
                                      top_k=self.top_k, candidates=self.candidates, allowed=allowed, init_id=init_id,
