@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # annotations only: importing torch and transformers here wou
     from transformers import PreTrainedTokenizerBase
 
     from fedleak.attacks.updates import ServerRecord
-    from fedleak.federated.adapters import LoraSettings
+    from fedleak.federated.adapters import AdapterSettings
     from fedleak.federated.training import TrainSettings
 
 
@@ -54,7 +54,7 @@ class AttackEnvironment:
     population: list[Record] = field(default_factory=list)
     base_model_ref: str = ""  # folder or id of the base model, for loading fresh copies (shadows)
     allow_download: bool = False  # for a reference model named by a hub id (model.allow_download)
-    lora: LoraSettings | None = None  # of the target adapters
+    adapter: AdapterSettings | None = None  # of the target adapters (its method and settings)
     train: TrainSettings | None = None  # how one target was fine-tuned (epochs = total over rounds)
     cache: dict = field(default_factory=dict)
     progress: bool = False  # progress bars over scoring batches
@@ -158,6 +158,9 @@ class Attack(Component):
     # The views its threat model holds on (the matrix refuses others at config time), and why not the rest.
     observers: tuple[str, ...] = ("global", "upload", "client")
     observers_why: str = ""
+    # The adaptation methods (model.adaptation) whose adapters it can read; the matrix refuses others at config time.
+    adaptations: tuple[str, ...] = ("lora", "ia3", "prompt_tuning")
+    adaptations_why: str = ""
 
     @property
     @abstractmethod

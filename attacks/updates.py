@@ -22,7 +22,7 @@ import torch
 
 from fedleak.common.errors import FedleakError
 from fedleak.federated import checkpoint
-from fedleak.federated.adapters import DEFAULT, AdapterState, activate, apply_view
+from fedleak.federated.adapters import DEFAULT, AdapterState, activate, adapter_parameters, apply_view
 from fedleak.federated.data import Record
 from fedleak.federated.model import to_device
 from fedleak.federated.training import collate, encode, sequence_losses
@@ -122,16 +122,9 @@ def flat(state: AdapterState, keys: Sequence[str] | None = None) -> torch.Tensor
     return torch.cat([state[k].reshape(-1).to(torch.float64) for k in keys])
 
 
-def _lora_parameters(model) -> dict[str, torch.nn.Parameter]:
-    """The shared adapter's LoRA parameters by their saved-state key (peft drops the adapter name)."""
-    marker = f".{DEFAULT}."
-    return {name.replace(marker, "."): p for name, p in model.named_parameters()
-            if "lora_" in name and marker in name}
-
-
 def record_gradients(model, tokenizer, records: Sequence[Record], basis: torch.Tensor, *, keys: Sequence[str],
                      max_length: int, response_only: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Per-record gradients of the mean token loss with respect to the shared adapter's LoRA tensors,
+    """Per-record gradients of the mean token loss with respect to the shared adapter's tensors,
     reduced on the fly to their coordinates in `basis` and their norms (a [N, P] gradient matrix
     would not fit for a billion-parameter model's adapters; one record's gradient does).
 
@@ -150,10 +143,11 @@ def record_gradients(model, tokenizer, records: Sequence[Record], basis: torch.T
     Raises:
         FedleakError: `keys` do not match the model's shared adapter.
     """
-    params = _lora_parameters(model)
+    params = adapter_parameters(model, DEFAULT)
     if sorted(params) != sorted(keys):
         raise FedleakError(f"the update's {len(keys)} tensors do not match the model's adapter ({len(params)}): "
-                           f"attack the checkpoints with the LoRA settings they were trained with")
+                           f"attack the checkpoints with the adapter settings (model.adaptation and its table) "
+                           f"they were trained with")
     ordered = [params[k] for k in keys]
     activate(model, [DEFAULT], trainable=DEFAULT)
     model.eval()  # no dropout: the gradient of the loss the record had at these weights

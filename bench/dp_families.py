@@ -37,7 +37,7 @@ def run(families, *, tokenizer_from=None) -> list[tuple[str, str, str, str]]:
 
     from fedleak.common.errors import FedleakError
     from fedleak.defenses.dp_sgd import DPSGD
-    from fedleak.federated.adapters import LoraSettings, add_lora
+    from fedleak.federated.adapters import LoraSettings, add_peft_adapter
     from fedleak.federated.data import generate_records
     from fedleak.federated.hooks import ClientJob
     from fedleak.federated.training import TrainSettings, encode
@@ -52,7 +52,7 @@ def run(families, *, tokenizer_from=None) -> list[tuple[str, str, str, str]]:
             (base, tokenizer), note = _load(folder)
             start = time.perf_counter()
             try:
-                model = add_lora(base, LoraSettings(r=4, alpha=8, target_modules=targets), seed=0)
+                model = add_peft_adapter(base, LoraSettings(r=4, alpha=8, target_modules=targets), seed=0)
                 examples = encode(records, tokenizer, max_length=48)
                 job = ClientJob(client=0, round=1, model=model, examples=examples,
                                 settings=TrainSettings(epochs=1, batch_size=4, lr=1e-3), pad_id=tokenizer.pad_token_id,

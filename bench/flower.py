@@ -89,7 +89,7 @@ def case(engine: str, clients: int, num_cpus: float) -> dict:
     base_model, tokenizer = shared_base_model(ctx.model_ref, **config.model.load_options())
     with tempfile.TemporaryDirectory() as out, PeakMemory() as memory:
         setup = TrainingSetup(base_model=base_model, tokenizer=tokenizer, data=ctx.data, federation=config.federation,
-                              lora=config.model.lora, hooks=build_defense(unit.defense, "bench"), seed=0,
+                              adapter=config.model.adapter, hooks=build_defense(unit.defense, "bench"), seed=0,
                               out_dir=Path(out), config_hash=f"bench-{engine}-{clients}", progress=False)
         algorithm = instantiate(ALGORITHMS.get(unit.algorithm.name), unit.algorithm.kwargs, "bench")
         start = time.perf_counter()

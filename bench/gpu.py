@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedleak.attacks.membership.stats import compute_stats
 from fedleak.common.errors import FedleakError
-from fedleak.federated.adapters import LoraSettings, add_lora
+from fedleak.federated.adapters import LoraSettings, add_peft_adapter
 from fedleak.federated.data import FederatedData, generate_records
 from fedleak.federated.model import load_base_model
 from fedleak.federated.training import TrainSettings, batches, collate, encode, sequence_losses, train_adapter
@@ -225,7 +225,7 @@ def round_memory(base, tokenizer, device, args) -> None:
                                  max_length=args.seq, min_records_per_client=1)
         with tempfile.TemporaryDirectory(prefix="fedleak-bench-round-") as out:
             setup = TrainingSetup(base_model=base, tokenizer=tokenizer, data=data, federation=fed,
-                                  lora=LoraSettings(), hooks=TrainingHooks(), seed=0, out_dir=Path(out),
+                                  adapter=LoraSettings(), hooks=TrainingHooks(), seed=0, out_dir=Path(out),
                                   config_hash="bench-gpu", progress=False, label=f"{clients} clients")
             reset_peak(device)
             start = time.perf_counter()
@@ -254,7 +254,7 @@ def qlora_memory(folder, shape, device, args) -> None:
         print("  (smoke: the same step on the unquantised toy model, with and without checkpointing)")
         base, _ = load_base_model(folder, device=str(device), dtype=args.dtype)
         what = "unquantised smoke stand-in"
-    model = add_lora(base, LoraSettings(), seed=0)
+    model = add_peft_adapter(base, LoraSettings(), seed=0)
     examples = random_examples(4, args.seq, shape.vocab, seed=4)
     for checkpointing in (False, True):
         if checkpointing:  # the call load_base_model(gradient_checkpointing=True) makes, without a second load
@@ -277,7 +277,7 @@ def bench_shape(name, shape, workdir, tokenizer_folder, device, args, peaks) -> 
     start = time.perf_counter()
     write_model(shape, folder, device=device, dtype=dtype, tokenizer_folder=tokenizer_folder)
     base, tokenizer = load_base_model(folder, device=str(device), dtype=args.dtype)
-    model = add_lora(base, LoraSettings(r=16), seed=0)
+    model = add_peft_adapter(base, LoraSettings(r=16), seed=0)
     print(f"  written and loaded in {time.perf_counter() - start:.0f} s; weights {fmt(allocated_gb(device))} GB")
     # fedleak moves every batch to the model's device itself (training, scoring, generation).
     guarded(f"{name} LoRA training", lora_throughput, name, shape, model, device, args, peaks)

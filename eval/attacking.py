@@ -42,7 +42,7 @@ from fedleak.eval.membership_split import CATEGORY_MATCHED, MembershipSplit, mem
 from fedleak.eval.metrics import UndefinedMetricWarning, membership_metrics, roc_points
 from fedleak.eval.plan import TrainingUnit
 from fedleak.federated import checkpoint
-from fedleak.federated.adapters import add_lora
+from fedleak.federated.adapters import add_peft_adapter
 from fedleak.federated.canary_designs import RANDOM, design_of
 from fedleak.federated.data import Canary, FederatedData, Record
 from fedleak.federated.model import shared_base_model
@@ -350,7 +350,7 @@ def attack_training(ctx: SeedContext, unit: TrainingUnit, record: dict, training
         algorithm = algorithm or instantiate(ALGORITHMS.get(unit.algorithm.name), unit.algorithm.kwargs,
                                              f"matrix.algorithms: {unit.algorithm.label}")
         base_model, tokenizer = shared_base_model(ctx.model_ref, **cfg.model.load_options())
-        model = add_lora(base_model, cfg.model.lora, seed=0)  # every view loads its own weights
+        model = add_peft_adapter(base_model, cfg.model.adapter, seed=0)  # every view loads its own weights
         env = ctx.environment(tokenizer)
         env.progress = progress
         if shadow_dir is not None and use_cache:
@@ -373,7 +373,7 @@ def attack_training(ctx: SeedContext, unit: TrainingUnit, record: dict, training
         probes = [(rnd, view) for rnd, view in probes if wanted_on(rnd, view)]
         # Views loading the same adapter files share one statistics cache, kept until the last of them.
         identities = [adapter_identity(checkpoint.round_dir(training_dir, rnd), view) for rnd, view in probes]
-        server = ServerRecord(training_dir, cfg.model.lora, hides_uploads=_hides_uploads(unit))
+        server = ServerRecord(training_dir, cfg.model.adapter, hides_uploads=_hides_uploads(unit))
         uses = Counter(identities)
         caches: dict[tuple, dict] = {}
         for (rnd, view), identity in tqdm(list(zip(probes, identities)), desc=f"{unit.label} attacks", unit="view",
@@ -381,7 +381,7 @@ def attack_training(ctx: SeedContext, unit: TrainingUnit, record: dict, training
             folder = checkpoint.round_dir(training_dir, rnd)
             observer, client = checkpoint.parse_view_key(view)
             wanted = wanted_on(rnd, view)
-            checkpoint.apply_saved_view(model, folder, observer, client, cfg.model.lora)
+            checkpoint.apply_saved_view(model, folder, observer, client, cfg.model.adapter)
             truth = _view_truth(algorithm, history, data, observer, client, rnd)
             target = Target(model=model, tokenizer=tokenizer, observer=observer, client=client, round=rnd,
                             max_length=fed.max_length, response_only=fed.response_only_loss, env=env,

@@ -128,8 +128,11 @@ def model_fingerprint(config: RunConfig) -> dict:
     model = plain(config.model)
     # What changes the numbers beyond float order (attention kernel and checkpointing do not); "auto"
     # dtypes are resolved, as they differ between a CPU and a GPU.
-    out = {"name": model["name"], "lora": model["lora"], "dtype": _resolved_dtype(config),
+    method = model["adaptation"]  # its table only: the other methods' tables do not change this training
+    out = {"name": model["name"], method: model[method], "dtype": _resolved_dtype(config),
            **{k: model[k] for k in ("quantization", "prompt_format")}}
+    if method != "lora":  # LoRA trainings keep the keys they had before other methods existed
+        out["adaptation"] = method
     if model["name"] == "embedded":
         out["embedded"] = model["embedded"]
     elif Path(model["name"]).is_dir():

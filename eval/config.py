@@ -23,7 +23,8 @@ from fedleak.common.names import CLEAN, OBSERVERS
 from fedleak.common.params import NonNegativeInt, OpenUnitInterval, PositiveFloat, PositiveInt, Range, build, check_fields, checked
 from fedleak.eval.execution import EngineSettings, ExecutorSettings
 from fedleak.eval.matrix_config import ComponentSpec, MatrixSettings, ScenarioSpec, build_defense, component_spec
-from fedleak.federated.adapters import LoraSettings
+from fedleak.federated.adapters import AdapterSettings, LoraSettings
+from fedleak.federated.methods import IA3Settings, PromptTuningSettings
 from fedleak.federated.datasource import DataSettings
 from fedleak.federated.embedded import EmbeddedModelConfig
 from fedleak.federated.model import check_device_name, missing_folder
@@ -47,7 +48,13 @@ class ModelSettings:
         "help": "Let a Hugging Face id download from the hub; off: offline only (air-gapped machines fail otherwise)."})
     embedded: EmbeddedModelConfig = field(default_factory=EmbeddedModelConfig, metadata={
         "help": "How the embedded model is built (used when name = \"embedded\")."})
-    lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "The LoRA adapter every algorithm trains."})
+    adaptation: Literal["lora", "ia3", "prompt_tuning"] = field(default="lora", metadata={
+        "help": "The parameter-efficient method every algorithm trains: \"lora\", \"ia3\" or \"prompt_tuning\" "
+                "(a soft prompt); its settings are the table of the same name."})
+    lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "LoRA's settings (model.adaptation = \"lora\")."})
+    ia3: IA3Settings = field(default_factory=IA3Settings, metadata={"help": "IA3's settings (model.adaptation = \"ia3\")."})
+    prompt_tuning: PromptTuningSettings = field(default_factory=PromptTuningSettings, metadata={
+        "help": "Prompt tuning's settings (model.adaptation = \"prompt_tuning\")."})
     device: str = field(default="auto", metadata={
         "help": "\"auto\" (the first CUDA GPU, else the CPU), \"cpu\", \"cuda\", \"cuda:N\" or \"mps\"."})
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
@@ -64,6 +71,11 @@ class ModelSettings:
     prompt_format: Literal["auto", "chat", "alpaca"] = field(default="auto", metadata={
         "help": "How records become prompts: \"chat\" the tokenizer's chat template, \"alpaca\" the Alpaca "
                 "template, \"auto\" chat when the tokenizer has a template."})
+
+    @property
+    def adapter(self) -> AdapterSettings:
+        """The settings of the method `adaptation` names."""
+        return getattr(self, self.adaptation)
 
     def load_options(self) -> dict:
         """`federated.model.load_base_model`'s keyword arguments for this model."""
@@ -245,11 +257,22 @@ EMBEDDING_NAME = re.compile(r"embed|^wte$|^word_embeddings$|^shared$")  # input 
 
 
 def _check_combinations(config: RunConfig, where: str) -> None:
-    """Checks across tables: each defense against the federation it would run in."""
+    """Checks across tables: each defense against the federation it would run in, each attack and
+    algorithm against the adaptation method."""
+    from fedleak.attacks.base import ATTACKS
     from fedleak.federated.rounds import ALGORITHMS
 
+    method = config.model.adaptation
     for i, spec in enumerate(config.matrix.attacks):
         _check_not_late(spec.rounds, config, f"{where}: matrix.attacks[{i}].rounds")
+        if method not in (cls := ATTACKS.get(spec.name)).adaptations:
+            raise FedleakError(f"{where}: matrix.attacks[{i}]: {spec.name} cannot probe model.adaptation = "
+                               f"'{method}': {cls.adaptations_why}")
+    for i, algorithm in enumerate(config.matrix.algorithms):
+        if method == "prompt_tuning" and ALGORITHMS.get(algorithm.name).combines_adapters:
+            raise FedleakError(f"{where}: matrix.algorithms[{i}]: {algorithm.name} keeps a global and a local adapter "
+                               f"on together, and peft runs one soft prompt at a time: use model.adaptation = 'lora' "
+                               f"or 'ia3' for it")
     _check_rule_names(config, where)
     known = [CLEAN, *(s.name for s in config.matrix.scenarios)]
     for i, spec in enumerate(config.matrix.attacks):
@@ -272,7 +295,7 @@ def _check_combinations(config: RunConfig, where: str) -> None:
             raise FedleakError(f"{where}: matrix.scenarios need a federated algorithm (fedit, fedpit): "
                                f"non-federated baselines have no malicious clients")
         return
-    targets = config.model.lora.target_modules
+    targets = config.model.lora.target_modules if config.model.adaptation == "lora" else ()
     embeddings = [t for t in ((targets,) if isinstance(targets, str) else targets) if EMBEDDING_NAME.search(t)]
     for i, spec in enumerate(config.matrix.defenses):
         item = f"{where}: matrix.defenses[{i}]"
@@ -282,6 +305,14 @@ def _check_combinations(config: RunConfig, where: str) -> None:
             raise FedleakError(f"{item}: dp_sgd cannot run with model.gradient_checkpointing = true (Opacus gets no "
                                f"per-sample gradients through recomputed activations): set it to false and lower "
                                f"federation.batch_size or federation.max_length if memory is short")
+        if dp_sgd and config.model.adaptation != "lora":
+            # peft embeds a soft prompt once per batch and repeats it (get_prompt), so a hook on the prompt
+            # embedding sees one row per batch; IA3's scaling vectors sit in layers Opacus has no grad sampler for.
+            why = {"prompt_tuning": "peft computes the soft prompt once per batch, so Opacus gets no per-record "
+                                    "gradient to clip",
+                   "ia3": "Opacus has no per-sample gradient rule for peft's IA3 layers"}[config.model.adaptation]
+            raise FedleakError(f"{item}: dp_sgd cannot train model.adaptation = '{config.model.adaptation}': {why}: "
+                               f"use dp_fedavg, or model.adaptation = 'lora'")
         if embeddings and dp_sgd:
             # Caught before training by name; DPSGD.train_client checks the layers themselves.
             raise FedleakError(f"{item}: dp_sgd cannot train LoRA on the embedding layer {embeddings[0]!r} "

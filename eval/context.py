@@ -77,7 +77,7 @@ class SeedContext:
             cfg, fed, data = self.config, self.config.federation, self.data
             self.env = AttackEnvironment(
                 tokenizer=tokenizer, seed=cfg.seed, max_length=fed.max_length, response_only=fed.response_only_loss,
-                batch_size=cfg.attack.batch_size, base_model_ref=self.model_ref, lora=cfg.model.lora,
+                batch_size=cfg.attack.batch_size, base_model_ref=self.model_ref, adapter=cfg.model.adapter,
                 allow_download=cfg.model.allow_download,
                 # The attacker's pool: every candidate it scores (members, held-out records, audit canaries).
                 population=data.members + data.heldout + [c.record(0) for c in data.audit_canaries],

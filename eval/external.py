@@ -22,7 +22,7 @@ from fedleak.eval.plan import TrainingUnit, plan
 from fedleak.eval.results import write_results
 from fedleak.eval.training_runs import base_model_utility, training_record, upload_bytes, view_utility
 from fedleak.federated import checkpoint
-from fedleak.federated.adapters import add_lora
+from fedleak.federated.adapters import add_peft_adapter
 from fedleak.federated.model import shared_base_model
 from fedleak.federated.rounds import ALGORITHMS
 
@@ -119,7 +119,7 @@ def attack_checkpoint(config: RunConfig, training_dir: Path, out_dir: Path, *, c
         algorithm_obj = instantiate(ALGORITHMS.get(unit.algorithm.name), unit.algorithm.kwargs,
                                     f"--algorithm {unit.algorithm.label}")
         start = time.perf_counter()
-        utility = view_utility(add_lora(base_model, config.model.lora, seed=0), ctx.config, ctx.data, tokenizer,
+        utility = view_utility(add_peft_adapter(base_model, config.model.adapter, seed=0), ctx.config, ctx.data, tokenizer,
                                final_dir, views if unit.scenario is None else ["global"])
         evaluated = {"utility": utility, "utility_seconds": time.perf_counter() - start, "poisoning": None}
         trained = trained or _external_training(key, history, algorithm_obj, views)

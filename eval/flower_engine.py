@@ -75,7 +75,7 @@ def build_client_side(spec: dict, node_config: dict | None = None):
     algorithm = instantiate(ALGORITHMS.get(unit.algorithm.name), unit.algorithm.kwargs,
                             f"matrix.algorithms: {unit.algorithm.label}")
     setup = TrainingSetup(base_model=base_model, tokenizer=tokenizer, data=data, federation=config.federation,
-                          lora=config.model.lora, hooks=build_defense(unit.defense, f"matrix.defenses: {unit.defense.label}"),
+                          adapter=config.model.adapter, hooks=build_defense(unit.defense, f"matrix.defenses: {unit.defense.label}"),
                           seed=config.seed, out_dir=Path("."), config_hash=spec["key"], progress=False, label=unit.label)
     if unit.scenario:
         setup.adversary = build_adversary(unit.scenario, config)

@@ -54,19 +54,37 @@ class Shape:
     embeddings: tuple[tuple[str, int, int], ...]  # (name, rows, dim) of each embedding
     gated: bool = True  # a gated MLP (gate, up, down) rather than fc -> act -> proj
 
+    def adapter_params(self, settings) -> tuple[int, int, int]:
+        """(adapter parameters, summed input width of the layers whose adapter copies its input, LoRA's rank
+        or 0) for one adapter of `settings`' method (federated.methods)."""
+        if settings.method == "prompt_tuning":  # one embedding row per virtual token
+            return settings.num_virtual_tokens * self.hidden, 0, 0
+        if settings.method == "ia3":  # a scale per output feature (per input feature for feed-forward ones)
+            hit = _matcher(settings.target_modules)
+            ff = _matcher(tuple(settings.feedforward_modules))
+            return sum((i if settings.feedforward_modules and ff(n) else o) for n, i, o in self.linears if hit(n)), 0, 0
+        return (*self.lora_params(settings.target_modules, settings.r), settings.r)
+
     def lora_params(self, targets, r: int) -> tuple[int, int]:
         """(adapter parameters, summed input width of the targeted linear layers) for one adapter, as
         peft matches `target_modules`: "all-linear", a regex string (full match) or name suffixes."""
-        def hit(name: str) -> bool:
-            if targets == "all-linear":
-                return True
-            if isinstance(targets, str):
-                return re.fullmatch(targets, name) is not None
-            return any(name == t or name.endswith("." + t) for t in targets)
+        hit = _matcher(targets)
         linears = [(n, i, o) for n, i, o in self.linears if hit(n)]
         embeds = [(n, v, d) for n, v, d in self.embeddings if targets != "all-linear" and hit(n)]
         return (sum(r * (i + o) for _, i, o in linears) + sum(r * (v + d) for _, v, d in embeds),
                 sum(i for _, i, _ in linears))
+
+
+def _matcher(targets):
+    """Whether a module name is targeted, as peft matches `target_modules`: "all-linear", a regex string
+    (full match) or name suffixes."""
+    def hit(name: str) -> bool:
+        if targets == "all-linear":
+            return True
+        if isinstance(targets, str):
+            return re.fullmatch(targets, name) is not None
+        return any(name == t or name.endswith("." + t) for t in targets)
+    return hit
 
 
 def shape_of(hf_config) -> Shape:
@@ -184,7 +202,7 @@ def estimate(config, model_config_or_folder=None, *, device: torch.device | str 
     per_weight = {"4bit": 0.5 * 1.03, "8bit": 1.0 * 1.02}.get(quant)
     weights = (s.params * e if per_weight is None
                else s.quantizable * per_weight + (s.params - s.quantizable) * e)
-    lora, lora_in = s.lora_params(m.lora.target_modules, m.lora.r)
+    lora, lora_in, rank = s.adapter_params(m.adapter)
     adapters = _algorithm_adapters(config)
     dp = _uses_dp_sgd(config)
     # The clients' uploads are CPU copies (adapters.get_adapter_state): on the device only on the CPU.
@@ -196,7 +214,7 @@ def estimate(config, model_config_or_folder=None, *, device: torch.device | str 
         """Bytes per token of one decoder layer: kept for the backward pass, or the forward's transient peak."""
         mlp = (4 if s.gated else 3) * i
         if training:  # inputs of norms, adapters and attention, RoPE outputs, attention output, MLP
-            kept = e * (4 * h + 3 * q + 2 * kv + mlp + 2) + FP32 * a + FP32 * m.lora.r * len(s.linears) / L
+            kept = e * (4 * h + 3 * q + 2 * kv + mlp + 2) + FP32 * a + FP32 * rank * len(s.linears) / L
             if e != FP32:  # RMSNorm's fp32 upcasts and the adapters' fp32 copies of their inputs
                 kept += FP32 * (2 * h + lora_in / L)
             return kept
@@ -206,7 +224,7 @@ def estimate(config, model_config_or_folder=None, *, device: torch.device | str 
         if not eager:
             return batch * length * length  # the padding mask (bool)
         return batch * a * length * length * ((FP32 + (e if e != FP32 else 0)) if training else FP32 + e)
-    b, t = fed.batch_size, fed.max_length
+    b, t = fed.batch_size, fed.max_length + getattr(m.adapter, "num_virtual_tokens", 0)  # a soft prompt lengthens
     tokens = b * t
     logits_train = tokens * V * 3 * FP32  # log-softmax output, its gradient, the logits' gradient
     final = tokens * (h * e + FP32)  # the final norm's input

@@ -27,7 +27,7 @@ from fedleak.eval.poisoning import (backdoor_prompts, backdoors_of, build_advers
                                     trigger_rates)
 from fedleak.eval.utility import evaluate_utility
 from fedleak.federated import checkpoint
-from fedleak.federated.adapters import add_lora
+from fedleak.federated.adapters import add_peft_adapter
 from fedleak.federated.data import FederatedData
 from fedleak.federated.fedpit import SelfGenerating
 from fedleak.federated.model import shared_base_model
@@ -54,7 +54,7 @@ def view_utility(model, config: RunConfig, data: FederatedData, tokenizer, final
         observer, client = checkpoint.parse_view_key(key)
         if observer == "upload":
             continue
-        checkpoint.apply_saved_view(model, final_dir, observer, client, config.model.lora)
+        checkpoint.apply_saved_view(model, final_dir, observer, client, config.model.adapter)
         scores = evaluate_utility(model, tokenizer, records, max_length=config.federation.max_length,
                                   batch_size=config.utility.batch_size, max_new_tokens=config.utility.max_new_tokens)
         if observer == "global":
@@ -190,7 +190,7 @@ def _train(ctx: SeedContext, unit: TrainingUnit, training_dir: Path, key: str, b
             shutil.rmtree(stale, ignore_errors=True)
     scratch = training_dir.with_name(f".{training_dir.name}.partial-{os.getpid()}")
     setup = TrainingSetup(base_model=base_model, tokenizer=tokenizer, data=ctx.data, federation=cfg.federation,
-                          lora=cfg.model.lora, hooks=defense, seed=cfg.seed, out_dir=scratch,
+                          adapter=cfg.model.adapter, hooks=defense, seed=cfg.seed, out_dir=scratch,
                           config_hash=key, progress=progress, label=unit.label)
     if unit.scenario:
         setup.adversary = build_adversary(unit.scenario, cfg)
@@ -250,7 +250,7 @@ def _evaluate(ctx: SeedContext, unit: TrainingUnit, trained: dict, training_dir:
         own = {k: b for k, b in backdoors_of(cfg.matrix.scenarios).items()
                if unit.scenario is None or k in {a.label for a in unit.scenario.attacks}}
         if own:
-            checkpoint.apply_saved_view(model, final_dir, "global", None, cfg.model.lora)
+            checkpoint.apply_saved_view(model, final_dir, "global", None, cfg.model.adapter)
         for name, backdoor in own.items():
             poisoning["backdoors"][name] = trigger_rates(model, tokenizer, backdoor,
                                                          backdoor_prompts(ctx.data.heldout, cfg.poisoning.prompts),
@@ -319,7 +319,7 @@ def train_unit(config: RunConfig, unit: TrainingUnit, out_dir: Path, *, base_dir
     if trained is None:
         trained, model = _train(ctx, unit, training_dir, t_key, base_model, tokenizer, progress, base_dir, grid)
     else:  # checkpoints are there, the evaluation settings changed: the views carry every weight
-        model = add_lora(base_model, ctx.config.model.lora, seed=0)
+        model = add_peft_adapter(base_model, ctx.config.model.adapter, seed=0)
     evaluated = _evaluate(ctx, unit, trained, training_dir, e_key, model, tokenizer)
     atomic_write_json(training_dir / EVALUATION_FILE, evaluated)
     return training_record(unit, trained, evaluated, str(training_dir.relative_to(out_dir))), False

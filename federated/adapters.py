@@ -1,10 +1,11 @@
-"""LoRA adapters as plain state dicts, in peft's saved-adapter key format.
+"""Adapters (LoRA, IA3, soft prompts: `federated.methods`) as plain state dicts, in peft's saved-adapter
+key format.
 
 Client updates and aggregation work on `dict[str, torch.Tensor]` only, so a Flower
 ClientApp/ServerApp (or any other runtime) can wrap them without change. A model may hold several
 named adapters (FEDPIT's global and local ones); `activate` picks which are on and which trains.
 
-An adapter's state is its LoRA tensors only. peft's default (`save_embedding_layers="auto"`) adds the
+An adapter's state is its own tensors only. peft's default (`save_embedding_layers="auto"`) adds the
 whole frozen embedding when `target_modules` names `embed_tokens` or `lm_head`; on a model with tied
 embeddings that is the base weight itself, which would then be uploaded, aggregated, noised by
 DP-FedAvg and checkpointed. fedleak never merges an adapter into the base model, so the LoRA on a tied
@@ -16,12 +17,13 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 import torch
 
 from fedleak.common.errors import FedleakError
 from fedleak.common.params import PositiveInt, Range, check_fields
+from fedleak.federated.methods import MARKERS, IA3Settings, PromptTuningSettings, is_prompt_learning
 
 AdapterState = dict[str, torch.Tensor]
 DEFAULT = "default"  # peft's name for the first adapter; fedleak's shared/global adapter
@@ -29,6 +31,9 @@ DEFAULT = "default"  # peft's name for the first adapter; fedleak's shared/globa
 
 @dataclass(frozen=True)
 class LoraSettings:
+    """LoRA (Hu et al. 2021): a low-rank update B A added to each targeted weight."""
+
+    method: ClassVar[str] = "lora"
     r: PositiveInt = field(default=16, metadata={"help": "Rank of the LoRA update matrices."})
     alpha: PositiveInt = field(default=32, metadata={
         "help": "LoRA scaling: the update is multiplied by alpha / r."})
@@ -51,6 +56,9 @@ class LoraSettings:
                           task_type="CAUSAL_LM")
 
 
+AdapterSettings = LoraSettings | IA3Settings | PromptTuningSettings
+
+
 @contextlib.contextmanager
 def _seeded_quietly(seed: int):
     """Seeded adapter initialisation without peft's warning that an adapter on a tied layer complicates
@@ -65,12 +73,13 @@ def _seeded_quietly(seed: int):
 _WRAPPER = "_fedleak_peft_model"  # the base's attribute naming the peft model that wraps it now
 
 
-def add_lora(base_model, settings: LoraSettings, *, seed: int):
-    """Wrap `base_model` with a freshly initialised LoRA adapter (seeded) and return the peft model.
+def add_peft_adapter(base_model, settings: AdapterSettings, *, seed: int):
+    """Wrap `base_model` with a freshly initialised adapter of `settings`' method (seeded) and return
+    the peft model.
 
-    The base is shared by every use in a process (`federated.model.shared_base_model`): the adapters a
-    previous `add_lora` injected into it are stripped first (peft's `unload`, which puts the original
-    layers back untouched), so each peft model starts from the bare base; the previous one is unusable.
+    The base is shared by every use in a process (`federated.model.shared_base_model`): the layers a
+    previous call injected into it are stripped first (peft's `unload`, which puts the original layers
+    back untouched), so each peft model starts from the bare base; the previous one is unusable.
     """
     from peft import get_peft_model
 
@@ -82,37 +91,90 @@ def add_lora(base_model, settings: LoraSettings, *, seed: int):
 
 
 def strip_adapters(base_model) -> None:
-    """Take out the LoRA layers the last `add_lora` injected into `base_model` (peft's `unload`: the
-    original layers come back untouched), leaving the bare base; a no-op on a bare base."""
+    """Take out the layers the last `add_peft_adapter` injected into `base_model` (peft's `unload`: the
+    original layers come back untouched), leaving the bare base; a no-op on a bare base, and for a soft
+    prompt, which lives in the wrapper and leaves the base's layers alone."""
     previous = base_model.__dict__.pop(_WRAPPER, None)  # a plain attribute, not a registered submodule
-    if previous is not None:
+    if previous is not None and not any(c.is_prompt_learning for c in previous.peft_config.values()):
         previous.unload()
 
 
-def add_named_adapter(model, name: str, settings: LoraSettings, *, seed: int) -> None:
-    """Add another freshly initialised (seeded) LoRA adapter named `name` to a peft model."""
+def add_named_adapter(model, name: str, settings: AdapterSettings, *, seed: int) -> None:
+    """Add another freshly initialised (seeded) adapter named `name` to a peft model."""
     with _seeded_quietly(seed):
         model.add_adapter(name, settings.peft_config())
 
 
+@contextlib.contextmanager
+def adapters_enabled(model):
+    """Adapters on again inside peft's `disable_adapter()` (e.g. an attack's own reference adapter on the
+    blind baseline's base model); off again afterwards. A no-op outside `disable_adapter()`.
+
+    Layer tuners switch their layers (peft's enable/disable_adapter_layers). For a soft prompt peft's
+    `disable_adapter()` swaps in the base model's `forward` and `prepare_inputs_for_generation` as
+    instance attributes: they are set aside (the wrapper's own methods then act) and put back."""
+    if not getattr(model, "_adapters_disabled", False):
+        yield
+        return
+    if not is_prompt_learning(model):
+        model.base_model.enable_adapter_layers()
+        try:
+            yield
+        finally:
+            model.base_model.disable_adapter_layers()
+        return
+    swapped = {k: model.__dict__.pop(k) for k in ("forward", "prepare_inputs_for_generation") if k in model.__dict__}
+    model._adapters_disabled = False
+    try:
+        yield
+    finally:
+        model.__dict__.update(swapped)
+        model._adapters_disabled = True
+
+
+def owns(param_name: str, adapter: str) -> bool:
+    """Whether a peft model's parameter `param_name` belongs to the adapter named `adapter` (any method)."""
+    return ((f".{adapter}." in param_name or param_name.endswith(f".{adapter}"))
+            and any(m in param_name for markers in MARKERS.values() for m in markers))
+
+
 def activate(model, names: list[str], *, trainable: str | None = None) -> None:
-    """Turn on exactly `names` (their outputs add up) and let only `trainable` learn."""
-    model.base_model.set_adapter(list(names))
+    """Turn on exactly `names` (their effects combine) and let only `trainable` learn.
+
+    Raises:
+        FedleakError: more than one soft prompt asked for at once (peft runs one at a time).
+    """
+    if is_prompt_learning(model) or any(model.peft_config[n].is_prompt_learning for n in names):
+        if len(names) != 1:
+            raise FedleakError(f"adapters {list(names)}: peft's prompt tuning runs one soft prompt at a time; an "
+                               f"algorithm that combines adapters (fedpit) needs model.adaptation = 'lora' or 'ia3'")
+        model.set_adapter(names[0])
+    else:
+        model.base_model.set_adapter(list(names))
     for param_name, param in model.named_parameters():
-        param.requires_grad = trainable is not None and f".{trainable}." in param_name and "lora_" in param_name
+        param.requires_grad = trainable is not None and owns(param_name, trainable)
 
 
-def _lora_state(model, adapter: str) -> AdapterState:
+def _peft_state(model, adapter: str) -> AdapterState:
     """peft's saved-adapter tensors of `adapter`, never the base model's embedding (see the module note)."""
     from peft import get_peft_model_state_dict
 
     return get_peft_model_state_dict(model, adapter_name=adapter, save_embedding_layers=False)
 
 
+def adapter_parameters(model, adapter: str = DEFAULT) -> dict[str, torch.nn.Parameter]:
+    """The adapter's trainable parameters by their saved-state key (`get_adapter_state`'s keys): what a
+    gradient with respect to the upload is taken of."""
+    if model.peft_config[adapter].is_prompt_learning:  # prompt tuning saves its embedding's rows as they are
+        return {"prompt_embeddings": model.prompt_encoder[adapter].embedding.weight}
+    by_storage = {p.data_ptr(): p for name, p in model.named_parameters() if owns(name, adapter)}
+    return {k: by_storage[v.data_ptr()] for k, v in _peft_state(model, adapter).items() if v.data_ptr() in by_storage}
+
+
 def get_adapter_state(model, adapter: str = DEFAULT) -> AdapterState:
-    """A detached CPU copy of the adapter's trainable LoRA tensors: what a client uploads and a checkpoint
+    """A detached CPU copy of the adapter's trainable tensors: what a client uploads and a checkpoint
     holds (uploads and aggregation live in host memory, whatever device the model is on)."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in _lora_state(model, adapter).items()}
+    return {k: v.detach().to("cpu", copy=True) for k, v in _peft_state(model, adapter).items()}
 
 
 def set_adapter_state(model, state: AdapterState, adapter: str = DEFAULT, *, source: str = "adapter") -> None:
@@ -125,7 +187,7 @@ def set_adapter_state(model, state: AdapterState, adapter: str = DEFAULT, *, sou
     """
     from peft import set_peft_model_state_dict
 
-    expected = _lora_state(model, adapter)
+    expected = _peft_state(model, adapter)
     missing = sorted(set(expected) - set(state))
     if missing:
         raise FedleakError(f"{source} lacks {len(missing)} of the adapter's {len(expected)} tensors (first: "
@@ -133,16 +195,16 @@ def set_adapter_state(model, state: AdapterState, adapter: str = DEFAULT, *, sou
     wrong = next((k for k in expected if k in state and state[k].shape != expected[k].shape), None)
     if wrong is not None:
         raise FedleakError(f"{source}: tensor {wrong} has shape {list(state[wrong].shape)}, the model's adapter "
-                           f"{list(expected[wrong].shape)}: it was trained with another LoRA r or base model; use "
-                           f"the config it was trained with")
-    result = set_peft_model_state_dict(model, state, adapter_name=adapter)
-    unexpected = getattr(result, "unexpected_keys", None) or []
-    if unexpected:
-        raise FedleakError(f"{source} has {len(unexpected)} tensors this model lacks (first: {unexpected[0]}): "
-                           f"it was trained for another base model or LoRA target_modules")
+                           f"{list(expected[wrong].shape)}: it was trained with other adapter settings (model.adaptation "
+                           f"and its table) or another base model; use the config it was trained with")
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise FedleakError(f"{source} has {len(extra)} tensors this model lacks (first: {extra[0]}): it was trained "
+                           f"for another base model, adaptation method or target_modules")
+    set_peft_model_state_dict(model, state, adapter_name=adapter)
 
 
-def apply_view(model, view: dict[str, AdapterState], settings: LoraSettings, *,
+def apply_view(model, view: dict[str, AdapterState], settings: AdapterSettings, *,
                sources: dict[str, str] | None = None) -> None:
     """Load an observer's adapters into `model` (adding any it lacks) and turn on exactly those;
     `sources` names where each adapter came from, for errors."""

@@ -23,6 +23,7 @@ from typing import Sequence
 import torch
 
 from fedleak.common.errors import FedleakError
+from fedleak.federated.methods import virtual_tokens
 from fedleak.federated.model import to_device
 
 IGNORE = -100
@@ -44,16 +45,20 @@ def scored_logits(model, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> 
     submodules, not methods), which is what DP-SGD needs, since a hooked head sees one row of M
     positions and a trainable head's per-sample gradients would then have one row, not one per record.
 
+    An active soft prompt (`methods.virtual_tokens`) adds leading positions that are never scored.
+
     Raises:
         FedleakError: the head ran more than once or returned another shape (not a plain causal LM head).
     """
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
+    skip = virtual_tokens(model)
     if head is None:
-        return model(**inputs, use_cache=False).logits[:, :-1][mask]
-    where = torch.zeros(batch["input_ids"].shape, dtype=torch.bool, device=mask.device)
-    where[:, :-1] = mask
+        return model(**inputs, use_cache=False).logits[:, skip:-1][mask]
+    rows, width = batch["input_ids"].shape
+    where = torch.zeros((rows, skip + width), dtype=torch.bool, device=mask.device)
+    where[:, skip:-1] = mask
     applied = []
 
     def keep_scored(module, args, kwargs):
@@ -75,7 +80,7 @@ def scored_logits(model, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> 
         raise FedleakError(f"the output head of {type(model).__name__} was called {len(applied)} times or returned "
                            f"logits of shape {tuple(logits.shape)} when handed the scored positions only: not a plain "
                            f"causal LM head, which fedleak's training and scoring need")
-    return logits[:, :-1][mask]
+    return logits[:, skip:-1][mask]
 
 
 def row_losses(model, batch: dict[str, torch.Tensor], segments: torch.Tensor, count: int) -> torch.Tensor:
@@ -152,6 +157,8 @@ def packing_ok(model, *, pad_id: int | None, atol: float = 1e-4) -> bool:
     architecture and attention implementation; any error in the packed pass means no."""
     from fedleak.federated.training import Example, collate  # training imports this module
 
+    if virtual_tokens(model):
+        return False  # peft ignores position_ids under a soft prompt, which packing needs
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     key = (type(base).__name__, str(getattr(base.config, "_attn_implementation", None)))
     if key not in _PACKING:

@@ -108,6 +108,8 @@ class SelfGenerating(Algorithm):
 class FedPIT(SelfGenerating):
     """FEDPIT: global adapter trained on self-generated data is shared, local adapter on real data stays home (Zhang et al. 2024)."""
 
+    combines_adapters = True
+
     def training_plan(self, records: int) -> tuple[tuple[str, int], ...]:
         """Two trainings a round: the global adapter on the synthetic records, the local one on real + synthetic.
 
@@ -120,7 +122,7 @@ class FedPIT(SelfGenerating):
         return (DEFAULT, self.synthetic_per_round), (LOCAL, records + self.synthetic_per_round)
 
     def prepare(self, model: torch.nn.Module, setup: TrainingSetup) -> None:
-        add_named_adapter(model, LOCAL, setup.lora, seed=derive_seed(setup.seed, "local-init"))
+        add_named_adapter(model, LOCAL, setup.adapter, seed=derive_seed(setup.seed, "local-init"))
         self.initial_local = get_adapter_state(model, LOCAL)
         activate(model, [DEFAULT], trainable=DEFAULT)
 

@@ -18,6 +18,7 @@ prompts: still deterministic given the seed, but a different sample.)
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -82,7 +83,10 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_toke
         padding = [width - len(p) for p in chunk]
         ids = torch.tensor([[fill] * n + p for n, p in zip(padding, chunk)])
         mask = torch.tensor([[0] * n + [1] * len(p) for n, p in zip(padding, chunk)])
-        new = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **options)[:, width:].tolist()
+        with warnings.catch_warnings():  # transformers passes position_ids, which peft drops under a soft prompt
+            warnings.filterwarnings("ignore", message="Position ids are not supported for parameter efficient tuning")
+            new = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **options)
+        new = new[:, width:].tolist()
         for i, row in zip(group, new):
             cut = next((k for k, t in enumerate(row) if t in stop_set), None)
             kept = row[:cut]

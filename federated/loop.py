@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from fedleak.common.errors import FedleakError
 from fedleak.common.io import atomic_write_text, sha256_bytes
 from fedleak.federated import checkpoint
-from fedleak.federated.adapters import DEFAULT, AdapterState, activate, add_lora, get_adapter_state, set_adapter_state
+from fedleak.federated.adapters import DEFAULT, AdapterState, activate, add_peft_adapter, get_adapter_state, set_adapter_state
 from fedleak.federated.aggregation import nonfinite_reason
 from fedleak.federated.hooks import ClientUpdate, RoundInfo, ServerModel
 from fedleak.federated.rounds import GLOBAL, Algorithm, ClientContext, ClientResult, TrainingRun, TrainingSetup
@@ -109,7 +109,7 @@ class ClientSide:
     def __init__(self, setup: TrainingSetup, algorithm: Algorithm, clients: list[int] | None = None):
         self.setup, self.algorithm = setup, algorithm
         self.records = algorithm.client_data(setup.data)
-        self.model = add_lora(setup.base_model, setup.lora, seed=derive_seed(setup.seed, "lora-init"))
+        self.model = add_peft_adapter(setup.base_model, setup.adapter, seed=derive_seed(setup.seed, "lora-init"))
         algorithm.prepare(self.model, setup)
         self.initial = get_adapter_state(self.model)
         served = range(len(self.records)) if clients is None else clients

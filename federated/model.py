@@ -268,7 +268,7 @@ def shared_base_model(name_or_path: str | os.PathLike, **options):
     first call, the same (model, tokenizer) afterwards. Asking for another model or other options frees
     the previous copy first, so two bases are never held at once.
 
-    Each call returns the bare base: the adapters a previous user's `adapters.add_lora` injected are
+    Each call returns the bare base: the adapters a previous user's `adapters.add_peft_adapter` injected are
     taken out (that user's peft model is then unusable), so calls must not overlap.
     """
     from fedleak.federated.adapters import strip_adapters

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from fedleak.federated.adapters import DEFAULT, AdapterState, LoraSettings
+from fedleak.federated.adapters import DEFAULT, AdapterSettings, AdapterState
 from fedleak.federated.data import FederatedData, Record
 from fedleak.common.errors import FedleakError
 from fedleak.common.params import NonNegativeFloat, PositiveFloat, PositiveInt, UnitInterval, check_fields
@@ -71,7 +71,7 @@ class TrainingSetup:
     tokenizer: PreTrainedTokenizerBase
     data: FederatedData
     federation: FederationSettings
-    lora: LoraSettings
+    adapter: AdapterSettings  # the method every client trains (federated.methods)
     hooks: TrainingHooks
     seed: int
     out_dir: Path
@@ -174,6 +174,7 @@ class Algorithm(Component):
     has_server: bool = True  # a server aggregates uploads into a global adapter
     federated: bool = True  # clients exchange updates, so aggregation defenses apply
     record_uploads: bool = True  # a curious server sees per-client uploads
+    combines_adapters: bool = False  # clients keep several adapters on at once (FEDPIT's global + local)
 
     def client_data(self, data: FederatedData) -> list[list[Record]]:
         """The training records of each client, one list per client index (CENIT pools them into one).

@@ -9,6 +9,7 @@ import torch
 
 from fedleak.federated.batching import IGNORE, collate_packed, pack_rows, packing_ok, padded_segments, row_losses
 from fedleak.federated.data import Record
+from fedleak.federated.methods import virtual_tokens
 from fedleak.federated.model import to_device
 from fedleak.federated.prompts import alpaca_batch, example_ids, is_chat
 
@@ -86,7 +87,8 @@ def token_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     """One forward pass: (log-probs of each target token [B, T-1], target mask [B, T-1], logits), on the
     model's device (the batch is moved there); no key/value cache is kept (none is reused)."""
     batch = to_device(batch, model)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits[:, :-1]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    logits = logits[:, virtual_tokens(model):-1]  # a soft prompt's leading positions predict nothing scored
     targets = batch["labels"][:, 1:]
     mask = targets != IGNORE
     logp = torch.log_softmax(logits.float(), dim=-1)

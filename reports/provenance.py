@@ -39,9 +39,17 @@ def provenance_table(run: Merged) -> Table:
             ["subset (--only)", ", ".join(results.get("only") or []) or "none: the whole matrix"],
             *([["checkpoints attacked", results["checkpoint_dir"]]] if results.get("checkpoint_dir") else []),
             ["model", f"{model.get('name')} ({model.get('parameters', '?')} parameters)"],
+            ["adaptation", adaptation_text((results.get("config") or {}).get("model") or {})],
             *data_rows(results.get("data") or {})]
     rows += [[name, fmt(version)] for name, version in results.get("versions", {}).items()]
     return Table(["what", "value"], rows)
+
+
+def adaptation_text(model: dict) -> str:
+    """The trained method and its settings, e.g. "model.adaptation = lora (r = 16, alpha = 32, ...)"."""
+    method = model.get("adaptation", "lora")  # results from before model.adaptation existed trained LoRA
+    settings = ", ".join(f"{k} = {json.dumps(v)}" for k, v in (model.get(method) or {}).items())
+    return f"model.adaptation = {method}" + (f" ({settings})" if settings else "")
 
 
 def data_rows(data: dict) -> list[list[str]]:

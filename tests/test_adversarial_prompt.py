@@ -12,7 +12,7 @@ from fedleak.attacks.base import ATTACKS, AttackEnvironment, Secrets, Target
 from fedleak.attacks.extraction.adversarial_prompt import AdversarialPrompt, answer_ids, gcg_suffix, split_prompt
 from fedleak.common.errors import FedleakError
 from fedleak.eval.config import parse_config
-from fedleak.federated.adapters import LoraSettings, add_lora
+from fedleak.federated.adapters import LoraSettings, add_peft_adapter
 from fedleak.federated.data import make_canaries
 from fedleak.federated.generation import generate
 from fedleak.federated.prompts import prompt_ids, prompt_text
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def memorised(embedded):
     """The small model with a LoRA adapter trained to memorise 4 canaries, 2 per client, 12 copies each."""
     base, tokenizer = embedded
-    model = add_lora(base, LoraSettings(r=8, alpha=16), seed=0)
+    model = add_peft_adapter(base, LoraSettings(r=8, alpha=16), seed=0)
     canaries, _ = make_canaries(seed=5, repetitions=[12], per_repetition=4, num_clients=2)
     canaries = [type(c)(c.patient_name, c.secret, c.repetitions, i % 2) for i, c in enumerate(canaries)]
     examples = encode([c.record(k) for c in canaries for k in range(12)], tokenizer, max_length=256)

@@ -8,6 +8,7 @@ import torch
 from fedleak.defenses.base import Defense
 from fedleak.federated import checkpoint, selfgen
 from fedleak.federated.adapters import DEFAULT, LoraSettings, get_adapter_state
+from fedleak.federated.methods import MARKERS, IA3Settings
 from fedleak.federated.baselines import CenIT, LocIT, LocITSA
 from fedleak.federated.data import FederatedData, generate_records
 from fedleak.federated.fedpit import LOCAL, FedPIT
@@ -50,24 +51,27 @@ class Recorder(Defense):
         return super().aggregate(updates, info=info)
 
 
-def _run(path, small_model_path, algorithm, hooks=None, data=None, seed=3, name="run"):
+def _run(path, small_model_path, algorithm, hooks=None, data=None, seed=3, name="run", adapter=LoraSettings(r=4, alpha=8)):
     base, tokenizer = load_base_model(small_model_path)
     hooks = hooks or Recorder()
     run = run_rounds(TrainingSetup(base_model=base, tokenizer=tokenizer, data=data or _data(), federation=FED,
-                                   lora=LoraSettings(r=4, alpha=8), hooks=hooks, seed=seed, out_dir=path / name,
+                                   adapter=adapter, hooks=hooks, seed=seed, out_dir=path / name,
                                    config_hash="h", progress=False), algorithm)
     return run, hooks, tokenizer
 
 
-@pytest.fixture(scope="module")
-def fedpit_run(tmp_path_factory, small_model_path):
-    return _run(tmp_path_factory.mktemp("fedpit"), small_model_path, FedPIT(**FAST_GEN))
+# FEDPIT's isolation with each method that can keep two adapters on (IA3's scales multiply, LoRA's updates add).
+@pytest.fixture(scope="module", params=[LoraSettings(r=4, alpha=8), IA3Settings()], ids=["lora", "ia3"])
+def fedpit_run(request, tmp_path_factory, small_model_path):
+    return (*_run(tmp_path_factory.mktemp("fedpit"), small_model_path, FedPIT(**FAST_GEN), adapter=request.param),
+            request.param)
 
 
 def test_fedpit_uploads_exactly_its_global_adapter_and_never_a_local_tensor(fedpit_run):
-    run, hooks, _ = fedpit_run
+    run, hooks, _, adapter = fedpit_run
     assert hooks.received, "no client uploaded anything"
     for rnd, client, upload in hooks.received:
+        assert upload and all(MARKERS[adapter.method][0] in k for k in upload)  # the method's own tensors
         shared = [t["after"] for t in hooks.trained if (t["round"], t["client"], t["adapter"]) == (rnd, client, DEFAULT)]
         assert len(shared) == 1
         assert upload.keys() == shared[0].keys()
@@ -86,7 +90,7 @@ def test_fedpit_uploads_exactly_its_global_adapter_and_never_a_local_tensor(fedp
 
 
 def test_fedpit_global_training_never_sees_a_private_record(fedpit_run):
-    run, hooks, tokenizer = fedpit_run
+    run, hooks, tokenizer, _ = fedpit_run
     private = {e.input_ids for c in _data().clients for e in encode(c, tokenizer, max_length=256)}
     shared_batches = [t for t in hooks.trained if t["adapter"] == DEFAULT]
     local_batches = [t for t in hooks.trained if t["adapter"] == LOCAL]
@@ -102,8 +106,8 @@ def test_fedpit_global_training_never_sees_a_private_record(fedpit_run):
 
 
 def test_fedpit_is_deterministic(fedpit_run, tmp_path, small_model_path):
-    run, _, _ = fedpit_run
-    again, _, _ = _run(tmp_path, small_model_path, FedPIT(**FAST_GEN))
+    run, _, _, adapter = fedpit_run
+    again, _, _ = _run(tmp_path, small_model_path, FedPIT(**FAST_GEN), adapter=adapter)
     for rnd in (1, 2):
         a, b = (checkpoint.read_manifest(checkpoint.round_dir(r.training_dir, rnd)) for r in (run, again))
         assert a["files"] == b["files"] and a["data"] == b["data"]  # same adapters, same synthetic data

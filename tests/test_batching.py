@@ -4,7 +4,7 @@ right-padded batch with full logits gives (federated/batching.py)."""
 import pytest
 import torch
 
-from fedleak.federated.adapters import LoraSettings, add_lora
+from fedleak.federated.adapters import LoraSettings, add_peft_adapter
 from fedleak.federated.batching import (IGNORE, collate_packed, pack_rows, packing_ok, padded_segments,
                                         row_losses)
 from fedleak.federated.data import generate_records
@@ -37,7 +37,7 @@ def _loss_and_grads(model, losses_fn):
 @pytest.fixture(scope="module")
 def lora(small_model_path):
     base, tokenizer = load_base_model(small_model_path)
-    model = add_lora(base, LoraSettings(r=4, alpha=8, target_modules="all-linear"), seed=0)
+    model = add_peft_adapter(base, LoraSettings(r=4, alpha=8, target_modules="all-linear"), seed=0)
     with torch.no_grad():  # LoRA B starts at zero: give the adapters weights so their gradients mean something
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -113,7 +113,7 @@ def test_training_packed_or_padded_ends_at_the_same_adapter(lora):
 def test_packing_probe_accepts_position_aware_architectures_and_refuses_opt(tiny_model_path, family, expected):
     """OPT derives positions from the attention mask, so packed positions would be wrong: it keeps padding."""
     base, tokenizer = load_base_model(tiny_model_path(family))
-    model = add_lora(base, LoraSettings(r=4, alpha=8, target_modules="all-linear"), seed=0)
+    model = add_peft_adapter(base, LoraSettings(r=4, alpha=8, target_modules="all-linear"), seed=0)
     assert packing_ok(model, pad_id=tokenizer.pad_token_id) is expected
     examples = _examples(tokenizer, n=6)
     losses = train_adapter(model, examples, TrainSettings(epochs=1, batch_size=10, lr=1e-3),
@@ -127,7 +127,7 @@ def test_packing_probe_and_training_with_lora_on_the_embeddings(small_model_path
     from fedleak.federated import batching
 
     base, tokenizer = load_base_model(small_model_path)
-    model = add_lora(base, LoraSettings(r=4, alpha=8, target_modules=["q_proj", "lm_head", "embed_tokens"]), seed=0)
+    model = add_peft_adapter(base, LoraSettings(r=4, alpha=8, target_modules=["q_proj", "lm_head", "embed_tokens"]), seed=0)
     batching._PACKING.clear()  # no verdict cached by an earlier test: the probe itself must run here
     assert packing_ok(model, pad_id=tokenizer.pad_token_id) is True
     examples = _examples(tokenizer, n=6)

@@ -70,11 +70,11 @@ def test_missing_manifest_view_and_format_errors(tmp_path):
 
 
 def test_a_view_missing_an_adapter_tensor_is_refused_not_mixed_with_the_previous_view(tmp_path, small_model_path):
-    from fedleak.federated.adapters import LoraSettings, add_lora, get_adapter_state
+    from fedleak.federated.adapters import LoraSettings, add_peft_adapter, get_adapter_state
     from fedleak.federated.model import load_base_model
 
     settings = LoraSettings(r=2, alpha=4)
-    model = add_lora(load_base_model(small_model_path)[0], settings, seed=0)
+    model = add_peft_adapter(load_base_model(small_model_path)[0], settings, seed=0)
     full = {k: torch.full_like(v, 0.5) for k, v in get_adapter_state(model).items()}
     dropped = sorted(full)[3]
     partial = {k: torch.zeros_like(v) for k, v in full.items() if k != dropped}

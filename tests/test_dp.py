@@ -8,7 +8,7 @@ import torch
 from opacus import GradSampleModule
 
 from fedleak.defenses.dp_sgd import DPSGD
-from fedleak.federated.adapters import LoraSettings, add_lora, get_adapter_state
+from fedleak.federated.adapters import LoraSettings, add_peft_adapter, get_adapter_state
 from fedleak.federated.data import generate_records
 from fedleak.common.errors import FedleakError
 from fedleak.federated.hooks import ClientJob
@@ -19,7 +19,7 @@ from fedleak.federated.training import TrainSettings, collate, encode, sequence_
 @pytest.fixture()
 def lora_model(small_model_path):
     base, tokenizer = load_base_model(small_model_path)
-    model = add_lora(base, LoraSettings(r=4, alpha=8), seed=0)
+    model = add_peft_adapter(base, LoraSettings(r=4, alpha=8), seed=0)
     with torch.no_grad():  # B starts at zero: make every LoRA gradient non-trivial
         for name, p in model.named_parameters():
             if "lora_B" in name:

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from fedleak.common.errors import FedleakError
 from fedleak.defenses.dp_sgd import DPSGD, MAX_SIGMA, accounted_rate, epsilon_of, solve_noise
 from fedleak.eval.training_runs import _privacy
-from fedleak.federated.adapters import DEFAULT, LoraSettings, add_lora
+from fedleak.federated.adapters import DEFAULT, LoraSettings, add_peft_adapter
 from fedleak.federated.data import generate_records
 from fedleak.federated.hooks import ClientJob
 from fedleak.federated.model import load_base_model
@@ -26,7 +26,7 @@ DELTA = 1e-5
 @pytest.fixture(scope="module")
 def lora(small_model_path):
     base, tokenizer = load_base_model(small_model_path)
-    model = add_lora(base, LoraSettings(r=4, alpha=8), seed=0)
+    model = add_peft_adapter(base, LoraSettings(r=4, alpha=8), seed=0)
     examples = encode(generate_records(186, seed=0, purpose="dp-budget", private=True), tokenizer, max_length=64)
     return model, tokenizer, examples
 
@@ -152,7 +152,7 @@ def test_lora_on_an_embedding_layer_is_refused_before_dp_sgd_trains(small_model_
     from fedleak.eval.config import parse_config
 
     base, tokenizer = load_base_model(small_model_path)
-    model = add_lora(base, LoraSettings(r=4, alpha=8, target_modules=("q_proj", "embed_tokens")), seed=0)
+    model = add_peft_adapter(base, LoraSettings(r=4, alpha=8, target_modules=("q_proj", "embed_tokens")), seed=0)
     examples = encode(generate_records(6, seed=0, purpose="embedding", private=True), tokenizer, max_length=64)
     job = ClientJob(client=0, round=1, model=model, examples=examples, pad_id=tokenizer.pad_token_id,
                     settings=TrainSettings(epochs=1, batch_size=4, lr=1e-3), generator=torch.Generator(),

@@ -14,7 +14,7 @@ from fedleak.common.errors import FedleakError
 from fedleak.defenses import dp_probe
 from fedleak.defenses.dp_probe import check_per_sample_gradients
 from fedleak.defenses.dp_sgd import DPSGD
-from fedleak.federated.adapters import LoraSettings, add_lora, get_adapter_state
+from fedleak.federated.adapters import LoraSettings, add_peft_adapter, get_adapter_state
 from fedleak.federated.data import generate_records
 from fedleak.federated.hooks import ClientJob
 from fedleak.federated.model import load_base_model
@@ -25,7 +25,7 @@ OPT_ATTENTION = ["k_proj", "v_proj", "q_proj", "out_proj"]  # OPTAttention's pro
 
 def _job(folder, targets, *, records=6, b_init=False):
     base, tokenizer = load_base_model(folder)
-    model = add_lora(base, LoraSettings(r=4, alpha=8, target_modules=targets), seed=0)
+    model = add_peft_adapter(base, LoraSettings(r=4, alpha=8, target_modules=targets), seed=0)
     if b_init:  # B starts at zero: make every LoRA gradient non-trivial
         with torch.no_grad():
             for name, p in model.named_parameters():

@@ -12,7 +12,7 @@ from fedleak.attacks.extraction.generate_rank import (GenerateRankAttack, hit_fl
                                                       start_ids)
 from fedleak.attacks.extraction.pii import PiiAttack
 from fedleak.attacks.membership.zlib import zlib_bytes
-from fedleak.federated.adapters import LoraSettings, add_lora
+from fedleak.federated.adapters import LoraSettings, add_peft_adapter
 from fedleak.federated.data import Canary, Record, generate_records
 from fedleak.common.errors import FedleakError
 from fedleak.federated.model import load_base_model
@@ -34,7 +34,7 @@ def _same(a: ExtractionResult, b: ExtractionResult) -> bool:
 def memorised(one_thread, small_model_path):
     """A LoRA trained hard on six private records and four copies of a canary with a 4-digit secret."""
     base, tokenizer = load_base_model(small_model_path)
-    model = add_lora(base, LoraSettings(), seed=0)
+    model = add_peft_adapter(base, LoraSettings(), seed=0)
     records = generate_records(6, seed=0, purpose="mem", private=True)
     examples = encode(records + [CANARY.record(k) for k in range(CANARY.repetitions)], tokenizer, max_length=256)
     train_adapter(model, examples, TrainSettings(epochs=40, batch_size=5, lr=5e-3), pad_id=tokenizer.pad_token_id,
@@ -277,7 +277,7 @@ def test_exposure_rises_with_the_canary_repetition_count(small_model_path):
     canaries inserted 8 times are clearly more exposed than those inserted once or never (measured:
     5.2 bits against 1.1 and 1.1 after two epochs)."""
     base, tokenizer = load_base_model(small_model_path)
-    model = add_lora(base, LoraSettings(), seed=0)
+    model = add_peft_adapter(base, LoraSettings(), seed=0)
     rng = np.random.default_rng(3)
     names = ["Amara Okonkwo", "Bjorn Szabo", "Camila Varga", "Dmitri Yilmaz", "Esther Novak", "Farid Quist",
              "Greta Moreau", "Hana Lombardi", "Ines Drummond"]

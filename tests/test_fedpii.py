@@ -16,7 +16,7 @@ from fedleak.attacks.extraction.fedpii import (FedPiiAttack, Prefix, draw_prefix
                                                rates, record_prefixes, recovered)
 from fedleak.common.errors import FedleakError
 from fedleak.common.params import instantiate
-from fedleak.federated.adapters import LoraSettings, add_lora, get_adapter_state
+from fedleak.federated.adapters import LoraSettings, add_peft_adapter, get_adapter_state
 from fedleak.federated.data import Canary, Record, make_record
 from fedleak.federated.generation import Generation
 from fedleak.federated.model import load_base_model
@@ -214,7 +214,7 @@ def memorised(one_thread, small_model_path):
     """A 'global' adapter trained hard on two clients: three records each, the attacker's canary once and the
     victim's eight times (a heavily duplicated secret)."""
     base, tokenizer = load_base_model(small_model_path)
-    model = add_lora(base, LoraSettings(), seed=0)
+    model = add_peft_adapter(base, LoraSettings(), seed=0)
     rng = np.random.default_rng(0)
     make = lambda who: [make_record(c, rng, f"{who}-{i}", private=True)
                         for i, c in enumerate(("appointment", "triage", "medication"))]

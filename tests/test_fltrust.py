@@ -150,7 +150,7 @@ def test_in_a_real_federation_the_server_trusts_the_honest_clients_and_not_the_m
     setup = TrainingSetup(base_model=base, tokenizer=tokenizer, data=data,
                           federation=FederationSettings(clients=3, rounds=2, local_epochs=1, batch_size=4,
                                                         min_records_per_client=1),
-                          lora=LoraSettings(r=4, alpha=8), hooks=FLTrust(root_records=8, root_data=str(root)), seed=0,
+                          adapter=LoraSettings(r=4, alpha=8), hooks=FLTrust(root_records=8, root_data=str(root)), seed=0,
                           out_dir=tmp_path / "run",
                           config_hash="h", progress=False, adversary=InnerProduct())
     run = run_rounds(setup, FedIT())
@@ -164,18 +164,18 @@ def test_in_a_real_federation_the_server_trusts_the_honest_clients_and_not_the_m
 def test_the_server_training_leaves_the_clients_model_as_it_found_it(embedded, tmp_path):
     """FEDPIT's rest state (both adapters on, the local one trainable) comes back after a server training, the local
     adapter untouched, and the trained state starts from `start`."""
-    from fedleak.federated.adapters import DEFAULT, activate, add_lora, add_named_adapter, get_adapter_state
+    from fedleak.federated.adapters import DEFAULT, activate, add_peft_adapter, add_named_adapter, get_adapter_state
     from fedleak.federated.loop import ServerTraining
     from fedleak.federated.rounds import TrainingSetup
 
     base, tokenizer = embedded
-    model = add_lora(base, LoraSettings(r=4, alpha=8), seed=0)
+    model = add_peft_adapter(base, LoraSettings(r=4, alpha=8), seed=0)
     add_named_adapter(model, "local", LoraSettings(r=4, alpha=8), seed=1)
     activate(model, [DEFAULT, "local"], trainable="local")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     local, start = get_adapter_state(model, "local"), get_adapter_state(model)
     setup = TrainingSetup(base_model=base, tokenizer=tokenizer, data=None, federation=FederationSettings(local_epochs=1),
-                          lora=LoraSettings(r=4, alpha=8), hooks=None, seed=0, out_dir=tmp_path, config_hash="h")
+                          adapter=LoraSettings(r=4, alpha=8), hooks=None, seed=0, out_dir=tmp_path, config_hash="h")
     torch.manual_seed(7)
     expected_draw = torch.rand(1)
     torch.manual_seed(7)

@@ -318,10 +318,10 @@ CASES: dict[str, Case] = {
 @pytest.fixture(scope="module")
 def adapter_state(small_model_path) -> dict[str, torch.Tensor]:
     """The default [model.lora] adapter's tensors on the small model: a checkpoint the config accepts."""
-    from fedleak.federated.adapters import LoraSettings, add_lora, get_adapter_state
+    from fedleak.federated.adapters import LoraSettings, add_peft_adapter, get_adapter_state
     from fedleak.federated.model import load_base_model
 
-    return get_adapter_state(add_lora(load_base_model(small_model_path)[0], LoraSettings(), seed=0))
+    return get_adapter_state(add_peft_adapter(load_base_model(small_model_path)[0], LoraSettings(), seed=0))
 
 
 @pytest.fixture

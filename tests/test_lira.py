@@ -9,7 +9,7 @@ from sklearn.metrics import roc_auc_score
 from fedleak.attacks.base import ATTACKS, AttackEnvironment, Target
 from fedleak.attacks.membership import lira
 from fedleak.attacks.membership.lira import LiRAAttack, balanced_membership, lira_scores
-from fedleak.federated.adapters import LoraSettings, add_lora
+from fedleak.federated.adapters import LoraSettings, add_peft_adapter
 from fedleak.federated.data import generate_records
 from fedleak.common.errors import FedleakError
 from fedleak.federated.model import load_base_model
@@ -130,7 +130,7 @@ def trained(small_model_path):
     members = np.zeros(len(population), dtype=bool)
     members[np.random.default_rng(1).permutation(len(population))[: len(population) // 2]] = True
     base, tokenizer = load_base_model(small_model_path)
-    model = add_lora(base, LORA, seed=7)
+    model = add_peft_adapter(base, LORA, seed=7)
     train_adapter(model, encode([r for r, m in zip(population, members) if m], tokenizer, max_length=MAX_LENGTH),
                   TRAIN, pad_id=tokenizer.pad_token_id, generator=torch.Generator().manual_seed(0))
     return model, tokenizer, population, members, str(small_model_path)
@@ -139,7 +139,7 @@ def trained(small_model_path):
 def _env(trained, seed=3, **changes):
     _, tokenizer, population, _, path = trained
     fields = {"tokenizer": tokenizer, "seed": seed, "max_length": MAX_LENGTH, "population": population,
-              "base_model_ref": path, "lora": LORA, "train": TRAIN}
+              "base_model_ref": path, "adapter": LORA, "train": TRAIN}
     return AttackEnvironment(**{**fields, **changes})
 
 

@@ -9,7 +9,7 @@ import torch
 
 from fedleak.attacks.base import ATTACKS, AttackEnvironment, Target
 from fedleak.attacks.membership.stats import LOWERCASE, ORIGINAL, TARGET, TokenStats, compute_stats, lowercased
-from fedleak.federated.adapters import LoraSettings, add_lora
+from fedleak.federated.adapters import LoraSettings, add_peft_adapter
 from fedleak.federated.data import generate_records
 from fedleak.common.errors import FedleakError
 from fedleak.federated.model import load_base_model
@@ -115,7 +115,7 @@ class _CountingModel(torch.nn.Module):
 
 def test_all_logit_scores_share_one_forward_pass_per_batch_and_model(small_model_path):
     base, tokenizer = load_base_model(small_model_path)
-    model = add_lora(base, LoraSettings(), seed=0)
+    model = add_peft_adapter(base, LoraSettings(), seed=0)
     records = generate_records(10, seed=0, purpose="share", private=True)
     counting = _CountingModel(model)
     env = AttackEnvironment(tokenizer=tokenizer, seed=0, max_length=128, batch_size=4)
@@ -138,7 +138,7 @@ def test_the_blind_baseline_is_the_base_model_and_shares_its_passes_across_views
     from fedleak.eval.attacking import blind_scores
 
     base, tokenizer = load_base_model(small_model_path)
-    model = add_lora(base, LoraSettings(), seed=0)
+    model = add_peft_adapter(base, LoraSettings(), seed=0)
     with torch.no_grad():  # a visible adapter: the view's scores differ from the base model's
         for name, weight in model.named_parameters():
             if "lora_B" in name:
@@ -167,7 +167,7 @@ def test_scores_separate_members_after_memorisation(small_model_path):
     from fedleak.eval.metrics import roc_auc
 
     base, tokenizer = load_base_model(small_model_path)
-    model = add_lora(base, LoraSettings(), seed=0)
+    model = add_peft_adapter(base, LoraSettings(), seed=0)
     members = generate_records(12, seed=1, purpose="m", private=True)
     nonmembers = generate_records(12, seed=1, purpose="n", private=True)
     train_adapter(model, encode(members, tokenizer, max_length=128), TrainSettings(epochs=15, batch_size=4, lr=3e-3),
@@ -199,7 +199,7 @@ def test_a_named_reference_model_uses_its_own_tokenizer_and_refuses_a_plain_targ
     with pytest.raises(FedleakError, match="disable_adapter"):
         ATTACKS.get("reference")().score(plain, records)
     # The same model named by its folder: loaded once per run, scores equal the base model's (no adapter).
-    peft = add_lora(base, LoraSettings(), seed=0)  # LoRA B starts at zero: the view equals the base
+    peft = add_peft_adapter(base, LoraSettings(), seed=0)  # LoRA B starts at zero: the view equals the base
     target = Target(model=peft, tokenizer=tokenizer, observer="global", round=1, max_length=128, env=env)
     named = ATTACKS.get("reference")(model=str(small_model_path)).score(target, records)
     assert named == pytest.approx(np.zeros(len(records)), abs=1e-5)

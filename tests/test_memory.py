@@ -60,11 +60,11 @@ def _config(**tables):
 def lora_model(small_model_path):
     from transformers import AutoModelForCausalLM
 
-    from fedleak.federated.adapters import LoraSettings, add_lora
+    from fedleak.federated.adapters import LoraSettings, add_peft_adapter
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(small_model_path, dtype=torch.float32)
-    return add_lora(model, LoraSettings(), seed=0)
+    return add_peft_adapter(model, LoraSettings(), seed=0)
 
 
 def _tensors(model):

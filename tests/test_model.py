@@ -92,7 +92,7 @@ def test_a_lora_on_tied_embeddings_uploads_and_checkpoints_only_lora_tensors(tmp
     run = run_rounds(TrainingSetup(
         base_model=base, tokenizer=tokenizer, data=FederatedData(clients=[records[:4], records[4:]], heldout=[]),
         federation=FederationSettings(clients=2, rounds=1, local_epochs=1, batch_size=4, min_records_per_client=1),
-        lora=LoraSettings(r=2, alpha=4, target_modules=("q_proj", "lm_head", "embed_tokens")), hooks=hooks, seed=0,
+        adapter=LoraSettings(r=2, alpha=4, target_modules=("q_proj", "lm_head", "embed_tokens")), hooks=hooks, seed=0,
         out_dir=tmp_path / "run", config_hash="h", progress=False), FedIT())
     lora_params = sum(p.numel() for n, p in run.model.named_parameters() if "lora_" in n and (".default." in n or n.endswith(".default")))
     saved = checkpoint.load_view(checkpoint.round_dir(run.training_dir, 1), "upload", 0)["default"]

@@ -9,7 +9,7 @@ import torch
 
 from fedleak.common.errors import FedleakError
 from fedleak.eval.config import parse_config
-from fedleak.federated.adapters import LoraSettings, add_lora, get_adapter_state
+from fedleak.federated.adapters import LoraSettings, add_peft_adapter, get_adapter_state
 from fedleak.federated.model import (load_base_model, release_shared_model, resolve_device, resolve_dtype,
                                      shared_base_model)
 from fedleak.federated.training import TrainSettings, encode, train_adapter
@@ -57,7 +57,7 @@ def test_a_bf16_base_trains_float32_adapters(small_model_path):
     their gradients and the uploaded state are fp32, and training lowers the loss."""
     base, tokenizer = load_base_model(small_model_path, dtype="bfloat16")
     assert base.get_input_embeddings().weight.dtype == torch.bfloat16
-    model = add_lora(base, LoraSettings(r=4, alpha=8), seed=0)
+    model = add_peft_adapter(base, LoraSettings(r=4, alpha=8), seed=0)
     lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
     assert lora and all(p.dtype == torch.float32 and p.requires_grad for p in lora.values())
     frozen = [p for n, p in model.named_parameters() if "lora_" not in n]
@@ -78,7 +78,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(small_model_path):
     grads = []
     for checkpointing in (False, True):
         base, tokenizer = load_base_model(small_model_path, gradient_checkpointing=checkpointing)
-        model = add_lora(base, LoraSettings(r=4, alpha=8), seed=0)
+        model = add_peft_adapter(base, LoraSettings(r=4, alpha=8), seed=0)
         model.train()
         from fedleak.federated.training import collate, sequence_losses
 
@@ -96,7 +96,7 @@ def test_one_shared_base_copy_with_adapters_swapped(small_model_path):
     release_shared_model()
     base, tokenizer = shared_base_model(small_model_path)
     weights = {n: p.data_ptr() for n, p in base.named_parameters()}
-    model = add_lora(base, LoraSettings(r=4, alpha=8), seed=0)
+    model = add_peft_adapter(base, LoraSettings(r=4, alpha=8), seed=0)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:

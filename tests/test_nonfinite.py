@@ -52,14 +52,14 @@ class CorruptUploads(Adversary):
 
 
 def _train(tmp_path, small_model_path, defense, corrupt, *, rounds=2):
-    base, tokenizer = load_base_model(small_model_path)  # fresh: add_lora wraps the model it is given
+    base, tokenizer = load_base_model(small_model_path)  # fresh: add_peft_adapter wraps the model it is given
     records = generate_records(20, seed=0, purpose="pool", private=True)
     data = FederatedData(clients=[records[i * 4:(i + 1) * 4] for i in range(5)],
                          heldout=generate_records(4, seed=0, purpose="h", private=True))
     setup = TrainingSetup(base_model=base, tokenizer=tokenizer, data=data,
                           federation=FederationSettings(clients=5, rounds=rounds, local_epochs=1, batch_size=4,
                                                         min_records_per_client=1),
-                          lora=LoraSettings(r=4, alpha=8), hooks=defense, seed=0, out_dir=tmp_path / defense.name,
+                          adapter=LoraSettings(r=4, alpha=8), hooks=defense, seed=0, out_dir=tmp_path / defense.name,
                           config_hash="h", progress=False, adversary=CorruptUploads(corrupt), label=defense.name)
     return run_rounds(setup, FedIT())
 

@@ -156,7 +156,7 @@ def _train(tmp_path, small_model_path, algorithm, adversary, name="run"):
     setup = TrainingSetup(base_model=base, tokenizer=tokenizer, data=_data(),
                           federation=FederationSettings(clients=3, rounds=2, local_epochs=1, batch_size=4,
                                                         min_records_per_client=1),
-                          lora=LoraSettings(r=4, alpha=8), hooks=hooks, seed=0, out_dir=tmp_path / name,
+                          adapter=LoraSettings(r=4, alpha=8), hooks=hooks, seed=0, out_dir=tmp_path / name,
                           config_hash="h", progress=False, adversary=adversary)
     return run_rounds(setup, algorithm), hooks, tokenizer
 

@@ -13,7 +13,7 @@ from fedleak.attacks.membership.dc_pdd import dc_pdd_score, smoothed_frequencies
 from fedleak.attacks.membership.recall import con_recall_score, prefix_ids, recall_score, shots
 from fedleak.attacks.membership.stats import TokenStats, compute_stats, prefixed
 from fedleak.common.errors import FedleakError
-from fedleak.federated.adapters import LoraSettings, add_lora
+from fedleak.federated.adapters import LoraSettings, add_peft_adapter
 from fedleak.federated.batching import IGNORE
 from fedleak.federated.data import generate_records
 from fedleak.federated.model import load_base_model
@@ -81,7 +81,7 @@ def test_the_prefixed_pass_scores_exactly_the_plain_pass_tokens(embedded, respon
 
 def _view(small_model_path, *, public=20, batch_size=3):
     base, tokenizer = load_base_model(small_model_path)
-    model = add_lora(base, LoraSettings(), seed=0)
+    model = add_peft_adapter(base, LoraSettings(), seed=0)
     with torch.no_grad():  # a visible adapter: the view is not the base model
         for name, weight in model.named_parameters():
             if "lora_B" in name:

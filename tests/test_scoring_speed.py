@@ -13,7 +13,7 @@ import torch
 
 from fedleak.attacks.membership.stats import compute_stats
 from fedleak.eval.metrics import roc_auc
-from fedleak.federated.adapters import LoraSettings, add_lora
+from fedleak.federated.adapters import LoraSettings, add_peft_adapter
 from fedleak.federated.data import generate_records
 from fedleak.federated.model import load_base_model, to_device
 from fedleak.federated.training import IGNORE, collate, encode
@@ -83,7 +83,7 @@ def _assert_equal_to_reference(model, tokenizer, records, *, response_only: bool
 @pytest.mark.parametrize("response_only", [True, False])
 def test_embedded_peft_model_matches_the_per_record_loop(small_model_path, response_only):
     base, tokenizer = load_base_model(small_model_path)
-    model = _with_visible_adapter(add_lora(base, LoraSettings(), seed=0))
+    model = _with_visible_adapter(add_peft_adapter(base, LoraSettings(), seed=0))
     _assert_equal_to_reference(model, tokenizer, _records(), response_only=response_only)
     with model.disable_adapter():  # the base model (reference and blind passes): same numbers
         _assert_equal_to_reference(model, tokenizer, _records(), response_only=response_only)
@@ -97,7 +97,7 @@ def test_plain_model_matches_the_per_record_loop(embedded):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tiny_architectures_match_the_per_record_loop(tiny, family):
     base, tokenizer = tiny(family)
-    model = _with_visible_adapter(add_lora(base, LoraSettings(target_modules=LORA_TARGETS[family]), seed=0))
+    model = _with_visible_adapter(add_peft_adapter(base, LoraSettings(target_modules=LORA_TARGETS[family]), seed=0))
     _assert_equal_to_reference(model, tokenizer, _records(10), response_only=True)
     _assert_equal_to_reference(model, tokenizer, _records(10), response_only=False)
 

@@ -125,7 +125,7 @@ def scrubbed_training(small_model_path, tmp_path_factory):
     setup = TrainingSetup(base_model=base, tokenizer=tokenizer, data=data,
                           federation=FederationSettings(clients=3, rounds=2, local_epochs=1, batch_size=4,
                                                         min_records_per_client=1),
-                          lora=LoraSettings(r=4, alpha=8), hooks=defense, seed=0,
+                          adapter=LoraSettings(r=4, alpha=8), hooks=defense, seed=0,
                           out_dir=tmp_path_factory.mktemp("scrub"), config_hash="test", progress=False)
     return setup, run_rounds(setup, FedIT())
 

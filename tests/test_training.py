@@ -2,7 +2,7 @@ import torch
 
 from fedleak.defenses.base import Defense
 from fedleak.federated import checkpoint
-from fedleak.federated.adapters import LoraSettings, add_lora
+from fedleak.federated.adapters import LoraSettings, add_peft_adapter
 from fedleak.federated.data import FederatedData, generate_records
 from fedleak.federated.fedit import FedIT
 from fedleak.federated.loop import run_rounds
@@ -39,7 +39,7 @@ def mean_loss(model, examples, *, batch_size: int, pad_id: int) -> float:
 
 def test_lora_training_lowers_the_loss_on_its_data(small_model_path):
     base, tokenizer = load_base_model(small_model_path)
-    model = add_lora(base, LoraSettings(), seed=0)
+    model = add_peft_adapter(base, LoraSettings(), seed=0)
     examples = encode(_data().clients[0], tokenizer, max_length=256)
     before = mean_loss(model, examples, batch_size=8, pad_id=tokenizer.pad_token_id)
     train_adapter(model, examples, TrainSettings(epochs=10, batch_size=5, lr=3e-3), pad_id=tokenizer.pad_token_id,
@@ -51,7 +51,7 @@ def test_lora_training_lowers_the_loss_on_its_data(small_model_path):
 def _run(tmp_path, small_model_path, hooks, name):
     base, tokenizer = load_base_model(small_model_path)
     return run_rounds(TrainingSetup(base_model=base, tokenizer=tokenizer, data=_data(), federation=FED,
-                                    lora=LoraSettings(r=4, alpha=8), hooks=hooks, seed=5, out_dir=tmp_path / name,
+                                    adapter=LoraSettings(r=4, alpha=8), hooks=hooks, seed=5, out_dir=tmp_path / name,
                                     config_hash="h", progress=False), FedIT())
 
 

@@ -136,15 +136,15 @@ def server_view(frontier, small_model_path):
     """Client 0's round-3 upload of the frontier's FEDIT/none training, as eval/attacking.py builds it."""
     from fedleak.eval.config import load_config
     from fedleak.federated import checkpoint
-    from fedleak.federated.adapters import add_lora
+    from fedleak.federated.adapters import add_peft_adapter
     from fedleak.federated.model import load_base_model
 
     cfg = load_config(frontier.root / "run.toml")
     model, tokenizer = load_base_model(small_model_path)
-    model = add_lora(model, cfg.model.lora, seed=0)
+    model = add_peft_adapter(model, cfg.model.adapter, seed=0)
     training = frontier.training_dir("none")
-    checkpoint.apply_saved_view(model, checkpoint.round_dir(training, 3), "upload", 0, cfg.model.lora)
-    server = ServerRecord(training, cfg.model.lora)
+    checkpoint.apply_saved_view(model, checkpoint.round_dir(training, 3), "upload", 0, cfg.model.adapter)
+    server = ServerRecord(training, cfg.model.adapter)
     return Target(model=model, tokenizer=tokenizer, observer="upload", client=0, round=3,
                   max_length=cfg.federation.max_length, server=server)
 

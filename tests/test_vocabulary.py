@@ -12,7 +12,7 @@ from fedleak.attacks.base import ATTACKS, AttackEnvironment, Secrets, Target
 from fedleak.attacks.extraction.vocabulary import (VocabularyAttack, context_free_modules, lora_modules,
                                                    module_inputs, ranking_metrics, row_basis, span_scores)
 from fedleak.common.errors import FedleakError
-from fedleak.federated.adapters import LoraSettings, add_lora
+from fedleak.federated.adapters import LoraSettings, add_peft_adapter
 from fedleak.federated.data import Record, generate_records
 from fedleak.federated.training import encode
 
@@ -81,7 +81,7 @@ def test_bad_parameters_are_refused():
 @pytest.fixture(scope="module")
 def llama(embedded):
     model, tokenizer = embedded
-    return add_lora(model, LoraSettings(r=16), seed=0), tokenizer
+    return add_peft_adapter(model, LoraSettings(r=16), seed=0), tokenizer
 
 
 def _target(model, tokenizer, *, observer="upload", client=1, rnd=2, server=None, public=()):
@@ -123,7 +123,7 @@ def test_the_vocabulary_pass_stops_at_the_last_wanted_module(llama):
 
 def test_gpt2_is_refused_in_one_line(tiny):
     model, tokenizer = tiny("gpt2")
-    peft = add_lora(model, LoraSettings(r=4, target_modules=("c_attn", "c_proj")), seed=0)
+    peft = add_peft_adapter(model, LoraSettings(r=4, target_modules=("c_attn", "c_proj")), seed=0)
     with pytest.raises(FedleakError, match=r"attack vocabulary: no LoRA module of .* reads a token alone") as err:
         VocabularyAttack().groups(_target(peft, tokenizer))
     assert "\n" not in str(err.value)

@@ -38,6 +38,7 @@ from fedleak.attacks.extraction.common import run_seed, view_key
 from fedleak.common.params import PositiveInt
 from fedleak.federated.data import Canary
 from fedleak.federated.generation import generate
+from fedleak.federated.methods import virtual_tokens
 from fedleak.federated.prompts import _special_ids, _text_ids, bos_prefix, is_chat, prompt_ids, prompt_text
 from fedleak.federated.seeding import numpy_rng, torch_generator
 from fedleak.federated.batching import IGNORE
@@ -73,6 +74,7 @@ def _answer_loss(model, ids: torch.Tensor | None, start: int, target: torch.Tens
     """Mean cross-entropy (nats per token) of `target`, which starts at position `start`, per row."""
     logits = (model(input_ids=ids, use_cache=False) if embeds is None
               else model(inputs_embeds=embeds, use_cache=False)).logits
+    start += virtual_tokens(model)  # a soft prompt's positions come first
     predicted = logits[:, start - 1:start - 1 + len(target)].float()
     return torch.nn.functional.cross_entropy(predicted.transpose(1, 2), target.expand(len(predicted), -1),
                                              reduction="none").mean(dim=1)

@@ -34,7 +34,8 @@ from fedleak.common.errors import FedleakError
 from fedleak.common.params import PositiveInt, Range
 from fedleak.federated.seeding import numpy_rng
 from fedleak.federated.model import model_device, to_device
-from fedleak.federated.training import IGNORE, Example, collate, encode
+from fedleak.federated.methods import virtual_tokens
+from fedleak.federated.training import IGNORE, Example, collate, encode, token_logprobs
 
 
 def _canary_examples(tokenizer, canary: Canary, candidates: Sequence[str], max_length: int) -> list[Example]:
@@ -60,8 +61,13 @@ def candidate_losses(model, tokenizer, canary: Canary, candidates: Sequence[str]
 
     Candidates differ only from the secret's first token on, so the shared prefix (prompt and the
     response up to the secret) runs through the model once; each batch feeds only the remaining few
-    tokens on top of its key/value cache (about 7x less work than whole sequences)."""
+    tokens on top of its key/value cache (about 7x less work than whole sequences); under a soft prompt
+    every candidate runs whole."""
     model.eval()
+    if virtual_tokens(model):  # peft prepends a soft prompt on every call, so a cached prefix cannot be extended
+        chunks = [_canary_examples(tokenizer, canary, candidates[s:s + batch_size], max_length)
+                  for s in range(0, len(candidates), batch_size)]
+        return np.concatenate([_whole_nll(model, tokenizer, c) for c in chunks]) if chunks else np.zeros(0)
     digits = len(canary.secret)
     probes = [canary.secret] + [str(d) * digits for d in range(10)]
     probe_examples = _canary_examples(tokenizer, canary, probes, max_length)
@@ -105,6 +111,12 @@ def _suffix_nll(model, tokenizer, examples: Sequence[Example], n: int, cache, la
     labels = batch["labels"]
     picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return -(picked * (labels != IGNORE)).sum(1).double().cpu().numpy()
+
+
+def _whole_nll(model, tokenizer, examples: Sequence[Example]) -> np.ndarray:
+    """Summed NLL of each example's response tokens, whole sequences in one padded batch."""
+    picked, _, _ = token_logprobs(model, collate(examples, tokenizer.pad_token_id))
+    return -picked.sum(1).double().cpu().numpy()
 
 
 def exposure_from_rank(rank: float, size: int) -> float:

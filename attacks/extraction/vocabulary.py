@@ -249,6 +249,8 @@ class VocabularyAttack(ExtractionAttack):
 
     access = "updates"
     observers = (UPLOAD, GLOBAL)
+    adaptations = ("lora",)
+    adaptations_why = "it reads the span of LoRA's A factors, which other methods do not upload: drop it for this method"
     observers_why = ("it reads the server's record of the updates: a client's upload (upload/i) or their aggregate "
                      "(global); a client's own model is not something the server receives")
 
@@ -280,6 +282,9 @@ class VocabularyAttack(ExtractionAttack):
         key = (NAME, "modules", id(target.model), self.probe_length, self.tolerance)
         cache = target.env.cache
         if key not in cache:
+            method = getattr(target.env.adapter, "method", "lora")
+            if method not in self.adaptations:
+                raise FedleakError(f"attack {NAME}: model.adaptation = '{method}': {self.adaptations_why}")
             special = set(target.tokenizer.all_special_ids)
             pool = [i for i in range(vocabulary_size(target)) if i not in special]
             ids = numpy_rng(seed, "attack", NAME, "probe").choice(pool, size=self.probe_length)

@@ -166,8 +166,8 @@ def check_env(env: AttackEnvironment | None, attack: str = "lira") -> AttackEnvi
     the attack in the error."""
     if env is None:
         raise FedleakError(f"attack {attack}: the target has no attack environment: it needs the population, "
-                           f"base_model_ref, lora and train settings to fine-tune LiRA's shadow models")
-    missing = [name for name in ("population", "base_model_ref", "lora", "train") if not getattr(env, name)]
+                           f"base_model_ref, adapter and train settings to fine-tune LiRA's shadow models")
+    missing = [name for name in ("population", "base_model_ref", "adapter", "train") if not getattr(env, name)]
     if missing:
         raise FedleakError(f"attack {attack}: the attack environment lacks {', '.join(missing)}: LiRA's shadow "
                            f"models are fine-tunes of the base model on the population")
@@ -216,7 +216,7 @@ def train_shadows(env: AttackEnvironment, model, tokenizer, *, shadow_models: in
         for s in range(shadow_models):
             start = time.perf_counter()
             members = [r for r, keep in zip(population, in_mask[s]) if keep]
-            add_named_adapter(model, SHADOW, env.lora, seed=derive_seed(env.seed, "lira", "shadow-init", s))
+            add_named_adapter(model, SHADOW, env.adapter, seed=derive_seed(env.seed, "lira", "shadow-init", s))
             activate(model, [SHADOW], trainable=SHADOW)
             examples = encode(members, tokenizer, max_length=env.max_length, response_only=env.response_only)
             with torch.random.fork_rng(devices=[]):
@@ -253,7 +253,7 @@ def shadow_statistics(target: Target, *, shadow_models: int, epochs: int | None,
     """
     env = check_env(target.env, attack)
     epochs = env.train.epochs if epochs is None else epochs
-    key = ("lira-shadows", shadow_models, epochs, env.seed, str(env.base_model_ref), env.lora, env.train,
+    key = ("lira-shadows", shadow_models, epochs, env.seed, str(env.base_model_ref), env.adapter, env.train,
            env.max_length, env.response_only, target.max_length, target.response_only,
            tuple(repr(r) for r in env.population), env.cache_salt)
     if key not in env.cache:

@@ -51,7 +51,7 @@ from fedleak.attacks.base import MembershipAttack, Target, register_attack
 from fedleak.attacks.membership.stats import compute_stats, shared_stats
 from fedleak.common.errors import FedleakError
 from fedleak.common.params import NonNegativeInt, PositiveFloat, PositiveInt
-from fedleak.federated.adapters import activate, add_named_adapter, get_adapter_state, set_adapter_state
+from fedleak.federated.adapters import activate, adapters_enabled, add_named_adapter, get_adapter_state, set_adapter_state
 from fedleak.federated.data import Record
 from fedleak.federated.generation import generate
 from fedleak.federated.prompts import prompt_ids
@@ -83,21 +83,20 @@ def reference_adapter(model, env, *, seed: int, state=None):
     """A fresh LoRA adapter (seeded; `state` loaded if given) on the view's base weights, alone active and
     trainable inside the context; afterwards deleted and the view's adapters (and their on/off state) back."""
     active = list(model.active_adapters)
-    off = getattr(model, "_adapters_disabled", False)
     try:
-        add_named_adapter(model, REFERENCE_ADAPTER, env.lora, seed=seed)
+        add_named_adapter(model, REFERENCE_ADAPTER, env.adapter, seed=seed)
         if state is not None:
             set_adapter_state(model, state, REFERENCE_ADAPTER, source="attack spv_mia: the cached reference")
-        if off:  # inside the blind baseline's disable_adapter(): the reference must still act
-            model.base_model.enable_adapter_layers()
-        activate(model, [REFERENCE_ADAPTER], trainable=REFERENCE_ADAPTER)
-        yield
+        # Inside the blind baseline's disable_adapter() the reference must still act.
+        with adapters_enabled(model):
+            activate(model, [REFERENCE_ADAPTER], trainable=REFERENCE_ADAPTER)
+            try:
+                yield
+            finally:
+                activate(model, active)  # first: peft warns when the active adapter is deleted
     finally:
-        activate(model, active)  # first: peft warns when the active adapter is deleted
         if REFERENCE_ADAPTER in model.peft_config:
             model.delete_adapter(REFERENCE_ADAPTER)
-        if off:
-            model.base_model.disable_adapter_layers()
         model.eval()
 
 
@@ -159,19 +158,19 @@ class SPVMIAAttack(MembershipAttack):
     def _key(self, env, target: Target) -> tuple:
         """What the reference depends on besides the view (the view is the fingerprint)."""
         return ("spv-mia", self.prompts, self.max_new_tokens, self.epochs, self.temperature, self.prefix_tokens,
-                env.seed, env.lora, env.train, env.max_length, env.response_only, target.max_length,
+                env.seed, env.adapter, env.train, env.max_length, env.response_only, target.max_length,
                 target.response_only, tuple(r.record_id for r in env.public), tuple(hash(r) for r in env.public))
 
     def _check(self, target: Target):
         env = target.env
         if env is None:
             raise FedleakError("attack spv_mia: the target has no attack environment: it needs the public pool "
-                               "(self-prompts) and the lora and train settings (the reference fine-tune)")
-        missing = [name for name in ("public", "lora", "train") if not getattr(env, name)]
+                               "(self-prompts) and the adapter and train settings (the reference fine-tune)")
+        missing = [name for name in ("public", "adapter", "train") if not getattr(env, name)]
         if missing:
             raise FedleakError(f"attack spv_mia: the attack environment lacks {', '.join(missing)}: the "
                                f"self-prompts come from env.public (attack.public_records) and the reference "
-                               f"fine-tune follows the target's lora and train settings")
+                               f"fine-tune follows the target's adapter and train settings")
         from peft import PeftModel
 
         if not isinstance(target.model, PeftModel):

@@ -1,0 +1,99 @@
+"""The parameter-efficient methods a federation can train, as peft configs: LoRA (Hu et al. 2021), IA3
+(Liu et al. 2022, "Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context
+Learning") and prompt tuning (Lester et al. 2021, "The Power of Scale for Parameter-Efficient Prompt
+Tuning"). `model.adaptation` picks one; each method's table (`model.lora`, `model.ia3`,
+`model.prompt_tuning`) holds its settings.
+
+Every method's state is what peft saves for its adapter (`get_peft_model_state_dict`), so uploads,
+aggregation, DP-FedAvg and checkpoints treat them alike. The differences that matter downstream:
+
+- LoRA and IA3 are layer tuners: several adapters can be on at once (LoRA's updates add up, IA3's
+  scales multiply), which FEDPIT's parameter isolation needs.
+- Prompt tuning prepends `num_virtual_tokens` trained input embeddings: the model's outputs gain that
+  many leading positions (`virtual_tokens` says how many to skip), and peft runs one soft prompt at a
+  time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+from fedleak.common.errors import FedleakError
+from fedleak.common.params import PositiveInt, check_fields
+
+# peft's parameter-name markers of each method's trainable tensors (LoRA: lora_A/lora_B/lora_embedding_*).
+MARKERS = {"lora": ("lora_",), "ia3": ("ia3_l",), "prompt_tuning": ("prompt_encoder.",)}
+METHODS = tuple(MARKERS)
+
+
+def _targets(value) -> str | list[str]:
+    return value if isinstance(value, str) else list(value)
+
+
+@dataclass(frozen=True)
+class IA3Settings:
+    """IA3: learned vectors that rescale the activations of the targeted layers (keys, values and the
+    feed-forward input in the paper)."""
+
+    method: ClassVar[str] = "ia3"
+    target_modules: str | tuple[str, ...] = field(default="all-linear", metadata={
+        "help": "Module names whose outputs (or, for feedforward_modules, inputs) are rescaled, or \"all-linear\" "
+                "(peft: every linear layer but the output head)."})
+    feedforward_modules: tuple[str, ...] = field(default=(), metadata={
+        "help": "Those of target_modules rescaled at their input (the paper's feed-forward layers, e.g. "
+                "[\"down_proj\"]); empty: none."})
+
+    def __post_init__(self):
+        check_fields(self, "model.ia3.")
+        if not self.target_modules:
+            raise FedleakError("model.ia3.target_modules is empty: give module names or 'all-linear'")
+        if self.feedforward_modules and (self.target_modules == "all-linear" or
+                                         not set(self.feedforward_modules) <= set(self.target_modules)):
+            raise FedleakError("model.ia3.feedforward_modules must be a subset of model.ia3.target_modules: list the "
+                               "targets by name when some are feed-forward")
+
+    def peft_config(self):
+        from peft import IA3Config
+
+        return IA3Config(target_modules=_targets(self.target_modules),
+                         feedforward_modules=list(self.feedforward_modules), task_type="CAUSAL_LM")
+
+
+@dataclass(frozen=True)
+class PromptTuningSettings:
+    """Prompt tuning: `num_virtual_tokens` trained input embeddings prepended to every sequence; the
+    model's weights stay frozen."""
+
+    method: ClassVar[str] = "prompt_tuning"
+    num_virtual_tokens: PositiveInt = field(default=20, metadata={
+        "help": "Trained embeddings prepended to every input (each as long as the model's hidden size)."})
+    init: Literal["sample_vocab", "random"] = field(default="sample_vocab", metadata={
+        "help": "How the soft prompt starts (peft's PromptTuningInit): \"sample_vocab\" the embeddings of random "
+                "vocabulary tokens (Lester et al.: vocabulary init trains better than random), \"random\" "
+                "N(0, 1) rows."})
+
+    def __post_init__(self):
+        check_fields(self, "model.prompt_tuning.")
+
+    def peft_config(self):
+        from peft import PromptTuningConfig
+
+        return PromptTuningConfig(num_virtual_tokens=self.num_virtual_tokens, task_type="CAUSAL_LM",
+                                  prompt_tuning_init=self.init.upper())
+
+
+def is_prompt_learning(model) -> bool:
+    """Whether `model` (or the peft model an Opacus GradSampleModule wraps) has a soft prompt active."""
+    model = getattr(model, "_module", model)
+    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
+def virtual_tokens(model) -> int:
+    """How many leading positions the model's outputs gain from an active soft prompt (0 for layer
+    tuners, a bare base model, or inside `disable_adapter()`)."""
+    model = getattr(model, "_module", model)
+    if not is_prompt_learning(model) or getattr(model, "_adapters_disabled", False):
+        return 0
+    return int(model.peft_config[model.active_adapter].num_virtual_tokens)
