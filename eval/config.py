@@ -213,26 +213,35 @@ def plain(obj):
     return obj
 
 
-def parse_config(table: dict, where: str = "<config>", base_dir: Path | None = None) -> RunConfig:
+def parse_config(table: dict, where: str = "<config>", base_dir: Path | None = None, *,
+                 methods_checked: bool = True) -> RunConfig:
+    """The config a TOML table describes, checked (`methods_checked=False`: a sweep's variant, whose
+    components that its adaptation method cannot run are left out rather than refused; `eval.sweep`)."""
     plugins = table.get("plugins", [])
     load_plugins(checked(plugins, tuple[str, ...], "plugins", where), where, base_dir)
     if "seed" in table and "seeds" in table:
         raise FedleakError(f"{where}: both seed and seeds are set: keep seeds = [...] (one seed: seed = N)")
     config = build(RunConfig, table, "", where)
-    _check_combinations(config, where)
+    _check_combinations(config, where, methods=methods_checked)
     return config
 
 
-def _check_rule_names(config: RunConfig, where: str) -> None:
+def _check_rule_names(config: RunConfig, where: str, *, settings: bool = True) -> None:
     """A plain name (no glob character) in an include or exclude rule must name something on its axis:
     a typo would otherwise match nothing and silently keep (or drop) what the user meant."""
     axes = {"algorithm": config.matrix.algorithms, "defense": config.matrix.defenses,
             "attack": config.matrix.attacks}
     for kind in ("include", "exclude"):
         for i, rule in enumerate(getattr(config.matrix, kind)):
-            for field_name in ("algorithm", "defense", "scenario", "attack", "observer"):
+            for field_name in ("algorithm", "defense", "scenario", "setting", "attack", "observer"):
                 pattern = getattr(rule, field_name)
-                if field_name == "scenario":
+                if field_name == "setting":
+                    if not settings:  # a sweep's variant: the rules name the sweep's values, checked above it
+                        continue
+                    from fedleak.eval.sweep import label, settings_of
+
+                    known = ["", *(label(s) for s in settings_of(config)[1:])]
+                elif field_name == "scenario":
                     known = [CLEAN, *(s.name for s in config.matrix.scenarios)]
                 elif field_name == "observer":
                     known = list(OBSERVERS)
@@ -256,24 +265,24 @@ def _check_not_late(rounds: str | tuple[int, ...], config: RunConfig, key: str) 
 EMBEDDING_NAME = re.compile(r"embed|^wte$|^word_embeddings$|^shared$")  # input embeddings in common architectures
 
 
-def _check_combinations(config: RunConfig, where: str) -> None:
+def _check_combinations(config: RunConfig, where: str, *, methods: bool = True) -> None:
     """Checks across tables: each defense against the federation it would run in, each attack and
-    algorithm against the adaptation method."""
-    from fedleak.attacks.base import ATTACKS
+    algorithm against the adaptation method (`methods`), each swept value against the whole config."""
+    from fedleak.eval.sweep import attack_conflict, conflict, settings_of, variant
     from fedleak.federated.rounds import ALGORITHMS
 
-    method = config.model.adaptation
     for i, spec in enumerate(config.matrix.attacks):
         _check_not_late(spec.rounds, config, f"{where}: matrix.attacks[{i}].rounds")
-        if method not in (cls := ATTACKS.get(spec.name)).adaptations:
-            raise FedleakError(f"{where}: matrix.attacks[{i}]: {spec.name} cannot probe model.adaptation = "
-                               f"'{method}': {cls.adaptations_why}")
+        if methods and (problem := attack_conflict(config, spec)):
+            raise FedleakError(f"{where}: matrix.attacks[{i}]: {problem}")
     for i, algorithm in enumerate(config.matrix.algorithms):
-        if method == "prompt_tuning" and ALGORITHMS.get(algorithm.name).combines_adapters:
-            raise FedleakError(f"{where}: matrix.algorithms[{i}]: {algorithm.name} keeps a global and a local adapter "
-                               f"on together, and peft runs one soft prompt at a time: use model.adaptation = 'lora' "
-                               f"or 'ia3' for it")
-    _check_rule_names(config, where)
+        for j, defense in enumerate(config.matrix.defenses):
+            if methods and (problem := conflict(config, algorithm, defense)):
+                item = "algorithms" if "dp_sgd" not in problem else "defenses"
+                raise FedleakError(f"{where}: matrix.{item}[{i if item == 'algorithms' else j}]: {problem}")
+    for setting in settings_of(config)[1:]:
+        variant(config, setting, f"{where}: matrix.sweep")
+    _check_rule_names(config, where, settings=methods)
     known = [CLEAN, *(s.name for s in config.matrix.scenarios)]
     for i, spec in enumerate(config.matrix.attacks):
         for name in spec.scenarios:
@@ -305,14 +314,6 @@ def _check_combinations(config: RunConfig, where: str) -> None:
             raise FedleakError(f"{item}: dp_sgd cannot run with model.gradient_checkpointing = true (Opacus gets no "
                                f"per-sample gradients through recomputed activations): set it to false and lower "
                                f"federation.batch_size or federation.max_length if memory is short")
-        if dp_sgd and config.model.adaptation != "lora":
-            # peft embeds a soft prompt once per batch and repeats it (get_prompt), so a hook on the prompt
-            # embedding sees one row per batch; IA3's scaling vectors sit in layers Opacus has no grad sampler for.
-            why = {"prompt_tuning": "peft computes the soft prompt once per batch, so Opacus gets no per-record "
-                                    "gradient to clip",
-                   "ia3": "Opacus has no per-sample gradient rule for peft's IA3 layers"}[config.model.adaptation]
-            raise FedleakError(f"{item}: dp_sgd cannot train model.adaptation = '{config.model.adaptation}': {why}: "
-                               f"use dp_fedavg, or model.adaptation = 'lora'")
         if embeddings and dp_sgd:
             # Caught before training by name; DPSGD.train_client checks the layers themselves.
             raise FedleakError(f"{item}: dp_sgd cannot train LoRA on the embedding layer {embeddings[0]!r} "

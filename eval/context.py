@@ -18,6 +18,7 @@ from fedleak.federated.data import FederatedData, Record, generate_records
 from fedleak.federated.dataquality import truncation_counts, truncation_messages
 from fedleak.federated.datasource import prepare_data
 from fedleak.federated.embedded import build_embedded
+from fedleak.federated.methods import with_method_lr
 
 log = logging.getLogger("fedleak")
 
@@ -82,7 +83,8 @@ class SeedContext:
                 # The attacker's pool: every candidate it scores (members, held-out records, audit canaries).
                 population=data.members + data.heldout + [c.record(0) for c in data.audit_canaries],
                 public=self.public,
-                train=dataclasses.replace(fed.train_settings(), epochs=fed.rounds * fed.local_epochs))
+                train=dataclasses.replace(with_method_lr(fed.train_settings(), cfg.model.adapter),
+                                          epochs=fed.rounds * fed.local_epochs))
         return self.env
 
 
@@ -100,6 +102,14 @@ def seed_context(config: RunConfig, seed: int, base_dir: Path) -> SeedContext:
         # The loader hashed the bytes it parsed: the cache keys name exactly the file that was read.
         _CONTEXTS[key] = SeedContext(cfg, data, (data.quality.get("file") or {}).get("sha256"), base_dir=Path(base_dir))
     return _CONTEXTS[key]
+
+
+def unit_context(config: RunConfig, unit, base_dir: Path) -> SeedContext:
+    """The context of one training: its seed's, under its swept setting's config (`eval.sweep.variant`),
+    so data, federation and model settings, and every cache key read from them, are the variant's."""
+    from fedleak.eval.sweep import variant
+
+    return seed_context(variant(config, unit.setting), unit.seed, base_dir)
 
 
 def check_data(config: RunConfig, base_dir: Path, seeds=None) -> list[SeedContext]:

@@ -16,7 +16,7 @@ from fedleak.common.params import instantiate
 from fedleak.eval.attacking import attack_training
 from fedleak.eval.cache import ATTACKS_DIR, SHADOWS_DIR, TRAINING_FILE, cache_key, read_json, run_lock, training_key
 from fedleak.eval.config import ComponentSpec, RunConfig, component_spec
-from fedleak.eval.context import report_data_quality, resolve_model, seed_context
+from fedleak.eval.context import report_data_quality, resolve_model, unit_context
 from fedleak.eval.matrix import results_record
 from fedleak.eval.plan import TrainingUnit, plan
 from fedleak.eval.results import write_results
@@ -90,9 +90,10 @@ def attack_checkpoint(config: RunConfig, training_dir: Path, out_dir: Path, *, c
             if scenario is None:
                 raise FedleakError(f"{training_dir}: a training under poisoning scenario {u['scenario']['name']!r}, "
                                    f"which {config_path} does not declare: pass the config it was trained with")
+        setting = tuple(u["setting"]) if u.get("setting") else None  # a sweep's variant: its path and value
         unit = TrainingUnit(component_spec(u["algorithm"], "algorithms"), component_spec(u["defense"], "defenses"),
-                            scenario, u["seed"])
-        ctx = seed_context(config, unit.seed, base_dir)
+                            scenario, u["seed"], setting)
+        ctx = unit_context(config, unit, base_dir)
         if training_key(ctx, unit) != trained["key"]:
             raise FedleakError(f"{training_dir}/{TRAINING_FILE}: trained with other model, data, federation or "
                                f"fedleak code than {config_path} here: pass the config it was trained with (or "
@@ -100,7 +101,7 @@ def attack_checkpoint(config: RunConfig, training_dir: Path, out_dir: Path, *, c
     else:
         unit = TrainingUnit(component_spec({"name": algorithm or "fedit"}, "algorithms"), ComponentSpec("none"), None,
                             config.run_seeds[0] if seed is None else seed)
-        ctx = seed_context(config, unit.seed, base_dir)
+        ctx = unit_context(config, unit, base_dir)
         history = _external_history(training_dir, rounds, config.federation.clients)
         # The checkpoints and everything that says who trained on what (seed, data, algorithm).
         key = cache_key("external", [(checkpoint.round_dir(training_dir, r) / "manifest.json").read_text()
@@ -108,18 +109,19 @@ def attack_checkpoint(config: RunConfig, training_dir: Path, out_dir: Path, *, c
     one = dataclasses.replace(config, seed=unit.seed, seeds=(), matrix=dataclasses.replace(
         config.matrix, algorithms=(unit.algorithm,), defenses=(unit.defense,),
         scenarios=(unit.scenario,) if unit.scenario else ()))
-    attacks = next((p.attacks for p in plan(one, only) if p.unit.scenario_name == unit.scenario_name), [])
+    attacks = next((p.attacks for p in plan(one, only)
+                    if (p.unit.scenario_name, p.unit.setting) == (unit.scenario_name, unit.setting)), [])
     if not attacks:
         raise FedleakError(f"{config_path}: matrix.attacks run no privacy attack on {unit.label} (its rules, the "
                            f"attacks' scenarios or --only leave none): add one or change matrix.exclude")
     with run_lock(out_dir):
-        base_model, tokenizer = shared_base_model(ctx.model_ref, **config.model.load_options())
+        base_model, tokenizer = shared_base_model(ctx.model_ref, **ctx.config.model.load_options())
         final_dir = checkpoint.round_dir(training_dir, rounds[-1])
         views = checkpoint.available_views(final_dir)
         algorithm_obj = instantiate(ALGORITHMS.get(unit.algorithm.name), unit.algorithm.kwargs,
                                     f"--algorithm {unit.algorithm.label}")
         start = time.perf_counter()
-        utility = view_utility(add_peft_adapter(base_model, config.model.adapter, seed=0), ctx.config, ctx.data, tokenizer,
+        utility = view_utility(add_peft_adapter(base_model, ctx.config.model.adapter, seed=0), ctx.config, ctx.data, tokenizer,
                                final_dir, views if unit.scenario is None else ["global"])
         evaluated = {"utility": utility, "utility_seconds": time.perf_counter() - start, "poisoning": None}
         trained = trained or _external_training(key, history, algorithm_obj, views)

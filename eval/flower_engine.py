@@ -8,6 +8,8 @@ the unit), once per training, and trains the clients its virtual SuperNodes are 
 
 from __future__ import annotations
 
+import dataclasses
+
 import importlib.util
 from pathlib import Path
 
@@ -35,8 +37,10 @@ def spec_of(config: RunConfig, unit: TrainingUnit, *, base_dir: Path, model_ref:
     deployment each node must train on its own `data-file` and keep its model in its `out-dir`."""
     table = plain(config.for_seed(unit.seed))
     table.pop("seeds")
+    # `config` is the training's own (a sweep's variant has its setting in place and no sweep): the unit
+    # as that config lists it.
     return {"key": key, "config": table, "base_dir": str(Path(base_dir).resolve()), "model_ref": model_ref,
-            "unit": unit.stem, "threads": max(1, int(config.engine.num_cpus)), "deployment": deployment}
+            "unit": dataclasses.replace(unit, setting=None).stem, "threads": max(1, int(config.engine.num_cpus)), "deployment": deployment}
 
 
 def build_client_side(spec: dict, node_config: dict | None = None):

@@ -22,10 +22,10 @@ from fedleak.eval.aggregate import aggregate_cells, aggregate_trainings
 from fedleak.eval.attacking import attack_key, attack_training, cached_cells
 from fedleak.eval.cache import ATTACKS_DIR, SHADOWS_DIR, plugin_records, run_lock, training_key
 from fedleak.eval.config import RunConfig
-from fedleak.eval.context import check_data, describe_data, report_data_quality, resolve_model, seed_context
+from fedleak.eval.context import check_data, describe_data, report_data_quality, resolve_model, seed_context, unit_context
 from fedleak.eval.fit import model_fit, seeds_model_fit
 from fedleak.eval.identifiers import identifiers_record
-from fedleak.eval.plan import PlannedTraining, attack_cells, plan, training_steps
+from fedleak.eval.plan import PlannedTraining, attack_cells, left_out, plan, training_steps
 from fedleak.eval.poisoning import poisoning_cells
 from fedleak.eval.results import SCHEMA, git_commit, library_versions, machine_info, write_results
 from fedleak.eval.training_runs import base_model_utility, cached_training
@@ -49,7 +49,7 @@ def describe(config: RunConfig, planned: list[PlannedTraining], out_dir: Path, *
     lines, trainings_left, steps_left, cells_left, cells_total = describe_data(config, base_dir), 0, 0, 0, 0
     for item in planned:
         unit = item.unit
-        ctx = seed_context(config, unit.seed, base_dir)
+        ctx = unit_context(config, unit, base_dir)
         training_dir = Path(out_dir) / "trainings" / unit.stem
         t_key = training_key(ctx, unit)
         cached = use_cache and cached_training(config, unit, out_dir, base_dir=base_dir) is not None
@@ -69,6 +69,7 @@ def describe(config: RunConfig, planned: list[PlannedTraining], out_dir: Path, *
             if n:
                 lines.append(f"  attack {spec.label} on {', '.join(observers)} (rounds: {rounds}): about {n} cells"
                              + (" (cached)" if done else ""))
+    lines += left_out(config)
     lines.append(f"{len(planned)} trainings ({trainings_left} to train, about {steps_left} optimizer steps), about "
                  f"{cells_total} attack cells ({cells_left} to run), seeds {list(config.run_seeds)}")
     lines += memory_lines(config, jobs=jobs)
@@ -119,6 +120,8 @@ def _run_planned(config: RunConfig, planned: list[PlannedTraining], out_dir: Pat
     model_ref, model_info = resolve_model(config)  # built once here, before any worker needs it
     report_data_quality(config, base_dir, model_ref)  # warnings, and truncation counted with its tokenizer
     base_utility = {s: base_model_utility(seed_context(config, s, base_dir), out_dir, use_cache) for s in seeds}
+    for line in left_out(config):
+        log.info("%s", line)
     log.info("%d trainings, seeds %s, %d job(s); cache in %s", len(planned), seeds, jobs, out_dir / "trainings")
     extra: dict = {}
     if config.executor.name == "ray":
@@ -155,7 +158,7 @@ def _run_here(config: RunConfig, planned: list[PlannedTraining], out_dir: Path, 
     for item in tqdm(planned, desc="attacks", unit="training", disable=not progress or not any(p.attacks for p in planned)):
         if not item.attacks:
             continue
-        ctx = seed_context(config, item.unit.seed, base_dir)
+        ctx = unit_context(config, item.unit, base_dir)
         start = time.perf_counter()
         found, ran = attack_training(ctx, item.unit, records[item.unit], out_dir / records[item.unit]["checkpoint_dir"],
                                      item.attacks, progress=progress, use_cache=use_cache,

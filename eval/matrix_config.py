@@ -13,11 +13,12 @@ import functools
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from fedleak.common.errors import FedleakError, did_you_mean
 from fedleak.common.names import CLEAN, OBSERVERS
 from fedleak.common.params import NonNegativeInt, OpenUnitInterval, PositiveInt, checked, instantiate
+from fedleak.eval.sweep import parse_sweep
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ class ScenarioSpec:
 @dataclass(frozen=True)
 class MatrixRule:
     """One `include` or `exclude` rule: glob patterns (on name or label; "a|b" matches either, a leading "!"
-    negates the whole) on the axes of a cell, (algorithm, defense, scenario, attack, observer). A rule naming only trainings
+    negates the whole) on the axes of a cell, (algorithm, defense, scenario, setting, attack, observer). A rule naming only trainings
     (no `attack`, no `observer`) selects whole trainings: as an exclude rule,
     {algorithm = "fedpit", defense = "!none"} keeps FEDPIT with no defense only. A rule with `attack`
     or `observer` selects attack cells and leaves the trainings alone: {defense = "krum", attack = "*"}
@@ -100,18 +101,23 @@ class MatrixRule:
     attack: str | None = field(default=None, metadata={
         "help": "Pattern on the attack's name or label; set (or observer set): the rule selects attack cells."})
     observer: str | None = field(default=None, metadata={"help": "Pattern on the observer: global, upload or client."})
+    setting: str = field(default="*", metadata={
+        "help": "Pattern on a sweep's variant, as its label shows it (e.g. \"adaptation=prompt_tuning\", "
+                "\"alpha=*\"); \"\" is the configured settings."})
 
     @property
     def selects_cells(self) -> bool:
         return self.attack is not None or self.observer is not None
 
-    def covers(self, algorithm: "ComponentSpec", defense: "ComponentSpec", scenario: str = CLEAN) -> bool:
-        """Whether the training part of the rule matches."""
-        return _glob(self.algorithm, algorithm) and _glob(self.defense, defense) and _glob_name(self.scenario, scenario)
+    def covers(self, algorithm: "ComponentSpec", defense: "ComponentSpec", scenario: str = CLEAN,
+               setting: str = "") -> bool:
+        """Whether the training part of the rule matches (`setting`: the variant's label, "" when configured)."""
+        return (_glob(self.algorithm, algorithm) and _glob(self.defense, defense) and _glob_name(self.scenario, scenario)
+                and _glob_name(self.setting, setting))
 
     def covers_cell(self, attack: "ComponentSpec", observer: str, algorithm: "ComponentSpec",
-                    defense: "ComponentSpec", scenario: str = CLEAN) -> bool:
-        return (self.covers(algorithm, defense, scenario) and _glob(self.attack or "*", attack)
+                    defense: "ComponentSpec", scenario: str = CLEAN, setting: str = "") -> bool:
+        return (self.covers(algorithm, defense, scenario, setting) and _glob(self.attack or "*", attack)
                 and _glob_name(self.observer or "*", observer))
 
 
@@ -326,3 +332,17 @@ class MatrixSettings:
         "parse": _scenarios})
 
 
+    adaptations: tuple[Literal["lora", "ia3", "prompt_tuning"], ...] = field(default=(), metadata={
+        "help": "Adaptation methods each training repeats with (a sweep of model.adaptation; each method's settings "
+                "are its [model.<method>] table); empty: model.adaptation alone."})
+    sweep: tuple[tuple[str, tuple], ...] = field(default=(), metadata={
+        "help": "Settings to sweep one at a time, the others as configured: \"table.setting\" = [values], e.g. "
+                "\"federation.alpha\" = [0.1, 1.0, 10.0]; each value is one more training of every cell.",
+        "type": "a table of \"table.setting\" = [values]",
+        "parse": parse_sweep})
+
+    def __post_init__(self):
+        if self.adaptations and any(path == "model.adaptation" for path, _ in self.sweep):
+            raise FedleakError("matrix.adaptations and matrix.sweep.\"model.adaptation\" both sweep the method: keep one")
+        if len(set(self.adaptations)) != len(self.adaptations):
+            raise FedleakError(f"matrix.adaptations = {list(self.adaptations)} lists a method twice: list each once")

@@ -9,11 +9,14 @@ import hashlib
 import math
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from fedleak.common.errors import FedleakError, did_you_mean
 from fedleak.common.names import CLEAN
 from fedleak.eval.config import RunConfig
 from fedleak.eval.matrix_config import ComponentSpec, MatrixRule, ScenarioSpec
+from fedleak.eval.sweep import attack_conflict, conflict, settings_of, variant
+from fedleak.eval.sweep import label as setting_label
 
 NO_DEFENSE = ComponentSpec("none")
 
@@ -26,28 +29,42 @@ class TrainingUnit:
     defense: ComponentSpec
     scenario: ScenarioSpec | None  # None: the clean federation
     seed: int
+    setting: tuple[str, Any] | None = None  # a sweep's (dotted path, value); None: the configured settings
 
     @property
     def scenario_name(self) -> str:
         return self.scenario.name if self.scenario else CLEAN
 
     @property
+    def algorithm_label(self) -> str:
+        """The algorithm as results and reports name it: its label, and the swept setting's value if any
+        ("fedit [adaptation=prompt_tuning]"), so a variant's rows never merge with another's."""
+        return self.algorithm.label + (f" [{setting_label(self.setting)}]" if self.setting else "")
+
+    @property
+    def setting_text(self) -> str:
+        """The variant as matrix rules match it ("adaptation=prompt_tuning"); "" for the configured settings."""
+        return setting_label(self.setting) if self.setting else ""
+
+    @property
     def label(self) -> str:
-        return f"{self.algorithm.label}/{self.defense.label}" + (f"/{self.scenario.name}" if self.scenario else "")
+        return f"{self.algorithm_label}/{self.defense.label}" + (f"/{self.scenario.name}" if self.scenario else "")
 
     @property
     def stem(self) -> str:
         """The training's folder under `trainings/`: the labels, made safe as one folder name (a long or
         odd one shortened and told apart by a hash of the whole)."""
-        text = f"{self.algorithm.label}-{self.defense.label}" + (f"-{self.scenario.name}" if self.scenario else "")
+        text = (f"{self.algorithm.label}-{self.defense.label}" + (f"-{self.scenario.name}" if self.scenario else "")
+                + (f"-{setting_label(self.setting)}" if self.setting else ""))
         safe = re.sub(r"[^A-Za-z0-9_.=,+()-]+", "_", text)
         if safe != text or len(safe) > 120:
             safe = f"{safe[:100]}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
         return f"{safe}-seed{self.seed}"
 
     def key(self) -> dict:
-        return {"algorithm": self.algorithm.label, "defense": self.defense.label, "scenario": self.scenario_name,
-                "seed": self.seed}
+        return {"algorithm": self.algorithm_label, "defense": self.defense.label, "scenario": self.scenario_name,
+                "seed": self.seed,
+                **({"setting": {"path": self.setting[0], "value": self.setting[1]}} if self.setting else {})}
 
 
 @dataclass
@@ -62,50 +79,79 @@ def _federated(spec: ComponentSpec) -> bool:
     return ALGORITHMS.get(spec.name).federated
 
 
-def all_trainings(config: RunConfig) -> list[TrainingUnit]:
-    """Every (algorithm, defense, scenario, seed) the rules keep: defenses and malicious clients hook
-    into a federation, so non-federated baselines (CENIT, LOCIT) train once per seed, clean and without
-    a defense."""
+def _candidates(config: RunConfig) -> list[TrainingUnit]:
+    """Every (algorithm, defense, scenario, seed, swept setting) the rules keep: defenses and malicious
+    clients hook into a federation, so non-federated baselines (CENIT, LOCIT) train once per seed and
+    setting, clean and without a defense."""
     units = []
-    for seed in config.run_seeds:
-        for algorithm in config.matrix.algorithms:
-            if _federated(algorithm):
-                units += [TrainingUnit(algorithm, defense, scenario, seed)
-                          for scenario in [None, *config.matrix.scenarios] for defense in config.matrix.defenses]
-            else:
-                units.append(TrainingUnit(algorithm, NO_DEFENSE, None, seed))
+    for setting in settings_of(config):
+        for seed in config.run_seeds:
+            for algorithm in config.matrix.algorithms:
+                if _federated(algorithm):
+                    units += [TrainingUnit(algorithm, defense, scenario, seed, setting)
+                              for scenario in [None, *config.matrix.scenarios] for defense in config.matrix.defenses]
+                else:
+                    units.append(TrainingUnit(algorithm, NO_DEFENSE, None, seed, setting))
     include, exclude = config.matrix.include, config.matrix.exclude
     return [u for u in units
             if (not include or any(_admits(config, r, u) for r in include))
-            and not any(not r.selects_cells and r.covers(u.algorithm, u.defense, u.scenario_name) for r in exclude)]
+            and not any(not r.selects_cells and r.covers(u.algorithm, u.defense, u.scenario_name, u.setting_text)
+                        for r in exclude)]
+
+
+def all_trainings(config: RunConfig) -> list[TrainingUnit]:
+    """The trainings the matrix and its rules keep, less those a sweep's variant cannot train under its
+    adaptation method (`left_out` says which and why)."""
+    return [u for u in _candidates(config) if conflict(variant(config, u.setting), u.algorithm, u.defense) is None]
+
+
+def left_out(config: RunConfig) -> list[str]:
+    """What the rules would train or attack but a variant's adaptation method cannot, one line each (the
+    dry run and the run log print them)."""
+    lines = []
+    for u in _candidates(config):
+        cfg = variant(config, u.setting)
+        if (problem := conflict(cfg, u.algorithm, u.defense)) is not None:
+            lines.append(f"left out {u.label}: {problem}")
+            continue
+        for spec, _ in _ruled_attacks(config, u):
+            if (problem := attack_conflict(cfg, spec)) is not None:
+                lines.append(f"left out attack {spec.label} on {u.label}: {problem}")
+    return lines
 
 
 def _admits(config: RunConfig, rule: MatrixRule, unit: TrainingUnit) -> bool:
     """An include rule admits a training it covers; one that names attack cells, only a training that
     some such cell probes."""
-    if not rule.covers(unit.algorithm, unit.defense, unit.scenario_name):
+    if not rule.covers(unit.algorithm, unit.defense, unit.scenario_name, unit.setting_text):
         return False
     return not rule.selects_cells or any(
-        rule.covers_cell(spec, o, unit.algorithm, unit.defense, unit.scenario_name)
+        rule.covers_cell(spec, o, unit.algorithm, unit.defense, unit.scenario_name, unit.setting_text)
         for spec in config.matrix.attacks if unit.scenario_name in spec.scenarios for o in spec.observers)
 
 
-def attacks_of(config: RunConfig, unit: TrainingUnit) -> list[tuple[ComponentSpec, tuple[str, ...]]]:
-    """The privacy attacks that probe one training, each with the observers the rules leave it."""
+def _ruled_attacks(config: RunConfig, unit: TrainingUnit) -> list[tuple[ComponentSpec, tuple[str, ...]]]:
+    """The privacy attacks the rules let probe one training, each with the observers they leave it."""
     include, exclude = config.matrix.include, config.matrix.exclude
+    where = (unit.algorithm, unit.defense, unit.scenario_name, unit.setting_text)
     out = []
     for spec in config.matrix.attacks:
         if unit.scenario_name not in spec.scenarios:
             continue
         observers = tuple(
             o for o in spec.observers
-            if (not include or any(r.covers_cell(spec, o, unit.algorithm, unit.defense, unit.scenario_name)
-                                   for r in include))
-            and not any(r.selects_cells and r.covers_cell(spec, o, unit.algorithm, unit.defense, unit.scenario_name)
-                        for r in exclude))
+            if (not include or any(r.covers_cell(spec, o, *where) for r in include))
+            and not any(r.selects_cells and r.covers_cell(spec, o, *where) for r in exclude))
         if observers:
             out.append((spec, observers))
     return out
+
+
+def attacks_of(config: RunConfig, unit: TrainingUnit) -> list[tuple[ComponentSpec, tuple[str, ...]]]:
+    """The privacy attacks that probe one training, each with the observers the rules leave it, less those
+    that cannot read its adaptation method."""
+    cfg = variant(config, unit.setting)
+    return [(spec, o) for spec, o in _ruled_attacks(config, unit) if attack_conflict(cfg, spec) is None]
 
 
 class Selection:
@@ -134,7 +180,7 @@ class Selection:
         parts = pattern.split("/")
         if len(parts) == 1:
             if self._hit(pattern, unit.algorithm.name, unit.algorithm.label, *self._defense_names(unit),
-                         unit.scenario_name):
+                         unit.scenario_name, *((setting_label(unit.setting),) if unit.setting else ())):
                 return True
             return None
         names = [(unit.algorithm.name, unit.algorithm.label), self._defense_names(unit), (unit.scenario_name,)]

@@ -29,7 +29,7 @@ from fedleak.common.io import atomic_write_bytes
 from fedleak.eval.attacking import attack_key, cached_cells
 from fedleak.eval.cache import ATTACKS_DIR, SHADOWS_DIR, TRAINING_FILE, read_json, training_key
 from fedleak.eval.config import RunConfig
-from fedleak.eval.context import seed_context
+from fedleak.eval.context import unit_context
 from fedleak.eval.plan import PlannedTraining, TrainingUnit
 from fedleak.eval.ray_tasks import ProgressBoard, attack_task, pack, train_task, unpack
 from fedleak.eval.training_runs import cached_training
@@ -188,7 +188,7 @@ def run_on_ray(config: RunConfig, planned: list[PlannedTraining], out_dir: Path,
                 if not shared and use_cache:  # trained already, evaluation settings changed: only re-evaluate
                     folder = out_dir / "trainings" / item.unit.stem
                     trained = read_json(folder / TRAINING_FILE) or {}
-                    if trained.get("key") == training_key(seed_context(config, item.unit.seed, base_dir), item.unit):
+                    if trained.get("key") == training_key(unit_context(config, item.unit, base_dir), item.unit):
                         extra["training"] = ray.put(pack(folder))
                 ref = train.remote(config, item.unit, out_dir=str(out_dir) if shared else "", use_cache=use_cache,
                                    cpus=settings.train_cpus, model=model_ref_obj, **common, **extra)
@@ -297,7 +297,7 @@ def _result(ref, kind: str, item: PlannedTraining, work: _Work, retries: int) ->
 def _cached_attack_cells(config: RunConfig, item: PlannedTraining, record: dict, out_dir: Path,
                          base_dir: Path) -> list | None:
     """Every planned attack's cells of a training when all are cached (read here, no task), else None."""
-    ctx = seed_context(config, item.unit.seed, base_dir)
+    ctx = unit_context(config, item.unit, base_dir)
     t_key = training_key(ctx, item.unit)
     cells = []
     for spec, observers in item.attacks:

@@ -162,10 +162,10 @@ def _attack(config, unit, record: dict, attacks, *, out_dir: str, base_dir: str,
             model, training: bytes | None, shadows: dict[str, bytes] | None) -> dict:
     from fedleak.eval.attacking import attack_training
     from fedleak.eval.cache import ATTACKS_DIR, SHADOWS_DIR
-    from fedleak.eval.context import seed_context
+    from fedleak.eval.context import unit_context
 
     base = _prepare(config.plugins, base_dir, cpus, model)
-    ctx = seed_context(config, unit.seed, base)
+    ctx = unit_context(config, unit, base)
     if out_dir:
         cells, ran = attack_training(ctx, unit, record, Path(out_dir) / record["checkpoint_dir"], attacks,
                                      use_cache=use_cache, shadow_dir=Path(out_dir) / SHADOWS_DIR)

@@ -20,14 +20,14 @@ from fedleak.common.params import instantiate
 from fedleak.eval.cache import (EVALUATION_FILE, TRAINING_FILE, cache_key, code_fingerprint, data_fingerprint,
                                 evaluation_key, model_fingerprint, read_json, training_key, utility_key)
 from fedleak.eval.config import RunConfig, build_defense, plain
-from fedleak.eval.context import SeedContext, seed_context
+from fedleak.eval.context import SeedContext, unit_context
 from fedleak.eval.fit import synthetic_domain
 from fedleak.eval.plan import TrainingUnit
 from fedleak.eval.poisoning import (backdoor_prompts, backdoors_of, build_adversary, detection, scenario_record,
                                     trigger_rates)
 from fedleak.eval.utility import evaluate_utility
 from fedleak.federated import checkpoint
-from fedleak.federated.adapters import add_peft_adapter
+from fedleak.federated.adapters import DEFAULT, add_peft_adapter
 from fedleak.federated.data import FederatedData
 from fedleak.federated.fedpit import SelfGenerating
 from fedleak.federated.model import shared_base_model
@@ -210,7 +210,8 @@ def _train(ctx: SeedContext, unit: TrainingUnit, training_dir: Path, key: str, b
     trained = {
         "format": "fedleak-training/1", "key": key,
         "unit": {"algorithm": plain(unit.algorithm), "defense": plain(unit.defense),
-                 "scenario": plain(unit.scenario) if unit.scenario else None, "seed": unit.seed},
+                 "scenario": plain(unit.scenario) if unit.scenario else None, "seed": unit.seed,
+                 "setting": list(unit.setting) if unit.setting else None},
         "algorithm_params": algorithm.params(), "defense_params": defense.params(),
         "train_seconds": run.train_seconds, "final_round": run.final_round,
         "views": checkpoint.available_views(checkpoint.round_dir(scratch, run.final_round)),
@@ -220,6 +221,7 @@ def _train(ctx: SeedContext, unit: TrainingUnit, training_dir: Path, key: str, b
         "synthetic_domain_rouge_l": (synthetic_domain(scratch, run.final_round, ctx.data, seed=cfg.seed)
                                      if isinstance(algorithm, SelfGenerating) else None),
         "upload_bytes_per_client_per_round": per_round, "upload_bytes_total": total,
+        "adapter_parameters": _adapter_parameters(checkpoint.round_dir(scratch, run.final_round)),
         "torch_threads": torch.get_num_threads(), "engine": engine, "rounds": run.history,
     }
     if trained["synthetic"] is not None and trained["synthetic"].get("accepted", 0) == 0:
@@ -261,6 +263,16 @@ def _evaluate(ctx: SeedContext, unit: TrainingUnit, trained: dict, training_dir:
             "poisoning": poisoning}
 
 
+def _adapter_parameters(folder: Path) -> int | None:
+    """What one client trains: the tensors of the shared adapter in the round's first view."""
+    views = checkpoint.available_views(folder)
+    if not views:
+        return None
+    observer, _, client = views[0].partition("/")
+    view = checkpoint.load_view(folder, observer, int(client) if client else None)
+    return sum(t.numel() for t in view.get(DEFAULT, {}).values()) or None
+
+
 def training_record(unit: TrainingUnit, trained: dict, evaluated: dict, checkpoint_dir: str) -> dict:
     """A training's record in the results file.
 
@@ -274,6 +286,7 @@ def training_record(unit: TrainingUnit, trained: dict, evaluated: dict, checkpoi
         **unit.key(), "algorithm_name": unit.algorithm.name, "algorithm_params": trained["algorithm_params"],
         "defense_name": unit.defense.name, "defense_params": trained["defense_params"],
         "checkpoint_dir": checkpoint_dir, "training_key": trained["key"],
+        "adapter_parameters": trained.get("adapter_parameters"),
         "train_seconds": trained["train_seconds"], "utility_seconds": evaluated["utility_seconds"],
         "utility": evaluated["utility"], "poisoning": evaluated["poisoning"], "views": trained["views"],
         "synthetic": trained["synthetic"], "privacy": trained["privacy"],
@@ -291,7 +304,7 @@ def training_record(unit: TrainingUnit, trained: dict, evaluated: dict, checkpoi
 
 def cached_training(config: RunConfig, unit: TrainingUnit, out_dir: Path, *, base_dir: Path) -> dict | None:
     """The training's results record when its checkpoints and evaluation are cached under their keys."""
-    ctx = seed_context(config, unit.seed, base_dir)
+    ctx = unit_context(config, unit, base_dir)
     training_dir = Path(out_dir) / "trainings" / unit.stem
     t_key = training_key(ctx, unit)
     trained = read_json(training_dir / TRAINING_FILE)
@@ -305,7 +318,7 @@ def train_unit(config: RunConfig, unit: TrainingUnit, out_dir: Path, *, base_dir
                use_cache: bool = True, grid=None) -> tuple[dict, bool]:
     """Train (unless cached) and evaluate one training; returns its results record and whether all of
     it came from the cache. With a Flower `grid` (a ServerApp's), the clients are that federation's nodes."""
-    ctx = seed_context(config, unit.seed, base_dir)
+    ctx = unit_context(config, unit, base_dir)
     training_dir = Path(out_dir) / "trainings" / unit.stem
     t_key = training_key(ctx, unit)
     e_key = evaluation_key(ctx, unit, t_key)

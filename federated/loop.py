@@ -24,6 +24,7 @@ from fedleak.federated import checkpoint
 from fedleak.federated.adapters import DEFAULT, AdapterState, activate, add_peft_adapter, get_adapter_state, set_adapter_state
 from fedleak.federated.aggregation import nonfinite_reason
 from fedleak.federated.hooks import ClientUpdate, RoundInfo, ServerModel
+from fedleak.federated.methods import with_method_lr
 from fedleak.federated.rounds import GLOBAL, Algorithm, ClientContext, ClientResult, TrainingRun, TrainingSetup
 from fedleak.federated.seeding import derive_seed, numpy_rng, torch_generator
 from fedleak.federated.training import encode, train_adapter
@@ -85,7 +86,7 @@ class ServerTraining(ServerModel):
             activate(self.model, [DEFAULT], trainable=DEFAULT)
             set_adapter_state(self.model, start)
             torch.manual_seed(derive_seed(self.setup.seed, "server-train", round, purpose))  # dropout
-            metrics = train_adapter(self.model, examples, fed.train_settings(),
+            metrics = train_adapter(self.model, examples, with_method_lr(fed.train_settings(), self.setup.adapter),
                                     pad_id=self.setup.tokenizer.pad_token_id,
                                     generator=torch_generator(self.setup.seed, "server-batches", round, purpose))
             state = get_adapter_state(self.model)

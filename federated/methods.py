@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from fedleak.common.errors import FedleakError
-from fedleak.common.params import PositiveInt, check_fields
+from fedleak.common.params import PositiveFloat, PositiveInt, check_fields
 
 # peft's parameter-name markers of each method's trainable tensors (LoRA: lora_A/lora_B/lora_embedding_*).
 MARKERS = {"lora": ("lora_",), "ia3": ("ia3_l",), "prompt_tuning": ("prompt_encoder.",)}
@@ -73,6 +73,10 @@ class PromptTuningSettings:
                 "vocabulary tokens (Lester et al.: vocabulary init trains better than random), \"random\" "
                 "N(0, 1) rows."})
 
+    lr: PositiveFloat | None = field(default=None, metadata={
+        "help": "Learning rate of the soft prompt; unset: federation.lr. A soft prompt needs a far larger one than "
+                "LoRA (Lester et al. train it at 0.3)."})
+
     def __post_init__(self):
         check_fields(self, "model.prompt_tuning.")
 
@@ -81,6 +85,14 @@ class PromptTuningSettings:
 
         return PromptTuningConfig(num_virtual_tokens=self.num_virtual_tokens, task_type="CAUSAL_LM",
                                   prompt_tuning_init=self.init.upper())
+
+
+def with_method_lr(train, settings):
+    """`train` (a TrainSettings) with the method's own learning rate where its settings give one."""
+    import dataclasses
+
+    lr = getattr(settings, "lr", None)
+    return dataclasses.replace(train, lr=lr) if lr is not None else train
 
 
 def is_prompt_learning(model) -> bool:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from fedleak.federated.adapters import DEFAULT, AdapterSettings, AdapterState
+from fedleak.federated.methods import with_method_lr
 from fedleak.federated.data import FederatedData, Record
 from fedleak.common.errors import FedleakError
 from fedleak.common.params import NonNegativeFloat, PositiveFloat, PositiveInt, UnitInterval, check_fields
@@ -130,7 +131,7 @@ class ClientContext:
         # An acting malicious client trains what it shares its own way; a FEDPIT local adapter (never
         # shared) trains like anyone's.
         malicious = adapter == DEFAULT and self.setup.adversary.acts(self.client, self.round)
-        settings = self.setup.federation.train_settings()
+        settings = with_method_lr(self.setup.federation.train_settings(), self.setup.adapter)
         if malicious:
             settings = self.setup.adversary.train_settings(settings, client=self.client, round=self.round)
         job = ClientJob(client=self.client, round=self.round, model=self.model, examples=examples,

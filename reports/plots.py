@@ -7,14 +7,15 @@ import io
 import textwrap
 
 
-def axes(width: float, height: float):
-    """A figure and its axes on the non-interactive backend (reports are written without a display)."""
+def axes(width: float, height: float, ncols: int = 1):
+    """A figure and its axes (`ncols` side by side) on the non-interactive backend (reports are written
+    without a display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(figsize=(width, height), dpi=110)
+    return plt.subplots(1, ncols, figsize=(width, height), dpi=110)
 
 
 def png(fig, ax, *, legend: bool = True) -> bytes:

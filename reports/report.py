@@ -26,6 +26,7 @@ from fedleak.reports.server import server_section
 from fedleak.reports.render import render_html, render_markdown
 from fedleak.reports.rounds import rounds_section
 from fedleak.reports.summary import summary_section
+from fedleak.reports.sweep import sweep_section
 from fedleak.reports.synthetic import synthetic_section
 
 
@@ -57,7 +58,7 @@ def build_document(results: dict, *, show_secrets: bool = False) -> list[Section
     redact = redactor(results, show_secrets=show_secrets)
     fit = fit_section(run)
     warning = fit is not None and not run.results["model_fit"]["fits"]  # before every number it qualifies
-    sections = [fit if warning else None, summary_section(run, show_secrets=show_secrets), defenses_section(run),
+    sections = [fit if warning else None, summary_section(run, show_secrets=show_secrets), defenses_section(run), sweep_section(run),
                 dp_section(run), membership_section(run), server_section(run), rounds_section(run),
                 extraction_section(run, redact),
                 poisoning_section(run, redact), synthetic_section(run, redact), None if warning else fit,

@@ -146,7 +146,7 @@ def test_the_training_key_holds_the_method_and_its_table_only(tmp_path):
     assert "adaptation" not in lora  # LoRA trainings keep their keys
     soft = model_fingerprint(_config(tmp_path, '[model]\nadaptation = "prompt_tuning"\n[model.lora]\nr = 4\n'))
     assert soft["adaptation"] == "prompt_tuning" and "lora" not in soft
-    assert soft["prompt_tuning"] == {"num_virtual_tokens": 20, "init": "sample_vocab"}
+    assert soft["prompt_tuning"] == {"num_virtual_tokens": 20, "init": "sample_vocab", "lr": None}
 
 
 def test_a_soft_prompt_federation_end_to_end(tmp_path, tiny_run_config):
@@ -188,3 +188,11 @@ attacks = [{ name = "loss", observers = ["global", "upload", "client"] }, "expos
                                                                     ("update_gradient", "upload")}
     assert all(np.isfinite(c["metrics"]["auc"]) for c in cells if "auc" in c["metrics"])
     assert "model.adaptation = prompt_tuning" in (out / "report.md").read_text()
+
+
+def test_a_method_with_its_own_learning_rate_trains_and_is_attacked_with_it():
+    from fedleak.federated.methods import with_method_lr
+
+    train = TrainSettings(epochs=2, batch_size=4, lr=5e-3)
+    assert with_method_lr(train, PromptTuningSettings(lr=0.03)).lr == 0.03
+    assert with_method_lr(train, PromptTuningSettings()) is train and with_method_lr(train, LoraSettings()) is train
