@@ -29,7 +29,7 @@ from fedleak.federated.training import collate, encode, sequence_losses
 
 if TYPE_CHECKING:
     from fedleak.attacks.base import Target
-    from fedleak.federated.adapters import LoraSettings
+    from fedleak.federated.adapters import AdapterSettings
 
 UPLOAD, GLOBAL = "upload", "global"
 
@@ -46,7 +46,7 @@ class ServerRecord:
     """
 
     training_dir: Path
-    settings: LoraSettings
+    settings: AdapterSettings
     hides_uploads: bool = False
     _states: dict = field(default_factory=dict, repr=False)
 

@@ -206,8 +206,9 @@ def plain(obj):
                 **({"clients": list(obj.clients)} if obj.clients else {"fraction": obj.fraction}),
                 "rounds": obj.rounds if isinstance(obj.rounds, str) else list(obj.rounds),
                 **({"local_epochs": obj.local_epochs} if obj.local_epochs else {})}
-    if dataclasses.is_dataclass(obj):
-        return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if dataclasses.is_dataclass(obj):  # a field may say how it is written back ("plain": the sweep's table)
+        return {f.name: (f.metadata["plain"] if "plain" in f.metadata else plain)(getattr(obj, f.name))
+                for f in dataclasses.fields(obj)}
     if isinstance(obj, tuple):
         return [plain(v) for v in obj]
     return obj
@@ -254,6 +255,13 @@ def _check_rule_names(config: RunConfig, where: str, *, settings: bool = True) -
                                            f"known: {', '.join(known)}")
 
 
+def _ruled_in(config: RunConfig, algorithm: ComponentSpec, defense: ComponentSpec, scenario: str) -> bool:
+    """Whether the matrix's rules keep the configured settings' training (algorithm, defense, scenario)."""
+    include, exclude = config.matrix.include, config.matrix.exclude
+    return ((not include or any(r.covers(algorithm, defense, scenario) for r in include))
+            and not any(not r.selects_cells and r.covers(algorithm, defense, scenario) for r in exclude))
+
+
 def _check_not_late(rounds: str | tuple[int, ...], config: RunConfig, key: str) -> None:
     """Listed rounds (attacks probe them, malicious clients act in them) must exist in the federation."""
     late = [r for r in (() if isinstance(rounds, str) else rounds) if r > config.federation.rounds]
@@ -268,20 +276,22 @@ EMBEDDING_NAME = re.compile(r"embed|^wte$|^word_embeddings$|^shared$")  # input 
 def _check_combinations(config: RunConfig, where: str, *, methods: bool = True) -> None:
     """Checks across tables: each defense against the federation it would run in, each attack and
     algorithm against the adaptation method (`methods`), each swept value against the whole config."""
-    from fedleak.eval.sweep import attack_conflict, conflict, settings_of, variant
+    from fedleak.eval.sweep import attack_conflict, conflict_field, settings_of
     from fedleak.federated.rounds import ALGORITHMS
 
     for i, spec in enumerate(config.matrix.attacks):
         _check_not_late(spec.rounds, config, f"{where}: matrix.attacks[{i}].rounds")
         if methods and (problem := attack_conflict(config, spec)):
             raise FedleakError(f"{where}: matrix.attacks[{i}]: {problem}")
+    scenarios = [CLEAN, *(s.name for s in config.matrix.scenarios)]
     for i, algorithm in enumerate(config.matrix.algorithms):
         for j, defense in enumerate(config.matrix.defenses):
-            if methods and (problem := conflict(config, algorithm, defense)):
-                item = "algorithms" if "dp_sgd" not in problem else "defenses"
-                raise FedleakError(f"{where}: matrix.{item}[{i if item == 'algorithms' else j}]: {problem}")
-    for setting in settings_of(config)[1:]:
-        variant(config, setting, f"{where}: matrix.sweep")
+            found = conflict_field(config, algorithm, defense) if methods else None
+            # Refused only where the rules would train it (the cut-out ones never run).
+            if found and any(_ruled_in(config, algorithm, defense, name) for name in scenarios):
+                field_name, problem = found
+                raise FedleakError(f"{where}: matrix.{field_name}[{i if field_name == 'algorithms' else j}]: {problem}")
+    settings_of(config, f"{where}: matrix.sweep")  # each swept value parsed with the whole config
     _check_rule_names(config, where, settings=methods)
     known = [CLEAN, *(s.name for s in config.matrix.scenarios)]
     for i, spec in enumerate(config.matrix.attacks):

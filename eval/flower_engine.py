@@ -55,7 +55,8 @@ def build_client_side(spec: dict, node_config: dict | None = None):
 
     torch.set_num_threads(spec["threads"])
     base_dir = Path(spec["base_dir"])
-    config = parse_config(spec["config"], "<flower spec>", base_dir=base_dir)
+    # The training's own config (a sweep's variant in place): its matrix may list what its method leaves out.
+    config = parse_config(spec["config"], "<flower spec>", base_dir=base_dir, methods_checked=False)
     unit = next((u for u in all_trainings(config) if u.stem == spec["unit"] and u.seed == config.seed), None)
     if unit is None:
         raise FedleakError(f"the Flower client found no training {spec['unit']!r} in the spec's config: "

@@ -339,10 +339,17 @@ class MatrixSettings:
         "help": "Settings to sweep one at a time, the others as configured: \"table.setting\" = [values], e.g. "
                 "\"federation.alpha\" = [0.1, 1.0, 10.0]; each value is one more training of every cell.",
         "type": "a table of \"table.setting\" = [values]",
-        "parse": parse_sweep})
+        "parse": parse_sweep, "plain": lambda sweep: {path: list(values) for path, values in sweep}})
 
     def __post_init__(self):
         if self.adaptations and any(path == "model.adaptation" for path, _ in self.sweep):
             raise FedleakError("matrix.adaptations and matrix.sweep.\"model.adaptation\" both sweep the method: keep one")
+        leaves: dict[str, str] = {"adaptation": "model.adaptation"} if self.adaptations else {}
+        for path, _ in self.sweep:  # a variant is labelled by its setting's last name: two must not share one
+            leaf = path.rsplit(".", 1)[-1]
+            if leaf in leaves:
+                raise FedleakError(f"matrix.sweep: {leaves[leaf]} and {path} would both label their trainings "
+                                   f"\"{leaf}=...\": sweep one of them in this run")
+            leaves[leaf] = path
         if len(set(self.adaptations)) != len(self.adaptations):
             raise FedleakError(f"matrix.adaptations = {list(self.adaptations)} lists a method twice: list each once")

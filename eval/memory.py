@@ -285,10 +285,14 @@ def check_positions(config, hf_config) -> None:
     run where the model never trained."""
     limit = next((getattr(hf_config, k, None) for k in ("max_position_embeddings", "n_positions")
                   if isinstance(getattr(hf_config, k, None), int)), None)
+    soft = max([getattr(config.model.adapter, "num_virtual_tokens", 0)]
+               + [config.model.prompt_tuning.num_virtual_tokens] * ("prompt_tuning" in config.matrix.adaptations))
     length = config.federation.max_length
-    if limit is not None and length > limit:
-        raise FedleakError(f"federation.max_length = {length} exceeds the {limit} positions of model.name = "
-                           f"{config.model.name!r} (its config.json): lower federation.max_length to {limit} or less")
+    if limit is not None and length + soft > limit:
+        extra = f" plus a soft prompt's {soft} virtual tokens" if soft else ""
+        raise FedleakError(f"federation.max_length = {length}{extra} exceeds the {limit} positions of model.name = "
+                           f"{config.model.name!r} (its config.json): lower federation.max_length to {limit - soft} "
+                           f"or less")
 
 
 def check_memory(config, model_config_or_folder=None, *, jobs: int = 1, **options) -> Estimate | None:

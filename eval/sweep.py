@@ -19,7 +19,11 @@ from typing import Any
 from fedleak.common.errors import FedleakError, did_you_mean
 
 Setting = tuple[str, Any]  # (dotted path, value)
-SWEEPABLE = ("model", "data", "federation", "utility", "attack", "poisoning")  # tables a training's numbers come from
+# What a variant may change: the trained method and its settings, and the federation. The data, the base
+# model and the measurement settings are the run's own (its data checks, base-model utility, memory and
+# position checks are made once, on the configured settings).
+SWEEPABLE = ("model.adaptation", "model.lora.", "model.ia3.", "model.prompt_tuning.", "federation.")
+NOT_SWEEPABLE = ("federation.max_length",)  # the run's position and memory checks read it
 
 
 def parse_sweep(value, key: str, where: str) -> tuple[Setting, ...]:
@@ -31,9 +35,10 @@ def parse_sweep(value, key: str, where: str) -> tuple[Setting, ...]:
     out = []
     for path, values in value.items():
         item = f"{key}.\"{path}\""
-        if path.split(".")[0] not in SWEEPABLE or "." not in path:
-            raise FedleakError(f"{where}: {item}: sweep a setting of {', '.join(t + '.*' for t in SWEEPABLE)}, "
-                               f"e.g. \"federation.alpha\"")
+        if not path.startswith(SWEEPABLE) or path in NOT_SWEEPABLE:
+            raise FedleakError(f"{where}: {item}: a sweep varies model.adaptation, a setting of model.lora, "
+                               f"model.ia3, model.prompt_tuning or federation (not federation.max_length), e.g. "
+                               f"\"federation.alpha\"; run another config for the rest")
         if (not isinstance(values, list) or not values
                 or not all(isinstance(v, (bool, int, float, str)) for v in values)):
             raise FedleakError(f"{where}: {item} = {values!r}: give a non-empty list of numbers, texts or booleans")
@@ -105,23 +110,8 @@ def sweep_of(config) -> tuple[Setting, ...]:
     return out + tuple(config.matrix.sweep)
 
 
-def settings_of(config) -> list[Setting | None]:
-    """The variants to train: None (the configured settings) and each swept value that differs from
-    its configured one, in the order written."""
-    from fedleak.eval.config import plain
-
-    table = plain(config)
-    out: list[Setting | None] = [None]
-    for path, values in sweep_of(config):
-        node = table
-        for part in path.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        out += [(path, v) for v in values if repr(v) != repr(node)]
-    return out
-
-
 def configured(config, path: str):
-    """The configured value of a swept setting (what the variant None trains with)."""
+    """The value `config` gives the setting at `path` (as its results record it)."""
     from fedleak.eval.config import plain
 
     node = plain(config)
@@ -130,19 +120,46 @@ def configured(config, path: str):
     return node
 
 
+def settings_of(config, where: str = "matrix.sweep") -> list[Setting | None]:
+    """The variants to train: None (the configured settings) and each swept value that differs from
+    the configured one once parsed (alpha 1 is alpha 1.0), in the order written.
+
+    Raises:
+        FedleakError: a swept value the setting refuses (`variant`).
+    """
+    out: list[Setting | None] = [None]
+    for path, values in sweep_of(config):
+        seen: list = []  # values as parsed (alpha 1 is alpha 1.0), the configured one first
+        for v in values:
+            parsed = configured(variant(config, (path, v), where), path)  # a bad path or value raises here
+            seen = seen or [configured(config, path)]
+            if parsed not in seen:
+                seen.append(parsed)
+                out.append((path, v))
+    return out
+
+
 def conflict(config, algorithm, defense) -> str | None:
     """Why a training cannot run under `config`'s adaptation method, or None."""
+    found = conflict_field(config, algorithm, defense)
+    return found[1] if found else None
+
+
+def conflict_field(config, algorithm, defense) -> tuple[str, str] | None:
+    """(the matrix field at fault, "algorithms" or "defenses"; why) a training cannot run under `config`'s
+    adaptation method, or None."""
     from fedleak.federated.rounds import ALGORITHMS
 
     method = config.model.adaptation
     if method == "prompt_tuning" and ALGORITHMS.get(algorithm.name).combines_adapters:
-        return (f"{algorithm.name} keeps a global and a local adapter on together, and peft runs one soft prompt "
-                f"at a time: use model.adaptation = 'lora' or 'ia3' for it")
+        return "algorithms", (f"{algorithm.name} keeps a global and a local adapter on together, and peft runs one "
+                              f"soft prompt at a time: use model.adaptation = 'lora' or 'ia3' for it")
     if method != "lora" and "dp_sgd" in {p.name for p in (defense.parts or (defense,))}:
         why = {"prompt_tuning": "peft computes the soft prompt once per batch, so Opacus gets no per-record "
                                 "gradient to clip",
                "ia3": "Opacus has no per-sample gradient rule for peft's IA3 layers"}[method]
-        return f"dp_sgd cannot train model.adaptation = '{method}': {why}: use dp_fedavg, or model.adaptation = 'lora'"
+        return "defenses", (f"dp_sgd cannot train model.adaptation = '{method}': {why}: use dp_fedavg, or "
+                            f"model.adaptation = 'lora'")
     return None
 
 

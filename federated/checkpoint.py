@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from fedleak.federated.adapters import AdapterState, LoraSettings, apply_view
+from fedleak.federated.adapters import AdapterSettings, AdapterState, apply_view
 from fedleak.common.errors import FedleakError
 from fedleak.common.io import atomic_write_bytes, atomic_write_json, sha256_bytes
 from fedleak.common.names import OBSERVERS
@@ -217,7 +217,7 @@ def load_view(folder: Path, observer: str = "global", client: int | None = None)
             for name, stem in _view_files(folder, manifest, observer, client).items()}
 
 
-def apply_saved_view(model, folder: Path, observer: str, client: int | None, settings: LoraSettings) -> None:
+def apply_saved_view(model, folder: Path, observer: str, client: int | None, settings: AdapterSettings) -> None:
     """Load one observer's adapters from a round folder into `model` and turn on exactly those.
 
     Raises:

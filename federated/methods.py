@@ -48,8 +48,9 @@ class IA3Settings:
         check_fields(self, "model.ia3.")
         if not self.target_modules:
             raise FedleakError("model.ia3.target_modules is empty: give module names or 'all-linear'")
-        if self.feedforward_modules and (self.target_modules == "all-linear" or
-                                         not set(self.feedforward_modules) <= set(self.target_modules)):
+        targets = self.target_modules
+        if self.feedforward_modules and (targets == "all-linear" or (
+                not isinstance(targets, str) and not set(self.feedforward_modules) <= set(targets))):
             raise FedleakError("model.ia3.feedforward_modules must be a subset of model.ia3.target_modules: list the "
                                "targets by name when some are feed-forward")
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fedleak.federated.methods import virtual_tokens
 from fedleak.federated.data import Record
 from fedleak.common.errors import FedleakError
 from fedleak.federated.generation import generate
@@ -99,7 +100,8 @@ def candidate_text(tokenizer, text: str) -> str:
 
 
 def context_length(model, default: int = 2048) -> int:
-    return int(getattr(model.config, "max_position_embeddings", None) or default)
+    """Positions left for prompt and generation: the model's, less an active soft prompt's virtual tokens."""
+    return int(getattr(model.config, "max_position_embeddings", None) or default) - virtual_tokens(model)
 
 
 @functools.lru_cache(maxsize=4)

@@ -157,6 +157,8 @@ def frontier_points(run: Merged) -> list[FrontierPoint]:
         if is_number(auc) and is_number(loss):
             level = privacy_level(t) if t.get("privacy") else ""
             name = t.get("algorithm_name", t["algorithm"])  # FEDPIT's label with its parameters is long
+            if t.get("setting"):  # a sweep's variant: its setting tells it from the configured training
+                name += f" [{t['setting']['path'].rsplit('.', 1)[-1]}={t['setting']['value']}]"
             defense = t.get("defense_name", t["defense"]) if level else t["defense"]
             points.append(FrontierPoint(pair(t), f"{name}/{defense}" + (f" ({level})" if level else ""), auc, loss))
     return points

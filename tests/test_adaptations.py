@@ -92,6 +92,16 @@ def test_a_soft_prompt_is_scored_after_its_virtual_positions(small_model_path):
         one = sequence_losses(model, collate(cand, tokenizer.pad_token_id))
     scored = sum(label != IGNORE for label in cand[0].labels[1:])
     assert losses[0] == pytest.approx(float(one[0]) * scored, rel=1e-4)
+    # GCG's answer loss (the target's tokens after the prompt) skips the soft prompt's positions too.
+    from fedleak.attacks.extraction.adversarial_prompt import _answer_loss
+    from fedleak.federated.training import Example
+
+    ids, start = list(examples[0].input_ids), next(i for i, label in enumerate(examples[0].labels) if label != IGNORE)
+    with torch.no_grad():
+        gcg = _answer_loss(model, torch.tensor([ids]), start, torch.tensor(ids[start:]))
+        plain = sequence_losses(model, collate([Example(tuple(ids), (IGNORE,) * start + tuple(ids[start:]))],
+                                               tokenizer.pad_token_id))
+    torch.testing.assert_close(gcg, plain, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["ia3", "prompt_tuning"])
@@ -190,9 +200,43 @@ attacks = [{ name = "loss", observers = ["global", "upload", "client"] }, "expos
     assert "model.adaptation = prompt_tuning" in (out / "report.md").read_text()
 
 
-def test_a_method_with_its_own_learning_rate_trains_and_is_attacked_with_it():
-    from fedleak.federated.methods import with_method_lr
+def test_a_method_with_its_own_learning_rate_trains_and_is_attacked_with_it(small_model_path, tmp_path):
+    """model.prompt_tuning.lr reaches every client's optimizer and the attackers' shadow/reference fine-tunes."""
+    from fedleak.defenses.base import Defense
+    from fedleak.eval.context import seed_context
+    from fedleak.federated.data import FederatedData
+    from fedleak.federated.fedit import FedIT
+    from fedleak.federated.loop import run_rounds
+    from fedleak.federated.rounds import FederationSettings, TrainingSetup
 
-    train = TrainSettings(epochs=2, batch_size=4, lr=5e-3)
-    assert with_method_lr(train, PromptTuningSettings(lr=0.03)).lr == 0.03
-    assert with_method_lr(train, PromptTuningSettings()) is train and with_method_lr(train, LoraSettings()) is train
+    class Seen(Defense):
+        def __init__(self):
+            self.lrs = []
+
+        def train_client(self, job):
+            self.lrs.append(job.settings.lr)
+            return job.run()
+
+    records = generate_records(8, seed=0, purpose="t", private=True)
+    base, tokenizer = load_base_model(small_model_path)
+    hooks = Seen()
+    run_rounds(TrainingSetup(base_model=base, tokenizer=tokenizer, federation=FederationSettings(
+        clients=2, rounds=1, local_epochs=1, batch_size=4, lr=5e-3, min_records_per_client=1),
+        data=FederatedData(clients=[records[:4], records[4:]], heldout=records[:2]),
+        adapter=PromptTuningSettings(num_virtual_tokens=4, lr=0.07), hooks=hooks, seed=0, out_dir=tmp_path / "t",
+        config_hash="h", progress=False), FedIT())
+    assert hooks.lrs == [0.07, 0.07]
+    small = "[model.embedded]\npretrain_steps = 200\npublic_records = 2000\n"  # the cached small model
+    config = _config(tmp_path, '[model]\nadaptation = "prompt_tuning"\n' + small +
+                     '[model.prompt_tuning]\nlr = 0.07\n[federation]\nlr = 0.005\n')
+    assert seed_context(config, 0, tmp_path).environment(tokenizer).train.lr == 0.07
+    lora = _config(tmp_path, small + '[federation]\nlr = 0.005\n')
+    assert seed_context(lora, 0, tmp_path).environment(tokenizer).train.lr == 0.005
+
+
+def test_a_combination_the_rules_cut_out_is_not_refused(tmp_path):
+    config = _config(tmp_path, '[model]\nadaptation = "ia3"\n[matrix]\ndefenses = ["none", { name = "dp_sgd", '
+                               'noise_multiplier = 1.0 }]\nexclude = [{ defense = "dp_sgd" }]\n')
+    from fedleak.eval.plan import all_trainings
+
+    assert [u.label for u in all_trainings(config)] == ["fedit/none"]

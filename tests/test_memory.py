@@ -201,6 +201,14 @@ def test_max_length_beyond_the_model_positions_is_refused_before_a_run(tmp_path,
         assert err.endswith("exceeds the 1024 positions of model.name = 'embedded' (its config.json): lower "
                             "federation.max_length to 1024 or less") and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+    # A soft prompt's virtual tokens take positions too (here in a sweep of the method).
+    soft = tiny_run_config.replace("[federation]\n", "[federation]\nmax_length = 1010\n", 1)
+    path = _write(tmp_path, soft)
+    path.write_text(path.read_text() + 'adaptations = ["lora", "prompt_tuning"]\n')
+    assert main(["run", str(path), "--out", str(tmp_path / "out"), "--dry-run"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "federation.max_length = 1010 plus a soft prompt's 20 virtual tokens exceeds the 1024 positions of "
+        "model.name = 'embedded' (its config.json): lower federation.max_length to 1004 or less")
 
 
 def test_a_corrupt_config_json_gives_no_estimate_not_a_traceback(small_model_path, tmp_path):

@@ -66,8 +66,13 @@ def test_each_setting_varies_alone_and_a_variant_leaves_out_what_its_method_cann
     ('"federation.alpha" = [-1.0]', 'matrix.sweep."federation.alpha" = -1.0: federation.alpha = -1.0'),
     ('"federation.rounds" = [2, 2]', "lists a value twice"),
     ('"federation.rounds" = []', "give a non-empty list"),
-    ('"matrix.defenses" = ["none"]', "sweep a setting of model.*, data.*, federation.*"),
-    ('"model.lora" = [4]', "model.lora is a table or list: sweep one of its scalar settings"),
+    ('"matrix.defenses" = ["none"]', "a sweep varies model.adaptation, a setting of model.lora"),
+    ('"data.embedded.private_records" = [40]', "run another config for the rest"),
+    ('"federation.max_length" = [128]', "(not federation.max_length)"),
+    ('"federation.lr" = [0.1]\n"model.prompt_tuning.lr" = [0.1]',
+     'federation.lr and model.prompt_tuning.lr would both label their trainings "lr=...": sweep one of them'),
+    ('"model.lora" = [4]', "a sweep varies model.adaptation"),
+    ('"model.lora.target" = [4]', "unknown setting 'model.lora.target': did you mean 'target_modules'"),
     ('"model.adaptation" = ["lora", "adapterx"]', "model.adaptation = 'adapterx'"),
 ])
 def test_a_bad_sweep_is_one_line_naming_the_setting(tmp_path, sweep, expected):
@@ -144,3 +149,17 @@ def test_rules_match_a_variant_by_its_label_and_refuse_one_the_sweep_lacks(tmp_p
                                            r"matrix: .*known: , adaptation=ia3, alpha=0.1"):
         _config(tmp_path, BASE.replace('attacks = ["loss", ', 'exclude = [{ setting = "alpha=0.2" }]\n'
                                                               'attacks = ["loss", ') + sweep)
+
+
+def test_a_swept_value_equal_to_the_configured_one_once_parsed_is_the_configured_training(tmp_path):
+    config = _config(tmp_path, '[federation]\nalpha = 1.0\nrounds = 2\n[matrix]\n[matrix.sweep]\n'
+                               '"federation.alpha" = [1, 0.5]\n"federation.rounds" = [2, 3]\n')
+    assert settings_of(config) == [None, ("federation.alpha", 0.5), ("federation.rounds", 3)]
+    twice = _config(tmp_path, '[matrix]\n[matrix.sweep]\n"federation.alpha" = [2, 2.0, 0.5]\n')
+    assert settings_of(twice) == [None, ("federation.alpha", 2), ("federation.alpha", 0.5)]
+    # The written config (results.json, a Flower client's spec) parses back to the same config.
+    from fedleak.eval.config import parse_config, plain
+
+    written = plain(twice)
+    del written["seeds"]
+    assert parse_config(written).hash() == twice.hash()

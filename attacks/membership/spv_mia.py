@@ -4,8 +4,8 @@ arXiv 2311.06062).
 
 A reference model needs data from the target's training distribution, which an attacker rarely holds; but
 the fine-tuned target has learnt that distribution, so it can write such data itself. Prompt the view with
-the attacker's public prompts, sample its answers, fine-tune a fresh LoRA adapter of the base model on them
-(the target's LoRA and train settings, for `epochs`), and calibrate the target's likelihood by it:
+the attacker's public prompts, sample its answers, fine-tune a fresh adapter of the base model on them
+(the target's adapter and train settings, for `epochs`), and calibrate the target's likelihood by it:
 
     score(x) = NLL_reference(x) - NLL_target(x)        (mean NLL of x's scored tokens)
 
@@ -80,7 +80,7 @@ def view_fingerprint(model) -> str:
 
 @contextlib.contextmanager
 def reference_adapter(model, env, *, seed: int, state=None):
-    """A fresh LoRA adapter (seeded; `state` loaded if given) on the view's base weights, alone active and
+    """A fresh adapter of the target's method (seeded; `state` loaded if given) on the view's base weights, alone active and
     trainable inside the context; afterwards deleted and the view's adapters (and their on/off state) back."""
     active = list(model.active_adapters)
     try:
@@ -174,7 +174,7 @@ class SPVMIAAttack(MembershipAttack):
         from peft import PeftModel
 
         if not isinstance(target.model, PeftModel):
-            raise FedleakError("attack spv_mia: the target is not a peft model: the reference is a LoRA adapter "
+            raise FedleakError("attack spv_mia: the target is not a peft model: the reference is an adapter "
                                "trained on the view's base weights; attack a peft-wrapped view")
         return env
 

@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fedleak.attacks.base import MembershipAttack, Target
+from fedleak.federated.methods import virtual_tokens
 from fedleak.federated.data import Record
 from fedleak.common.errors import FedleakError
 from fedleak.federated.batching import scored_logits
@@ -77,10 +78,12 @@ TOKEN_CHUNK = 512  # scored positions per softmax: bounds memory at TOKEN_CHUNK 
 
 
 def positions(model) -> int | None:
-    """The positions the model has (config.json's max_position_embeddings or n_positions), None if unknown."""
+    """The positions left for the input (config.json's max_position_embeddings or n_positions, less an
+    active soft prompt's virtual tokens), None if unknown."""
     config = getattr(model, "config", None)
-    return next((value for key in ("max_position_embeddings", "n_positions")
-                 if isinstance(value := getattr(config, key, None), int)), None)
+    limit = next((value for key in ("max_position_embeddings", "n_positions")
+                  if isinstance(value := getattr(config, key, None), int)), None)
+    return None if limit is None else limit - virtual_tokens(model)
 
 
 def prefixed(examples: Sequence[Example], prefix: Sequence[int], *, context: int | None) -> list[Example]:
