@@ -241,7 +241,7 @@ def _check_rule_names(config: RunConfig, where: str, *, settings: bool = True) -
                         continue
                     from fedleak.eval.sweep import label, settings_of
 
-                    known = ["", *(label(s) for s in settings_of(config)[1:])]
+                    known = ['""', *(label(s) for s in settings_of(config)[1:])]  # "" is the configured one
                 elif field_name == "scenario":
                     known = [CLEAN, *(s.name for s in config.matrix.scenarios)]
                 elif field_name == "observer":

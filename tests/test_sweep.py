@@ -146,7 +146,7 @@ def test_rules_match_a_variant_by_its_label_and_refuse_one_the_sweep_lacks(tmp_p
                       "fedit/none", "fedpit(synthetic_per_round=2) [adaptation=ia3]/none",
                       "fedpit(synthetic_per_round=2) [alpha=0.1]/none"]
     with pytest.raises(FedleakError, match=r"matrix.exclude\[0\].setting = 'alpha=0.2' matches no setting of the "
-                                           r"matrix: .*known: , adaptation=ia3, alpha=0.1"):
+                                           r"matrix: .*known: \"\", adaptation=ia3, alpha=0.1"):
         _config(tmp_path, BASE.replace('attacks = ["loss", ', 'exclude = [{ setting = "alpha=0.2" }]\n'
                                                               'attacks = ["loss", ') + sweep)
 
