@@ -8,6 +8,7 @@ from fedleak.common.names import CLEAN
 from fedleak.reports.document import Figure, Section, Table, defense_label, fmt, fmt_ci, is_number
 from fedleak.reports.merge import Merged, best, interval, training_key, utility_text
 from fedleak.reports.plots import axes, png
+from fedleak.reports.poisoning import distinguishable
 
 SWEEP_INTRO = (
     "Each swept setting varies alone, the others as configured; a row per value of it, the configured value "
@@ -30,16 +31,6 @@ def _global_auc(run: Merged, training: dict) -> tuple[float | None, tuple | None
              and c["observer"] == "global"]
     value, cell = best(cells, "auc")
     return value, (interval(cell, "auc") if cell else None), cell
-
-
-def _compare(mine: tuple | None, reference: tuple | None) -> str:
-    if not mine or not reference:
-        return "n/a"
-    if mine[0] > reference[1]:
-        return "higher"
-    if mine[1] < reference[0]:
-        return "lower"
-    return "not distinguishable"
 
 
 def _rows(run: Merged, path: str) -> list[tuple[str, str, object, dict]]:
@@ -72,7 +63,7 @@ def sweep_table(run: Merged, path: str) -> Table:
         cost = t.get("cost") or {}
         rows.append([name, defense, f"{value}{'' if t.get('setting') else ' *'}",
                      (f"{fmt_ci(auc, band)} ({cell['attack']}; blind {fmt(blind)})" if cell else "n/a"),
-                     _compare(band, reference.get((name, defense))) if t.get("setting") else "(configured)",
+                     distinguishable(band, reference.get((name, defense))) if t.get("setting") else "(configured)",
                      fmt(exposure, 1), utility_text(t, "global", "loss"), utility_text(t, "global", "rouge_l"),
                      fmt(t.get("adapter_parameters"), 0), fmt(cost.get("upload_bytes_per_client_per_round"), 0)])
     return Table(["algorithm", "defense", leaf, "best AUC global", "vs configured", "max exposure (global)",
