@@ -285,8 +285,10 @@ def check_positions(config, hf_config) -> None:
     run where the model never trained."""
     limit = next((getattr(hf_config, k, None) for k in ("max_position_embeddings", "n_positions")
                   if isinstance(getattr(hf_config, k, None), int)), None)
-    soft = max([getattr(config.model.adapter, "num_virtual_tokens", 0)]
-               + [config.model.prompt_tuning.num_virtual_tokens] * ("prompt_tuning" in config.matrix.adaptations))
+    from fedleak.eval.sweep import settings_of, variant
+
+    # The longest soft prompt any variant trains (adaptations, or a sweep of model.adaptation or of its length).
+    soft = max(getattr(variant(config, s).model.adapter, "num_virtual_tokens", 0) for s in settings_of(config))
     length = config.federation.max_length
     if limit is not None and length + soft > limit:
         extra = f" plus a soft prompt's {soft} virtual tokens" if soft else ""
