@@ -263,6 +263,7 @@ ATTACKS: Registry[type[Attack]] = Registry("attack", base=Attack, contract=_fami
     "fedleak.attacks.extraction.vocabulary",
     "fedleak.attacks.extraction.fedpii",
     "fedleak.attacks.extraction.adversarial_prompt",
+    "fedleak.attacks.extraction.adversarial_trigger",
     "fedleak.attacks.poisoning.backdoor",
     "fedleak.attacks.poisoning.label_flip",
     "fedleak.attacks.poisoning.scaling",

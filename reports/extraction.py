@@ -18,7 +18,9 @@ EXTRACTION_INTRO = (
     "exactly or at ROUGE-L of at least tau, and the prefix/suffix protocol; `pii`: private identifiers that "
     "appear verbatim in answers to prompts that do not contain them; `exposure`: log2(candidates) - log2(rank) "
     "of each canary's secret; `generate_rank`: precision at k of sampled generations ranked by perplexity, "
-    "zlib and reference ratios.")
+    "zlib and reference ratios; `adversarial_prompt`: other clients' canary secrets a GCG suffix makes the model "
+    "write (on the global view, where it was optimised, and carried unchanged to other views); "
+    "`adversarial_trigger`: held-out answers carrying a backdoor's target with the suffix and no trigger.")
 
 
 def extraction_examples(cell: dict, redact: Callable[[str], str]) -> list[tuple[str, str]]:
@@ -34,6 +36,8 @@ def extraction_examples(cell: dict, redact: Callable[[str], str]) -> list[tuple[
         for e in d.get(f"{kind}_examples", [])[:EXAMPLES_PER_KIND]:
             out.append((f"{kind} {e.get('type')} {redact(str(e.get('identifier')))} leaked",
                         redact(str(e.get("output", "")))))
+    for text in d.get("answers_with", [])[:EXAMPLES_PER_KIND]:
+        out.append(("held-out prompt's answer with the adversarial suffix, no trigger", redact(str(text))))
     hits = {h["text"]: h for ranking in (d.get("top") or {}).values() for h in ranking if h.get("hit")}
     for text, h in list(hits.items())[:EXAMPLES_PER_KIND]:
         out.append((f"sampled generation with private text: {redact(str(h.get('why', '')))}", redact(text)))

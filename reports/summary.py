@@ -64,6 +64,7 @@ EXTRACTION_HEADLINES = {
     "exposure": Headline("exposure_max", "max exposure (bits)", None, digits=1),
     "generate_rank": Headline("hit_rate", "samples with private text", (0.0, 1.0)),
     "adversarial_prompt": Headline("secret_rate_with", "others' secrets written with the suffix", (0.0, 1.0)),
+    "adversarial_trigger": Headline("target_rate_with", "target written with the suffix, no trigger", (0.0, 1.0)),
 }
 
 

@@ -64,9 +64,31 @@ def tiny(tiny_model_path):
 
 @pytest.fixture(scope="session")
 def small_model_path(model_cache):
+    import fcntl
+
     from fedleak.federated.embedded import EmbeddedModelConfig, build_embedded
 
-    return build_embedded(EmbeddedModelConfig(**SMALL_MODEL))
+    # One build for both pytest-xdist workers: the second waits for the first's, then finds it cached.
+    with open(model_cache / ".small-model.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return build_embedded(EmbeddedModelConfig(**SMALL_MODEL))
+
+
+# `make test` runs two pytest-xdist workers with --dist loadgroup. Each module is one group, so its module-scoped
+# fixtures (one end-to-end run serving many assertions) run once; the modules that start servers (Flower's
+# SuperLink and SuperNodes, a Ray cluster, Flower's Ray-based Simulation Engine, chromium) share one group so they
+# never overlap in ports, Ray sessions or CPU-bound timeouts; the modules on the session's shared FEDIT federation
+# (tests/frontier.py) share another so it trains once.
+PROCESS_MODULES = {"test_flower", "test_flower_deployment", "test_ray_executor", "test_browser"}
+
+
+def pytest_collection_modifyitems(config, items):
+    module_of = lambda item: item.module.__name__.rsplit(".", 1)[-1]
+    frontier = {module_of(item) for item in items if "frontier" in getattr(item, "fixturenames", ())}
+    for item in items:
+        module = module_of(item)
+        group = "processes" if module in PROCESS_MODULES else "frontier" if module in frontier else module
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")

@@ -93,7 +93,7 @@ def test_a_soft_prompt_is_scored_after_its_virtual_positions(small_model_path):
     scored = sum(label != IGNORE for label in cand[0].labels[1:])
     assert losses[0] == pytest.approx(float(one[0]) * scored, rel=1e-4)
     # GCG's answer loss (the target's tokens after the prompt) skips the soft prompt's positions too.
-    from fedleak.attacks.extraction.adversarial_prompt import _answer_loss
+    from fedleak.attacks.extraction.gcg import answer_loss as _answer_loss
     from fedleak.federated.training import Example
 
     ids, start = list(examples[0].input_ids), next(i for i, label in enumerate(examples[0].labels) if label != IGNORE)

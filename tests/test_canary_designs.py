@@ -18,7 +18,7 @@ import pytest
 
 from fedleak.attacks.base import Target
 from fedleak.common.errors import FedleakError
-from fedleak.eval.attacking import run_membership
+from fedleak.eval.membership_cell import run_membership
 from fedleak.eval.audit import one_run_by_design, one_run_epsilon
 from fedleak.eval.config import AttackSettings
 from fedleak.federated.canary_designs import (COMMON_WORDS, DESIGNS, RANDOM, RARE_ALPHABET, RARE_TOKENS, UNSEEN_BIGRAMS,

@@ -135,7 +135,7 @@ def test_all_logit_scores_share_one_forward_pass_per_batch_and_model(small_model
 
 
 def test_the_blind_baseline_is_the_base_model_and_shares_its_passes_across_views(small_model_path):
-    from fedleak.eval.attacking import blind_scores
+    from fedleak.eval.membership_cell import blind_scores
 
     base, tokenizer = load_base_model(small_model_path)
     model = add_peft_adapter(base, LoraSettings(), seed=0)

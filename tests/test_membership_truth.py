@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 
 from fedleak.attacks.base import MembershipAttack, Target
-from fedleak.eval.attacking import CATEGORY_MATCHED, _failed_cell, _is_cell_failure, membership_split, run_membership
+from fedleak.eval.attacking import _failed_cell, _is_cell_failure
+from fedleak.eval.membership_cell import run_membership
+from fedleak.eval.membership_split import CATEGORY_MATCHED, membership_split
 from fedleak.eval.config import AttackSettings
 from fedleak.eval.results import validate_results
 from fedleak.federated.data import Record

@@ -28,5 +28,5 @@ def test_duplicate_names_are_refused():
 def test_unknown_name_suggests_the_closest_and_lists_all():
     with pytest.raises(RegistryError, match=r"did you mean 'median'\? available: .*median.*none"):
         DEFENSES.get("medain")
-    with pytest.raises(RegistryError, match="available: adversarial_prompt, alie, backdoor, con_recall, dc_pdd, discoverable, exposure, fedmia, fedpii, .*, loss, lowercase, min_k, min_k_pp, pii, recall, reference, rmia, scaling, sign_flip, spv_mia, update_gradient, vocabulary, zlib"):
+    with pytest.raises(RegistryError, match="available: adversarial_prompt, adversarial_trigger, alie, backdoor, con_recall, dc_pdd, discoverable, exposure, fedmia, fedpii, .*, loss, lowercase, min_k, min_k_pp, pii, recall, reference, rmia, scaling, sign_flip, spv_mia, update_gradient, vocabulary, zlib"):
         ATTACKS.get("zzz")
