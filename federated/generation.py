@@ -10,6 +10,12 @@ skips the masked positions itself (`prompt_ignore_length` from the attention mas
 and the n-gram block cannot match them: rows are padded with a stop token, and an n-gram holding one
 could only be completed after that row has stopped (a pad id the model might generate could ban a token).
 
+Under a soft prompt (prompt tuning) the rows go to the base model's `generate` as embeddings, the prompt's
+virtual tokens first: peft 0.21's own generation path looks for the KV cache under `past_key_values`, which
+transformers 5.24 passes as `cache`, so it took every decoding step for the first and inserted the soft prompt again
+before each new token (seen: decoding steps of 21 positions for a 20-token prompt). Only the new tokens come back;
+the repetition penalty and the n-gram block then see the generated tokens, not the prompt's.
+
 Sampling calls (`do_sample=True`: FEDPIT's self-generation, `generate_rank`) keep the caller's order
 and batches: the i-th random draws of a batch go to the same prompts as before this module grouped
 anything, so a run seeded as before samples the same texts. (Grouping would hand the draws to other
@@ -18,12 +24,12 @@ prompts: still deterministic given the seed, but a different sample.)
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
+from fedleak.federated.methods import virtual_tokens
 from fedleak.federated.model import model_device
 from fedleak.federated.prompts import pad_id, stop_ids as default_stop_ids
 
@@ -83,13 +89,24 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_toke
         padding = [width - len(p) for p in chunk]
         ids = torch.tensor([[fill] * n + p for n, p in zip(padding, chunk)])
         mask = torch.tensor([[0] * n + [1] * len(p) for n, p in zip(padding, chunk)])
-        with warnings.catch_warnings():  # transformers passes position_ids, which peft drops under a soft prompt
-            warnings.filterwarnings("ignore", message="Position ids are not supported for parameter efficient tuning")
-            new = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **options)
-        new = new[:, width:].tolist()
+        if virtual_tokens(model):
+            new = _soft_prompted_generate(model, ids.to(device), mask.to(device), options).tolist()
+        else:
+            new = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **options)[:, width:].tolist()
         for i, row in zip(group, new):
             cut = next((k for k, t in enumerate(row) if t in stop_set), None)
             kept = row[:cut]
             out[i] = Generation(text=tokenizer.decode(kept, skip_special_tokens=True), finished=cut is not None,
                                 ids=tuple(kept), stop_id=row[cut] if cut is not None else None)
     return out  # type: ignore[return-value]
+
+
+def _soft_prompted_generate(model, ids: torch.Tensor, mask: torch.Tensor, options: dict) -> torch.Tensor:
+    """[B, new tokens]: the base model generating after [soft prompt; token embeddings] (see the module docstring);
+    the virtual positions are attended, as in training, and the padding stays masked."""
+    embeds = model.get_input_embeddings()(ids)
+    prompt = model.get_prompt(batch_size=len(ids)).to(embeds.dtype)
+    mask = torch.cat([torch.ones(prompt.shape[:2], dtype=mask.dtype, device=mask.device), mask], dim=1)
+    return model.get_base_model().generate(inputs_embeds=torch.cat([prompt, embeds], dim=1), attention_mask=mask,
+                                           **options)
+

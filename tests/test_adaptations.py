@@ -104,6 +104,32 @@ def test_a_soft_prompt_is_scored_after_its_virtual_positions(small_model_path):
     torch.testing.assert_close(gcg, plain, rtol=1e-5, atol=1e-5)
 
 
+def test_generation_under_a_soft_prompt_is_the_greedy_decoding_of_its_training_forward(small_model_path):
+    """peft 0.21's generation under transformers 5.24 re-inserted the soft prompt before every new token (it looks
+    for the cache under its old name): fedleak's generation must give what the training forward's argmax gives."""
+    from fedleak.federated.generation import generate
+    from fedleak.federated.prompts import prompt_ids, stop_ids
+
+    base, tokenizer = load_base_model(small_model_path)
+    model = add_peft_adapter(base, PromptTuningSettings(num_virtual_tokens=6, init="random"), seed=2)
+    model.eval()
+    prompts = [prompt_ids(tokenizer, r.instruction, r.input) for r in generate_records(3, seed=4, purpose="g",
+                                                                                        private=True)]
+    assert len({len(p) for p in prompts}) > 1  # left padding inside one batch
+    out = generate(model, tokenizer, prompts, max_new_tokens=10, batch_size=3)
+    stop = set(stop_ids(model, tokenizer))
+    with torch.no_grad():
+        for prompt, generation in zip(prompts, out):
+            row, expected = list(prompt), []
+            for _ in range(10):  # no cache: each step is the whole [soft prompt; tokens] forward, as in training
+                token = int(model(input_ids=torch.tensor([row])).logits[0, -1].argmax())
+                if token in stop:
+                    break
+                expected.append(token)
+                row.append(token)
+            assert list(generation.ids) == expected
+
+
 @pytest.mark.parametrize("method", ["ia3", "prompt_tuning"])
 def test_the_blind_baseline_is_the_base_and_an_attack_reference_still_acts_inside_it(small_model_path, method):
     base, tokenizer = load_base_model(small_model_path)
