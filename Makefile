@@ -26,10 +26,10 @@ demo: $(STAMP)
 	$(BIN)/fedleak run configs/quick.toml --out runs/quick --jobs 2
 	@echo "report: runs/quick/report.html (also report.md, results.json, results.csv)"
 
-# Two workers for the 2 cores (most tests run torch on one thread); tests/conftest.py groups the modules so each
-# module's shared fixtures run once and the ones that start servers never overlap.
+# Two pytest-xdist workers, one torch thread each, for the 2 cores; tests/conftest.py schedules whole modules, so each
+# module's shared fixtures run once, and keeps the modules that start servers on one worker.
 test: $(DEV_STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -q -n 2
 
 clean:
 	rm -rf runs .pytest_cache

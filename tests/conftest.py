@@ -1,4 +1,5 @@
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -81,21 +82,31 @@ def small_model_path(model_cache):
         return build_embedded(EmbeddedModelConfig(**SMALL_MODEL))
 
 
-# `make test` runs two pytest-xdist workers with --dist loadgroup. Each module is one group, so its module-scoped
-# fixtures (one end-to-end run serving many assertions) run once; the modules that start servers (Flower's
-# SuperLink and SuperNodes, a Ray cluster, Flower's Ray-based Simulation Engine, chromium) share one group so they
-# never overlap in ports, Ray sessions or CPU-bound timeouts; the modules on the session's shared FEDIT federation
-# (tests/frontier.py) share another so it trains once.
+# `make test` runs two pytest-xdist workers, scheduled here by module: all of a module's tests go to one worker, so
+# its module-scoped fixtures (one end-to-end run serving many assertions) run once; the modules that start servers
+# (Flower's SuperLink and SuperNodes, a Ray cluster, Flower's Ray-based Simulation Engine, chromium) form one unit so
+# they never overlap in ports, Ray sessions or time limits; the modules on the session's shared FEDIT federation
+# (tests/frontier.py) form another so it trains once. (xdist's --dist loadgroup would do this from marks, but
+# xdist 3.8 writes the group into `item._nodeid`, which pytest 9 no longer reads.)
 PROCESS_MODULES = {"test_flower", "test_flower_deployment", "test_ray_executor", "test_browser"}
 
 
-def pytest_collection_modifyitems(config, items):
-    module_of = lambda item: item.module.__name__.rsplit(".", 1)[-1]
-    frontier = {module_of(item) for item in items if "frontier" in getattr(item, "fixturenames", ())}
-    for item in items:
-        module = module_of(item)
-        group = "processes" if module in PROCESS_MODULES else "frontier" if module in frontier else module
-        item.add_marker(pytest.mark.xdist_group(group))
+def _frontier_modules() -> set[str]:
+    uses = re.compile(r"^def test_\w+\([^)]*\bfrontier\b", re.M)
+    return {p.stem for p in Path(__file__).parent.glob("test_*.py") if uses.search(p.read_text())}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    frontier = _frontier_modules()
+
+    class ModuleUnits(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = Path(nodeid.split("::", 1)[0]).stem
+            return "processes" if module in PROCESS_MODULES else "frontier" if module in frontier else module
+
+    return ModuleUnits(config, log)
 
 
 @pytest.fixture(scope="session")
