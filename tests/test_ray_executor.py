@@ -6,9 +6,11 @@ embedded model shipped to nodes that lack it (the nodes' FEDLEAK_CACHE starts em
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -100,8 +102,11 @@ def cluster(tmp_path_factory, tiny_run_config):
     node_env = {**env, "FEDLEAK_CACHE": str(node_cache), "FEDLEAK_TEST_ATTEMPTS": str(folder / "attempts.txt")}
     port = free_port()
     common = ["--block", "--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
+    # Ray's sockets live under --temp-dir and a socket path may not exceed 107 bytes: pytest's (and xdist's
+    # per-worker) temporary folders are too deep, so a short folder of its own.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="fedleak-ray-"))
     processes = [start([bin_dir / "ray", "start", "--head", "--port", port, "--include-dashboard", "false",
-                        "--temp-dir", folder / "ray-tmp", *common], folder / "head.log", node_env)]
+                        "--temp-dir", ray_tmp, *common], folder / "head.log", node_env)]
     try:
         probe = ("import ray, sys, time; ray.init(address=sys.argv[1], log_to_driver=False); deadline = time.time() + 60\n"
                  "while sum(n['Alive'] for n in ray.nodes()) < 2 and time.time() < deadline: time.sleep(0.5)\n"
@@ -119,6 +124,7 @@ def cluster(tmp_path_factory, tiny_run_config):
     finally:
         for proc in reversed(processes):
             stop(proc)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def fedleak(*args, env, timeout=600, status=0):
