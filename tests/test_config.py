@@ -207,3 +207,9 @@ def test_a_config_path_that_is_no_text_file_is_one_line(tmp_path):
         with pytest.raises(FedleakError) as raised:
             load_config(tmp_path / name)
         assert str(raised.value).startswith(f"{tmp_path / name}: {expected}")
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).resolve().parent.parent / "configs").glob("*.toml")))
+def test_every_shipped_config_loads(name):
+    config = load_config(Path(__file__).resolve().parent.parent / "configs" / name)
+    assert config.matrix.algorithms and config.matrix.attacks
