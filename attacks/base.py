@@ -73,7 +73,7 @@ class Target:
     """One observer's view: the base model with that observer's adapters loaded, in eval mode.
 
     `cache` holds statistics shared by the attacks on this view; key its entries by the records they
-    describe: the blind baseline (the same attack with the adapters switched off, `eval/attacking.py`)
+    describe: the blind baseline (the same attack with the adapters switched off, `eval/membership_cell.py`)
     scores through a target whose cache is shared by every view of the run, the base model being one.
     """
 

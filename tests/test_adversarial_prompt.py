@@ -106,7 +106,7 @@ def test_a_suffix_found_on_the_global_model_is_measured_unchanged_on_another_cli
                                                   round=rnd, env=env)
     # Before the round's global view there is no suffix to carry: NaN and a note naming the fix.
     early = attack.run(view("client", 0), Secrets(records=[], canaries=canaries))
-    assert math.isnan(early.metrics["secret_rate_with"]) and "list 'global'" in early.details["note"]
+    assert math.isnan(early.metrics["secret_rate_with"]) and "no suffix for round 1" in early.details["note"]
     found = attack.run(view("global", None), Secrets(records=[], canaries=canaries)).details
     attacker = found["attacker_client"]
     other = 1 - attacker
@@ -114,6 +114,7 @@ def test_a_suffix_found_on_the_global_model_is_measured_unchanged_on_another_cli
     carried = attack.run(view("client", other), Secrets(records=[], canaries=own))
     m, d = carried.metrics, carried.details
     assert d["suffix_ids"] == found["suffix_ids"] and d["transferred_from"] == "global" and m["targets"] == len(own)
+    assert "forward_passes" in found and "forward_passes" not in d  # the search's cost is the global cell's
     prompts = [h + d["suffix_ids"] + t for h, t in (split_prompt(tokenizer, c.prompt) for c in own)]
     budget = max(len(answer_ids(tokenizer, c, 256)) for c in own) + 4
     hits = [c.secret in g.text for c, g in zip(own, generate(model, tokenizer, prompts, max_new_tokens=budget))]

@@ -81,7 +81,8 @@ class AdversarialPrompt(SuffixAttack):
         others = [c for c in secrets.canaries if c.repetitions > 0 and c.client is not None and c.client != attacker]
         if not others:
             return f"this view holds no inserted canary of a client other than the attacker (client {attacker})"
-        known = [c for c in secrets.canaries if c.patient_name in chosen["known_canaries"]]
+        known = [c for c in secrets.canaries if c.client == attacker and c.repetitions > 0
+                 and c.patient_name in chosen["known_canaries"]]
         without, loss_without = self._measure(target, others, [])
         with_suffix, loss_with = self._measure(target, others, suffix)
         known_with = self._measure(target, known, suffix)[0] if known else []

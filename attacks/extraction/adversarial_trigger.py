@@ -103,7 +103,7 @@ class AdversarialTrigger(SuffixAttack):
         for r in records:
             head, tail = split_prompt(tok, r.instruction, r.input)
             rows.append((head + suffix + tail, self._answer(tok, r, target.max_length)))
-        texts = self.greedy(target, [p for p, _ in rows], len(rows[0][1]) + 4)
+        texts = self.greedy(target, [p for p, _ in rows], max(len(a) for _, a in rows) + 4)
         return {"hits": [self._backdoor.hit(t) for t in texts],
                 "recall": float(np.mean([self._backdoor.target_recall(t) for t in texts])),
                 "loss": self.losses(target, rows), "texts": texts}

@@ -153,7 +153,8 @@ class SuffixAttack(ExtractionAttack):
     attacker sends it to another client's model or reads an upload the way a server would): transfer across views.
 
     Subclasses set `suffix_tokens`, `steps`, `top_k`, `candidates`, `batch_size` and implement `objective` (the
-    prompts to optimise on) and `measure` (the metrics of a suffix on a view).
+    prompts to optimise on) and `measure` (the metrics of a suffix on a view). Every cell's `suffix_loss` is the
+    search's final loss on the global model; `forward_passes` (the search's cost) is in the global cell only.
     """
 
     observers = ("global", "upload", "client")
@@ -183,8 +184,9 @@ class SuffixAttack(ExtractionAttack):
         if target.observer == "global":
             found[where] = self._optimise(target, secrets)
         elif where not in found:
-            return self._nan(f"the suffix is optimised on the global model of round {target.round}: list 'global' "
-                             "among the attack's observers (it is attacked first)")
+            return self._nan(f"no suffix for round {target.round}: it is optimised on that round's global view, which "
+                             "this attack did not probe (not among its observers, cut by a rule, the algorithm has "
+                             "none, or its cell failed)")
         suffix, chosen, facts = found[where]
         if suffix is None:
             return self._nan(facts["note"])
@@ -192,10 +194,12 @@ class SuffixAttack(ExtractionAttack):
         if isinstance(measured, str):
             return self._nan(measured, suffix_ids=suffix)
         metrics, details = measured
-        metrics["suffix_loss"] = facts["loss_history"][-1]
-        transferred = {} if target.observer == "global" else {"transferred_from": "global"}
-        return ExtractionResult(metrics, {**chosen, **facts, **details, **transferred, "suffix": target.tokenizer.decode(
-            suffix), "suffix_ids": suffix, "seconds": time.perf_counter() - started})
+        metrics["suffix_loss"] = facts["loss_history"][-1]  # the global model's, where the suffix was found
+        # The search's cost is the global cell's; a carried suffix costs only its measurement.
+        own = facts if target.observer == "global" else {"transferred_from": "global",
+                                                         "loss_history": facts["loss_history"]}
+        return ExtractionResult(metrics, {**chosen, **own, **details, "suffix": target.tokenizer.decode(suffix),
+                                          "suffix_ids": suffix, "seconds": time.perf_counter() - started})
 
     def _optimise(self, target: Target, secrets: Secrets):
         seed = run_seed(target, self.name)
@@ -208,6 +212,9 @@ class SuffixAttack(ExtractionAttack):
                                      top_k=self.top_k, candidates=self.candidates,
                                      allowed=allowed_tokens(tok, target.model), init_id=_text_ids(tok, "!")[-1],
                                      generator=torch_generator(seed, "attack", self.name, view_key(target)))
+        if not np.isfinite(history[-1]):
+            return None, {}, {"note": "the search's loss on the global model is not finite (a diverged model?): "
+                                      "no suffix"}
         return suffix, chosen, {"loss_history": [round(v, 4) for v in history],
                                 "forward_passes": self.steps * len(prompts) * (1 + self.candidates)}
 

@@ -186,7 +186,7 @@ def reference_model(target, reference: str):
 def reference_cache(target, reference: str = BASE) -> dict:
     """The run-wide cache of a reference model's statistics (`env.cache`; the view's without an
     environment). The base model's is also where the blind baseline's target statistics go
-    (`eval/attacking.py`): a view with its adapters off is the base model, so the two share passes."""
+    (`eval/membership_cell.py`): a view with its adapters off is the base model, so the two share passes."""
     home = target.env.cache if target.env is not None else target.cache
     return home.setdefault(("reference", reference), {})
 
