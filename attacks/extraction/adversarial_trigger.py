@@ -92,7 +92,8 @@ class AdversarialTrigger(SuffixAttack):
                         "target_recall_without": without["recall"], "target_recall_with": with_suffix["recall"],
                         "target_loss_without": without["loss"], "target_loss_with": with_suffix["loss"],
                         "prompts": float(len(heldout)), "known": float(len(chosen["known_records"]))})
-        known = [r for rs in secrets.clients.values() for r in rs if r.record_id in set(chosen["known_records"])]
+        ids = set(chosen["known_records"])
+        known = [r for rs in secrets.clients.values() for r in rs if r.record_id in ids]
         metrics["known_target_rate_with"] = (float(np.mean(self._measure(target, known, suffix)["hits"]))
                                              if known else np.nan)
         return metrics, {"answers_with": with_suffix["texts"][:3]}
