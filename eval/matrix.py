@@ -2,25 +2,22 @@
 (and, under poisoning, its trigger rates), then run each privacy attack on every requested observer's
 view of every requested round (final by default), and write the results file. Finished work is cached
 on disk (`cache.py`), so a rerun does only what is missing and writes the same results. Trainings are
-independent and run in parallel processes with `jobs` > 1 (`workers.py`, one training: `training_runs.py`);
-attacks run in this process afterwards (`attacking.py`; the reference model's statistics are shared per
-seed, LiRA's shadows too, and kept on disk). With executor "ray" both are tasks on a Ray cluster
+independent and run in parallel processes with `jobs` > 1 (`workers.py`, one training: `training_runs.py`),
+each training's attacks in the same pool as soon as it is trained (`attacking.py`; LiRA's shadows are
+trained once per run and kept on disk for every process). With executor "ray" both are tasks on a Ray cluster
 (`ray_executor.py`). `external.py` attacks one training's checkpoints alone."""
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-import time
 from pathlib import Path
-
-from tqdm.auto import tqdm
 
 from fedleak.common.errors import FedleakError
 from fedleak.common.params import instantiate
 from fedleak.eval.aggregate import aggregate_cells, aggregate_trainings
-from fedleak.eval.attacking import attack_key, attack_training, cached_cells
-from fedleak.eval.cache import ATTACKS_DIR, SHADOWS_DIR, plugin_records, run_lock, training_key
+from fedleak.eval.attacking import attack_key, cached_cells
+from fedleak.eval.cache import ATTACKS_DIR, plugin_records, run_lock, training_key
 from fedleak.eval.config import RunConfig
 from fedleak.eval.context import check_data, describe_data, report_data_quality, resolve_model, seed_context, unit_context
 from fedleak.eval.fit import model_fit, seeds_model_fit
@@ -29,7 +26,7 @@ from fedleak.eval.plan import PlannedTraining, attack_cells, left_out, plan, tra
 from fedleak.eval.poisoning import poisoning_cells
 from fedleak.eval.results import SCHEMA, git_commit, library_versions, machine_info, write_results
 from fedleak.eval.training_runs import base_model_utility, cached_training
-from fedleak.eval.workers import train_all
+from fedleak.eval.workers import run_all
 from fedleak.federated.data import FederatedData
 from fedleak.federated.model import release_shared_model
 from fedleak.federated.rounds import ALGORITHMS
@@ -148,25 +145,12 @@ def _run_planned(config: RunConfig, planned: list[PlannedTraining], out_dir: Pat
 
 def _run_here(config: RunConfig, planned: list[PlannedTraining], out_dir: Path, *, base_dir: Path, jobs: int,
               progress: bool, use_cache: bool) -> tuple[list[dict], list[dict]]:
-    """The trainings on this machine (`jobs` processes), then every training's attacks in this process."""
+    """The trainings and their attacks on this machine (`jobs` processes, `workers.py`)."""
     if jobs > 1:
         release_shared_model()  # each worker loads its own copy: this one would be one more on the device
-    records = train_all(config, [p.unit for p in planned], out_dir, base_dir=base_dir, jobs=jobs,
-                        progress=progress, use_cache=use_cache)
-    trainings = [records[p.unit] for p in planned]
-    cells = []
-    for item in tqdm(planned, desc="attacks", unit="training", disable=not progress or not any(p.attacks for p in planned)):
-        if not item.attacks:
-            continue
-        ctx = unit_context(config, item.unit, base_dir)
-        start = time.perf_counter()
-        found, ran = attack_training(ctx, item.unit, records[item.unit], out_dir / records[item.unit]["checkpoint_dir"],
-                                     item.attacks, progress=progress, use_cache=use_cache,
-                                     shadow_dir=out_dir / SHADOWS_DIR)
-        cells += found
-        log.info("attacks on %s seed %d: %d run, %d cached (%.1f s)", item.unit.label, item.unit.seed, ran,
-                 len(item.attacks) - ran, time.perf_counter() - start)
-    return trainings, cells
+    records, found = run_all(config, planned, out_dir, base_dir=base_dir, jobs=jobs, progress=progress,
+                             use_cache=use_cache)
+    return [records[p.unit] for p in planned], [cell for p in planned for cell in found.get(p.unit, [])]
 
 
 def results_record(config: RunConfig, *, config_path: str | None, only: tuple[str, ...], jobs: int,

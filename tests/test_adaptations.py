@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedleak.attacks.extraction.exposure import candidate_losses
+from fedleak.attacks.extraction.exposure import _canary_examples, candidate_losses
 from fedleak.common.errors import FedleakError
 from fedleak.eval.cache import model_fingerprint
 from fedleak.eval.config import load_config
@@ -18,7 +18,8 @@ from fedleak.federated.batching import packing_ok
 from fedleak.federated.data import Canary, generate_records
 from fedleak.federated.methods import IA3Settings, PromptTuningSettings, virtual_tokens
 from fedleak.federated.model import load_base_model
-from fedleak.federated.training import IGNORE, TrainSettings, batches, collate, encode, sequence_losses, train_adapter
+from fedleak.federated.training import (IGNORE, TrainSettings, batches, collate, encode, sequence_losses, token_logprobs,
+                                        train_adapter)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -82,7 +83,7 @@ def test_a_soft_prompt_is_scored_after_its_virtual_positions(small_model_path):
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
         expected = (nll * (labels != IGNORE)).sum(1) / (labels != IGNORE).sum(1)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    # Exposure's candidates run whole under a soft prompt (no cached prefix): their summed NLL is the same loss.
+    # Exposure scores candidates on a cached [soft prompt; shared prefix]: each summed NLL is the whole sequence's.
     canary = Canary(patient_name="Ada Lind", secret="123456", repetitions=1, client=0)
     candidates = ["123456", "654321", "000000"]
     cand = encode([canary.record(0)], tokenizer, max_length=256)  # the record's form, for the expected loss
@@ -90,8 +91,11 @@ def test_a_soft_prompt_is_scored_after_its_virtual_positions(small_model_path):
     assert losses.shape == (3,) and len(set(losses.round(6))) == 3
     with torch.no_grad():
         one = sequence_losses(model, collate(cand, tokenizer.pad_token_id))
+        picked, _, _ = token_logprobs(model, collate(_canary_examples(tokenizer, canary, candidates, 256),
+                                                     tokenizer.pad_token_id))
     scored = sum(label != IGNORE for label in cand[0].labels[1:])
     assert losses[0] == pytest.approx(float(one[0]) * scored, rel=1e-4)
+    np.testing.assert_allclose(losses, -picked.sum(1).double().numpy(), rtol=1e-4)
     # GCG's answer loss (the target's tokens after the prompt) skips the soft prompt's positions too.
     from fedleak.attacks.extraction.gcg import answer_loss as _answer_loss
     from fedleak.federated.training import Example

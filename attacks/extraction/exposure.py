@@ -35,7 +35,7 @@ from fedleak.common.params import PositiveInt, Range
 from fedleak.federated.seeding import numpy_rng
 from fedleak.federated.model import model_device, to_device
 from fedleak.federated.methods import virtual_tokens
-from fedleak.federated.training import IGNORE, Example, collate, encode, token_logprobs
+from fedleak.federated.training import IGNORE, Example, collate, encode
 
 
 def _canary_examples(tokenizer, canary: Canary, candidates: Sequence[str], max_length: int) -> list[Example]:
@@ -61,13 +61,10 @@ def candidate_losses(model, tokenizer, canary: Canary, candidates: Sequence[str]
 
     Candidates differ only from the secret's first token on, so the shared prefix (prompt and the
     response up to the secret) runs through the model once; each batch feeds only the remaining few
-    tokens on top of its key/value cache (about 7x less work than whole sequences); under a soft prompt
-    every candidate runs whole."""
+    tokens on top of its key/value cache (about 7x less work than whole sequences). Under a soft prompt
+    the prefix is [soft prompt; prefix tokens] through the base model (peft would insert the soft prompt
+    again on every call), so the cache holds the virtual positions as training's forward does."""
     model.eval()
-    if virtual_tokens(model):  # peft prepends a soft prompt on every call, so a cached prefix cannot be extended
-        chunks = [_canary_examples(tokenizer, canary, candidates[s:s + batch_size], max_length)
-                  for s in range(0, len(candidates), batch_size)]
-        return np.concatenate([_whole_nll(model, tokenizer, c) for c in chunks]) if chunks else np.zeros(0)
     digits = len(canary.secret)
     probes = [canary.secret] + [str(d) * digits for d in range(10)]
     probe_examples = _canary_examples(tokenizer, canary, probes, max_length)
@@ -88,12 +85,21 @@ def _run_prefix(model, example: Example, n: int) -> tuple:
     """(key/value cache, logits predicting token n, summed NLL of the prefix's scored tokens)."""
     device = model_device(model)
     ids = torch.tensor([example.input_ids[:n]], device=device)
-    result = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
-    logp = torch.log_softmax(result.logits[0].float(), dim=-1)
+    virtual = virtual_tokens(model)
+    if virtual:
+        base = model.get_base_model()
+        embeds = base.get_input_embeddings()(ids)
+        embeds = torch.cat([model.get_prompt(batch_size=1).to(embeds.dtype), embeds], dim=1)
+        result = base(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long,
+                                                                      device=device), use_cache=True)
+    else:
+        result = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+    logits = result.logits[0, virtual:]
+    logp = torch.log_softmax(logits.float(), dim=-1)
     labels = torch.tensor(example.labels[1:n], device=device)
     picked = logp[:-1].gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     nll = -float((picked * (labels != IGNORE)).sum())
-    return result.past_key_values, result.logits[0, -1].float(), nll
+    return result.past_key_values, logits[-1].float(), nll
 
 
 def _suffix_nll(model, tokenizer, examples: Sequence[Example], n: int, cache, last_logits) -> np.ndarray:
@@ -102,21 +108,17 @@ def _suffix_nll(model, tokenizer, examples: Sequence[Example], n: int, cache, la
     rows = len(tails)
     past = copy.deepcopy(cache)
     past.batch_repeat_interleave(rows)
-    mask = torch.cat([torch.ones(rows, n, dtype=torch.long, device=batch["attention_mask"].device),
+    virtual = virtual_tokens(model)
+    mask = torch.cat([torch.ones(rows, virtual + n, dtype=torch.long, device=batch["attention_mask"].device),
                       batch["attention_mask"]], dim=1)
-    logits = model(input_ids=batch["input_ids"], attention_mask=mask, past_key_values=past, use_cache=True).logits
+    scorer = model.get_base_model() if virtual else model  # the soft prompt is in the cache already
+    logits = scorer(input_ids=batch["input_ids"], attention_mask=mask, past_key_values=past, use_cache=True).logits
     # Token j of the tail is predicted by the tail's position j - 1, the first one by the prefix's last.
     logits = torch.cat([last_logits.expand(rows, 1, -1), logits[:, :-1].float()], dim=1)
     logp = torch.log_softmax(logits, dim=-1)
     labels = batch["labels"]
     picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return -(picked * (labels != IGNORE)).sum(1).double().cpu().numpy()
-
-
-def _whole_nll(model, tokenizer, examples: Sequence[Example]) -> np.ndarray:
-    """Summed NLL of each example's response tokens, whole sequences in one padded batch."""
-    picked, _, _ = token_logprobs(model, collate(examples, tokenizer.pad_token_id))
-    return -picked.sum(1).double().cpu().numpy()
 
 
 def exposure_from_rank(rank: float, size: int) -> float:

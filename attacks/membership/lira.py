@@ -22,6 +22,7 @@ at 32.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -33,6 +34,7 @@ from typing import Annotated, Literal, Sequence
 
 import numpy as np
 import torch
+from filelock import FileLock
 from scipy.special import log_ndtr
 
 from fedleak.attacks.base import AttackEnvironment, MembershipAttack, Target, register_attack
@@ -261,12 +263,17 @@ def shadow_statistics(target: Target, *, shadow_models: int, epochs: int | None,
         # The salt names the model when set; the model's path differs between nodes.
         digest = hashlib.sha256(repr(key[:4] + key[5:] if env.cache_salt else key).encode()).hexdigest()[:24]
         path = env.cache_dir / f"lira-shadows-{digest}.safetensors" if env.cache_dir else None
-        shadows = read_shadows(path, digest) if path else None
-        if shadows is None:
-            shadows = train_shadows(env, target.model, target.tokenizer, shadow_models=shadow_models,
-                                    epochs=epochs, max_length=target.max_length, response_only=target.response_only)
-            if path:
-                write_shadows(path, digest, shadows)
+        # Processes attacking other trainings of the run wait for the first one's shadows, not train them again.
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path) + ".lock") if path else contextlib.nullcontext():
+            shadows = read_shadows(path, digest) if path else None
+            if shadows is None:
+                shadows = train_shadows(env, target.model, target.tokenizer, shadow_models=shadow_models,
+                                        epochs=epochs, max_length=target.max_length,
+                                        response_only=target.response_only)
+                if path:
+                    write_shadows(path, digest, shadows)
         env.cache[key] = shadows
     return env.cache[key]
 
