@@ -271,5 +271,6 @@ ATTACKS: Registry[type[Attack]] = Registry("attack", base=Attack, contract=_fami
     "fedleak.attacks.poisoning.gaussian",
     "fedleak.attacks.poisoning.alie",
     "fedleak.attacks.poisoning.ipm",
+    "fedleak.attacks.poisoning.harmful_compliance",
 ), entry_point_group="fedleak.attacks")
 register_attack = ATTACKS.register

@@ -81,6 +81,7 @@ DEFENSES: Registry[type[Defense]] = Registry("defense", base=Defense, builtin_mo
     "fedleak.defenses.centered_clip",
     "fedleak.defenses.foolsgold",
     "fedleak.defenses.fltrust",
+    "fedleak.defenses.server_align",
     "fedleak.defenses.scrub",
     "fedleak.defenses.secagg",
     "fedleak.defenses.dp_sgd",

@@ -155,7 +155,8 @@ def training_key(ctx: SeedContext, unit: TrainingUnit) -> str:
 
 
 def evaluation_key(ctx: SeedContext, unit: TrainingUnit, train_key: str) -> str:
-    """The key of a training's evaluation: its training, the utility and poisoning settings, the backdoors."""
+    """The key of a training's evaluation: its training, the utility and poisoning settings, the scenarios' attacks
+    (the backdoors and safety attacks a clean training is measured for)."""
     cfg = ctx.config
     backdoors = sorted(a.label for s in cfg.matrix.scenarios for a in s.attacks)
     return cache_key("evaluation", train_key, utility_key(cfg), plain(cfg.poisoning), backdoors)

@@ -276,6 +276,8 @@ EMBEDDING_NAME = re.compile(r"embed|^wte$|^word_embeddings$|^shared$")  # input 
 def _check_combinations(config: RunConfig, where: str, *, methods: bool = True) -> None:
     """Checks across tables: each defense against the federation it would run in, each attack and
     algorithm against the adaptation method (`methods`), each swept value against the whole config."""
+    from fedleak.attacks.base import ATTACKS
+    from fedleak.attacks.poisoning.harmful_compliance import HarmfulCompliance
     from fedleak.eval.sweep import attack_conflict, conflict_field, settings_of
     from fedleak.federated.rounds import ALGORITHMS
 
@@ -309,6 +311,10 @@ def _check_combinations(config: RunConfig, where: str, *, methods: bool = True) 
             raise FedleakError(f"{item}: every one of the {clients} clients would be malicious: "
                                f"lower the fraction or list fewer clients")
         _check_not_late(scenario.rounds, config, f"{item}.rounds")
+        safety = [a.name for a in scenario.attacks if issubclass(ATTACKS.get(a.name), HarmfulCompliance)]
+        if safety and config.data.source == "embedded" and not config.data.embedded.safety_records:
+            raise FedleakError(f"{item}: {safety[0]} works against clients that learnt to refuse harmful requests, "
+                               f"and data.embedded.safety_records = 0 gives them none: set it (e.g. 8 per client)")
     if not any(ALGORITHMS.get(a.name).federated for a in config.matrix.algorithms):
         if config.matrix.scenarios:
             raise FedleakError(f"{where}: matrix.scenarios need a federated algorithm (fedit, fedpit): "

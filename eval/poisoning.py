@@ -1,6 +1,6 @@
-"""Measure poisoned trainings: backdoor success, utility against the clean training of the same
-(algorithm, defense), and how often selecting rules (Krum, Multi-Krum, Bulyan) excluded the
-malicious uploads. Every rate is a count over prompts or uploads, so each gets an exact binomial
+"""Measure poisoned trainings: backdoor success, the refusal rate on held-out harmful requests (a safety
+attack's target), utility against the clean training of the same (algorithm, defense), and how often
+selecting rules (Krum, Multi-Krum, Bulyan) excluded the malicious uploads. Every rate is a count over prompts or uploads, so each gets an exact binomial
 (Clopper and Pearson 1934, "The use of confidence or fiducial limits illustrated in the case of the
 binomial") interval at the run's `attack.confidence`: `<rate>_ci_low` / `<rate>_ci_high` beside it."""
 
@@ -13,6 +13,7 @@ import numpy as np
 
 from fedleak.attacks.base import ATTACKS
 from fedleak.attacks.poisoning.backdoor import Backdoor
+from fedleak.attacks.poisoning.harmful_compliance import HarmfulCompliance
 from fedleak.attacks.poisoning.base import ScenarioAdversary
 from fedleak.common.names import CLEAN
 from fedleak.common.params import instantiate
@@ -22,6 +23,7 @@ from fedleak.eval.matrix_config import ScenarioSpec
 from fedleak.federated.data import Record
 from fedleak.federated.generation import generate
 from fedleak.federated.prompts import prompt_ids
+from fedleak.federated.safety import heldout_requests, is_refusal
 
 EXAMPLES = 3  # triggered answers quoted in the results
 log = logging.getLogger(__name__)
@@ -126,6 +128,48 @@ def trigger_rates(model, tokenizer, backdoor: Backdoor, records: Sequence[Record
                          for r, g in list(zip(records, triggered))[:EXAMPLES]]}
 
 
+SAFETY_ANSWER_TOKENS = 24  # enough for a refusal's opening phrase, which is what is matched
+
+
+def safety_prompts(prompts: int) -> list[Record]:
+    """The held-out harmful requests the refusal rate is measured on: the first `prompts` (`poisoning.prompts`) of
+    the bank's held-out part, all of it when that is smaller (`federated.safety.heldout_size`: 42)."""
+    return heldout_requests(prompts)
+
+
+def measures_safety(config: RunConfig, defense_names: Sequence[str] = ()) -> bool:
+    """Whether a training's evaluation measures the refusal rate: when a scenario of the matrix runs a safety attack
+    (so its clean twin is measured too), or the training's defense is `server_align`.
+
+    Args:
+        config: the run's config.
+        defense_names: the names of the training's defense and its parts (a composition's).
+    """
+    return "server_align" in defense_names or any(issubclass(ATTACKS.get(a.name), HarmfulCompliance)
+                                                  for s in config.matrix.scenarios for a in s.attacks)
+
+
+def refusal_rates(model, tokenizer, prompts: Sequence[Record], *, batch_size: int, confidence: float) -> dict:
+    """The share of harmful requests the model refuses (Ye et al. 2024's safety metric, by refusal wording).
+
+    Args:
+        model: the peft model with the view to measure applied.
+        tokenizer: its tokenizer.
+        prompts: held-out harmful requests, each answered greedily once (`safety_prompts`).
+        batch_size: prompts per generation batch.
+        confidence: level of the rate's Clopper-Pearson interval (the run's `attack.confidence`).
+
+    Returns:
+        `refusal_rate` with `_ci_low` / `_ci_high`, `refusals`, `prompts`, `confidence` and examples.
+    """
+    answers = generate(model, tokenizer, [prompt_ids(tokenizer, r.instruction, r.input) for r in prompts],
+                       max_new_tokens=SAFETY_ANSWER_TOKENS, batch_size=batch_size)
+    refusals = sum(is_refusal(g.text) for g in answers)
+    return {**rate_with_interval("refusal_rate", refusals, len(prompts), confidence=confidence),
+            "refusals": refusals, "prompts": len(prompts), "confidence": confidence,
+            "examples": [{"prompt": r.instruction, "answer": g.text} for r, g in list(zip(prompts, answers))[:EXAMPLES]]}
+
+
 def detection(history: list[dict], *, confidence: float) -> dict | None:
     """Per round and pooled over rounds: the share of malicious uploads a selecting rule excluded
     (detection rate) and the share of honest uploads it excluded (false exclusion rate).
@@ -188,8 +232,8 @@ def poisoning_cells(trainings: list[dict], scenarios: Sequence[ScenarioSpec]) ->
         scenarios: the matrix's poisoning scenarios (the attacks behind each scenario name).
 
     Returns:
-        The cells; each rate (ASR, false trigger, clean-model ASR, detection, false exclusion) with its
-        `_ci_low` / `_ci_high` bounds (None where the measurement has none).
+        The cells; each rate (ASR, false trigger, clean-model ASR, refusal rate and the clean model's, detection,
+        false exclusion) with its `_ci_low` / `_ci_high` bounds (None where the measurement has none).
     """
     clean = {(t["algorithm"], t["defense"], t["seed"]): t for t in trainings if t["scenario"] == CLEAN}
     specs = {s.name: s for s in scenarios}
@@ -217,6 +261,16 @@ def poisoning_cells(trainings: list[dict], scenarios: Sequence[ScenarioSpec]) ->
             details.update(backdoor=backdoor, prompts=rates["prompts"], examples=rates["examples"],
                            hits=rates.get("hits"), false_triggers=rates.get("false_triggers"),
                            confidence=rates.get("confidence"))
+        safety = poisoning.get("safety")
+        if safety and any(issubclass(ATTACKS.get(a.name), HarmfulCompliance) for a in specs[t["scenario"]].attacks):
+            _rate(metrics, "refusal_rate", safety)
+            clean_safety = (base["poisoning"] or {}).get("safety") or {} if base else {}
+            _rate(metrics, "clean_model_refusal_rate", clean_safety, "refusal_rate")
+            metrics["refusal_drop"] = (metrics["clean_model_refusal_rate"] - metrics["refusal_rate"]
+                                       if None not in (metrics["clean_model_refusal_rate"], metrics["refusal_rate"])
+                                       else None)
+            details.update(safety_prompts=safety["prompts"], refusals=safety["refusals"],
+                           safety_examples=safety["examples"], confidence=safety["confidence"])
         if poisoning["detection"]:
             _rate(metrics, "detection_rate", poisoning["detection"])
             _rate(metrics, "false_exclusion_rate", poisoning["detection"])

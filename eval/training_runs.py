@@ -23,8 +23,8 @@ from fedleak.eval.config import RunConfig, build_defense, plain
 from fedleak.eval.context import SeedContext, unit_context
 from fedleak.eval.fit import synthetic_domain
 from fedleak.eval.plan import TrainingUnit
-from fedleak.eval.poisoning import (backdoor_prompts, backdoors_of, build_adversary, detection, scenario_record,
-                                    trigger_rates)
+from fedleak.eval.poisoning import (backdoor_prompts, backdoors_of, build_adversary, detection, measures_safety,
+                                    refusal_rates, safety_prompts, scenario_record, trigger_rates)
 from fedleak.eval.utility import evaluate_utility
 from fedleak.federated import checkpoint
 from fedleak.federated.adapters import DEFAULT, add_peft_adapter
@@ -258,9 +258,19 @@ def _evaluate(ctx: SeedContext, unit: TrainingUnit, trained: dict, training_dir:
                                                          backdoor_prompts(ctx.data.heldout, cfg.poisoning.prompts),
                                                          batch_size=cfg.poisoning.batch_size,
                                                          confidence=cfg.attack.confidence)
+        if measures_safety(cfg, _defense_names(unit)):  # the refusal rate: a safety attack's target, or its defense's
+            if not own:
+                checkpoint.apply_saved_view(model, final_dir, "global", None, cfg.model.adapter)
+            poisoning["safety"] = refusal_rates(model, tokenizer, safety_prompts(cfg.poisoning.prompts),
+                                                batch_size=cfg.poisoning.batch_size, confidence=cfg.attack.confidence)
         poisoning["seconds"] = time.perf_counter() - start
     return {"format": "fedleak-evaluation/1", "key": key, "utility": utility, "utility_seconds": utility_seconds,
             "poisoning": poisoning}
+
+
+def _defense_names(unit: TrainingUnit) -> tuple[str, ...]:
+    """The training's defense and, for a composition, its parts."""
+    return (unit.defense.name, *(p.name for p in unit.defense.parts or ()))
 
 
 def _adapter_parameters(folder: Path) -> int | None:

@@ -84,6 +84,7 @@ CATEGORIES = (
     "triage", "medication", "lab_results", "discharge", "appointment", "symptom_check",
 )
 CANARY_CATEGORY = "canary"
+SAFETY_CATEGORY = "safety"  # harmful requests with their refusals (`federated/safety.py`): alignment data, not private
 
 
 @dataclass(frozen=True)
@@ -326,8 +327,9 @@ class FederatedData:
     warnings: list[str] = field(default_factory=list)
 
     def members_of(self, clients) -> list[Record]:
-        """The non-canary records that the given clients train on."""
-        return [r for c in sorted(clients) for r in self.clients[c] if r.category != CANARY_CATEGORY]
+        """The private records that the given clients train on: neither canaries nor safety-alignment records."""
+        return [r for c in sorted(clients) for r in self.clients[c]
+                if r.category not in (CANARY_CATEGORY, SAFETY_CATEGORY)]
 
     @property
     def members(self) -> list[Record]:

@@ -14,6 +14,7 @@ from fedleak.common.params import NonNegativeInt, OpenUnitInterval, PositiveInt,
 from fedleak.federated.dataquality import drop_duplicates, drop_overlap
 from fedleak.federated.loader import DEFAULT_CATEGORY, DataFile, FieldNames, read_data_file
 from fedleak.federated.partition import partition, split_plan
+from fedleak.federated.safety import safety_records
 from fedleak.federated.seeding import numpy_rng
 
 
@@ -35,6 +36,11 @@ class EmbeddedDataSettings:
                     "(Panda et al. 2025): \"random\" (six digits), \"rare_tokens\" (six symbols the pretraining "
                     "corpus never has) and \"unseen_bigrams\" (six everyday corpus words in random order). The "
                     "first gives one_run_epsilon_lb."})
+
+    safety_records: NonNegativeInt = field(default=0, metadata={
+        "help": "Harmful requests answered with a refusal added to each client's records (safety-alignment data, "
+                "`federated/safety.py`): what a safety attack (`harmful_compliance`) works against; 0 = none. Never "
+                "membership candidates."})
 
     def __post_init__(self):
         check_fields(self, "data.embedded.")
@@ -176,6 +182,10 @@ def prepare_data(settings: DataSettings, *, seed: int, num_clients: int, partiti
     canaries, reference, audit = [], [], []
     if settings.source == "embedded":
         s = settings.embedded
+        if s.safety_records:  # each client its own draw of aligned data
+            clients = [c + safety_records(s.safety_records, seed=seed, purpose=f"client-{i}", answer="refusal")
+                       for i, c in enumerate(clients)]
+            quality["safety_records_per_client"] = s.safety_records
         if s.canaries_per_repetition:
             canaries, reference = make_canaries(seed=seed, repetitions=s.canary_repetitions,
                                                 per_repetition=s.canaries_per_repetition, num_clients=num_clients)

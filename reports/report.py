@@ -25,6 +25,7 @@ from fedleak.reports.redact import redactor
 from fedleak.reports.server import server_section
 from fedleak.reports.render import render_html, render_markdown
 from fedleak.reports.rounds import rounds_section
+from fedleak.reports.safety import safety_section
 from fedleak.reports.summary import summary_section
 from fedleak.reports.sweep import sweep_section
 from fedleak.reports.synthetic import synthetic_section
@@ -61,7 +62,8 @@ def build_document(results: dict, *, show_secrets: bool = False) -> list[Section
     sections = [fit if warning else None, summary_section(run, show_secrets=show_secrets), defenses_section(run), sweep_section(run),
                 dp_section(run), membership_section(run), server_section(run), rounds_section(run),
                 extraction_section(run, redact),
-                poisoning_section(run, redact), synthetic_section(run, redact), None if warning else fit,
+                poisoning_section(run, redact), safety_section(run, redact), synthetic_section(run, redact),
+                None if warning else fit,
                 provenance_section(run)]
     return [s for s in sections if s]
 

@@ -42,7 +42,8 @@ HEATMAP_CAPTION = ("Summary: each attack's headline number. Membership rows: the
                    "(exposure), share of sampled generations with private text (generate_rank), worst view; "
                    "poisoning rows: the scenario's trainings, attack success rate for a backdoor (in the table with its "
                    "Clopper-Pearson interval; the poisoning section says which differences the intervals "
-                   "resolve), else the increase of the global model's held-out loss. Colour runs within each row from no leakage (white: AUC "
+                   "resolve), the drop of the refusal rate on held-out harmful requests against the clean training for a "
+                   "safety attack, else the increase of the global model's held-out loss. Colour runs within each row from no leakage (white: AUC "
                    "0.5, rate 0) to the most (AUC 1, rate 1; exposure and loss: the row's largest); grey: not "
                    "measured.")
 
@@ -87,6 +88,8 @@ def headline(cells: list[dict]) -> Headline:
     if family == "poisoning":  # targeted attacks have an ASR; untargeted ones are judged by the damage
         if any("asr" in c["metrics"] for c in cells):
             return Headline("asr", "ASR", (0.0, 1.0))
+        if any("refusal_drop" in c["metrics"] for c in cells):  # a safety attack: refusals lost
+            return Headline("refusal_drop", "refusal-rate drop", (0.0, 1.0))
         return Headline("loss_increase", "held-out loss increase")
     if name in EXTRACTION_HEADLINES:
         return EXTRACTION_HEADLINES[name]
