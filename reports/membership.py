@@ -177,6 +177,9 @@ def roc_plot_png(cells: list[dict], title: str) -> bytes:
            ylabel="true positive rate", title=title)
     for axis in (ax.xaxis, ax.yaxis):  # 0.001 rather than 10^-3: plainer, and no mathtext to lay out
         axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+        # Minor ticks at 2 and 5 x each decade: matplotlib's default lays out ~100 unlabelled ticks per axis,
+        # most of a report's drawing time with 30 ROC plots.
+        axis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(2.0, 5.0), numticks=10))
         axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     return png(fig, ax)
 
