@@ -10,16 +10,22 @@ DEV_STAMP := $(VENV)/.fedleak-dev-installed
 
 install: $(STAMP)
 
-# torch first and pinned: it is the CPU wheel on disk; an unpinned torch pulls a multi-GB CUDA build.
+# torch first and pinned: it is the CPU wheel on disk; an unpinned torch pulls a multi-GB CUDA build. pip compiles
+# every installed module on one core; compileall does the same on all of them (a few of torch's test files are
+# Python 3.12 syntax: pip skips them silently, compileall says so and exits 1, hence the || true).
+COMPILE := $(BIN)/python -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
+
 $(STAMP): pyproject.toml .ci/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -c .ci/constraints.txt -e .
+	$(BIN)/python -m pip install --quiet --no-compile torch==2.13.0
+	$(BIN)/python -m pip install --quiet --no-compile -c .ci/constraints.txt -e .
+	$(COMPILE)
 	touch $(STAMP)
 
 # The test tools (flwr with Ray, Ray, jsonschema, playwright) only for `make test`: the demo does without them.
 $(DEV_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet -c .ci/constraints.txt -e '.[dev,flower,ray]'
+	$(BIN)/python -m pip install --quiet --no-compile -c .ci/constraints.txt -e '.[dev,flower,ray]'
+	$(COMPILE)
 	touch $(DEV_STAMP)
 
 demo: $(STAMP)
