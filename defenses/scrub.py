@@ -19,6 +19,12 @@ Patterns (each an entity in `entities`, applied in this order so an e-mail's dig
 
 The hook runs for every client, a poisoning scenario's malicious ones too (the shipped configs train scrub clean
 only). Not covered: social security numbers and other short dash-separated numbers, street addresses, ages.
+
+With `presidio_model` set, Microsoft Presidio's analyzer (pip install 'fedleak[presidio]') runs after the patterns:
+every entity it finds at `presidio_threshold` or above becomes `[<ENTITY TYPE>]` (`[PERSON]`, `[LOCATION]`,
+`[URL]`, `[CREDIT_CARD]`, ...). Its named-entity recognizers need a trained spaCy model (Presidio's default:
+"en_core_web_lg", installed with `python -m spacy download en_core_web_lg`); "blank:en" runs its pattern and
+checksum recognizers only, offline.
 """
 
 from __future__ import annotations
@@ -27,10 +33,10 @@ import re
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Annotated, Callable, Literal, Sequence
 
 from fedleak.common.errors import FedleakError
-from fedleak.common.params import PositiveInt
+from fedleak.common.params import PositiveInt, Range
 from fedleak.common.synthetic import synthetic_names
 from fedleak.defenses.base import Defense, register_defense
 from fedleak.federated.data import Record
@@ -87,12 +93,14 @@ def scrub_text(text: str, *, patterns: dict[str, re.Pattern]) -> tuple[str, Coun
     return text, +counts
 
 
-def scrub_records(records: Sequence[Record], *, patterns: dict[str, re.Pattern]) -> tuple[list[Record], dict]:
-    """Each record with its instruction, input and output scrubbed (`scrub_text`).
+def scrub_records(records: Sequence[Record], *, patterns: dict[str, re.Pattern],
+                  presidio: Callable[[str], tuple[str, Counter]] | None = None) -> tuple[list[Record], dict]:
+    """Each record with its instruction, input and output scrubbed (`scrub_text`, then `presidio`).
 
     Args:
         records: one client's records.
         patterns: entity -> compiled pattern, in the order they apply.
+        presidio: a second pass over each scrubbed field (`presidio_text` with its analyzer), or None.
 
     Returns:
         The scrubbed records (a record nothing matched in is returned as it was; a changed one keeps its id and
@@ -107,6 +115,9 @@ def scrub_records(records: Sequence[Record], *, patterns: dict[str, re.Pattern])
         for name in ("instruction", "input", "output"):
             fields[name], c = scrub_text(getattr(record, name), patterns=patterns)
             counts += c
+            if presidio is not None and fields[name]:
+                fields[name], c = presidio(fields[name])
+                counts += c
         text = " ".join(fields.values())
         if counts:
             changed += 1
@@ -143,7 +154,8 @@ class Scrub(Defense):
     """Client-side data sanitisation: identifiers replaced with placeholders before any training (see the module)."""
 
     def __init__(self, *, entities: tuple[Entity, ...] = ENTITIES, min_digits: PositiveInt = 6,
-                 names: str = EMBEDDED_NAMES):
+                 names: str = EMBEDDED_NAMES, presidio_model: str = "",
+                 presidio_threshold: Annotated[float, Range(ge=0, le=1)] = 0.5):
         """Set what is scrubbed.
 
         Args:
@@ -153,9 +165,13 @@ class Scrub(Defense):
             names: the name list for `name`: "embedded" (the embedded generator's first and last names, as a
                 hospital's patient and staff register would list them) or a UTF-8 file, one name per line (a
                 relative path is from the directory fedleak runs in).
+            presidio_model: the spaCy model Microsoft Presidio's analyzer runs on after the patterns (e.g.
+                "en_core_web_lg"; "blank:en" for its pattern recognizers only); empty: no Presidio.
+            presidio_threshold: the lowest Presidio confidence score that is replaced.
 
         Raises:
-            FedleakError: an entity is listed twice, or the name file cannot be read or is empty.
+            FedleakError: an entity is listed twice, the name file cannot be read or is empty, or Presidio or its
+                spaCy model is not installed (the message says what to install).
         """
         if len(set(entities)) != len(entities):
             raise FedleakError(f"scrub.entities = {list(entities)} lists an entity twice: list each once")
@@ -165,6 +181,8 @@ class Scrub(Defense):
         self.entities, self.min_digits, self.names = tuple(e for e in ENTITIES if e in entities), min_digits, names
         word_list = synthetic_names() if names == EMBEDDED_NAMES else read_names(names) if "name" in entities else []
         self.patterns = self.build_patterns(word_list)
+        self.presidio_model, self.presidio_threshold = presidio_model, presidio_threshold
+        self.analyzer = presidio_analyzer(presidio_model) if presidio_model else None
 
     def build_patterns(self, names: Sequence[str]) -> dict[str, re.Pattern]:
         """entity -> compiled pattern, in the order they apply, for the chosen entities."""
@@ -175,5 +193,45 @@ class Scrub(Defense):
         return {e: patterns[e] for e in ENTITIES if e in self.entities and e in patterns}
 
     def client_records(self, records: list[Record], *, client: int) -> tuple[list[Record], dict]:
-        scrubbed, facts = scrub_records(records, patterns=self.patterns)
+        presidio = (lambda text: presidio_text(text, analyzer=self.analyzer, threshold=self.presidio_threshold)
+                    if self.analyzer else None)
+        scrubbed, facts = scrub_records(records, patterns=self.patterns, presidio=presidio)
         return scrubbed, {self.name or "scrub": facts}
+
+
+def presidio_analyzer(model: str):
+    """Presidio's AnalyzerEngine on the spaCy model `model` (built once per defense).
+
+    Raises:
+        FedleakError: presidio-analyzer or the spaCy model is not installed.
+    """
+    try:
+        from presidio_analyzer import AnalyzerEngine
+        from presidio_analyzer.nlp_engine import NlpEngineProvider
+    except ImportError:
+        raise FedleakError(f"scrub.presidio_model = {model!r} needs Microsoft Presidio: pip install "
+                           f"'fedleak[presidio]', or leave presidio_model empty") from None
+    config = {"nlp_engine_name": "spacy", "models": [{"lang_code": "en", "model_name": model}]}
+    try:
+        engine = NlpEngineProvider(nlp_configuration=config).create_engine()
+    except OSError:  # spaCy's "can't find model"
+        raise FedleakError(f"scrub.presidio_model = {model!r}: spaCy cannot load it: install it (python -m spacy "
+                           f"download {model}) or use \"blank:en\" for Presidio's pattern recognizers only") from None
+    return AnalyzerEngine(nlp_engine=engine, supported_languages=["en"])
+
+
+def presidio_text(text: str, *, analyzer, threshold: float) -> tuple[str, Counter]:
+    """`text` with every entity Presidio finds at `threshold` or above replaced by `[<ENTITY TYPE>]`; overlapping
+    findings keep the higher-scoring (then the longer) one. Returns the text and the replacements per type
+    (`presidio_<type>`, lower case)."""
+    found = sorted(analyzer.analyze(text=text, language="en", score_threshold=threshold),
+                   key=lambda r: (-r.score, -(r.end - r.start), r.start))
+    kept: list = []
+    for result in found:
+        if all(result.end <= k.start or result.start >= k.end for k in kept):
+            kept.append(result)
+    counts: Counter = Counter()
+    for result in sorted(kept, key=lambda r: r.start, reverse=True):  # from the end: earlier offsets stay valid
+        text = text[:result.start] + f"[{result.entity_type}]" + text[result.end:]
+        counts[f"presidio_{result.entity_type.lower()}"] += 1
+    return text, counts

@@ -162,3 +162,30 @@ def test_the_report_shows_what_was_scrubbed():
     assert isinstance(table, Table) and table.rows == [["fedit", "scrub", "scrub", "25.0 of 40.0", "name 40.0, phone 5.0",
                                                         "2.0"]]
     assert sanitisation_table(type("Run", (), {"trainings": [{"algorithm": "fedit", "defense": "none"}]})()) is None
+
+
+def test_without_presidio_installed_its_option_is_a_one_line_error(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "presidio_analyzer", None)  # an import of it raises ImportError
+    with pytest.raises(FedleakError, match=r"scrub.presidio_model = 'en_core_web_lg' needs Microsoft Presidio: pip "
+                                           r"install 'fedleak\[presidio\]'"):
+        Scrub(presidio_model="en_core_web_lg")
+    assert Scrub().analyzer is None  # off by default: nothing imported
+
+
+def test_presidio_runs_after_the_patterns_where_it_is_installed():
+    """Presidio's pattern and checksum recognizers (a blank spaCy model: no download) catch what the patterns do
+    not: a URL and a card number (Luhn-valid); what the patterns replaced already stays their placeholder."""
+    pytest.importorskip("presidio_analyzer")
+    from fedleak.federated.data import Record
+
+    record = Record(instruction="Ada Lind asks: see https://clinic.example.org/p/7 and bill card 4111 1111 1111 1111.",
+                    input="", output="Call 555-123-4567 on March 3.", category="triage", record_id="r")
+    (out,), facts = Scrub(presidio_model="blank:en").client_records([record], client=0)
+    assert out.instruction == "[NAME] asks: see [URL] and bill card [CREDIT_CARD]."
+    assert out.output == "Call [PHONE] on [DATE]."
+    assert facts["scrub"]["replaced"] == {"date": 1, "name": 1, "phone": 1, "presidio_credit_card": 1,
+                                          "presidio_url": 1}
+    with pytest.raises(FedleakError, match="spaCy cannot load it"):
+        Scrub(presidio_model="no_such_model_xyz")
