@@ -193,30 +193,35 @@ class Scrub(Defense):
         return {e: patterns[e] for e in ENTITIES if e in self.entities and e in patterns}
 
     def client_records(self, records: list[Record], *, client: int) -> tuple[list[Record], dict]:
-        presidio = (lambda text: presidio_text(text, analyzer=self.analyzer, threshold=self.presidio_threshold)
-                    if self.analyzer else None)
+        presidio = ((lambda text: presidio_text(text, analyzer=self.analyzer, threshold=self.presidio_threshold))
+                    if self.analyzer is not None else None)
         scrubbed, facts = scrub_records(records, patterns=self.patterns, presidio=presidio)
         return scrubbed, {self.name or "scrub": facts}
 
 
 def presidio_analyzer(model: str):
-    """Presidio's AnalyzerEngine on the spaCy model `model` (built once per defense).
+    """Presidio's AnalyzerEngine on the spaCy model `model` (built once per defense). Loaded here, never
+    downloaded: Presidio itself would fetch a missing model at run time.
 
     Raises:
         FedleakError: presidio-analyzer or the spaCy model is not installed.
     """
     try:
+        import spacy
         from presidio_analyzer import AnalyzerEngine
-        from presidio_analyzer.nlp_engine import NlpEngineProvider
+        from presidio_analyzer.nlp_engine import SpacyNlpEngine
     except ImportError:
         raise FedleakError(f"scrub.presidio_model = {model!r} needs Microsoft Presidio: pip install "
                            f"'fedleak[presidio]', or leave presidio_model empty") from None
-    config = {"nlp_engine_name": "spacy", "models": [{"lang_code": "en", "model_name": model}]}
-    try:
-        engine = NlpEngineProvider(nlp_configuration=config).create_engine()
-    except OSError:  # spaCy's "can't find model"
-        raise FedleakError(f"scrub.presidio_model = {model!r}: spaCy cannot load it: install it (python -m spacy "
-                           f"download {model}) or use \"blank:en\" for Presidio's pattern recognizers only") from None
+    if model.startswith("blank:"):
+        nlp = spacy.blank(model.split(":", 1)[1])
+    elif spacy.util.is_package(model) or Path(model).exists():
+        nlp = spacy.load(model)
+    else:
+        raise FedleakError(f"scrub.presidio_model = {model!r}: spaCy has no such model installed: install it (python "
+                           f"-m spacy download {model}) or use \"blank:en\" for Presidio's pattern recognizers only")
+    engine = SpacyNlpEngine(models=[{"lang_code": "en", "model_name": model}])
+    engine.nlp = {"en": nlp}  # loaded: the engine's own load() would download a missing model
     return AnalyzerEngine(nlp_engine=engine, supported_languages=["en"])
 
 

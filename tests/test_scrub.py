@@ -180,12 +180,12 @@ def test_presidio_runs_after_the_patterns_where_it_is_installed():
     pytest.importorskip("presidio_analyzer")
     from fedleak.federated.data import Record
 
-    record = Record(instruction="Ada Lind asks: see https://clinic.example.org/p/7 and bill card 4111 1111 1111 1111.",
+    record = Record(instruction="Dario Okonkwo asks: see https://clinic.example.org/p/7 and bill card 4111 1111 1111 1111.",
                     input="", output="Call 555-123-4567 on March 3.", category="triage", record_id="r")
     (out,), facts = Scrub(presidio_model="blank:en").client_records([record], client=0)
     assert out.instruction == "[NAME] asks: see [URL] and bill card [CREDIT_CARD]."
     assert out.output == "Call [PHONE] on [DATE]."
     assert facts["scrub"]["replaced"] == {"date": 1, "name": 1, "phone": 1, "presidio_credit_card": 1,
                                           "presidio_url": 1}
-    with pytest.raises(FedleakError, match="spaCy cannot load it"):
+    with pytest.raises(FedleakError, match="spaCy has no such model installed: install it"):
         Scrub(presidio_model="no_such_model_xyz")
