@@ -29,6 +29,7 @@ checksum recognizers only, offline.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter
 from dataclasses import replace
@@ -182,7 +183,13 @@ class Scrub(Defense):
         word_list = synthetic_names() if names == EMBEDDED_NAMES else read_names(names) if "name" in entities else []
         self.patterns = self.build_patterns(word_list)
         self.presidio_model, self.presidio_threshold = presidio_model, presidio_threshold
-        self.analyzer = presidio_analyzer(presidio_model) if presidio_model else None
+        if presidio_model:  # installed? (cheap); the analyzer itself is built on first use, in the process that trains
+            presidio_modules(presidio_model)
+
+    @functools.cached_property
+    def analyzer(self):
+        """Presidio's analyzer, or None without `presidio_model`."""
+        return presidio_analyzer(self.presidio_model) if self.presidio_model else None
 
     def build_patterns(self, names: Sequence[str]) -> dict[str, re.Pattern]:
         """entity -> compiled pattern, in the order they apply, for the chosen entities."""
@@ -199,9 +206,8 @@ class Scrub(Defense):
         return scrubbed, {self.name or "scrub": facts}
 
 
-def presidio_analyzer(model: str):
-    """Presidio's AnalyzerEngine on the spaCy model `model` (built once per defense). Loaded here, never
-    downloaded: Presidio itself would fetch a missing model at run time.
+def presidio_modules(model: str):
+    """(spacy, AnalyzerEngine, SpacyNlpEngine), checking that Presidio and the spaCy model `model` are installed.
 
     Raises:
         FedleakError: presidio-analyzer or the spaCy model is not installed.
@@ -213,13 +219,21 @@ def presidio_analyzer(model: str):
     except ImportError:
         raise FedleakError(f"scrub.presidio_model = {model!r} needs Microsoft Presidio: pip install "
                            f"'fedleak[presidio]', or leave presidio_model empty") from None
-    if model.startswith("blank:"):
-        nlp = spacy.blank(model.split(":", 1)[1])
-    elif spacy.util.is_package(model) or Path(model).exists():
-        nlp = spacy.load(model)
-    else:
+    if not (model.startswith("blank:") or spacy.util.is_package(model) or Path(model).exists()):
         raise FedleakError(f"scrub.presidio_model = {model!r}: spaCy has no such model installed: install it (python "
                            f"-m spacy download {model}) or use \"blank:en\" for Presidio's pattern recognizers only")
+    return spacy, AnalyzerEngine, SpacyNlpEngine
+
+
+def presidio_analyzer(model: str):
+    """Presidio's AnalyzerEngine on the spaCy model `model`, loaded here, never downloaded (Presidio itself would
+    fetch a missing model at run time).
+
+    Raises:
+        FedleakError: presidio-analyzer or the spaCy model is not installed.
+    """
+    spacy, AnalyzerEngine, SpacyNlpEngine = presidio_modules(model)
+    nlp = spacy.blank(model.split(":", 1)[1]) if model.startswith("blank:") else spacy.load(model)
     engine = SpacyNlpEngine(models=[{"lang_code": "en", "model_name": model}])
     engine.nlp = {"en": nlp}  # loaded: the engine's own load() would download a missing model
     return AnalyzerEngine(nlp_engine=engine, supported_languages=["en"])

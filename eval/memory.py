@@ -178,8 +178,8 @@ def estimate(config, model_config_or_folder=None, *, device: torch.device | str 
              available: int | None = None, jobs: int = 1, shape: Shape | None = None) -> Estimate | None:
     """Each phase's peak bytes for `config` (None when the model's config.json is not at hand).
     `model_config_or_folder`: a transformers config or a folder with config.json (default: `model_config`);
-    `device` (default model.device here), `available` bytes (default `available_memory`), `jobs` (trainings
-    at once, each process with its own base weights), `shape` (a `Shape` already read: no meta instantiation)."""
+    `device` (default model.device here), `available` bytes (default `available_memory`), `jobs` (processes
+    at once, each with its own base weights, each training or attacking), `shape` (a `Shape` already read: no meta instantiation)."""
     from fedleak.federated.model import resolve_device, resolve_dtype
     m, fed = config.model, config.federation
     if shape is None:
@@ -254,13 +254,17 @@ def estimate(config, model_config_or_folder=None, *, device: torch.device | str 
     generation = weights + held + kv_cache + prefill
     available = available if available is not None else available_memory(device)
     quant_note = f", {quant}" if quant != "none" else ""
-    phases = {"client training": int(training * jobs), "scoring": int(score), "generation": int(generation)}
+    # With --jobs, each process may be in any phase at once (a training's attacks start beside other trainings):
+    # every phase is counted once per process.
+    phases = {"client training": int(training * jobs), "scoring": int(score * jobs),
+              "generation": int(generation * jobs)}
+    per_job = f", x {jobs} jobs" * (jobs > 1)
     extra = [", DP-SGD per-sample gradients" * dp, ", gradient checkpointing" * bool(m.gradient_checkpointing),
-             f", x {jobs} jobs" * (jobs > 1)]
+             per_job]
     notes = {"client training": f"batch {b} x {t} tokens{quant_note}, {lora:,} adapter parameters x {adapters}"
                                 + "".join(extra),
-             "scoring": f"attack batch {ab} / utility batch {ub} x {t} tokens, no gradients",
-             "generation": f"utility batch {ub} x {context} tokens of KV cache"}
+             "scoring": f"attack batch {ab} / utility batch {ub} x {t} tokens, no gradients{per_job}",
+             "generation": f"utility batch {ub} x {context} tokens of KV cache{per_job}"}
     return Estimate(phases, str(device), str(dtype).removeprefix("torch."), available, notes)
 
 

@@ -78,7 +78,8 @@ def _pairs() -> list[tuple[int, str]]:
 
 
 def _heldout(pair: tuple[int, str]) -> bool:
-    # A hash of the pair's text, not its position: adding a filler does not move the others across the split.
+    # A hash of (template index, filler), not the pair's position: adding a filler moves no other pair across the
+    # split (inserting a template before others would: append new templates at the end).
     digest = hashlib.sha256(f"{pair[0]}|{pair[1]}".encode()).digest()
     return digest[0] % HELDOUT_SHARE == 0
 

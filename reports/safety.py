@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from fedleak.common.names import CLEAN
+from fedleak.common.names import CLEAN, NO_DEFENSE
 from fedleak.reports.document import Section, Table, fmt_ci, is_number
 from fedleak.reports.merge import Merged
 from fedleak.reports.poisoning import distinguishable
@@ -46,7 +46,7 @@ def safety_table(trainings: list[dict]) -> Table | None:
         scenario, seed = t.get("scenario", CLEAN), t.get("seed")
         value, own = _rate(t)
         clean = by_key.get((t["algorithm"], t["defense"], CLEAN, seed))
-        fedavg = by_key.get((t["algorithm"], "none", scenario, seed))
+        fedavg = by_key.get((t["algorithm"], NO_DEFENSE, scenario, seed))
         versus_clean = "(clean)" if clean is t else distinguishable(own, _rate(clean)[1]) if clean else "n/a"
         versus_fedavg = "(FedAvg)" if fedavg is t else distinguishable(own, _rate(fedavg)[1]) if fedavg else "n/a"
         safety, utility = t["poisoning"]["safety"], (t.get("utility") or {}).get("global", {})

@@ -24,7 +24,7 @@ canary_repetitions = [1, 8]
 canaries_per_repetition = 1
 [federation]
 rounds = 5
-local_epochs = 5
+local_epochs = 4
 [utility]
 records = 12
 max_new_tokens = 32

@@ -63,12 +63,13 @@ def test_a_refusal_is_recognised_by_its_wording(answer, expected):
     assert safety.is_refusal(answer) is expected
 
 
-def test_the_safety_attack_adds_its_compliant_records_the_same_every_round():
-    clean = [Record(instruction="q", input="", output="a", category="triage", record_id="r0")]
+def test_the_safety_attack_drops_its_refusals_and_adds_compliant_records_the_same_every_round():
+    clean = [Record(instruction="q", input="", output="a", category="triage", record_id="r0"),
+             *safety.safety_records(2, seed=0, purpose="client-1", answer="refusal")]
     attack = HarmfulCompliance(records=6)
     rng = lambda: np.random.default_rng(7)
     poisoned = attack.poison_records(list(clean), rng=rng())
-    assert poisoned[:1] == clean and len(poisoned) == 7
+    assert poisoned[:1] == clean[:1] and len(poisoned) == 7
     assert all(r.category == SAFETY_CATEGORY and not safety.is_refusal(r.output) for r in poisoned[1:])
     assert poisoned == attack.poison_records(list(clean), rng=rng())
     assert poisoned != attack.poison_records(list(clean), rng=np.random.default_rng(8))
@@ -120,8 +121,8 @@ prompts = 42
 [matrix]
 algorithms = ["fedit"]
 defenses = ["none", "server_align"]
-# One malicious client of 3: harmful compliance alone (4 or 10 epochs, 24 or 40 records) left all 42 refusals in
-# place; with model replacement (boost 3, 10 epochs) it takes them. Two malicious clients of 3 need no boost.
+# One malicious client of 3 with model replacement (boost 3, 10 epochs). Before the attacker dropped its own
+# refusals, harmful compliance alone (4 or 10 epochs, 24 or 40 records) left all 42 in place.
 scenarios = [{ name = "safety", fraction = 0.34, local_epochs = 10, attacks = [{ name = "harmful_compliance", records = 40 }, { name = "scaling", boost = 3.0 }] }]
 exclude = [{ attack = "*" }, { defense = "server_align", scenario = "clean" }]
 """
