@@ -1,8 +1,9 @@
 """Measure poisoned trainings: backdoor success, the refusal rate on held-out harmful requests (a safety
 attack's target), utility against the clean training of the same (algorithm, defense), and how often
-selecting rules (Krum, Multi-Krum, Bulyan) excluded the malicious uploads. Every rate is a count over prompts or uploads, so each gets an exact binomial
-(Clopper and Pearson 1934, "The use of confidence or fiducial limits illustrated in the case of the
-binomial") interval at the run's `attack.confidence`: `<rate>_ci_low` / `<rate>_ci_high` beside it."""
+selecting rules (Krum, Multi-Krum, Bulyan) excluded the malicious uploads. Every rate is a count over
+prompts or uploads, so each gets an exact binomial (Clopper and Pearson 1934, "The use of confidence or
+fiducial limits illustrated in the case of the binomial") interval at the run's `attack.confidence`:
+`<rate>_ci_low` / `<rate>_ci_high` beside it."""
 
 from __future__ import annotations
 
