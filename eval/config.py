@@ -24,7 +24,7 @@ from fedleak.common.params import NonNegativeInt, OpenUnitInterval, PositiveFloa
 from fedleak.eval.execution import EngineSettings, ExecutorSettings
 from fedleak.eval.matrix_config import ComponentSpec, MatrixSettings, ScenarioSpec, build_defense, component_spec
 from fedleak.federated.adapters import AdapterSettings, LoraSettings
-from fedleak.federated.methods import IA3Settings, PromptTuningSettings
+from fedleak.federated.methods import IA3Settings, PrefixTuningSettings, PromptTuningSettings
 from fedleak.federated.datasource import DataSettings
 from fedleak.federated.embedded import EmbeddedModelConfig
 from fedleak.federated.model import check_device_name, missing_folder
@@ -48,13 +48,16 @@ class ModelSettings:
         "help": "Let a Hugging Face id download from the hub; off: offline only (air-gapped machines fail otherwise)."})
     embedded: EmbeddedModelConfig = field(default_factory=EmbeddedModelConfig, metadata={
         "help": "How the embedded model is built (used when name = \"embedded\")."})
-    adaptation: Literal["lora", "ia3", "prompt_tuning"] = field(default="lora", metadata={
-        "help": "The parameter-efficient method every algorithm trains: \"lora\", \"ia3\" or \"prompt_tuning\" "
-                "(a soft prompt); its settings are the table of the same name."})
+    adaptation: Literal["lora", "ia3", "prompt_tuning", "prefix_tuning"] = field(default="lora", metadata={
+        "help": "The parameter-efficient method every algorithm trains: \"lora\", \"ia3\", \"prompt_tuning\" "
+                "(a soft prompt) or \"prefix_tuning\" (trained keys and values in every layer); its settings are "
+                "the table of the same name."})
     lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "LoRA's settings (model.adaptation = \"lora\")."})
     ia3: IA3Settings = field(default_factory=IA3Settings, metadata={"help": "IA3's settings (model.adaptation = \"ia3\")."})
     prompt_tuning: PromptTuningSettings = field(default_factory=PromptTuningSettings, metadata={
         "help": "Prompt tuning's settings (model.adaptation = \"prompt_tuning\")."})
+    prefix_tuning: PrefixTuningSettings = field(default_factory=PrefixTuningSettings, metadata={
+        "help": "Prefix tuning's settings (model.adaptation = \"prefix_tuning\")."})
     device: str = field(default="auto", metadata={
         "help": "\"auto\" (the first CUDA GPU, else the CPU), \"cpu\", \"cuda\", \"cuda:N\" or \"mps\"."})
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={

@@ -59,6 +59,8 @@ class Shape:
         or 0) for one adapter of `settings`' method (federated.methods)."""
         if settings.method == "prompt_tuning":  # one embedding row per virtual token
             return settings.num_virtual_tokens * self.hidden, 0, 0
+        if settings.method == "prefix_tuning":  # a key and a value per layer per prefix position
+            return settings.num_virtual_tokens * 2 * self.layers * self.kv_dim, 0, 0
         if settings.method == "ia3":  # a scale per output feature (per input feature for feed-forward ones)
             hit = _matcher(settings.target_modules)
             ff = _matcher(tuple(settings.feedforward_modules))
@@ -224,7 +226,8 @@ def estimate(config, model_config_or_folder=None, *, device: torch.device | str 
         if not eager:
             return batch * length * length  # the padding mask (bool)
         return batch * a * length * length * ((FP32 + (e if e != FP32 else 0)) if training else FP32 + e)
-    b, t = fed.batch_size, fed.max_length + getattr(m.adapter, "num_virtual_tokens", 0)  # a soft prompt lengthens
+    # a soft prompt or prefix lengthens the attended sequence
+    b, t = fed.batch_size, fed.max_length + getattr(m.adapter, "num_virtual_tokens", 0)
     tokens = b * t
     logits_train = tokens * V * 3 * FP32  # log-softmax output, its gradient, the logits' gradient
     final = tokens * (h * e + FP32)  # the final norm's input
@@ -291,11 +294,12 @@ def check_positions(config, hf_config) -> None:
                   if isinstance(getattr(hf_config, k, None), int)), None)
     from fedleak.eval.sweep import settings_of, variant
 
-    # The longest soft prompt any variant trains (adaptations, or a sweep of model.adaptation or of its length).
+    # The longest soft prompt or prefix any variant trains (adaptations, or a sweep of model.adaptation or of its
+    # length): both take positions before the text.
     soft = max(getattr(variant(config, s).model.adapter, "num_virtual_tokens", 0) for s in settings_of(config))
     length = config.federation.max_length
     if limit is not None and length + soft > limit:
-        extra = f" plus a soft prompt's {soft} virtual tokens" if soft else ""
+        extra = f" plus a soft prompt's or prefix's {soft} virtual tokens" if soft else ""
         raise FedleakError(f"federation.max_length = {length}{extra} exceeds the {limit} positions of model.name = "
                            f"{config.model.name!r} (its config.json): lower federation.max_length to {limit - soft} "
                            f"or less")

@@ -22,7 +22,8 @@ Setting = tuple[str, Any]  # (dotted path, value)
 # What a variant may change: the trained method and its settings, and the federation. The data, the base
 # model and the measurement settings are the run's own (its data checks, base-model utility, memory and
 # position checks are made once, on the configured settings).
-SWEEPABLE = ("model.adaptation", "model.lora.", "model.ia3.", "model.prompt_tuning.", "federation.")
+SWEEPABLE = ("model.adaptation", "model.lora.", "model.ia3.", "model.prompt_tuning.", "model.prefix_tuning.",
+             "federation.")
 NOT_SWEEPABLE = ("federation.max_length",)  # the run's position and memory checks read it
 
 
@@ -37,8 +38,8 @@ def parse_sweep(value, key: str, where: str) -> tuple[Setting, ...]:
         item = f"{key}.\"{path}\""
         if not path.startswith(SWEEPABLE) or path in NOT_SWEEPABLE:
             raise FedleakError(f"{where}: {item}: a sweep varies model.adaptation, a setting of model.lora, "
-                               f"model.ia3, model.prompt_tuning or federation (not federation.max_length), e.g. "
-                               f"\"federation.alpha\"; run another config for the rest")
+                               f"model.ia3, model.prompt_tuning, model.prefix_tuning or federation (not "
+                               f"federation.max_length), e.g. \"federation.alpha\"; run another config for the rest")
         if (not isinstance(values, list) or not values
                 or not all(isinstance(v, (bool, int, float, str)) for v in values)):
             raise FedleakError(f"{where}: {item} = {values!r}: give a non-empty list of numbers, texts or booleans")
@@ -151,15 +152,16 @@ def conflict_field(config, algorithm, defense) -> tuple[str, str] | None:
     from fedleak.federated.rounds import ALGORITHMS
 
     method = config.model.adaptation
-    if method == "prompt_tuning" and ALGORITHMS.get(algorithm.name).combines_adapters:
+    if method in ("prompt_tuning", "prefix_tuning") and ALGORITHMS.get(algorithm.name).combines_adapters:
         return "algorithms", (f"{algorithm.name} keeps a global and a local adapter on together, and peft runs one "
-                              f"soft prompt at a time: use model.adaptation = 'lora' or 'ia3' for it")
-    if method != "lora" and "dp_sgd" in {p.name for p in (defense.parts or (defense,))}:
+                              f"soft prompt or prefix at a time: use model.adaptation = 'lora' or 'ia3' for it")
+    # Opacus's embedding rule gives a prefix's per-record gradients (peft looks its rows up per record)
+    if method in ("ia3", "prompt_tuning") and "dp_sgd" in {p.name for p in (defense.parts or (defense,))}:
         why = {"prompt_tuning": "peft computes the soft prompt once per batch, so Opacus gets no per-record "
                                 "gradient to clip",
                "ia3": "Opacus has no per-sample gradient rule for peft's IA3 layers"}[method]
         return "defenses", (f"dp_sgd cannot train model.adaptation = '{method}': {why}: use dp_fedavg, or "
-                            f"model.adaptation = 'lora'")
+                            f"model.adaptation = 'lora' or 'prefix_tuning'")
     return None
 
 

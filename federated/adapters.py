@@ -23,7 +23,8 @@ import torch
 
 from fedleak.common.errors import FedleakError
 from fedleak.common.params import PositiveInt, Range, check_fields
-from fedleak.federated.methods import MARKERS, IA3Settings, PromptTuningSettings, is_prompt_learning
+from fedleak.federated.methods import (MARKERS, IA3Settings, PrefixTuningSettings, PromptTuningSettings,
+                                      is_prompt_learning)
 
 AdapterState = dict[str, torch.Tensor]
 DEFAULT = "default"  # peft's name for the first adapter; fedleak's shared/global adapter
@@ -56,7 +57,7 @@ class LoraSettings:
                           task_type="CAUSAL_LM")
 
 
-AdapterSettings = LoraSettings | IA3Settings | PromptTuningSettings
+AdapterSettings = LoraSettings | IA3Settings | PromptTuningSettings | PrefixTuningSettings
 
 
 @contextlib.contextmanager
@@ -86,8 +87,37 @@ def add_peft_adapter(base_model, settings: AdapterSettings, *, seed: int):
     strip_adapters(base_model)
     with _seeded_quietly(seed):
         model = get_peft_model(base_model, settings.peft_config())
+        _init_prefix(model, DEFAULT, settings)
     base_model.__dict__[_WRAPPER] = model
     return model
+
+
+@torch.no_grad()
+def _init_prefix(model, adapter: str, settings: AdapterSettings) -> None:
+    """A prefix initialised from real words' activations (Li and Liang 2021's initialisation): the keys and
+    values the base model computes for random vocabulary tokens (the model's BOS first, where it has one),
+    so the prefixed model first acts as if those tokens preceded each text. Draws from torch's global
+    generator (seeded by the caller). A no-op for other methods and inits."""
+    if getattr(settings, "method", None) != "prefix_tuning" or settings.init != "sample_vocab":
+        return
+    base = model.get_base_model()
+    weight = model.prompt_encoder[adapter].embedding.weight
+    count = settings.num_virtual_tokens
+    ids = torch.randint(0, base.get_input_embeddings().num_embeddings, (1, count))
+    bos = getattr(base.config, "bos_token_id", None)
+    if isinstance(bos, int):
+        ids[0, 0] = bos
+    out = base(input_ids=ids.to(weight.device), use_cache=True)
+    cache = out.cache if "cache" in out else out.past_key_values  # transformers 5.24 renamed it
+    layers = [(layer.keys, layer.values) for layer in cache.layers]
+    # peft reads row t as [layers x (key, value), heads, head dim] (PeftModel.get_prompt)
+    rows = torch.stack([part[0].transpose(0, 1) for pair in layers for part in pair], dim=1)  # [T, 2L, heads, hd]
+    rows = rows.reshape(count, -1)
+    if rows.shape != weight.shape:
+        raise FedleakError(f"model.prefix_tuning.init = 'sample_vocab': the base model's cache holds "
+                           f"{rows.shape[1]} values per position where peft's prefix holds {weight.shape[1]} "
+                           f"({type(base).__name__}): use init = 'random'")
+    weight.copy_(rows.to(weight.dtype))
 
 
 def strip_adapters(base_model) -> None:
@@ -103,6 +133,7 @@ def add_named_adapter(model, name: str, settings: AdapterSettings, *, seed: int)
     """Add another freshly initialised (seeded) adapter named `name` to a peft model."""
     with _seeded_quietly(seed):
         model.add_adapter(name, settings.peft_config())
+        _init_prefix(model, name, settings)
 
 
 @contextlib.contextmanager
@@ -146,7 +177,7 @@ def activate(model, names: list[str], *, trainable: str | None = None) -> None:
     """
     if is_prompt_learning(model) or any(model.peft_config[n].is_prompt_learning for n in names):
         if len(names) != 1:
-            raise FedleakError(f"adapters {list(names)}: peft's prompt tuning runs one soft prompt at a time; an "
+            raise FedleakError(f"adapters {list(names)}: peft runs one soft prompt or prefix at a time; an "
                                f"algorithm that combines adapters (fedpit) needs model.adaptation = 'lora' or 'ia3'")
         model.set_adapter(names[0])
     else:
@@ -165,7 +196,7 @@ def _peft_state(model, adapter: str) -> AdapterState:
 def adapter_parameters(model, adapter: str = DEFAULT) -> dict[str, torch.nn.Parameter]:
     """The adapter's trainable parameters by their saved-state key (`get_adapter_state`'s keys): what a
     gradient with respect to the upload is taken of."""
-    if model.peft_config[adapter].is_prompt_learning:  # prompt tuning saves its embedding's rows as they are
+    if model.peft_config[adapter].is_prompt_learning:  # a soft prompt or prefix is saved as its embedding's rows
         return {"prompt_embeddings": model.prompt_encoder[adapter].embedding.weight}
     by_storage = {p.data_ptr(): p for name, p in model.named_parameters() if owns(name, adapter)}
     return {k: by_storage[v.data_ptr()] for k, v in _peft_state(model, adapter).items() if v.data_ptr() in by_storage}

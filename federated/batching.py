@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 
 from fedleak.common.errors import FedleakError
-from fedleak.federated.methods import virtual_tokens
+from fedleak.federated.methods import prompt_positions, virtual_tokens
 from fedleak.federated.model import to_device
 
 IGNORE = -100
@@ -157,8 +157,8 @@ def packing_ok(model, *, pad_id: int | None, atol: float = 1e-4) -> bool:
     architecture and attention implementation; any error in the packed pass means no."""
     from fedleak.federated.training import Example, collate  # training imports this module
 
-    if virtual_tokens(model):
-        return False  # peft ignores position_ids under a soft prompt, which packing needs
+    if prompt_positions(model):
+        return False  # peft ignores position_ids under a soft prompt, which packing needs; a prefix sits at 0..P-1
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     key = (type(base).__name__, str(getattr(base.config, "_attn_implementation", None)))
     if key not in _PACKING:

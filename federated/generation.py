@@ -16,6 +16,14 @@ transformers 5.24 passes as `cache`, so it took every decoding step for the firs
 before each new token (seen: decoding steps of 21 positions for a 20-token prompt). Only the new tokens come back;
 the repetition penalty and the n-gram block then see the generated tokens, not the prompt's.
 
+Under a prefix (prefix tuning) peft's generation path fails the same way (it would insert the prefix as the
+whole cache before every new token), so the base model's `generate` gets the prefix as its starting cache,
+with as many placeholder tokens (the padding's stop token) in front of the prompt as the prefix has positions:
+transformers takes a cache's length from the tokens before it. The repetition penalty skips them with the
+padding. On an architecture with sliding-window attention (Gemma 2, Mistral's older releases) a batch under a
+soft prompt or prefix holds prompts of one length only: left padding would push the prompt out of the window
+sooner than training's right padding does.
+
 Sampling calls (`do_sample=True`: FEDPIT's self-generation, `generate_rank`) keep the caller's order
 and batches: the i-th random draws of a batch go to the same prompts as before this module grouped
 anything, so a run seeded as before samples the same texts. (Grouping would hand the draws to other
@@ -24,12 +32,13 @@ prompts: still deterministic given the seed, but a different sample.)
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from fedleak.federated.methods import virtual_tokens
+from fedleak.federated.methods import is_prefix, prompt_positions, virtual_tokens
 from fedleak.federated.model import model_device
 from fedleak.federated.prompts import pad_id, stop_ids as default_stop_ids
 
@@ -80,6 +89,11 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_toke
         groups = [list(range(s, min(s + batch_size, len(prompts)))) for s in range(0, len(prompts), batch_size)]
     else:
         groups = length_batches([len(p) for p in prompts], batch_size)
+        if prompt_positions(model) and getattr(model.get_base_model().config, "sliding_window", None):
+            # Left padding would sit between the prompt (soft or prefix) and the text and push the prompt out of a
+            # sliding window sooner than in training (padded on the right): no padding there.
+            groups = [[i for i in group if len(prompts[i]) == n] for group in groups
+                      for n in sorted({len(prompts[i]) for i in group})]
     model.eval()
     device = model_device(model)
     out: list[Generation | None] = [None] * len(prompts)
@@ -89,7 +103,9 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_toke
         padding = [width - len(p) for p in chunk]
         ids = torch.tensor([[fill] * n + p for n, p in zip(padding, chunk)])
         mask = torch.tensor([[0] * n + [1] * len(p) for n, p in zip(padding, chunk)])
-        if virtual_tokens(model):
+        if is_prefix(model):
+            new = _prefixed_generate(model, ids.to(device), mask.to(device), options, fill).tolist()
+        elif virtual_tokens(model):
             new = _soft_prompted_generate(model, ids.to(device), mask.to(device), options).tolist()
         else:
             new = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **options)[:, width:].tolist()
@@ -99,6 +115,26 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_toke
             out[i] = Generation(text=tokenizer.decode(kept, skip_special_tokens=True), finished=cut is not None,
                                 ids=tuple(kept), stop_id=row[cut] if cut is not None else None)
     return out  # type: ignore[return-value]
+
+
+def _prefixed_generate(model, ids: torch.Tensor, mask: torch.Tensor, options: dict, fill: int) -> torch.Tensor:
+    """[B, new tokens]: the base model generating from the prefix's cache (see the module docstring)."""
+    from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
+    rows, positions = len(ids), prompt_positions(model)
+    padding = (mask != 0).int().argmax(dim=1)  # left padding per row
+    ids = torch.cat([torch.full((rows, positions), fill, dtype=ids.dtype, device=ids.device), ids], dim=1)
+    mask = torch.cat([torch.ones((rows, positions), dtype=mask.dtype, device=mask.device), mask], dim=1)
+    options = dict(options)
+    penalty = options.pop("repetition_penalty", 1.0)
+    processors = LogitsProcessorList()
+    if penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=positions + padding))
+    base = model.get_base_model()
+    name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"  # 5.24 renamed it
+    out = base.generate(input_ids=ids, attention_mask=mask, logits_processor=processors,
+                        **{name: model.get_prompt(rows)}, **options)
+    return out[:, ids.shape[1]:]
 
 
 def _soft_prompted_generate(model, ids: torch.Tensor, mask: torch.Tensor, options: dict) -> torch.Tensor:

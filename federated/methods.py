@@ -1,8 +1,9 @@
 """The parameter-efficient methods a federation can train, as peft configs: LoRA (Hu et al. 2021), IA3
 (Liu et al. 2022, "Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context
-Learning") and prompt tuning (Lester et al. 2021, "The Power of Scale for Parameter-Efficient Prompt
-Tuning"). `model.adaptation` picks one; each method's table (`model.lora`, `model.ia3`,
-`model.prompt_tuning`) holds its settings.
+Learning"), prompt tuning (Lester et al. 2021, "The Power of Scale for Parameter-Efficient Prompt
+Tuning") and prefix tuning (Li and Liang 2021, "Prefix-Tuning: Optimizing Continuous Prompts for
+Generation"). `model.adaptation` picks one; each method's table (`model.lora`, `model.ia3`,
+`model.prompt_tuning`, `model.prefix_tuning`) holds its settings.
 
 Every method's state is what peft saves for its adapter (`get_peft_model_state_dict`), so uploads,
 aggregation, DP-FedAvg and checkpoints treat them alike. The differences that matter downstream:
@@ -12,6 +13,9 @@ aggregation, DP-FedAvg and checkpoints treat them alike. The differences that ma
 - Prompt tuning prepends `num_virtual_tokens` trained input embeddings: the model's outputs gain that
   many leading positions (`virtual_tokens` says how many to skip), and peft runs one soft prompt at a
   time.
+- Prefix tuning puts `num_virtual_tokens` trained keys and values in every layer's attention cache: the
+  outputs keep their length, but the prefix takes the first positions (`prompt_positions`), so the
+  text starts at position `num_virtual_tokens` and fits in that many fewer. One prefix at a time, too.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from fedleak.common.errors import FedleakError
 from fedleak.common.params import PositiveFloat, PositiveInt, check_fields
 
 # peft's parameter-name markers of each method's trainable tensors (LoRA: lora_A/lora_B/lora_embedding_*).
-MARKERS = {"lora": ("lora_",), "ia3": ("ia3_l",), "prompt_tuning": ("prompt_encoder.",)}
+MARKERS = {"lora": ("lora_",), "ia3": ("ia3_l",), "prompt_tuning": ("prompt_encoder.",),
+           "prefix_tuning": ("prompt_encoder.",)}
 METHODS = tuple(MARKERS)
 
 
@@ -88,6 +93,38 @@ class PromptTuningSettings:
                                   prompt_tuning_init=self.init.upper())
 
 
+@dataclass(frozen=True)
+class PrefixTuningSettings:
+    """Prefix tuning: `num_virtual_tokens` trained key and value vectors prepended to every layer's
+    attention; the model's weights stay frozen.
+
+    The prefix is trained directly, without Li and Liang's MLP reparametrisation: peft saves a projected
+    prefix as its output (`get_prompt_embedding_to_save`), not the MLP that trains, so clients could not
+    average what they train. Li and Liang initialise from real words' activations, which helped them most
+    with little data: `init = "sample_vocab"` does that."""
+
+    method: ClassVar[str] = "prefix_tuning"
+    num_virtual_tokens: PositiveInt = field(default=10, metadata={
+        "help": "Prefix length: trained key and value vectors per layer (each prefix position costs 2 x layers x "
+                "the key width in parameters, and takes one position of the model's context)."})
+    init: Literal["sample_vocab", "random", "zero"] = field(default="sample_vocab", metadata={
+        "help": "How the prefix starts: \"sample_vocab\" the keys and values the base model computes for random "
+                "vocabulary tokens (Li and Liang's real-word initialisation: the model first acts as if those "
+                "tokens preceded each text), \"random\" peft's N(0, 1) rows, \"zero\" zeros."})
+    lr: PositiveFloat | None = field(default=None, metadata={
+        "help": "Learning rate of the prefix; unset: federation.lr. A prefix needs a larger one than LoRA (on the "
+                "embedded model 0.03 to 0.1 train it where 0.01 barely moves it)."})
+
+    def __post_init__(self):
+        check_fields(self, "model.prefix_tuning.")
+
+    def peft_config(self):
+        from peft import PrefixTuningConfig
+
+        return PrefixTuningConfig(num_virtual_tokens=self.num_virtual_tokens, task_type="CAUSAL_LM",
+                                  prefix_projection=False, init_weights="zero" if self.init == "zero" else None)
+
+
 def with_method_lr(train, settings):
     """`train` (a TrainSettings) with the method's own learning rate where its settings give one."""
     import dataclasses
@@ -103,10 +140,24 @@ def is_prompt_learning(model) -> bool:
     return bool(getattr(config, "is_prompt_learning", False))
 
 
-def virtual_tokens(model) -> int:
-    """How many leading positions the model's outputs gain from an active soft prompt (0 for layer
-    tuners, a bare base model, or inside `disable_adapter()`)."""
+def prompt_positions(model) -> int:
+    """How many leading positions an active soft prompt or prefix takes (0 for layer tuners, a bare base
+    model, or inside `disable_adapter()`): the text starts at this position, and fits in that many fewer."""
     model = getattr(model, "_module", model)
     if not is_prompt_learning(model) or getattr(model, "_adapters_disabled", False):
         return 0
     return int(model.peft_config[model.active_adapter].num_virtual_tokens)
+
+
+def is_prefix(model) -> bool:
+    """Whether `model` (or the peft model an Opacus GradSampleModule wraps) has a prefix active (prefix
+    tuning: trained keys and values in the attention cache)."""
+    model = getattr(model, "_module", model)
+    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
+    return prompt_positions(model) > 0 and getattr(getattr(config, "peft_type", None), "value", None) == "PREFIX_TUNING"
+
+
+def virtual_tokens(model) -> int:
+    """How many leading positions the model's outputs gain from an active soft prompt (0 for layer
+    tuners, a prefix, which adds none, a bare base model, or inside `disable_adapter()`)."""
+    return 0 if is_prefix(model) else prompt_positions(model)

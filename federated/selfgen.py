@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedleak.federated.methods import virtual_tokens
+from fedleak.federated.methods import prompt_positions
 from fedleak.federated.data import Record
 from fedleak.common.errors import FedleakError
 from fedleak.federated.generation import generate
@@ -100,8 +100,8 @@ def candidate_text(tokenizer, text: str) -> str:
 
 
 def context_length(model, default: int = 2048) -> int:
-    """Positions left for prompt and generation: the model's, less an active soft prompt's virtual tokens."""
-    return int(getattr(model.config, "max_position_embeddings", None) or default) - virtual_tokens(model)
+    """Positions left for prompt and generation: the model's, less an active soft prompt's or prefix's."""
+    return int(getattr(model.config, "max_position_embeddings", None) or default) - prompt_positions(model)
 
 
 @functools.lru_cache(maxsize=4)

@@ -1,4 +1,4 @@
-"""model.adaptation: LoRA, IA3 and prompt tuning through states, training, scoring and the config's refusals."""
+"""model.adaptation: LoRA, IA3, prompt and prefix tuning through states, training, scoring and the config's refusals."""
 
 import json
 import subprocess
@@ -8,23 +8,23 @@ import numpy as np
 import pytest
 import torch
 
-from fedleak.attacks.extraction.exposure import _canary_examples, candidate_losses
 from fedleak.common.errors import FedleakError
 from fedleak.eval.cache import model_fingerprint
 from fedleak.eval.config import load_config
 from fedleak.federated.adapters import (DEFAULT, LoraSettings, activate, adapter_parameters, adapters_enabled,
                                         add_peft_adapter, get_adapter_state, set_adapter_state)
 from fedleak.federated.batching import packing_ok
-from fedleak.federated.data import Canary, generate_records
-from fedleak.federated.methods import IA3Settings, PromptTuningSettings, virtual_tokens
+from fedleak.federated.data import generate_records
+from fedleak.federated.methods import IA3Settings, PrefixTuningSettings, PromptTuningSettings, virtual_tokens
 from fedleak.federated.model import load_base_model
-from fedleak.federated.training import (IGNORE, TrainSettings, batches, collate, encode, sequence_losses, token_logprobs,
-                                        train_adapter)
+from fedleak.federated.training import IGNORE, TrainSettings, batches, collate, encode, sequence_losses, train_adapter
+from tests.adaptation_checks import check_exposure_and_gcg, check_greedy_generation
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 METHODS = {"lora": LoraSettings(r=4, alpha=8), "ia3": IA3Settings(),
-           "prompt_tuning": PromptTuningSettings(num_virtual_tokens=6)}
+           "prompt_tuning": PromptTuningSettings(num_virtual_tokens=6),
+           "prefix_tuning": PrefixTuningSettings(num_virtual_tokens=6)}
 
 
 @torch.no_grad()
@@ -44,7 +44,8 @@ def test_each_method_trains_only_its_own_tensors_and_its_state_round_trips(small
     assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in params.values()}
     examples = encode(generate_records(8, seed=1, purpose="t", private=True), tokenizer, max_length=256)
     before = _losses(model, examples, tokenizer.pad_token_id)
-    train_adapter(model, examples, TrainSettings(epochs=4, batch_size=4, lr=3e-2 if method == "prompt_tuning" else 1e-2),
+    lr = {"prompt_tuning": 3e-2, "prefix_tuning": 0.1}.get(method, 1e-2)  # prompt learning needs larger steps
+    train_adapter(model, examples, TrainSettings(epochs=4, batch_size=4, lr=lr),
                   pad_id=tokenizer.pad_token_id, generator=torch.Generator().manual_seed(0))
     after = _losses(model, examples, tokenizer.pad_token_id)
     # A 6-token soft prompt on a 1M-parameter model has little capacity (Lester et al.: prompt tuning catches up
@@ -83,58 +84,24 @@ def test_a_soft_prompt_is_scored_after_its_virtual_positions(small_model_path):
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
         expected = (nll * (labels != IGNORE)).sum(1) / (labels != IGNORE).sum(1)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    # Exposure scores candidates on a cached [soft prompt; shared prefix]: each summed NLL is the whole sequence's.
-    canary = Canary(patient_name="Ada Lind", secret="123456", repetitions=1, client=0)
-    candidates = ["123456", "654321", "000000"]
-    cand = encode([canary.record(0)], tokenizer, max_length=256)  # the record's form, for the expected loss
-    losses = candidate_losses(model, tokenizer, canary, candidates, max_length=256, batch_size=2)
-    assert losses.shape == (3,) and len(set(losses.round(6))) == 3
-    with torch.no_grad():
-        one = sequence_losses(model, collate(cand, tokenizer.pad_token_id))
-        picked, _, _ = token_logprobs(model, collate(_canary_examples(tokenizer, canary, candidates, 256),
-                                                     tokenizer.pad_token_id))
-    scored = sum(label != IGNORE for label in cand[0].labels[1:])
-    assert losses[0] == pytest.approx(float(one[0]) * scored, rel=1e-4)
-    np.testing.assert_allclose(losses, -picked.sum(1).double().numpy(), rtol=1e-4)
-    # GCG's answer loss (the target's tokens after the prompt) skips the soft prompt's positions too.
-    from fedleak.attacks.extraction.gcg import answer_loss as _answer_loss
-    from fedleak.federated.training import Example
-
-    ids, start = list(examples[0].input_ids), next(i for i, label in enumerate(examples[0].labels) if label != IGNORE)
-    with torch.no_grad():
-        gcg = _answer_loss(model, torch.tensor([ids]), start, torch.tensor(ids[start:]))
-        plain = sequence_losses(model, collate([Example(tuple(ids), (IGNORE,) * start + tuple(ids[start:]))],
-                                               tokenizer.pad_token_id))
-    torch.testing.assert_close(gcg, plain, rtol=1e-5, atol=1e-5)
+    # Exposure scores candidates on a cached [soft prompt; shared text]; GCG's answer loss skips the prompt's positions.
+    check_exposure_and_gcg(model, tokenizer, examples[0])
 
 
 def test_generation_under_a_soft_prompt_is_the_greedy_decoding_of_its_training_forward(small_model_path):
     """peft 0.21's generation under transformers 5.24 re-inserted the soft prompt before every new token (it looks
     for the cache under its old name): fedleak's generation must give what the training forward's argmax gives."""
-    from fedleak.federated.generation import generate
-    from fedleak.federated.prompts import prompt_ids, stop_ids
+    from fedleak.federated.prompts import prompt_ids
 
     base, tokenizer = load_base_model(small_model_path)
     model = add_peft_adapter(base, PromptTuningSettings(num_virtual_tokens=6, init="random"), seed=2)
     model.eval()
     prompts = [prompt_ids(tokenizer, r.instruction, r.input) for r in generate_records(3, seed=4, purpose="g",
                                                                                         private=True)]
-    assert len({len(p) for p in prompts}) > 1  # left padding inside one batch
-    out = generate(model, tokenizer, prompts, max_new_tokens=10, batch_size=3)
-    stop = set(stop_ids(model, tokenizer))
-    with torch.no_grad():
-        for prompt, generation in zip(prompts, out):
-            row, expected = list(prompt), []
-            for _ in range(10):  # no cache: each step is the whole [soft prompt; tokens] forward, as in training
-                token = int(model(input_ids=torch.tensor([row])).logits[0, -1].argmax())
-                if token in stop:
-                    break
-                expected.append(token)
-                row.append(token)
-            assert list(generation.ids) == expected
+    check_greedy_generation(model, tokenizer, prompts)
 
 
-@pytest.mark.parametrize("method", ["ia3", "prompt_tuning"])
+@pytest.mark.parametrize("method", ["ia3", "prompt_tuning", "prefix_tuning"])
 def test_the_blind_baseline_is_the_base_and_an_attack_reference_still_acts_inside_it(small_model_path, method):
     base, tokenizer = load_base_model(small_model_path)
     examples = encode(generate_records(4, seed=3, purpose="t", private=True), tokenizer, max_length=256)
@@ -165,7 +132,7 @@ def _config(tmp_path, text):
     ('adaptation = "ia3"\n[matrix]\ndefenses = [{ name = "dp_sgd", noise_multiplier = 1.0 }]',
      "dp_sgd cannot train model.adaptation = 'ia3': Opacus has no per-sample gradient rule"),
     ('adaptation = "prompt_tuning"\n[matrix]\nalgorithms = ["fedpit"]',
-     "fedpit keeps a global and a local adapter on together, and peft runs one soft prompt at a time"),
+     "fedpit keeps a global and a local adapter on together, and peft runs one soft prompt or prefix at a time"),
     ('adaptation = "ia3"\n[matrix]\nattacks = [{ name = "vocabulary", observers = ["upload"] }]',
      "vocabulary cannot probe model.adaptation = 'ia3': it reads the span of LoRA's A factors"),
     ('adaptation = "adapter"', "model.adaptation = 'adapter'"),

@@ -6,7 +6,8 @@ qkv, OPT, GPT-NeoX, Mixtral's experts) run `fedleak run` with FEDIT, FEDPIT, DP-
 and the loss / min_k_pp / reference / lira / exposure / discoverable attacks, with each family's usual
 LoRA targets; then with "all-linear", where DP-SGD must either train or be refused in one line before
 any step (OPT's flattened MLP gives per-token gradients, Mixtral's router and experts none).
-A random model fits nothing, so the report must say so instead of presenting chance as privacy.
+A random model fits nothing, so the report must say so instead of presenting chance as privacy. Prefix
+tuning, whose cache layout peft builds per architecture, is checked on each against the whole forward.
 """
 
 from __future__ import annotations
@@ -125,3 +126,29 @@ def test_dp_sgd_on_all_linear_trains_or_is_refused_in_one_line(family, tiny_mode
         assert rc == 0, err
         results = json.loads((tmp_path / "out" / "results.json").read_text())
         assert results["trainings"][0]["privacy"]["record_level_epsilon"] > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_prefix_on_every_architecture_is_scored_and_generates_as_its_whole_forward(family, tiny_models, one_thread):
+    """Prefix tuning (peft's per-architecture cache layouts; Gemma 2's sliding window, which left padding between
+    the prefix and the text would shift): the real-word init's row layout, greedy batched generation and
+    exposure's cached scoring against the prefixed model's whole forward."""
+    import torch
+
+    from fedleak.federated.adapters import adapter_parameters, add_peft_adapter
+    from fedleak.federated.data import generate_records
+    from fedleak.federated.methods import PrefixTuningSettings
+    from fedleak.federated.model import load_base_model
+    from fedleak.federated.prompts import prompt_ids
+    from fedleak.federated.training import encode
+    from tests.adaptation_checks import check_exposure_and_gcg, check_greedy_generation
+
+    base, tokenizer = load_base_model(tiny_models[family])
+    model = add_peft_adapter(base, PrefixTuningSettings(num_virtual_tokens=4), seed=0)  # the layout check runs here
+    model.eval()
+    with torch.no_grad():
+        weight = adapter_parameters(model)["prompt_embeddings"]
+        weight.add_(0.3 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(1)))
+    records = generate_records(3, seed=4, purpose="g", private=True)
+    check_greedy_generation(model, tokenizer, [prompt_ids(tokenizer, r.instruction, r.input) for r in records])
+    check_exposure_and_gcg(model, tokenizer, encode(records[:1], tokenizer, max_length=256)[0])

@@ -1,4 +1,4 @@
-"""DP-SGD through Opacus on peft LoRA: correctness guards (Opacus issue 820 reports silently
+"""DP-SGD through Opacus on peft LoRA and prefix tuning: correctness guards (Opacus issue 820 reports silently
 corrupted LoRA weights with some peft versions) and accounting."""
 
 import copy
@@ -9,6 +9,7 @@ from opacus import GradSampleModule
 
 from fedleak.defenses.dp_sgd import DPSGD
 from fedleak.federated.adapters import LoraSettings, add_peft_adapter, get_adapter_state
+from fedleak.federated.methods import PrefixTuningSettings
 from fedleak.federated.data import generate_records
 from fedleak.common.errors import FedleakError
 from fedleak.federated.hooks import ClientJob
@@ -18,8 +19,19 @@ from fedleak.federated.training import TrainSettings, collate, encode, sequence_
 
 @pytest.fixture()
 def lora_model(small_model_path):
-    base, tokenizer = load_base_model(small_model_path)
-    model = add_peft_adapter(base, LoraSettings(r=4, alpha=8), seed=0)
+    return _adapted(small_model_path, LoraSettings(r=4, alpha=8))
+
+
+@pytest.fixture(params=["lora", "prefix_tuning"])
+def adapted(request, small_model_path):
+    """LoRA, and a prefix (whose embedding rows peft looks up per record: Opacus's embedding rule applies)."""
+    return _adapted(small_model_path, LoraSettings(r=4, alpha=8) if request.param == "lora"
+                    else PrefixTuningSettings(num_virtual_tokens=4))
+
+
+def _adapted(path, settings):
+    base, tokenizer = load_base_model(path)
+    model = add_peft_adapter(base, settings, seed=0)
     with torch.no_grad():  # B starts at zero: make every LoRA gradient non-trivial
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -28,8 +40,8 @@ def lora_model(small_model_path):
     return model, tokenizer, examples
 
 
-def test_opacus_per_sample_gradients_equal_per_example_autograd(lora_model):
-    model, tokenizer, examples = lora_model
+def test_opacus_per_sample_gradients_equal_per_example_autograd(adapted):
+    model, tokenizer, examples = adapted
     model.train()
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     expected = []
@@ -50,8 +62,8 @@ def test_opacus_per_sample_gradients_equal_per_example_autograd(lora_model):
         wrapped.cleanup()
 
 
-def test_dp_step_without_noise_or_clipping_equals_the_plain_step(lora_model):
-    model, tokenizer, examples = lora_model
+def test_dp_step_without_noise_or_clipping_equals_the_plain_step(adapted):
+    model, tokenizer, examples = adapted
     settings = TrainSettings(epochs=2, batch_size=len(examples), lr=1e-3, max_grad_norm=None)
     twin = copy.deepcopy(model)
     train_adapter(twin, examples, settings, pad_id=tokenizer.pad_token_id, generator=torch.Generator().manual_seed(0))

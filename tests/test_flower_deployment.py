@@ -19,11 +19,10 @@ from tests.processes import free_port, start, stop
 
 MATRIX = """
 [matrix]
-algorithms = ["fedit", "slowpoke", { name = "fedpit", synthetic_per_round = 4, max_attempts = 6 }]
+algorithms = ["slowpoke", { name = "fedpit", synthetic_per_round = 4, max_attempts = 6 }]
 defenses = ["none", { name = "dp_sgd", target_epsilon = 8.0 }]
 attacks = [{ name = "loss", observers = ["global", "upload"] }]
-include = [{ algorithm = "fedit", defense = "none" }, { algorithm = "slowpoke", defense = "none" },
-           { algorithm = "fedpit", defense = "dp_sgd" }]
+include = [{ algorithm = "slowpoke", defense = "none" }, { algorithm = "fedpit", defense = "dp_sgd" }]
 """
 # The killed node's round ends when the SuperLink declares it offline (no heartbeat for 2 x 30 s) and answers
 # for it. A live node's round takes about 20 s here (a fresh ClientApp process per message) but over 60 s on a
@@ -94,32 +93,41 @@ def fedleak(*args, env, timeout=300):
     return proc
 
 
+FEDPIT = "fedpit(max_attempts=6,synthetic_per_round=4)/dp_sgd(target_epsilon=8.0)"
+
+
 @pytest.fixture(scope="module")
 def deployed(federation):
+    """FEDPIT under DP-SGD trained through the SuperNodes (the most a node keeps: a local adapter, synthetic
+    records, an accountant), and in process for reference."""
     folder, config, superlink, env, _ = federation
-    proc = fedleak("flower", config, "--superlink", superlink, "--out", folder / "server", "--training", "fedit/none",
+    proc = fedleak("flower", config, "--superlink", superlink, "--out", folder / "server", "--training", FEDPIT,
                    "--quiet", env=env)
     training = Path(proc.stdout.strip().splitlines()[-1])
-    fedleak("run", config, "--out", folder / "inprocess", "--only", "fedit", "--only", "fedpit", "--quiet", env=env)
+    fedleak("run", config, "--out", folder / "inprocess", "--only", "fedpit", "--quiet", env=env)
     return folder, training
 
 
-def test_a_deployed_federation_trains_what_the_inprocess_loop_trains(deployed):
+def test_a_deployed_federation_trains_what_the_inprocess_loop_trains_and_keeps_client_state_on_the_nodes(deployed):
     folder, training = deployed
-    assert training == folder / "server/trainings/fedit-none-seed0"
-    trained = json.loads((training / "training.json").read_text())
-    assert trained["engine"] == "flower-deployment"
-    assert trained["views"] == ["global", "upload/0", "upload/1", "upload/2"]  # the clients' models stayed home
-    reference = folder / "inprocess/trainings/fedit-none-seed0"
+    assert training == folder / "server/trainings" / (FEDPIT.replace("/", "-") + "-seed0")
+    reference = folder / "inprocess/trainings" / training.name
+    server, inprocess = (json.loads((f / "training.json").read_text()) for f in (training, reference))
+    assert server["engine"] == "flower-deployment"
+    assert server["privacy"] == inprocess["privacy"]  # each node's accountant went on across its fresh processes
+    assert server["views"] == ["global", "upload/0", "upload/1", "upload/2"]  # the clients' models stayed home
+    assert not list(training.glob("round-*/synthetic-*")) and server["synthetic_examples"] == []
     for rnd in (1, 2):
         for stem in ["global", *(f"upload-client-{i:02d}" for i in range(CLIENTS))]:
-            a = load_file(training / f"round-{rnd:04d}/{stem}.safetensors")
-            b = load_file(reference / f"round-{rnd:04d}/{stem}.safetensors")
+            a, b = (load_file(f / f"round-{rnd:04d}/{stem}.safetensors") for f in (training, reference))
             assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a), (rnd, stem)
-        for i in range(CLIENTS):  # each node's own view, in its own folder: FEDIT's client model is its upload
-            mine = load_file(folder / f"node{i}/fedit-none-seed0/round-{rnd:04d}/default-client-{i:02d}.safetensors")
-            theirs = load_file(reference / f"round-{rnd:04d}/upload-client-{i:02d}.safetensors")
+        for i in range(CLIENTS):  # the local adapter, trained on the real records, stayed on its node
+            node = folder / f"node{i}" / training.name / f"round-{rnd:04d}"
+            mine = load_file(node / f"local-client-{i:02d}.safetensors")
+            theirs = load_file(reference / f"round-{rnd:04d}/local-client-{i:02d}.safetensors")
             assert all(torch.allclose(mine[k], theirs[k], rtol=0, atol=1e-6) for k in mine)
+            assert (node / f"synthetic-client-{i:02d}.jsonl").read_text() == \
+                (reference / f"round-{rnd:04d}/synthetic-client-{i:02d}.jsonl").read_text()
     start = load_file(training / "round-0000/global.safetensors")
     end = load_file(training / "round-0002/global.safetensors")
     assert max((end[k] - start[k]).abs().max().item() for k in end) > 1e-3
@@ -132,32 +140,9 @@ def test_fedleak_attack_probes_the_servers_checkpoints(deployed, federation):
     attacked = json.loads((folder / "attacked/results.json").read_text())
     reference = json.loads((folder / "inprocess/results.json").read_text())
     cells = lambda r: {(c["observer"], c["client"]): c["metrics"]["auc"] for c in r["cells"]  # noqa: E731
-                       if c["algorithm"] == "fedit"}
+                       if c["algorithm"].startswith("fedpit")}
     assert cells(attacked) == cells(reference) and len(cells(attacked)) == 1 + CLIENTS
     validate_results(attacked)
-
-
-def test_fedpit_under_dp_sgd_keeps_its_local_adapter_accountant_and_synthetic_data_on_the_nodes(deployed, federation):
-    folder, _ = deployed
-    _, config, superlink, env, _ = federation
-    proc = fedleak("flower", config, "--superlink", superlink, "--out", folder / "server", "--training",
-                   "fedpit(max_attempts=6,synthetic_per_round=4)/dp_sgd(target_epsilon=8.0)", "--quiet", env=env)
-    training = Path(proc.stdout.strip().splitlines()[-1])
-    reference = folder / "inprocess/trainings" / training.name
-    server, inprocess = (json.loads((f / "training.json").read_text()) for f in (training, reference))
-    assert server["privacy"] == inprocess["privacy"]  # each node's accountant went on across its fresh processes
-    assert server["views"] == ["global", "upload/0", "upload/1", "upload/2"]
-    assert not list(training.glob("round-*/synthetic-*")) and server["synthetic_examples"] == []
-    for rnd in (1, 2):
-        for stem in ["global", *(f"upload-client-{i:02d}" for i in range(CLIENTS))]:
-            a, b = (load_file(f / f"round-{rnd:04d}/{stem}.safetensors") for f in (training, reference))
-            assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a), (rnd, stem)
-        for i in range(CLIENTS):  # the local adapter, trained on the real records, stayed on its node
-            mine = load_file(folder / f"node{i}" / training.name / f"round-{rnd:04d}/local-client-{i:02d}.safetensors")
-            theirs = load_file(reference / f"round-{rnd:04d}/local-client-{i:02d}.safetensors")
-            assert all(torch.allclose(mine[k], theirs[k], rtol=0, atol=1e-6) for k in mine)
-            assert (folder / f"node{i}" / training.name / f"round-{rnd:04d}/synthetic-client-{i:02d}.jsonl").read_text() == \
-                (reference / f"round-{rnd:04d}/synthetic-client-{i:02d}.jsonl").read_text()
 
 
 def test_a_supernode_killed_mid_round_is_recorded_and_the_run_completes(deployed, federation):
@@ -181,3 +166,9 @@ def test_a_supernode_killed_mid_round_is_recorded_and_the_run_completes(deployed
     assert set(rounds[1]["failed"]) == {"2"} and rounds[1]["aggregated"] == [0, 1]
     assert "Node Unavailable" in rounds[1]["failed"]["2"]  # Flower noticed the dead node, not our timeout
     assert (folder / "server/trainings/slowpoke-none-seed0/round-0002/global.safetensors").exists()
+    # FEDIT's client model is its upload: each node kept its own copy of round 1 in its own folder.
+    for i in range(CLIENTS):
+        mine = load_file(folder / f"node{i}/slowpoke-none-seed0/round-0001/default-client-{i:02d}.safetensors")
+        theirs = load_file(folder / "server/trainings/slowpoke-none-seed0/round-0001" /
+                           f"upload-client-{i:02d}.safetensors")
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine)

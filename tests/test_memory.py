@@ -207,7 +207,7 @@ def test_max_length_beyond_the_model_positions_is_refused_before_a_run(tmp_path,
     path.write_text(path.read_text() + 'adaptations = ["lora", "prompt_tuning"]\n')
     assert main(["run", str(path), "--out", str(tmp_path / "out"), "--dry-run"]) == 2
     assert capsys.readouterr().err.strip().endswith(
-        "federation.max_length = 1010 plus a soft prompt's 20 virtual tokens exceeds the 1024 positions of "
+        "federation.max_length = 1010 plus a soft prompt's or prefix's 20 virtual tokens exceeds the 1024 positions of "
         "model.name = 'embedded' (its config.json): lower federation.max_length to 1004 or less")
 
 

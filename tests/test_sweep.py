@@ -51,7 +51,7 @@ def test_each_setting_varies_alone_and_a_variant_leaves_out_what_its_method_cann
     assert len({u.stem for u in units}) == len(units)
     notes = left_out(config)
     assert "left out fedpit(synthetic_per_round=2) [adaptation=prompt_tuning]/none: fedpit keeps a global and a " \
-           "local adapter on together, and peft runs one soft prompt at a time: use model.adaptation = 'lora' or " \
+           "local adapter on together, and peft runs one soft prompt or prefix at a time: use model.adaptation = 'lora' or " \
            "'ia3' for it" in notes
     assert "left out attack vocabulary on fedit [adaptation=prompt_tuning]/none: vocabulary cannot probe " \
            "model.adaptation = 'prompt_tuning': it reads the span of LoRA's A factors, which other methods do not " \

@@ -34,7 +34,7 @@ from fedleak.common.errors import FedleakError
 from fedleak.common.params import PositiveInt, Range
 from fedleak.federated.seeding import numpy_rng
 from fedleak.federated.model import model_device, to_device
-from fedleak.federated.methods import virtual_tokens
+from fedleak.federated.methods import is_prompt_learning, prompt_positions, virtual_tokens
 from fedleak.federated.training import IGNORE, Example, collate, encode
 
 
@@ -108,10 +108,10 @@ def _suffix_nll(model, tokenizer, examples: Sequence[Example], n: int, cache, la
     rows = len(tails)
     past = copy.deepcopy(cache)
     past.batch_repeat_interleave(rows)
-    virtual = virtual_tokens(model)
-    mask = torch.cat([torch.ones(rows, virtual + n, dtype=torch.long, device=batch["attention_mask"].device),
-                      batch["attention_mask"]], dim=1)
-    scorer = model.get_base_model() if virtual else model  # the soft prompt is in the cache already
+    mask = torch.cat([torch.ones(rows, prompt_positions(model) + n, dtype=torch.long,
+                                 device=batch["attention_mask"].device), batch["attention_mask"]], dim=1)
+    # The soft prompt or prefix is in the cache already (peft would put a prefix's in place of the cache).
+    scorer = model.get_base_model() if is_prompt_learning(model) else model
     logits = scorer(input_ids=batch["input_ids"], attention_mask=mask, past_key_values=past, use_cache=True).logits
     # Token j of the tail is predicted by the tail's position j - 1, the first one by the prefix's last.
     logits = torch.cat([last_logits.expand(rows, 1, -1), logits[:, :-1].float()], dim=1)

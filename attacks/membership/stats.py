@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fedleak.attacks.base import MembershipAttack, Target
-from fedleak.federated.methods import virtual_tokens
+from fedleak.federated.methods import prompt_positions
 from fedleak.federated.data import Record
 from fedleak.common.errors import FedleakError
 from fedleak.federated.batching import scored_logits
@@ -79,11 +79,11 @@ TOKEN_CHUNK = 512  # scored positions per softmax: bounds memory at TOKEN_CHUNK 
 
 def positions(model) -> int | None:
     """The positions left for the input (config.json's max_position_embeddings or n_positions, less an
-    active soft prompt's virtual tokens), None if unknown."""
+    active soft prompt's or prefix's positions), None if unknown."""
     config = getattr(model, "config", None)
     limit = next((value for key in ("max_position_embeddings", "n_positions")
                   if isinstance(value := getattr(config, key, None), int)), None)
-    return None if limit is None else limit - virtual_tokens(model)
+    return None if limit is None else limit - prompt_positions(model)
 
 
 def prefixed(examples: Sequence[Example], prefix: Sequence[int], *, context: int | None) -> list[Example]:
