@@ -297,6 +297,14 @@ def _check_combinations(config: RunConfig, where: str, *, methods: bool = True) 
                 field_name, problem = found
                 raise FedleakError(f"{where}: matrix.{field_name}[{i if field_name == 'algorithms' else j}]: {problem}")
     settings_of(config, f"{where}: matrix.sweep")  # each swept value parsed with the whole config
+    if config.model.gradient_checkpointing and "prefix_tuning" in {
+            config.model.adaptation, *config.matrix.adaptations,
+            *(v for path, values in config.matrix.sweep if path == "model.adaptation" for v in values)}:
+        # transformers drops the cache in checkpointed layers while training, and a prefix lives in the cache
+        raise FedleakError(f"{where}: model.adaptation = 'prefix_tuning' cannot train with model.gradient_checkpointing "
+                           f"= true (transformers drops the key/value cache, which holds the prefix, in checkpointed "
+                           f"layers): set it to false and lower federation.batch_size or federation.max_length if "
+                           f"memory is short")
     _check_rule_names(config, where, settings=methods)
     known = [CLEAN, *(s.name for s in config.matrix.scenarios)]
     for i, spec in enumerate(config.matrix.attacks):

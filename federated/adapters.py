@@ -96,8 +96,9 @@ def add_peft_adapter(base_model, settings: AdapterSettings, *, seed: int):
 def _init_prefix(model, adapter: str, settings: AdapterSettings) -> None:
     """A prefix initialised from real words' activations (Li and Liang 2021's initialisation): the keys and
     values the base model computes for random vocabulary tokens (the model's BOS first, where it has one),
-    so the prefixed model first acts as if those tokens preceded each text. Draws from torch's global
-    generator (seeded by the caller). A no-op for other methods and inits."""
+    so the prefixed model first acts as if those tokens preceded each text. Any embedding row may be drawn
+    (no tokenizer here to rule out special or reserved ones). Draws from torch's global generator (seeded by
+    the caller). A no-op for other methods and inits."""
     if getattr(settings, "method", None) != "prefix_tuning" or settings.init != "sample_vocab":
         return
     base = model.get_base_model()

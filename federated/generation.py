@@ -20,9 +20,9 @@ Under a prefix (prefix tuning) peft's generation path fails the same way (it wou
 whole cache before every new token), so the base model's `generate` gets the prefix as its starting cache,
 with as many placeholder tokens (the padding's stop token) in front of the prompt as the prefix has positions:
 transformers takes a cache's length from the tokens before it. The repetition penalty skips them with the
-padding. On an architecture with sliding-window attention (Gemma 2, Mistral's older releases) a batch under a
-soft prompt or prefix holds prompts of one length only: left padding would push the prompt out of the window
-sooner than training's right padding does.
+padding. On an architecture with sliding-window attention (Gemma 2, Mistral's older releases) every batch under
+a soft prompt or prefix, greedy or sampled, holds prompts of one length only: left padding would push the prompt
+out of the window sooner than training's right padding does.
 
 Sampling calls (`do_sample=True`: FEDPIT's self-generation, `generate_rank`) keep the caller's order
 and batches: the i-th random draws of a batch go to the same prompts as before this module grouped
@@ -89,11 +89,11 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_toke
         groups = [list(range(s, min(s + batch_size, len(prompts)))) for s in range(0, len(prompts), batch_size)]
     else:
         groups = length_batches([len(p) for p in prompts], batch_size)
-        if prompt_positions(model) and getattr(model.get_base_model().config, "sliding_window", None):
-            # Left padding would sit between the prompt (soft or prefix) and the text and push the prompt out of a
-            # sliding window sooner than in training (padded on the right): no padding there.
-            groups = [[i for i in group if len(prompts[i]) == n] for group in groups
-                      for n in sorted({len(prompts[i]) for i in group})]
+    if prompt_positions(model) and getattr(model.get_base_model().config, "sliding_window", None):
+        # Left padding would sit between the prompt (soft or prefix) and the text and push the prompt out of a
+        # sliding window sooner than in training (padded on the right): no padding there.
+        groups = [[i for i in group if len(prompts[i]) == n] for group in groups
+                  for n in sorted({len(prompts[i]) for i in group})]
     model.eval()
     device = model_device(model)
     out: list[Generation | None] = [None] * len(prompts)
@@ -127,6 +127,7 @@ def _prefixed_generate(model, ids: torch.Tensor, mask: torch.Tensor, options: di
     mask = torch.cat([torch.ones((rows, positions), dtype=mask.dtype, device=mask.device), mask], dim=1)
     options = dict(options)
     penalty = options.pop("repetition_penalty", 1.0)
+    options["repetition_penalty"] = 1.0  # the model's generation_config.json would else apply its own over everything
     processors = LogitsProcessorList()
     if penalty != 1.0:
         processors.append(RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=positions + padding))

@@ -134,7 +134,8 @@ def with_method_lr(train, settings):
 
 
 def is_prompt_learning(model) -> bool:
-    """Whether `model` (or the peft model an Opacus GradSampleModule wraps) has a soft prompt active."""
+    """Whether `model` (or the peft model an Opacus GradSampleModule wraps) has a soft prompt or a prefix
+    active (peft's prompt-learning methods)."""
     model = getattr(model, "_module", model)
     config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
     return bool(getattr(config, "is_prompt_learning", False))

@@ -1,5 +1,6 @@
 """Checks shared by the soft-prompt and prefix tests: fedleak's cached or batched paths (exposure's cached shared
-text, GCG's answer loss, greedy generation) against the adapted model's whole forward."""
+text, GCG's answer loss, greedy generation) against the adapted model's whole forward, and a prefix's
+initialisation against its definition."""
 
 import numpy as np
 import pytest
@@ -55,3 +56,31 @@ def check_greedy_generation(model, tokenizer, prompts, *, max_new_tokens: int = 
                 row.append(token)
             assert list(generation.ids) == expected
     return out
+
+
+def check_prefix_init(model, tokenizer, settings) -> None:
+    """init = "sample_vocab": the prefixed model's logits on a text are the base model's on [the sampled tokens;
+    the text] at the text's positions (the model's BOS first, where it has one, then random vocabulary tokens);
+    the prefix's size is what the memory estimate counts."""
+    from transformers import AutoConfig
+
+    from fedleak.eval.memory import shape_of
+    from fedleak.federated.adapters import DEFAULT, _init_prefix, adapter_parameters
+
+    base, count = model.get_base_model(), settings.num_virtual_tokens
+    torch.manual_seed(11)
+    _init_prefix(model, DEFAULT, settings)
+    torch.manual_seed(11)
+    sampled = torch.randint(0, base.get_input_embeddings().num_embeddings, (1, count))
+    if isinstance(base.config.bos_token_id, int):
+        sampled[0, 0] = base.config.bos_token_id
+    text = torch.tensor([tokenizer("Patient Ada Lind reports a cough since Monday.")["input_ids"]])
+    with torch.no_grad():
+        got = model(input_ids=text).logits
+        with model.disable_adapter():
+            bare = model(input_ids=text).logits
+            expected = model(input_ids=torch.cat([sampled, text], dim=1)).logits[:, count:]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert (got - bare).abs().max() > 1e-3  # the prefix acts
+    shape = shape_of(AutoConfig.from_pretrained(base.config._name_or_path))
+    assert adapter_parameters(model)["prompt_embeddings"].numel() == shape.adapter_params(settings)[0]

@@ -1,8 +1,6 @@
 """model.adaptation: LoRA, IA3, prompt and prefix tuning through states, training, scoring and the config's refusals."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -171,11 +169,10 @@ attacks = [{ name = "loss", observers = ["global", "upload", "client"] }, "expos
            { name = "update_gradient", observers = ["upload"] }]
 """)
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "fedleak", "run", str(tmp_path / "run.toml"), "--out", str(out),
-                           "--quiet"], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert subprocess.run([sys.executable, "-m", "fedleak", "validate", str(out / "results.json")],
-                          capture_output=True, text=True, timeout=120).returncode == 0
+    from fedleak.cli import main
+
+    assert main(["run", str(tmp_path / "run.toml"), "--out", str(out), "--quiet"]) == 0  # in process: no new imports
+    assert main(["validate", str(out / "results.json")]) == 0
     results = json.loads((out / "results.json").read_text())
     assert {t["defense"] for t in results["trainings"] if t["algorithm"] == "fedit"} == {
         "none", "dp_fedavg(clip_norm=1.0,noise_multiplier=0.5)"}

@@ -131,8 +131,9 @@ def test_dp_sgd_on_all_linear_trains_or_is_refused_in_one_line(family, tiny_mode
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_prefix_on_every_architecture_is_scored_and_generates_as_its_whole_forward(family, tiny_models, one_thread):
     """Prefix tuning (peft's per-architecture cache layouts; Gemma 2's sliding window, which left padding between
-    the prefix and the text would shift): the real-word init's row layout, greedy batched generation and
-    exposure's cached scoring against the prefixed model's whole forward."""
+    the prefix and the text would shift): the real-word init against its definition and its size against the
+    memory estimate, greedy batched generation and exposure's cached scoring against the prefixed model's whole
+    forward."""
     import torch
 
     from fedleak.federated.adapters import adapter_parameters, add_peft_adapter
@@ -141,11 +142,13 @@ def test_a_prefix_on_every_architecture_is_scored_and_generates_as_its_whole_for
     from fedleak.federated.model import load_base_model
     from fedleak.federated.prompts import prompt_ids
     from fedleak.federated.training import encode
-    from tests.adaptation_checks import check_exposure_and_gcg, check_greedy_generation
+    from tests.adaptation_checks import check_exposure_and_gcg, check_greedy_generation, check_prefix_init
 
     base, tokenizer = load_base_model(tiny_models[family])
-    model = add_peft_adapter(base, PrefixTuningSettings(num_virtual_tokens=4), seed=0)  # the layout check runs here
+    settings = PrefixTuningSettings(num_virtual_tokens=4)
+    model = add_peft_adapter(base, settings, seed=0)
     model.eval()
+    check_prefix_init(model, tokenizer, settings)  # peft's row layout per architecture, GQA's narrower keys
     with torch.no_grad():
         weight = adapter_parameters(model)["prompt_embeddings"]
         weight.add_(0.3 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(1)))

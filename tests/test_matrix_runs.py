@@ -46,6 +46,19 @@ def fedleak(*args, env, check=True):
     return proc
 
 
+def cli(capsys, *args):
+    """`fedleak ARGS` in this process: the same `main` the command runs, without a new interpreter's ~12 s of
+    imports (the tests that need a process of their own, a kill or a lock held by this one, use `fedleak`)."""
+    from types import SimpleNamespace
+
+    from fedleak.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+
+
 def without_timings(obj):
     if isinstance(obj, dict):
         return {k: without_timings(v) for k, v in obj.items() if k not in TIMING_KEYS}
@@ -97,8 +110,8 @@ def test_results_follow_the_schema_with_seeds_and_costs(reference):
         validate_results(bad)
 
 
-def test_fedleak_validate_accepts_a_run_and_refuses_a_broken_results_file(reference, env, tmp_path):
-    ok = fedleak("validate", reference, env=env)
+def test_fedleak_validate_accepts_a_run_and_refuses_a_broken_results_file(reference, capsys, tmp_path):
+    ok = cli(capsys, "validate", reference)
     assert f"{reference}: valid fedleak-results/" in ok.stdout
     bad = results_of(reference)
     bad["cells"][0]["observer"] = "spy"
@@ -106,7 +119,7 @@ def test_fedleak_validate_accepts_a_run_and_refuses_a_broken_results_file(refere
     (tmp_path / "broken.json").write_text('{"schema": ')
     for path, why in ((tmp_path / "results.json", "observer"), (tmp_path / "broken.json", "not JSON"),
                       (tmp_path / "missing.json", "not found")):
-        proc = fedleak("validate", path, env=env, check=False)
+        proc = cli(capsys, "validate", path)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
         assert str(path) in proc.stderr and why in proc.stderr and "Traceback" not in proc.stderr
 
@@ -157,37 +170,41 @@ def test_a_new_attack_runs_alone_and_jobs_2_gives_the_same_numbers(reference, co
     assert without_timings(results_of(parallel)) == without_timings(old)
 
 
-def test_dry_run_and_only(reference, config_path, env):
-    dry = fedleak("run", config_path, "--out", reference, "--dry-run", env=env).stdout
+def test_dry_run_and_only(reference, config_path, capsys):
+    dry = cli(capsys, "run", config_path, "--out", reference, "--dry-run").stdout
     assert "training fedit/median seed 1: cached" in dry and "6 trainings (0 to train" in dry
     assert "(0 to run)" in dry
-    only = fedleak("run", config_path, "--out", reference.parent / "nothing", "--dry-run", "--only", "median",
-                   env=env).stdout
+    only = cli(capsys, "run", config_path, "--out", reference.parent / "nothing", "--dry-run", "--only",
+               "median").stdout
     assert [line.split(":")[0] for line in only.splitlines() if line.startswith("training")] == [
         "training fedit/median seed 0", "training fedit/median seed 1"]
     assert "2 trainings (2 to train" in only and not (reference.parent / "nothing").exists()
-    zlib = fedleak("run", config_path, "--out", reference, "--dry-run", "--only", "fedit/none/clean/zlib", env=env).stdout
+    zlib = cli(capsys, "run", config_path, "--out", reference, "--dry-run", "--only", "fedit/none/clean/zlib").stdout
     assert "attack zlib" in zlib and "attack loss" not in zlib and "seed 1" in zlib
-    bad = fedleak("run", config_path, "--out", reference, "--dry-run", "--only", "medain", env=env, check=False)
+    bad = cli(capsys, "run", config_path, "--out", reference, "--dry-run", "--only", "medain")
     assert bad.returncode == 2 and "did you mean 'median'" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_only_runs_a_subset(config_path, env, tmp_path):
-    fedleak("run", config_path, "--out", tmp_path, "--quiet", "--only", "locit", env=env)
+def test_only_runs_a_subset(config_path, capsys, one_thread, tmp_path):
+    assert cli(capsys, "run", config_path, "--out", tmp_path, "--quiet", "--only", "locit").returncode == 0
     results = results_of(tmp_path)
     assert {t["algorithm"] for t in results["trainings"]} == {"locit"} and results["only"] == ["locit"]
     assert results["cells"] and {c["algorithm"] for c in results["cells"]} == {"locit"}
+    # LOCIT has no global model: its clients' views only, and utility per client
+    assert {c["observer"] for c in results["cells"]} == {"client"}
+    assert all("global" not in t["utility"] and t["utility"]["clients"] for t in results["trainings"])
 
 
-def test_train_then_attack_its_checkpoints_and_a_foreign_copy(reference, config_path, env, tmp_path):
+def test_train_then_attack_its_checkpoints_and_a_foreign_copy(reference, config_path, capsys, one_thread,
+                                                              tmp_path):
     out = tmp_path / "trained"
-    printed = fedleak("train", config_path, "--out", out, "--defense", "none", "--seed", "1", "--quiet",
-                      env=env).stdout.strip()
+    printed = cli(capsys, "train", config_path, "--out", out, "--defense", "none", "--seed", "1",
+                  "--quiet").stdout.strip()
     training = Path(printed)
     assert training == out / "trainings" / "fedit-none-seed1" and (training / "training.json").exists()
     ref_cells = [c for c in results_of(reference)["cells"]
                  if (c["algorithm"], c["defense"], c["seed"]) == ("fedit", "none", 1)]
-    attacked = fedleak("attack", training, "--config", config_path, "--out", tmp_path / "a", "--quiet", env=env)
+    attacked = cli(capsys, "attack", training, "--config", config_path, "--out", tmp_path / "a", "--quiet")
     assert attacked.returncode == 0
     cells = results_of(tmp_path / "a")["cells"]
     validate_results(results_of(tmp_path / "a"))
@@ -198,21 +215,21 @@ def test_train_then_attack_its_checkpoints_and_a_foreign_copy(reference, config_
     foreign = tmp_path / "foreign"
     for folder in training.glob("round-*"):
         shutil.copytree(folder, foreign / folder.name)
-    fedleak("attack", foreign, "--config", config_path, "--algorithm", "fedit", "--seed", "1", "--out",
-            tmp_path / "b", "--quiet", env=env)
+    assert cli(capsys, "attack", foreign, "--config", config_path, "--algorithm", "fedit", "--seed", "1", "--out",
+               tmp_path / "b", "--quiet").returncode == 0
     metrics = {(c["attack"], c["observer"], c["client"]): c["metrics"] for c in results_of(tmp_path / "b")["cells"]}
     assert metrics == {(c["attack"], c["observer"], c["client"]): c["metrics"] for c in ref_cells}
     assert (tmp_path / "b" / "report.html").exists()
     # Another seed says other clients trained on other records: nothing cached under the first is reused.
-    fedleak("attack", foreign, "--config", config_path, "--algorithm", "fedit", "--seed", "0", "--out",
-            tmp_path / "b", "--quiet", env=env)
+    assert cli(capsys, "attack", foreign, "--config", config_path, "--algorithm", "fedit", "--seed", "0", "--out",
+               tmp_path / "b", "--quiet").returncode == 0
     reseeded = results_of(tmp_path / "b")["cells"]
     assert {c["seed"] for c in reseeded} == {0} and [c["metrics"] for c in reseeded] != [c["metrics"] for c in ref_cells]
-    missing = fedleak("attack", tmp_path, "--config", config_path, env=env, check=False)
+    missing = cli(capsys, "attack", tmp_path, "--config", config_path)
     assert missing.returncode == 2 and "no round-XXXX/manifest.json" in missing.stderr
 
 
-def test_one_process_per_output_folder_and_clear_train_errors(config_path, env, tmp_path):
+def test_one_process_per_output_folder_and_clear_train_errors(config_path, env, capsys, tmp_path):
     from fedleak.eval.cache import run_lock
 
     out = tmp_path / "busy"
@@ -220,10 +237,10 @@ def test_one_process_per_output_folder_and_clear_train_errors(config_path, env, 
         busy = fedleak("run", config_path, "--out", out, "--quiet", env=env, check=False)
     assert busy.returncode == 2 and "another fedleak process" in busy.stderr and "Traceback" not in busy.stderr
     assert not (out / "trainings").exists()
-    bad = fedleak("train", config_path, "--out", tmp_path / "t", "--algorithm", "locit", "--defense", "median",
-                  env=env, check=False)
+    bad = cli(capsys, "train", config_path, "--out", tmp_path / "t", "--algorithm", "locit", "--defense",
+              "median")
     assert bad.returncode == 2 and "locit is not federated" in bad.stderr and not (tmp_path / "t").exists()
-    typo = fedleak("train", config_path, "--out", tmp_path / "t", "--defense", "mediam", env=env, check=False)
+    typo = cli(capsys, "train", config_path, "--out", tmp_path / "t", "--defense", "mediam")
     assert typo.returncode == 2 and "did you mean 'median'" in typo.stderr
 
 

@@ -2,8 +2,6 @@
 and generation against the prefixed model's whole forward, the config's checks, and one federation end to end."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,13 +9,13 @@ import torch
 
 from fedleak.common.errors import FedleakError
 from fedleak.eval.config import load_config
-from fedleak.federated.adapters import DEFAULT, _init_prefix, add_peft_adapter, adapter_parameters
+from fedleak.federated.adapters import add_peft_adapter, adapter_parameters
 from fedleak.federated.batching import packing_ok
 from fedleak.federated.data import generate_records
 from fedleak.federated.methods import PrefixTuningSettings, is_prefix, prompt_positions, virtual_tokens
 from fedleak.federated.model import load_base_model
 from fedleak.federated.training import IGNORE, collate, encode, sequence_losses, token_logprobs
-from tests.adaptation_checks import check_exposure_and_gcg, check_greedy_generation
+from tests.adaptation_checks import check_exposure_and_gcg, check_greedy_generation, check_prefix_init
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 P = 5  # prefix positions
@@ -32,28 +30,11 @@ def prefixed(small_model_path):
 
 
 def test_the_prefix_starts_as_the_base_models_keys_and_values_of_real_tokens(prefixed):
-    """init = "sample_vocab": the prefixed model's logits on a text are the base model's on [the sampled tokens;
-    the text], at the text's positions (the model's BOS first, then random vocabulary tokens)."""
+    """init = "sample_vocab" against its definition (tests/adaptation_checks.py); the text starts at position P."""
     model, tokenizer = prefixed
     assert is_prefix(model) and prompt_positions(model) == P and virtual_tokens(model) == 0
     assert not packing_ok(model, pad_id=tokenizer.pad_token_id)  # the text starts at position P, not 0
-    settings = PrefixTuningSettings(num_virtual_tokens=P)
-    base = model.get_base_model()
-    torch.manual_seed(11)
-    _init_prefix(model, DEFAULT, settings)
-    torch.manual_seed(11)
-    sampled = torch.randint(0, base.get_input_embeddings().num_embeddings, (1, P))
-    sampled[0, 0] = base.config.bos_token_id
-    text = torch.tensor([tokenizer("Patient Ada Lind reports a cough since Monday.")["input_ids"]])
-    with torch.no_grad():
-        got = model(input_ids=text).logits
-        with model.disable_adapter():
-            bare = model(input_ids=text).logits
-            expected = model(input_ids=torch.cat([sampled, text], dim=1)).logits[:, P:]
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-    assert (got - bare).abs().max() > 0.1  # the prefix acts
-    assert adapter_parameters(model)["prompt_embeddings"].shape == (P, 2 * base.config.num_hidden_layers
-                                                                    * base.config.hidden_size)
+    check_prefix_init(model, tokenizer, PrefixTuningSettings(num_virtual_tokens=P))
 
 
 def _perturbed(model):
@@ -120,16 +101,13 @@ def test_the_config_refuses_what_prefix_tuning_cannot_do(tmp_path, body, expecte
     assert "\n" not in str(info.value)
 
 
-def test_dp_sgd_and_the_memory_estimate_take_a_prefix(tmp_path, small_model_path):
-    from fedleak.eval.memory import shape_of
-
+def test_dp_sgd_takes_a_prefix_and_gradient_checkpointing_is_refused(tmp_path):
     config = _config(tmp_path, '[model]\nadaptation = "prefix_tuning"\n[matrix]\n'
                                'defenses = [{ name = "dp_sgd", noise_multiplier = 1.0 }]\n')
     assert config.model.adapter == PrefixTuningSettings()
-    from transformers import AutoConfig
-
-    shape = shape_of(AutoConfig.from_pretrained(small_model_path))
-    assert shape.adapter_params(PrefixTuningSettings(num_virtual_tokens=7))[0] == 7 * 2 * shape.layers * shape.kv_dim
+    with pytest.raises(FedleakError, match="model.adaptation = 'prefix_tuning' cannot train with "
+                                           "model.gradient_checkpointing = true"):
+        _config(tmp_path, '[model]\ngradient_checkpointing = true\n[matrix]\nadaptations = ["lora", "prefix_tuning"]\n')
 
 
 def test_a_prefix_federation_end_to_end(tmp_path, tiny_run_config):
@@ -148,9 +126,9 @@ attacks = [{{ name = "loss", observers = ["global", "upload", "client"] }}, "exp
            {{ name = "update_gradient", observers = ["upload"] }}]
 """)
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "fedleak", "run", str(tmp_path / "run.toml"), "--out", str(out),
-                           "--quiet"], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    from fedleak.cli import main
+
+    assert main(["run", str(tmp_path / "run.toml"), "--out", str(out), "--quiet"]) == 0  # in process: no new imports
     results = json.loads((out / "results.json").read_text())
     from fedleak.eval.results import validate_results
 

@@ -228,16 +228,18 @@ def test_a_failing_task_is_retried_then_recorded_and_driver_storage_completes_th
     assert {p.name: p.read_bytes() for p in (fedit_dir / "attacks").glob("*.json")} == attack_files
 
 
-def test_ray_settings_and_flags_are_checked(tmp_path, tiny_run_config):
+def test_ray_settings_and_flags_are_checked(tmp_path, tiny_run_config, capsys):
+    from fedleak.cli import main  # in process: the checks come before anything starts
+
     config = tmp_path / "run.toml"
     config.write_text(tiny_run_config + MATRIX.replace('"fedit", "slow"', '"fedit"')
                       + '[executor]\nstorage = "nfs"\n')
-    proc = subprocess.run([sys.executable, "-m", "fedleak", "run", str(config)], capture_output=True, text=True)
-    assert proc.returncode == 2 and "executor.storage" in proc.stderr and "Traceback" not in proc.stderr
+    assert main(["run", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "executor.storage" in err and "Traceback" not in err
     config.write_text(tiny_run_config + MATRIX.replace('"fedit", "slow"', '"fedit"'))
-    proc = subprocess.run([sys.executable, "-m", "fedleak", "run", str(config), "--address", "127.0.0.1:1"],
-                          capture_output=True, text=True)
-    assert proc.returncode == 2 and "only with --executor ray" in proc.stderr
+    assert main(["run", str(config), "--address", "127.0.0.1:1"]) == 2
+    assert "only with --executor ray" in capsys.readouterr().err
     proc = subprocess.run([sys.executable, "-m", "fedleak", "run", str(config), "--executor", "ray", "--address",
                            f"127.0.0.1:{free_port()}", "--out", str(tmp_path / "out")], capture_output=True, text=True,
                           timeout=180, env={**os.environ, "RAY_DISABLE_USAGE_STATS": "1"})

@@ -63,7 +63,9 @@ def candidate_losses(model, tokenizer, canary: Canary, candidates: Sequence[str]
     response up to the secret) runs through the model once; each batch feeds only the remaining few
     tokens on top of its key/value cache (about 7x less work than whole sequences). Under a soft prompt
     the prefix is [soft prompt; prefix tokens] through the base model (peft would insert the soft prompt
-    again on every call), so the cache holds the virtual positions as training's forward does."""
+    again on every call), so the cache holds the virtual positions as training's forward does. Under a
+    prefix (prefix tuning) peft's forward builds the cache with the prefix in it; the tails then go to the
+    base model too (peft would put the bare prefix in place of that cache)."""
     model.eval()
     digits = len(canary.secret)
     probes = [canary.secret] + [str(d) * digits for d in range(10)]

@@ -104,6 +104,17 @@ def _strategy(server: ServerSide, rnd: int, sampled: list[int], node_of: dict[in
     return Sampled()
 
 
+def check_clipping(state: dict[str, torch.Tensor], *, clipping_range: float, rnd: int) -> None:
+    """FedleakError when the round's starting adapter already holds values SecAgg+ would clip (the uploads start
+    from it): a prefix initialised from real activations (`model.prefix_tuning.init`) can exceed the default
+    range, which would otherwise change the aggregate silently."""
+    largest = max((float(t.detach().abs().max()) for t in state.values() if t.numel()), default=0.0)
+    if largest > clipping_range:
+        raise FedleakError(f"round {rnd}: the global adapter holds values up to {largest:.3g}, beyond "
+                           f"engine.secagg_clipping_range = {clipping_range:g}, and SecAgg+ would clip the uploads: "
+                           f"raise engine.secagg_clipping_range to {2 * largest:.3g} or more")
+
+
 def secagg_round(grid, server: ServerSide, rnd: int, node_of: dict[int, int], spec_text: str, *,
                  timeout: float | None, clipping_range: float, quantization_range: int, max_weight: float) -> dict:
     """One round under SecAgg+: sample, run the protocol with the sampled nodes, and finish the round on the
@@ -118,6 +129,7 @@ def secagg_round(grid, server: ServerSide, rnd: int, node_of: dict[int, int], sp
     from fedleak.federated.flower.records import loads, to_arrays
 
     start = time.perf_counter()
+    check_clipping(server.global_state, clipping_range=clipping_range, rnd=rnd)
     sampled = server.sample()
     names = list(server.global_state)
     collected: dict = {}
