@@ -30,7 +30,8 @@ records = 12
 max_new_tokens = 32
 [matrix]
 algorithms = ["fedit", {name = "fedpit", synthetic_per_round = 2, max_attempts = 8, response_max_new_tokens = 48}, "cenit"]
-defenses = ["none"]
+defenses = ["none", "scrub"]
+exclude = [{algorithm = "fedpit", defense = "scrub"}]
 attacks = [{name = "loss", rounds = "all"}, {name = "loss", observers = ["upload", "client"], rounds = [2, 4]},
            {name = "min_k", k = 0.5},
            "reference", {name = "exposure", samples = 200}, {name = "discoverable", max_records = 6}]
@@ -58,7 +59,7 @@ def test_results_schema_and_memorisation(run_dir):
     assert "git_commit" in results and results["config"]["federation"]["rounds"] == 4
     # Defenses apply to federations; the baselines without one train once.
     assert [(t["algorithm"], t["defense"]) for t in results["trainings"]] == [
-        ("fedit", "none"), (FEDPIT, "none"), ("cenit", "none")]
+        ("fedit", "none"), ("fedit", "scrub"), (FEDPIT, "none"), ("cenit", "none")]
     cells = {(c["algorithm"], c["defense"], c["attack"], c["observer"], c["client"]): c for c in results["cells"]}
     views = {"fedit": ["global", "upload", "client"], FEDPIT: ["global", "upload", "client"], "cenit": ["global"]}
     for (algorithm, defense), observers in ((k, v) for t in results["trainings"]
@@ -98,7 +99,15 @@ def test_results_schema_and_memorisation(run_dir):
     discoverable = [cells[(a, "none", "discoverable(max_records=6)", "global", None)]["metrics"]
                     for a in ("fedit", "cenit")]
     assert max(d["canary_exact_rate"] for d in discoverable) > 0
-    assert all(t["sanitisation"] is None for t in results["trainings"])  # no scrub here (tests/test_scrub.py)
+    # Scrubbing (issue 21): the canaries' access codes become [NUMBER] before training, so none is exposed; the
+    # identifiers carried most of the membership signal, even for an attacker who scrubs its candidates alike.
+    scrubbed = cells[("fedit", "scrub", "exposure(samples=200)", "global", None)]["metrics"]
+    assert scrubbed["exposure_rep8"] < 3 < exposure["exposure_rep8"] - 2
+    assert cells[("fedit", "scrub", "loss", "global", None)]["metrics"]["auc"] < auc("fedit", "global") - 0.05
+    facts = next(t["sanitisation"] for t in results["trainings"] if t["defense"] == "scrub")["scrub"]
+    assert facts["records"] == facts["changed"] == 90 + 1 + 8 and facts["clients"] == 3
+    assert facts["identifiers_left"] == 0 and facts["replaced"]["digits"] >= 9
+    assert all(t["sanitisation"] is None for t in results["trainings"] if t["defense"] != "scrub")
     # FEDPIT's global adapter never trains on the canaries
     assert cells[(FEDPIT, "none", "exposure(samples=200)", "global", None)]["metrics"]["exposure_rep8"] < exposure["exposure_rep8"]
     for training in results["trainings"]:
@@ -147,6 +156,7 @@ def test_csv_and_reports_carry_the_numbers_of_results_json(run_dir):
         assert (run_dir / "plots" / f"{name}.png").exists()
     assert "Training-data extraction" in markdown and "Leakage over rounds" in markdown
     assert "Self-generated data" in markdown and "synthetic" in markdown.lower()
+    assert "Data sanitisation" in markdown and "declared identifiers left" in html
 
 
 def test_report_command_rewrites_from_results_only(run_dir, tmp_path):
