@@ -281,7 +281,7 @@ def _check_combinations(config: RunConfig, where: str, *, methods: bool = True) 
     algorithm against the adaptation method (`methods`), each swept value against the whole config."""
     from fedleak.attacks.base import ATTACKS
     from fedleak.attacks.poisoning.harmful_compliance import HarmfulCompliance
-    from fedleak.eval.sweep import attack_conflict, conflict_field, settings_of
+    from fedleak.eval.sweep import attack_conflict, conflict_field, methods_of, settings_of
     from fedleak.federated.rounds import ALGORITHMS
 
     for i, spec in enumerate(config.matrix.attacks):
@@ -297,9 +297,7 @@ def _check_combinations(config: RunConfig, where: str, *, methods: bool = True) 
                 field_name, problem = found
                 raise FedleakError(f"{where}: matrix.{field_name}[{i if field_name == 'algorithms' else j}]: {problem}")
     settings_of(config, f"{where}: matrix.sweep")  # each swept value parsed with the whole config
-    if config.model.gradient_checkpointing and "prefix_tuning" in {
-            config.model.adaptation, *config.matrix.adaptations,
-            *(v for path, values in config.matrix.sweep if path == "model.adaptation" for v in values)}:
+    if config.model.gradient_checkpointing and "prefix_tuning" in methods_of(config):
         # transformers drops the cache in checkpointed layers while training, and a prefix lives in the cache
         raise FedleakError(f"{where}: model.adaptation = 'prefix_tuning' cannot train with model.gradient_checkpointing "
                            f"= true (transformers drops the key/value cache, which holds the prefix, in checkpointed "

@@ -334,8 +334,10 @@ def check_memory(config, model_config_or_folder=None, *, jobs: int = 1, **option
         fixes.append('model.dtype = "bfloat16"')
     if phase == "client training":
         fixes += [f"federation.batch_size (now {fed.batch_size})", f"federation.max_length (now {fed.max_length})"]
+        from fedleak.eval.sweep import methods_of
+
         # Opacus cannot run with checkpointing, nor can a prefix (it lives in the cache checkpointing drops)
-        if not m.gradient_checkpointing and not _uses_dp_sgd(config) and "prefix_tuning" not in {m.adaptation, *config.matrix.adaptations}:
+        if not m.gradient_checkpointing and not _uses_dp_sgd(config) and "prefix_tuning" not in methods_of(config):
             fixes.append("model.gradient_checkpointing = true")
         if jobs > 1:
             fixes.append(f"--jobs (now {jobs})")

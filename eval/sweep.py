@@ -111,6 +111,13 @@ def sweep_of(config) -> tuple[Setting, ...]:
     return out + tuple(config.matrix.sweep)
 
 
+def methods_of(config) -> set[str]:
+    """Every adaptation method a run trains: model.adaptation and each swept one (`matrix.adaptations`, or
+    model.adaptation in `matrix.sweep`)."""
+    return {config.model.adaptation,
+            *(v for path, values in sweep_of(config) if path == "model.adaptation" for v in values)}
+
+
 def configured(config, path: str):
     """The value `config` gives the setting at `path` (as its results record it)."""
     from fedleak.eval.config import plain
