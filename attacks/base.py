@@ -159,7 +159,7 @@ class Attack(Component):
     observers: tuple[str, ...] = ("global", "upload", "client")
     observers_why: str = ""
     # The adaptation methods (model.adaptation) whose adapters it can read; the matrix refuses others at config time.
-    adaptations: tuple[str, ...] = ("lora", "ia3", "prompt_tuning", "prefix_tuning")
+    adaptations: tuple[str, ...] = ("lora", "ia3", "prompt_tuning", "prefix_tuning", "full")
     adaptations_why: str = ""
 
     @property

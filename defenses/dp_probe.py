@@ -34,6 +34,7 @@ def _module_path(param_name: str) -> str:
     """The module a trainable parameter adapts, without peft's wrapper prefix and LoRA suffix:
     base_model.model.model.decoder.layers.0.fc1.lora_A.default.weight -> model.decoder.layers.0.fc1."""
     path = param_name.removeprefix("base_model.model.").replace(".base_layer.", ".")  # peft's nested wrappers
+    path = path.removeprefix("base.")  # full fine-tuning's wrapper (federated/full.py)
     cut = re.search(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)(\.|$)", path)
     return path[:cut.start()] if cut else path.rpartition(".")[0]
 
@@ -177,14 +178,23 @@ def refusal(model, problems: dict[str, str]) -> str:
         "values": "differ from each record's own gradient",
         "crash": f"make Opacus fail ({'; '.join(crashes)})",
     }
-    parts = [f"LoRA on {_compress(dict.fromkeys(paths))} {reasons[kind]}" for kind, paths in by_kind.items()]
+    from fedleak.federated.full import FullModel
+
+    full = isinstance(model, FullModel)
+    what = "the parameters of" if full else "LoRA on"
+    parts = [f"{what} {_compress(dict.fromkeys(paths))} {reasons[kind]}" for kind, paths in by_kind.items()]
     failing = {_module_path(n).rpartition(".")[2] for n in problems}
-    passing = [_module_path(n) for n, p in model.named_parameters() if p.requires_grad and n not in problems]
+    # Full fine-tuning's passing parameters include norms and embeddings, which are no LoRA targets.
+    passing = [] if full else [_module_path(n) for n, p in model.named_parameters() if p.requires_grad and n not in problems]
     consequence = ("Opacus would clip per token and the epsilon would be wrong" if set(by_kind) == {"per token"}
                    else "Opacus cannot clip each record's gradient and the epsilon would be wrong")
     targets = _suggested_targets(model, failing, passing)
-    fix = (f"set model.lora.target_modules to {_json_list(targets)} or use dp_fedavg" if targets
-           else "pick LoRA target_modules whose layers see one row per record, or use dp_fedavg")
+    if full:
+        fix = ("full fine-tuning trains every parameter, these too: use dp_fedavg, or model.adaptation = 'lora'"
+               + (f" with target_modules {_json_list(targets)}" if targets else ""))
+    else:
+        fix = (f"set model.lora.target_modules to {_json_list(targets)} or use dp_fedavg" if targets
+               else "pick LoRA target_modules whose layers see one row per record, or use dp_fedavg")
     return f"dp_sgd: per-sample gradients of {'; '.join(parts)}: {consequence}: {fix}"
 
 

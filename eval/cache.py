@@ -116,9 +116,9 @@ def _resolved_dtype(config: RunConfig) -> str:
     from fedleak.federated.model import resolve_device, resolve_dtype
 
     try:
-        return str(resolve_dtype(config.model.dtype, resolve_device(config.model.device)))
+        return str(resolve_dtype(config.model.load_dtype, resolve_device(config.model.device)))
     except FedleakError:  # a device this machine lacks: the run itself says so; the key keeps the setting
-        return config.model.dtype
+        return config.model.load_dtype
 
 
 def model_fingerprint(config: RunConfig) -> dict:

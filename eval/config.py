@@ -24,7 +24,7 @@ from fedleak.common.params import NonNegativeInt, OpenUnitInterval, PositiveFloa
 from fedleak.eval.execution import EngineSettings, ExecutorSettings
 from fedleak.eval.matrix_config import ComponentSpec, MatrixSettings, ScenarioSpec, build_defense, component_spec
 from fedleak.federated.adapters import AdapterSettings, LoraSettings
-from fedleak.federated.methods import IA3Settings, PrefixTuningSettings, PromptTuningSettings
+from fedleak.federated.methods import FullSettings, IA3Settings, PrefixTuningSettings, PromptTuningSettings
 from fedleak.federated.datasource import DataSettings
 from fedleak.federated.embedded import EmbeddedModelConfig
 from fedleak.federated.model import check_device_name, missing_folder
@@ -48,16 +48,18 @@ class ModelSettings:
         "help": "Let a Hugging Face id download from the hub; off: offline only (air-gapped machines fail otherwise)."})
     embedded: EmbeddedModelConfig = field(default_factory=EmbeddedModelConfig, metadata={
         "help": "How the embedded model is built (used when name = \"embedded\")."})
-    adaptation: Literal["lora", "ia3", "prompt_tuning", "prefix_tuning"] = field(default="lora", metadata={
-        "help": "The parameter-efficient method every algorithm trains: \"lora\", \"ia3\", \"prompt_tuning\" "
-                "(a soft prompt) or \"prefix_tuning\" (trained keys and values in every layer); its settings are "
-                "the table of the same name."})
+    adaptation: Literal["lora", "ia3", "prompt_tuning", "prefix_tuning", "full"] = field(default="lora", metadata={
+        "help": "The method every algorithm trains: \"lora\", \"ia3\", \"prompt_tuning\" (a soft prompt), "
+                "\"prefix_tuning\" (trained keys and values in every layer) or \"full\" (every base parameter, "
+                "for small models); its settings are the table of the same name."})
     lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "LoRA's settings (model.adaptation = \"lora\")."})
     ia3: IA3Settings = field(default_factory=IA3Settings, metadata={"help": "IA3's settings (model.adaptation = \"ia3\")."})
     prompt_tuning: PromptTuningSettings = field(default_factory=PromptTuningSettings, metadata={
         "help": "Prompt tuning's settings (model.adaptation = \"prompt_tuning\")."})
     prefix_tuning: PrefixTuningSettings = field(default_factory=PrefixTuningSettings, metadata={
         "help": "Prefix tuning's settings (model.adaptation = \"prefix_tuning\")."})
+    full: FullSettings = field(default_factory=FullSettings, metadata={
+        "help": "Full fine-tuning's settings (model.adaptation = \"full\")."})
     device: str = field(default="auto", metadata={
         "help": "\"auto\" (the first CUDA GPU, else the CPU), \"cpu\", \"cuda\", \"cuda:N\" or \"mps\"."})
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
@@ -80,9 +82,14 @@ class ModelSettings:
         """The settings of the method `adaptation` names."""
         return getattr(self, self.adaptation)
 
+    @property
+    def load_dtype(self) -> str:
+        """`dtype` as the base loads: "auto" is float32 for full fine-tuning (see `FullSettings`)."""
+        return "float32" if self.adaptation == "full" and self.dtype == "auto" else self.dtype
+
     def load_options(self) -> dict:
         """`federated.model.load_base_model`'s keyword arguments for this model."""
-        return {"allow_download": self.allow_download, "device": self.device, "dtype": self.dtype,
+        return {"allow_download": self.allow_download, "device": self.device, "dtype": self.load_dtype,
                 "attn_implementation": self.attn_implementation, "quantization": self.quantization,
                 "gradient_checkpointing": self.gradient_checkpointing, "prompt_format": self.prompt_format}
 
@@ -92,6 +99,13 @@ class ModelSettings:
             raise FedleakError("model.name is empty: use 'embedded', a Hugging Face id or a local folder")
         if (problem := check_device_name(self.device)) is not None:
             raise FedleakError(problem)
+        if self.adaptation == "full" and (self.dtype in ("bfloat16", "float16") or self.quantization != "none"):
+            what = (f"model.quantization = {self.quantization!r}" if self.quantization != "none"
+                    else f"model.dtype = {self.dtype!r}")
+            raise FedleakError(f"{what}: model.adaptation = 'full' trains the base weights themselves, which must be "
+                               f"float32 (AdamW's steps on 16-bit weights are lost below their precision; quantised "
+                               f"ones cannot train): set model.dtype = \"float32\" and model.quantization = \"none\", "
+                               f"or use a parameter-efficient method")
         if self.name == "embedded" and self.prompt_format == "chat":
             raise FedleakError("model.prompt_format = 'chat': the embedded model's tokenizer has no chat template "
                                "(it is pretrained on the Alpaca template): use 'auto' or 'alpaca'")

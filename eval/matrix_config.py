@@ -332,7 +332,7 @@ class MatrixSettings:
         "parse": _scenarios})
 
 
-    adaptations: tuple[Literal["lora", "ia3", "prompt_tuning", "prefix_tuning"], ...] = field(default=(), metadata={
+    adaptations: tuple[Literal["lora", "ia3", "prompt_tuning", "prefix_tuning", "full"], ...] = field(default=(), metadata={
         "help": "Adaptation methods each training repeats with (a sweep of model.adaptation; each method's settings "
                 "are its [model.<method>] table); empty: model.adaptation alone."})
     sweep: tuple[tuple[str, tuple], ...] = field(default=(), metadata={

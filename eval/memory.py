@@ -5,7 +5,8 @@ Phases, each on the chosen device (`model.device`):
 - training: the base weights (params x bytes of `model.dtype`; bitsandbytes "4bit" keeps 0.5 byte per
   weight of every linear layer but the output head, plus ~3% of quantisation constants, "8bit" 1 byte;
   embeddings, head and norms in fp32, as QLoRA's recipe casts them, and the activations too), every adapter the algorithms hold (fp32,
-  counted layer by layer as peft wraps them: in x r + r x out per targeted linear), AdamW's two
+  counted layer by layer as peft wraps them: in x r + r x out per targeted linear; full fine-tuning: a
+  copy of every base parameter), AdamW's two
   moments and the gradients of the trained adapter (DP-SGD: one fp32 gradient per record of the
   batch), the clients' uploads held for aggregation, and the activations of a batch of
   federation.batch_size x federation.max_length tokens;
@@ -61,6 +62,8 @@ class Shape:
             return settings.num_virtual_tokens * self.hidden, 0, 0
         if settings.method == "prefix_tuning":  # a key and a value per layer per prefix position
             return settings.num_virtual_tokens * 2 * self.layers * self.kv_dim, 0, 0
+        if settings.method == "full":  # every parameter; each linear layer keeps its input for its weight's gradient
+            return self.params, sum(i for _, i, _ in self.linears), 0
         if settings.method == "ia3":  # a scale per output feature (per input feature for feed-forward ones)
             hit = _matcher(settings.target_modules)
             ff = _matcher(tuple(settings.feedforward_modules))
@@ -153,6 +156,15 @@ def _algorithm_adapters(config) -> int:
     return most
 
 
+# Attacks that train an adapter of their own beside the view's (a shadow model, a self-prompt reference).
+ADAPTER_TRAINING_ATTACKS = frozenset({"lira", "rmia", "spv_mia"})
+
+
+def _attack_adapters(config) -> int:
+    """One more adapter while an attack trains its own on the view's base (for full fine-tuning, a whole copy)."""
+    return int(any(spec.name in ADAPTER_TRAINING_ATTACKS for spec in config.matrix.attacks))
+
+
 def _uses_dp_sgd(config) -> bool:
     return any(part.name == "dp_sgd" for spec in config.matrix.defenses for part in (spec.parts or (spec,)))
 
@@ -193,7 +205,7 @@ def estimate(config, model_config_or_folder=None, *, device: torch.device | str 
         if shape is None:
             return None
     device = torch.device(device) if device is not None else resolve_device(m.device)
-    dtype = resolve_dtype(m.dtype, device)
+    dtype = resolve_dtype(m.load_dtype, device)
     quant = m.quantization
     # peft's prepare_model_for_kbit_training (QLoRA's recipe, federated/model.py) casts every weight that
     # is not quantised (embeddings, output head, norms) to fp32, so the residual stream runs in fp32.
@@ -205,7 +217,7 @@ def estimate(config, model_config_or_folder=None, *, device: torch.device | str 
     weights = (s.params * e if per_weight is None
                else s.quantizable * per_weight + (s.params - s.quantizable) * e)
     lora, lora_in, rank = s.adapter_params(m.adapter)
-    adapters = _algorithm_adapters(config)
+    adapters = _algorithm_adapters(config) + _attack_adapters(config)  # an attack trains beside the view's
     dp = _uses_dp_sgd(config)
     # The clients' uploads are CPU copies (adapters.get_adapter_state): on the device only on the CPU.
     uploads = config.federation.clients_per_round * lora * FP32 if device.type == "cpu" else 0
@@ -309,18 +321,23 @@ def check_memory(config, model_config_or_folder=None, *, jobs: int = 1, **option
     """The estimate, or a one-line FedleakError naming the settings to change when its largest phase
     exceeds the available memory. Also refuses what the config can already tell will not load: a device
     this machine lacks, quantisation or flash attention without their GPU and package, a max_length
-    beyond the model's positions."""
+    beyond the model's positions. Each variant of the matrix (`matrix.adaptations`, `matrix.sweep`) is
+    estimated, and the largest stands for the run: a full fine-tuning variant holds far more than LoRA."""
+    from fedleak.eval.sweep import label, settings_of, variant
     from fedleak.federated.model import check_load_options
 
     m = config.model
-    check_load_options(device=m.device, dtype=m.dtype, attn_implementation=m.attn_implementation,
+    check_load_options(device=m.device, dtype=m.load_dtype, attn_implementation=m.attn_implementation,
                        quantization=m.quantization)
     if model_config_or_folder is None or isinstance(model_config_or_folder, (str, os.PathLike)):
         hf_config = model_config(config, model_config_or_folder)
         if hf_config is not None:
             check_positions(config, hf_config)
             model_config_or_folder = hf_config
-    est = estimate(config, model_config_or_folder, jobs=jobs, **options)
+    estimates = [(estimate(variant(config, s), model_config_or_folder, jobs=jobs, **options), s)
+                 for s in settings_of(config)]
+    est, setting = max(estimates, key=lambda es: es[0].largest[1] if es[0] is not None else -1)
+    config = variant(config, setting)
     if est is None or est.available is None:
         return est
     phase, need = est.largest
@@ -328,9 +345,9 @@ def check_memory(config, model_config_or_folder=None, *, jobs: int = 1, **option
         return est
     m, fed = config.model, config.federation
     fixes = []
-    if est.device.startswith("cuda") and m.quantization != "4bit":
+    if est.device.startswith("cuda") and m.quantization != "4bit" and m.adaptation != "full":
         fixes.append('model.quantization = "4bit"')
-    if est.device.startswith("cuda") and est.dtype == "float32":
+    if est.device.startswith("cuda") and est.dtype == "float32" and m.adaptation != "full":
         fixes.append('model.dtype = "bfloat16"')
     if phase == "client training":
         fixes += [f"federation.batch_size (now {fed.batch_size})", f"federation.max_length (now {fed.max_length})"]
@@ -349,7 +366,8 @@ def check_memory(config, model_config_or_folder=None, *, jobs: int = 1, **option
         fixes += [f"utility.batch_size (now {config.utility.batch_size})",
                   f"utility.max_new_tokens (now {config.utility.max_new_tokens})",
                   f"federation.max_length (now {fed.max_length})"]
-    raise FedleakError(f"{phase} needs about {need / GIB:.2f} GiB on {est.device} and {est.available / GIB:.2f} GiB "
+    which = f" of the variant [{label(setting)}]" if setting else ""
+    raise FedleakError(f"{phase}{which} needs about {need / GIB:.2f} GiB on {est.device} and {est.available / GIB:.2f} GiB "
                        f"are available ({est.notes[phase]}): lower the peak with {', '.join(fixes)}, or model.name "
                        f"= a smaller model")
 

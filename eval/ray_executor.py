@@ -249,7 +249,10 @@ def _as_tasks_see_it(config: RunConfig) -> RunConfig:
 
     from fedleak.eval.ray_tasks import resolved_dtype
 
-    if config.model.dtype != "auto":
+    from fedleak.eval.sweep import methods_of
+
+    methods = methods_of(config)
+    if config.model.dtype != "auto" or methods == {"full"}:  # full fine-tuning loads "auto" as float32 anywhere
         return config
     probe = ray.remote(resolved_dtype).options(num_cpus=config.executor.train_cpus,
                                                num_gpus=config.executor.train_gpus)
@@ -259,6 +262,10 @@ def _as_tasks_see_it(config: RunConfig) -> RunConfig:
         raise FedleakError(f"model.device = {config.model.device!r}: a training task (executor.train_gpus = "
                            f"{config.executor.train_gpus:g}) cannot use it ({_one_line(exc)}): reserve GPUs with "
                            f"executor.train_gpus or set model.device = \"auto\"") from None
+    if "full" in methods and dtype != "float32":  # the variants inherit the resolved dtype, which full refuses
+        raise FedleakError(f"model.dtype = \"auto\" is {dtype} on the training tasks' nodes, which full fine-tuning "
+                           f"(a variant of matrix.adaptations or matrix.sweep) cannot train in: set model.dtype = "
+                           f"\"float32\" for the run, or take \"full\" out of the matrix")
     log.info("executor ray: model.dtype \"auto\" is %s on the training tasks' nodes", dtype)
     return dataclasses.replace(config, model=dataclasses.replace(config.model, dtype=dtype))
 

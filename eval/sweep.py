@@ -159,9 +159,11 @@ def conflict_field(config, algorithm, defense) -> tuple[str, str] | None:
     from fedleak.federated.rounds import ALGORITHMS
 
     method = config.model.adaptation
-    if method in ("prompt_tuning", "prefix_tuning") and ALGORITHMS.get(algorithm.name).combines_adapters:
-        return "algorithms", (f"{algorithm.name} keeps a global and a local adapter on together, and peft runs one "
-                              f"soft prompt or prefix at a time: use model.adaptation = 'lora' or 'ia3' for it")
+    if method in ("prompt_tuning", "prefix_tuning", "full") and ALGORITHMS.get(algorithm.name).combines_adapters:
+        what = "full fine-tuning has one set of weights in the model" if method == "full" else \
+            "peft runs one soft prompt or prefix"
+        return "algorithms", (f"{algorithm.name} keeps a global and a local adapter on together, and {what} at a "
+                              f"time: use model.adaptation = 'lora' or 'ia3' for it")
     # Opacus's embedding rule gives a prefix's per-record gradients (peft looks its rows up per record)
     if method in ("ia3", "prompt_tuning") and "dp_sgd" in {p.name for p in (defense.parts or (defense,))}:
         why = {"prompt_tuning": "peft computes the soft prompt once per batch, so Opacus gets no per-record "

@@ -1,5 +1,5 @@
-"""Adapters (LoRA, IA3, soft prompts: `federated.methods`) as plain state dicts, in peft's saved-adapter
-key format.
+"""Adapters (LoRA, IA3, soft prompts, prefixes, full fine-tuning's copies: `federated.methods`) as plain
+state dicts, in peft's saved-adapter key format (full fine-tuning: the base's parameter names).
 
 Client updates and aggregation work on `dict[str, torch.Tensor]` only, so a Flower
 ClientApp/ServerApp (or any other runtime) can wrap them without change. A model may hold several
@@ -23,7 +23,8 @@ import torch
 
 from fedleak.common.errors import FedleakError
 from fedleak.common.params import PositiveInt, Range, check_fields
-from fedleak.federated.methods import (MARKERS, IA3Settings, PrefixTuningSettings, PromptTuningSettings,
+from fedleak.federated.full import FullModel
+from fedleak.federated.methods import (MARKERS, FullSettings, IA3Settings, PrefixTuningSettings, PromptTuningSettings,
                                       is_prompt_learning)
 
 AdapterState = dict[str, torch.Tensor]
@@ -57,7 +58,7 @@ class LoraSettings:
                           task_type="CAUSAL_LM")
 
 
-AdapterSettings = LoraSettings | IA3Settings | PromptTuningSettings | PrefixTuningSettings
+AdapterSettings = LoraSettings | IA3Settings | PromptTuningSettings | PrefixTuningSettings | FullSettings
 
 
 @contextlib.contextmanager
@@ -85,6 +86,10 @@ def add_peft_adapter(base_model, settings: AdapterSettings, *, seed: int):
     from peft import get_peft_model
 
     strip_adapters(base_model)
+    if settings.method == "full":
+        model = FullModel(base_model, DEFAULT)
+        base_model.__dict__[_WRAPPER] = model
+        return model
     with _seeded_quietly(seed):
         model = get_peft_model(base_model, settings.peft_config())
         _init_prefix(model, DEFAULT, settings)
@@ -124,7 +129,8 @@ def _init_prefix(model, adapter: str, settings: AdapterSettings) -> None:
 def strip_adapters(base_model) -> None:
     """Take out the layers the last `add_peft_adapter` injected into `base_model` (peft's `unload`: the
     original layers come back untouched), leaving the bare base; a no-op on a bare base, and for a soft
-    prompt, which lives in the wrapper and leaves the base's layers alone."""
+    prompt, which lives in the wrapper and leaves the base's layers alone. Full fine-tuning's `unload` puts
+    the base's own parameters back."""
     previous = base_model.__dict__.pop(_WRAPPER, None)  # a plain attribute, not a registered submodule
     if previous is not None and not any(c.is_prompt_learning for c in previous.peft_config.values()):
         previous.unload()
@@ -147,6 +153,10 @@ def adapters_enabled(model):
     instance attributes: they are set aside (the wrapper's own methods then act) and put back."""
     if not getattr(model, "_adapters_disabled", False):
         yield
+        return
+    if isinstance(model, FullModel):
+        with model.enabled():
+            yield
         return
     if not is_prompt_learning(model):
         model.base_model.enable_adapter_layers()
@@ -174,8 +184,12 @@ def activate(model, names: list[str], *, trainable: str | None = None) -> None:
     """Turn on exactly `names` (their effects combine) and let only `trainable` learn.
 
     Raises:
-        FedleakError: more than one soft prompt asked for at once (peft runs one at a time).
+        FedleakError: more than one soft prompt, prefix or full copy asked for at once (one at a time).
     """
+    if isinstance(model, FullModel):
+        model.set_adapter(list(names))
+        model.set_trainable(trainable)
+        return
     if is_prompt_learning(model) or any(model.peft_config[n].is_prompt_learning for n in names):
         if len(names) != 1:
             raise FedleakError(f"adapters {list(names)}: peft runs one soft prompt or prefix at a time; an "
@@ -191,12 +205,17 @@ def _peft_state(model, adapter: str) -> AdapterState:
     """peft's saved-adapter tensors of `adapter`, never the base model's embedding (see the module note)."""
     from peft import get_peft_model_state_dict
 
+    if isinstance(model, FullModel):
+        return dict(model.adapter_tensors(adapter))
+
     return get_peft_model_state_dict(model, adapter_name=adapter, save_embedding_layers=False)
 
 
 def adapter_parameters(model, adapter: str = DEFAULT) -> dict[str, torch.nn.Parameter]:
     """The adapter's trainable parameters by their saved-state key (`get_adapter_state`'s keys): what a
     gradient with respect to the upload is taken of."""
+    if isinstance(model, FullModel):
+        return dict(model.adapter_tensors(adapter))
     if model.peft_config[adapter].is_prompt_learning:  # a soft prompt or prefix is saved as its embedding's rows
         return {"prompt_embeddings": model.prompt_encoder[adapter].embedding.weight}
     by_storage = {p.data_ptr(): p for name, p in model.named_parameters() if owns(name, adapter)}
@@ -233,7 +252,10 @@ def set_adapter_state(model, state: AdapterState, adapter: str = DEFAULT, *, sou
     if extra:
         raise FedleakError(f"{source} has {len(extra)} tensors this model lacks (first: {extra[0]}): it was trained "
                            f"for another base model, adaptation method or target_modules")
-    set_peft_model_state_dict(model, state, adapter_name=adapter)
+    if isinstance(model, FullModel):
+        model.load_adapter_tensors(adapter, state)
+    else:
+        set_peft_model_state_dict(model, state, adapter_name=adapter)
 
 
 def apply_view(model, view: dict[str, AdapterState], settings: AdapterSettings, *,

@@ -2,11 +2,13 @@
 (Liu et al. 2022, "Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context
 Learning"), prompt tuning (Lester et al. 2021, "The Power of Scale for Parameter-Efficient Prompt
 Tuning") and prefix tuning (Li and Liang 2021, "Prefix-Tuning: Optimizing Continuous Prompts for
-Generation"). `model.adaptation` picks one; each method's table (`model.lora`, `model.ia3`,
-`model.prompt_tuning`, `model.prefix_tuning`) holds its settings.
+Generation"), and full fine-tuning (every base parameter trained: `federated/full.py`).
+`model.adaptation` picks one; each method's table (`model.lora`, `model.ia3`, `model.prompt_tuning`,
+`model.prefix_tuning`, `model.full`) holds its settings.
 
-Every method's state is what peft saves for its adapter (`get_peft_model_state_dict`), so uploads,
-aggregation, DP-FedAvg and checkpoints treat them alike. The differences that matter downstream:
+Every method's state is what peft saves for its adapter (`get_peft_model_state_dict`; for full
+fine-tuning every base parameter, by its name in the base model), so uploads, aggregation, DP-FedAvg
+and checkpoints treat them alike. The differences that matter downstream:
 
 - LoRA and IA3 are layer tuners: several adapters can be on at once (LoRA's updates add up, IA3's
   scales multiply), which FEDPIT's parameter isolation needs.
@@ -16,6 +18,7 @@ aggregation, DP-FedAvg and checkpoints treat them alike. The differences that ma
 - Prefix tuning puts `num_virtual_tokens` trained keys and values in every layer's attention cache: the
   outputs keep their length, but the prefix takes the first positions (`prompt_positions`), so the
   text starts at position `num_virtual_tokens` and fits in that many fewer. One prefix at a time, too.
+- Full fine-tuning keeps one whole copy of the base's parameters per adapter name, one active at a time.
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ from fedleak.common.errors import FedleakError
 from fedleak.common.params import PositiveFloat, PositiveInt, check_fields
 
 # peft's parameter-name markers of each method's trainable tensors (LoRA: lora_A/lora_B/lora_embedding_*).
+# Full fine-tuning's copies are told apart by object, not name (`federated/full.py`).
 MARKERS = {"lora": ("lora_",), "ia3": ("ia3_l",), "prompt_tuning": ("prompt_encoder.",),
-           "prefix_tuning": ("prompt_encoder.",)}
+           "prefix_tuning": ("prompt_encoder.",), "full": ()}
 METHODS = tuple(MARKERS)
 
 
@@ -123,6 +127,27 @@ class PrefixTuningSettings:
 
         return PrefixTuningConfig(num_virtual_tokens=self.num_virtual_tokens, task_type="CAUSAL_LM",
                                   prefix_projection=False, init_weights="zero" if self.init == "zero" else None)
+
+
+@dataclass(frozen=True)
+class FullSettings:
+    """Full fine-tuning: every parameter of the base model trains (tied weights stay tied), and a client
+    uploads all of them. For small models: each adapter name holds a copy of the base's weights, and AdamW
+    two more; the base loads in float32 (`model.dtype` "auto" becomes float32), since AdamW's steps on
+    16-bit weights are lost below their precision, and quantised weights cannot train."""
+
+    method: ClassVar[str] = "full"
+    lr: PositiveFloat | None = field(default=None, metadata={
+        "help": "Learning rate of the base weights; unset: federation.lr. Full fine-tuning needs a smaller one "
+                "than LoRA (a LoRA rate moves every weight, not a low-rank update scaled by alpha / r)."})
+
+    def __post_init__(self):
+        check_fields(self, "model.full.")
+
+    def peft_config(self):
+        from fedleak.federated.full import FullConfig
+
+        return FullConfig()
 
 
 def with_method_lr(train, settings):

@@ -1,4 +1,5 @@
-"""model.adaptation: LoRA, IA3, prompt and prefix tuning through states, training, scoring and the config's refusals."""
+"""model.adaptation: LoRA, IA3, prompt and prefix tuning, full fine-tuning through states, training, scoring and the
+config's refusals."""
 
 import json
 
@@ -13,7 +14,7 @@ from fedleak.federated.adapters import (DEFAULT, LoraSettings, activate, adapter
                                         add_peft_adapter, get_adapter_state, set_adapter_state)
 from fedleak.federated.batching import packing_ok
 from fedleak.federated.data import generate_records
-from fedleak.federated.methods import IA3Settings, PrefixTuningSettings, PromptTuningSettings, virtual_tokens
+from fedleak.federated.methods import FullSettings, IA3Settings, PrefixTuningSettings, PromptTuningSettings, virtual_tokens
 from fedleak.federated.model import load_base_model
 from fedleak.federated.training import IGNORE, TrainSettings, batches, collate, encode, sequence_losses, train_adapter
 from tests.adaptation_checks import check_exposure_and_gcg, check_greedy_generation
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 METHODS = {"lora": LoraSettings(r=4, alpha=8), "ia3": IA3Settings(),
            "prompt_tuning": PromptTuningSettings(num_virtual_tokens=6),
-           "prefix_tuning": PrefixTuningSettings(num_virtual_tokens=6)}
+           "prefix_tuning": PrefixTuningSettings(num_virtual_tokens=6), "full": FullSettings()}
 
 
 @torch.no_grad()
@@ -42,7 +43,8 @@ def test_each_method_trains_only_its_own_tensors_and_its_state_round_trips(small
     assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in params.values()}
     examples = encode(generate_records(8, seed=1, purpose="t", private=True), tokenizer, max_length=256)
     before = _losses(model, examples, tokenizer.pad_token_id)
-    lr = {"prompt_tuning": 3e-2, "prefix_tuning": 0.1}.get(method, 1e-2)  # prompt learning needs larger steps
+    # prompt learning needs larger steps, full fine-tuning smaller ones
+    lr = {"prompt_tuning": 3e-2, "prefix_tuning": 0.1, "full": 1e-3}.get(method, 1e-2)
     train_adapter(model, examples, TrainSettings(epochs=4, batch_size=4, lr=lr),
                   pad_id=tokenizer.pad_token_id, generator=torch.Generator().manual_seed(0))
     after = _losses(model, examples, tokenizer.pad_token_id)
@@ -50,7 +52,8 @@ def test_each_method_trains_only_its_own_tensors_and_its_state_round_trips(small
     # with fine-tuning only at scale): it lowers the loss by about 8% where LoRA and IA3 take off more.
     drop = 0.95 if method == "prompt_tuning" else 0.9
     assert after.mean() < drop * before.mean(), (method, float(before.mean()), float(after.mean()))
-    base_now = model.get_base_model().state_dict()
+    with model.disable_adapter():  # full fine-tuning's copy sits in the base's modules until then
+        base_now = model.get_base_model().state_dict()
     assert all(torch.equal(base_now[k], v) for k, v in frozen.items() if k in base_now)  # the base never moves
     # The state, loaded into a fresh adapter of the same method, gives the same losses; another method's refuses.
     state = get_adapter_state(model)
@@ -99,7 +102,7 @@ def test_generation_under_a_soft_prompt_is_the_greedy_decoding_of_its_training_f
     check_greedy_generation(model, tokenizer, prompts)
 
 
-@pytest.mark.parametrize("method", ["ia3", "prompt_tuning", "prefix_tuning"])
+@pytest.mark.parametrize("method", ["ia3", "prompt_tuning", "prefix_tuning", "full"])
 def test_the_blind_baseline_is_the_base_and_an_attack_reference_still_acts_inside_it(small_model_path, method):
     base, tokenizer = load_base_model(small_model_path)
     examples = encode(generate_records(4, seed=3, purpose="t", private=True), tokenizer, max_length=256)
@@ -107,7 +110,7 @@ def test_the_blind_baseline_is_the_base_and_an_attack_reference_still_acts_insid
     model = add_peft_adapter(base, METHODS[method], seed=0)
     with torch.no_grad():  # move the adapter away from its (identity for IA3) start
         for p in adapter_parameters(model).values():
-            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+            p.add_((0.3 if method != "full" else 0.02) * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
     on = _losses(model, examples, tokenizer.pad_token_id)
     assert not torch.allclose(on, bare)
     with model.disable_adapter():
@@ -132,7 +135,12 @@ def _config(tmp_path, text):
     ('adaptation = "prompt_tuning"\n[matrix]\nalgorithms = ["fedpit"]',
      "fedpit keeps a global and a local adapter on together, and peft runs one soft prompt or prefix at a time"),
     ('adaptation = "ia3"\n[matrix]\nattacks = [{ name = "vocabulary", observers = ["upload"] }]',
-     "vocabulary cannot probe model.adaptation = 'ia3': it reads the span of LoRA's A factors"),
+     "vocabulary cannot probe model.adaptation = 'ia3': it reads the span of the updates of LoRA's A factors"),
+    ('adaptation = "full"\n[matrix]\nalgorithms = ["fedpit"]',
+     "fedpit keeps a global and a local adapter on together, and full fine-tuning has one set of weights in the model"),
+    ('adaptation = "full"\ndtype = "bfloat16"', "model.dtype = 'bfloat16': model.adaptation = 'full' trains the base "
+                                               "weights themselves, which must be float32"),
+    ('adaptation = "full"\nquantization = "4bit"', "model.quantization = '4bit': model.adaptation = 'full'"),
     ('adaptation = "adapter"', "model.adaptation = 'adapter'"),
     ('adaptation = "prompt_tuning"\n[model.prompt_tuning]\nnum_virtual_tokens = 0',
      "model.prompt_tuning.num_virtual_tokens = 0: must be a positive integer"),

@@ -7,7 +7,8 @@ and the loss / min_k_pp / reference / lira / exposure / discoverable attacks, wi
 LoRA targets; then with "all-linear", where DP-SGD must either train or be refused in one line before
 any step (OPT's flattened MLP gives per-token gradients, Mixtral's router and experts none).
 A random model fits nothing, so the report must say so instead of presenting chance as privacy. Prefix
-tuning, whose cache layout peft builds per architecture, is checked on each against the whole forward.
+tuning, whose cache layout peft builds per architecture, is checked on each against the whole forward, and
+full fine-tuning, whose tied weights and per-record gradients differ per architecture, on each too.
 """
 
 from __future__ import annotations
@@ -155,3 +156,54 @@ def test_a_prefix_on_every_architecture_is_scored_and_generates_as_its_whole_for
     records = generate_records(3, seed=4, purpose="g", private=True)
     check_greedy_generation(model, tokenizer, [prompt_ids(tokenizer, r.instruction, r.input) for r in records])
     check_exposure_and_gcg(model, tokenizer, encode(records[:1], tokenizer, max_length=256)[0])
+
+
+# Full fine-tuning under DP-SGD: refused where a parameter has no per-record gradient in Opacus.
+REFUSED_FULL = {"gpt2": "transformer.wpe are not one per record", "gemma2": "model.embed_tokens make Opacus fail",
+                "opt": "model.decoder.layers.*.fc1", "mixtral": "model.layers.*.mlp.gate"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_fine_tuning_on_every_architecture_trains_every_parameter_once_and_keeps_the_base(
+        family, tiny_models, one_thread):
+    """Full fine-tuning: every parameter in the state once (tied ones too, and tied they stay), its size the
+    memory estimate's, the base's own weights untouched and back inside disable_adapter(), and DP-SGD's probe
+    passing or refusing in one line before any step."""
+    import torch
+
+    from fedleak.common.errors import FedleakError
+    from fedleak.defenses.dp_probe import check_per_sample_gradients
+    from fedleak.eval.memory import shape_of
+    from fedleak.federated.adapters import add_peft_adapter, get_adapter_state, strip_adapters
+    from fedleak.federated.data import generate_records
+    from fedleak.federated.methods import FullSettings
+    from fedleak.federated.model import load_base_model
+    from fedleak.federated.training import TrainSettings, collate, encode, sequence_losses, train_adapter
+
+    base, tokenizer = load_base_model(tiny_models[family])
+    own = {n: p.detach().clone() for n, p in base.named_parameters()}
+    tied = base.get_output_embeddings().weight is base.get_input_embeddings().weight
+    examples = encode(generate_records(4, seed=2, purpose="t", private=True), tokenizer, max_length=96)
+    batch = collate(examples, tokenizer.pad_token_id)
+    with torch.no_grad():
+        bare = sequence_losses(base, batch)
+    model = add_peft_adapter(base, FullSettings(), seed=0)
+    state = get_adapter_state(model)
+    assert sorted(state) == sorted(own) and sum(v.numel() for v in state.values()) == shape_of(base.config).params
+    train_adapter(model, examples, TrainSettings(epochs=1, batch_size=2, lr=1e-3), pad_id=tokenizer.pad_token_id,
+                  generator=torch.Generator().manual_seed(0))
+    model.eval()
+    head, embedding = base.get_output_embeddings(), base.get_input_embeddings()
+    assert (head.weight is embedding.weight) == tied and head.weight.requires_grad  # tied ones stay tied
+    trained = get_adapter_state(model)
+    assert sum(not torch.equal(trained[k], own[k]) for k in own) > len(own) // 2
+    with torch.no_grad(), model.disable_adapter():
+        torch.testing.assert_close(sequence_losses(model, batch), bare)
+    try:
+        check_per_sample_gradients(model, examples, tokenizer.pad_token_id)
+        assert family not in REFUSED_FULL
+    except FedleakError as exc:
+        assert family in REFUSED_FULL and REFUSED_FULL[family] in str(exc) and "\n" not in str(exc), str(exc)
+        assert "full fine-tuning trains every parameter" in str(exc)
+    strip_adapters(base)
+    assert all(torch.equal(p, own[n]) for n, p in base.named_parameters())

@@ -1,4 +1,4 @@
-"""DP-SGD through Opacus on peft LoRA and prefix tuning: correctness guards (Opacus issue 820 reports silently
+"""DP-SGD through Opacus on peft LoRA, prefix tuning and full fine-tuning: correctness guards (Opacus issue 820 reports silently
 corrupted LoRA weights with some peft versions) and accounting."""
 
 import copy
@@ -9,7 +9,8 @@ from opacus import GradSampleModule
 
 from fedleak.defenses.dp_sgd import DPSGD
 from fedleak.federated.adapters import LoraSettings, add_peft_adapter, get_adapter_state
-from fedleak.federated.methods import PrefixTuningSettings
+from fedleak.federated.full import FullModel
+from fedleak.federated.methods import FullSettings, PrefixTuningSettings
 from fedleak.federated.data import generate_records
 from fedleak.common.errors import FedleakError
 from fedleak.federated.hooks import ClientJob
@@ -22,11 +23,12 @@ def lora_model(small_model_path):
     return _adapted(small_model_path, LoraSettings(r=4, alpha=8))
 
 
-@pytest.fixture(params=["lora", "prefix_tuning"])
+@pytest.fixture(params=["lora", "prefix_tuning", "full"])
 def adapted(request, small_model_path):
-    """LoRA, and a prefix (whose embedding rows peft looks up per record: Opacus's embedding rule applies)."""
-    return _adapted(small_model_path, LoraSettings(r=4, alpha=8) if request.param == "lora"
-                    else PrefixTuningSettings(num_virtual_tokens=4))
+    """LoRA, a prefix (whose embedding rows peft looks up per record: Opacus's embedding rule applies), and full
+    fine-tuning (the tied embedding and output head sum two rules' rows; RMSNorm goes through functorch)."""
+    return _adapted(small_model_path, {"lora": LoraSettings(r=4, alpha=8), "full": FullSettings(),
+                                       "prefix_tuning": PrefixTuningSettings(num_virtual_tokens=4)}[request.param])
 
 
 def _adapted(path, settings):
@@ -65,7 +67,7 @@ def test_opacus_per_sample_gradients_equal_per_example_autograd(adapted):
 def test_dp_step_without_noise_or_clipping_equals_the_plain_step(adapted):
     model, tokenizer, examples = adapted
     settings = TrainSettings(epochs=2, batch_size=len(examples), lr=1e-3, max_grad_norm=None)
-    twin = copy.deepcopy(model)
+    twin, start = copy.deepcopy(model), get_adapter_state(model)
     train_adapter(twin, examples, settings, pad_id=tokenizer.pad_token_id, generator=torch.Generator().manual_seed(0))
     # batch_size = n gives Poisson rate 1: every example in every batch, as in the plain full-batch step.
     job = ClientJob(client=0, round=1, model=model, examples=examples, settings=settings,
@@ -74,7 +76,13 @@ def test_dp_step_without_noise_or_clipping_equals_the_plain_step(adapted):
     assert metrics["steps"] == 2 and metrics["sample_rate"] == 1.0
     dp, plain = get_adapter_state(model), get_adapter_state(twin)
     for key in plain:
-        torch.testing.assert_close(dp[key], plain[key], rtol=1e-4, atol=1e-6)
+        if isinstance(model, FullModel):
+            # AdamW's first steps are about lr wide whatever the gradient's size: where a weight's gradient is
+            # near zero, float order alone flips its step, so the whole update is compared, not each entry.
+            step = plain[key] - start[key]
+            assert (dp[key] - plain[key]).norm() <= 1e-3 * step.norm() + 1e-7, key
+        else:
+            torch.testing.assert_close(dp[key], plain[key], rtol=1e-4, atol=1e-6)
     assert not any(len(m._forward_hooks) or len(m._backward_hooks) for m in model.modules())  # hooks removed
 
 

@@ -88,6 +88,34 @@ def test_training_step_estimate_is_within_30_percent_of_the_measured_peak(lora_m
     assert checkpointed.phases["client training"] < 0.7 * predicted
 
 
+def test_full_fine_tuning_step_estimate_is_within_30_percent_of_the_measured_peak(small_model_path):
+    """Full fine-tuning holds a copy of every weight, AdamW's moments and gradients of all of them: with one short
+    record per batch these dominate the peak, and the estimate must count each (one left out is 20% of it)."""
+    from transformers import AutoModelForCausalLM
+
+    from fedleak.federated.adapters import add_peft_adapter
+    from fedleak.federated.methods import FullSettings
+    from fedleak.federated.training import Example, TrainSettings, train_adapter
+
+    torch.set_num_threads(1)
+    base = AutoModelForCausalLM.from_pretrained(small_model_path, dtype=torch.float32)
+    own = list(base.parameters())
+    model = add_peft_adapter(base, FullSettings(), seed=0)
+    gen = torch.Generator().manual_seed(0)
+    examples = [Example(tuple(ids), tuple(ids)) for ids in torch.randint(3, 1000, (2, 16), generator=gen).tolist()]
+    tracker = LivePeak(own + _tensors(model))
+    with tracker:  # two steps: AdamW's moments exist from the second on
+        train_adapter(model, examples, TrainSettings(epochs=1, batch_size=1, lr=1e-4), pad_id=0, generator=gen)
+    config = _config(model={"adaptation": "full"}, federation={"batch_size": 1, "max_length": 16})
+    est = memory.estimate(config, small_model_path, available=1 << 40)
+    params = sum(p.numel() for p in own)
+    # The estimate also holds the round's uploads (CPU copies), which one training never makes.
+    predicted = est.phases["client training"] - config.federation.clients_per_round * params * 4
+    print(f"full training: measured {tracker.peak / 2**20:.1f} MiB, estimated {predicted / 2**20:.1f} MiB")
+    assert tracker.peak > 5 * params * 4  # weights, their copy, two moments and a gradient: the test's premise
+    assert abs(predicted - tracker.peak) / tracker.peak < 0.30
+
+
 def test_scoring_pass_estimate_is_within_30_percent_of_the_measured_peak(lora_model, small_model_path):
     import dataclasses
 
@@ -222,3 +250,16 @@ def test_a_corrupt_config_json_gives_no_estimate_not_a_traceback(small_model_pat
     config = _config(model={"name": str(folder)})
     assert memory.estimate(config) is None
     assert memory.memory_lines(config)[0].startswith("memory: not estimated")
+
+
+def test_the_largest_variant_stands_for_the_run(small_model_path):
+    """A full fine-tuning variant of matrix.adaptations holds far more than the configured LoRA: the check
+    estimates each variant and names the one that cannot fit."""
+    config = _config(matrix={"adaptations": ["lora", "full"]})
+    lora = memory.estimate(_config(), small_model_path, available=1 << 40).phases["client training"]
+    full = memory.estimate(_config(model={"adaptation": "full"}), small_model_path, available=1 << 40)
+    assert full.phases["client training"] > lora + 4 * 4 * 1_000_000  # a copy, two moments, a gradient
+    between = (lora + full.phases["client training"]) // 2
+    with pytest.raises(FedleakError, match=r"client training of the variant \[adaptation=full\] needs about"):
+        memory.check_memory(config, small_model_path, available=between)
+    assert memory.check_memory(_config(), small_model_path, available=between) is not None

@@ -52,8 +52,8 @@ def test_each_setting_varies_alone_and_a_variant_leaves_out_what_its_method_cann
            "local adapter on together, and peft runs one soft prompt or prefix at a time: use model.adaptation = 'lora' or " \
            "'ia3' for it" in notes
     assert "left out attack vocabulary on fedit [adaptation=prompt_tuning]/none: vocabulary cannot probe " \
-           "model.adaptation = 'prompt_tuning': it reads the span of LoRA's A factors, which other methods do not " \
-           "upload: drop it for this method" in notes
+           "model.adaptation = 'prompt_tuning': it reads the span of the updates of LoRA's A factors (low-rank), which " \
+           "other methods do not train: drop it for this method" in notes
     assert len(notes) == 4  # fedpit/none, fedpit/dp_sgd, fedit/dp_sgd, vocabulary on fedit/none
     # The variant's settings are in its training key; the configured training's are untouched.
     assert model_fingerprint(soft)["adaptation"] == "prompt_tuning" and "adaptation" not in model_fingerprint(config)

@@ -250,7 +250,8 @@ class VocabularyAttack(ExtractionAttack):
     access = "updates"
     observers = (UPLOAD, GLOBAL)
     adaptations = ("lora",)
-    adaptations_why = "it reads the span of LoRA's A factors, which other methods do not upload: drop it for this method"
+    adaptations_why = ("it reads the span of the updates of LoRA's A factors (low-rank), which other methods do not "
+                       "train: drop it for this method")
     observers_why = ("it reads the server's record of the updates: a client's upload (upload/i) or their aggregate "
                      "(global); a client's own model is not something the server receives")
 

@@ -173,7 +173,9 @@ class SPVMIAAttack(MembershipAttack):
                                f"fine-tune follows the target's adapter and train settings")
         from peft import PeftModel
 
-        if not isinstance(target.model, PeftModel):
+        from fedleak.federated.full import FullModel
+
+        if not isinstance(target.model, (PeftModel, FullModel)):
             raise FedleakError("attack spv_mia: the target is not a peft model: the reference is an adapter "
                                "trained on the view's base weights; attack a peft-wrapped view")
         return env
