@@ -24,10 +24,21 @@ defenses = ["none", { name = "dp_sgd", target_epsilon = 8.0 }]
 attacks = [{ name = "loss", observers = ["global", "upload"] }]
 include = [{ algorithm = "slowpoke", defense = "none" }, { algorithm = "fedpit", defense = "dp_sgd" }]
 """
-# The killed node's round ends when the SuperLink declares it offline (no heartbeat for 2 x 30 s) and answers
-# for it. A live node's round takes about 20 s here (a fresh ClientApp process per message) but over 60 s on a
-# loaded 2-core machine: this timeout is only a backstop, far above both (at 60 s it failed live nodes).
+# The killed node's round ends when the SuperLink declares it offline (no heartbeat for 2 x the interval the node
+# declared) and answers for it. A live node's round takes about 20 s here (a fresh ClientApp process per message)
+# but over 60 s on a loaded 2-core machine: this timeout is only a backstop, far above both (at 60 s it failed
+# live nodes).
 TIMEOUT = "[engine]\nround_timeout = 240\n"
+# flwr 1.42's SuperNode heartbeats at a fixed 30 s interval (no flag), so a killed node is declared offline 40 to
+# 60 s after its last beat. Our SuperNodes declare and keep HEARTBEAT s instead: the SuperLink's lowest allowed
+# interval is 10; at 12 a node beats every 5 to 6 s and is offline 24 s after its last beat (live nodes beat from
+# a thread of the SuperNode process, not the ClientApp that trains). The names are checked: a flwr that moved
+# them fails here, not silently at 30 s.
+HEARTBEAT = 12
+SUPERNODE = ("import sys; import flwr.supercore.heartbeat as beat, flwr.supernode.fleet_http_connection as fleet; "
+             "assert beat.HEARTBEAT_DEFAULT_INTERVAL == fleet.HEARTBEAT_DEFAULT_INTERVAL == 30, 'flwr moved it'; "
+             f"beat.HEARTBEAT_DEFAULT_INTERVAL = fleet.HEARTBEAT_DEFAULT_INTERVAL = {HEARTBEAT}; "
+             "from flwr.supernode.cli import flower_supernode; sys.argv[0] = 'flower-supernode'; flower_supernode()")
 SLOWPOKE = '''
 import time
 from pathlib import Path
@@ -77,7 +88,7 @@ def federation(tmp_path_factory, tiny_run_config):
         time.sleep(3)
         for i in range(CLIENTS):
             node_config = f'partition-id={i} data-file="{folder}/client{i}.jsonl" out-dir="{folder}/node{i}"'
-            nodes[i] = start([bin_dir / "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
+            nodes[i] = start([sys.executable, "-c", SUPERNODE, "--insecure", "--superlink", f"127.0.0.1:{port}",
                               "--port", str(free_port()), "--node-config", node_config], folder / f"node{i}.log", env)
             processes.append(nodes[i])
         yield folder, config, f"127.0.0.1:{port}", env, nodes
