@@ -302,7 +302,7 @@ heldout_records = 40
 canaries_per_repetition = 0
 audit_canaries = 0
 [federation]
-rounds = 3
+rounds = 2
 local_epochs = 2
 lr = 5e-3
 [utility]
@@ -313,7 +313,10 @@ prompts = 32
 [matrix]
 algorithms = ["fedit"]
 defenses = ["none", "median", { name = "norm_bound", max_norm = 4.0 }]
-scenarios = [{ name = "backdoor", fraction = 0.34, local_epochs = 6, attacks = [{ name = "backdoor", poison_rate = 1.0 }, "scaling"] }]
+# 2 rounds, the attacker at 4 local epochs. Measured (FedAvg ASR [interval] / false trigger / target recall; the
+# robust rules' ASR): 0.81 [0.64, 0.93] / 0.38 / 0.84, median and norm_bound 0.00 [0.00, 0.11]; at 3 rounds and 6
+# epochs (2.5x the time) 0.72 [0.53, 0.86] / 0.34 / 0.72, robust rules 0.00.
+scenarios = [{ name = "backdoor", fraction = 0.34, local_epochs = 4, attacks = [{ name = "backdoor", poison_rate = 1.0 }, "scaling"] }]
 # No privacy attack; the robust rules train under the backdoor only (FedAvg's clean run is the baseline).
 exclude = [{ attack = "*" }, { defense = "!none", scenario = "clean" }]
 """
