@@ -29,7 +29,7 @@ from fedleak.federated.model import to_device
 IGNORE = -100
 
 
-def scored_logits(model, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+def scored_logits(model, batch: dict[str, torch.Tensor], mask: torch.Tensor, past: dict | None = None) -> torch.Tensor:
     """The logits at the scored positions of `batch`, [M, V] in row-major (row, position) order.
 
     Args:
@@ -37,6 +37,11 @@ def scored_logits(model, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> 
         batch: `input_ids` [B, T] and either `attention_mask` [B, T] (padded) or `position_ids` [B, T]
             (packed), on the model's device.
         mask: [B, T - 1] bool, True where the token at t + 1 is scored (position t predicts it).
+        past: the model's key/value cache of positions before `batch`'s, as the keyword argument that passes
+            it (`{"cache": ...}` in transformers 5.24, `{"past_key_values": ...}` before); the model appends to
+            it. `batch`'s `attention_mask` then covers the cached positions too and its `position_ids` continue
+            after them; `mask` still covers `batch`'s tokens only (`stats.compute_stats`' prefix cache). Not
+            with an active soft prompt.
 
     A forward pre-hook on the output embeddings (`get_output_embeddings()`; every transformers CausalLM
     has one) hands the head the hidden states of those M positions, [1, M, H], instead of all B x T;
@@ -54,8 +59,11 @@ def scored_logits(model, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> 
     head = get_head() if callable(get_head) else None
     inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
     skip = virtual_tokens(model)
+    if past is not None and skip:
+        raise FedleakError("scored_logits: a key/value cache of earlier positions cannot follow a soft prompt")
+    inputs.update(past or {}, use_cache=past is not None)
     if head is None:
-        return model(**inputs, use_cache=False).logits[:, skip:-1][mask]
+        return model(**inputs).logits[:, skip:-1][mask]
     rows, width = batch["input_ids"].shape
     where = torch.zeros((rows, skip + width), dtype=torch.bool, device=mask.device)
     where[:, skip:-1] = mask
@@ -71,7 +79,7 @@ def scored_logits(model, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> 
 
     handle = head.register_forward_pre_hook(keep_scored, with_kwargs=True)
     try:
-        logits = model(**inputs, use_cache=False).logits
+        logits = model(**inputs).logits
     finally:
         handle.remove()
     if len(applied) == 1 and logits.shape[:2] == (1, int(mask.sum())):

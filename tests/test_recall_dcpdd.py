@@ -1,5 +1,5 @@
 """ReCaLL, Con-ReCall and DC-PDD: each formula on hand-made statistics, the prefixed pass scoring exactly
-the plain pass's tokens, the passes they share, their parameter errors, and one end-to-end run each on the
+the plain pass's tokens, the prefix's key/value cache giving the whole prefixed pass, the passes they share, their parameter errors, and one end-to-end run each on the
 shared FEDIT federation (tests/frontier.py)."""
 
 import math
@@ -11,7 +11,7 @@ import torch
 from fedleak.attacks.base import ATTACKS, AttackEnvironment, Target
 from fedleak.attacks.membership.dc_pdd import dc_pdd_score, smoothed_frequencies, token_counts
 from fedleak.attacks.membership.recall import con_recall_score, prefix_ids, recall_score, shots
-from fedleak.attacks.membership.stats import TokenStats, compute_stats, prefixed
+from fedleak.attacks.membership.stats import TokenStats, compute_stats, prefix_cache, prefixed
 from fedleak.common.errors import FedleakError
 from fedleak.federated.adapters import LoraSettings, add_peft_adapter
 from fedleak.federated.batching import IGNORE
@@ -91,6 +91,38 @@ def _view(small_model_path, *, public=20, batch_size=3):
     return Target(model=model, tokenizer=tokenizer, observer="global", round=1, max_length=128, env=env)
 
 
+def test_the_prefix_cache_gives_the_whole_prefixed_pass(small_model_path):
+    """Records scored behind the prefix's key/value cache (the prefix run once) get the statistics the
+    prefixed sequences run whole give, on a LoRA view with padded batches; where the cache would not be
+    exact (a prefix cut by the context, an attention window shorter than prefix and record) the sequences
+    run whole."""
+    target = _view(small_model_path)
+    records = generate_records(7, seed=3, purpose="cache", private=True)
+    prefix = prefix_ids(target, records, shots(target, 4, "recall"), "recall")
+    kwargs = dict(max_length=128, response_only=False, batch_size=3, prefix=prefix)
+    examples = encode(records, target.tokenizer, max_length=128, response_only=False)
+    lengths = sorted((len(e.input_ids) for e in examples), reverse=True)
+    assert any(len(set(lengths[i:i + 3])) > 1 for i in range(0, len(lengths), 3))  # a batch carries padding
+    assert prefix_cache(target.model, prefix, examples, context=None) is not None
+    cached = compute_stats(target.model, target.tokenizer, records, **kwargs)
+    whole = compute_stats(target.model, target.tokenizer, records, _reuse_prefix=False, **kwargs)
+    np.testing.assert_array_equal(cached.mask, whole.mask)
+    np.testing.assert_array_equal(cached.ids, whole.ids)
+    for name in ("logp", "mu", "sigma"):  # measured: at most 8e-6 relative (logp), 3e-6 (mu), 1e-6 (sigma)
+        np.testing.assert_allclose(getattr(cached, name), getattr(whole, name), rtol=1e-4, atol=1e-6, err_msg=name)
+    plain = compute_stats(target.model, target.tokenizer, records, max_length=128, response_only=False, batch_size=3)
+    assert not np.allclose(cached.loss, plain.loss)  # the prefix was seen
+    longest = max(lengths)
+    assert prefix_cache(target.model, prefix, examples, context=len(prefix) + longest) is not None
+    assert prefix_cache(target.model, prefix, examples, context=len(prefix) + longest - 1) is None  # one cut
+    config = target.model.get_base_model().config
+    config.sliding_window = len(prefix) + longest - 1
+    try:
+        assert prefix_cache(target.model, prefix, examples, context=None) is None
+    finally:
+        del config.sliding_window
+
+
 def test_passes_are_shared_and_counted(small_model_path):
     target = _view(small_model_path)
     calls = []
@@ -100,16 +132,17 @@ def test_passes_are_shared_and_counted(small_model_path):
     ATTACKS.get("loss")().score(target, records)
     assert len(calls) == batches
     recall = ATTACKS.get("recall")(num_shots=2).score(target, records)
-    assert len(calls) == 2 * batches  # the prefixed pass; LL(x) is LOSS's pass
+    # the prefixed pass: the prefix once (its key/value cache), then the records behind it; LL(x) is LOSS's pass
+    assert len(calls) == 2 * batches + 1
     assert np.array_equal(ATTACKS.get("recall")(num_shots=2).score(target, records), recall)
     ATTACKS.get("con_recall")(num_shots=2, max_new_tokens=8).score(target, records)
-    assert len(calls) == 3 * batches  # the member-prefixed pass; the non-member one is recall's
+    assert len(calls) == 3 * batches + 2  # the member-prefixed pass; the non-member one is recall's
     ATTACKS.get("con_recall")(num_shots=2, max_new_tokens=8, gamma=1.0).score(target, records)
     dc = ATTACKS.get("dc_pdd")().score(target, records)
-    assert len(calls) == 3 * batches  # another gamma and DC-PDD: no pass; the answers are cached too
+    assert len(calls) == 3 * batches + 2  # another gamma and DC-PDD: no pass; the answers are cached too
     assert np.isfinite(recall).all() and np.isfinite(dc).all()
     assert ATTACKS.get("recall")(num_shots=1).score(target, records).shape == (6,)
-    assert len(calls) == 4 * batches  # another prefix, another pass
+    assert len(calls) == 4 * batches + 3  # another prefix, another pass
 
 
 def test_shots_come_from_the_public_pool_nest_and_fit_the_positions(small_model_path):
