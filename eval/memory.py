@@ -323,7 +323,7 @@ def check_memory(config, model_config_or_folder=None, *, jobs: int = 1, **option
     this machine lacks, quantisation or flash attention without their GPU and package, a max_length
     beyond the model's positions. Each variant of the matrix (`matrix.adaptations`, `matrix.sweep`) is
     estimated, and the largest stands for the run: a full fine-tuning variant holds far more than LoRA."""
-    from fedleak.eval.sweep import label, settings_of, variant
+    from fedleak.eval.sweep import label, methods_of, settings_of, variant
     from fedleak.federated.model import check_load_options
 
     m = config.model
@@ -334,7 +334,13 @@ def check_memory(config, model_config_or_folder=None, *, jobs: int = 1, **option
         if hf_config is not None:
             check_positions(config, hf_config)
             model_config_or_folder = hf_config
-    estimates = [(estimate(variant(config, s), model_config_or_folder, jobs=jobs, **options), s)
+    shape = options.pop("shape", None)
+    if shape is None and model_config_or_folder is not None and not isinstance(model_config_or_folder, (str, os.PathLike)):
+        try:  # the architecture once, not once per variant (a meta instantiation each)
+            shape = shape_of(model_config_or_folder)
+        except Exception:  # noqa: BLE001 - as in `estimate`: no estimate
+            return None
+    estimates = [(estimate(variant(config, s), model_config_or_folder, jobs=jobs, shape=shape, **options), s)
                  for s in settings_of(config)]
     est, setting = max(estimates, key=lambda es: es[0].largest[1] if es[0] is not None else -1)
     config = variant(config, setting)
@@ -351,8 +357,6 @@ def check_memory(config, model_config_or_folder=None, *, jobs: int = 1, **option
         fixes.append('model.dtype = "bfloat16"')
     if phase == "client training":
         fixes += [f"federation.batch_size (now {fed.batch_size})", f"federation.max_length (now {fed.max_length})"]
-        from fedleak.eval.sweep import methods_of
-
         # Opacus cannot run with checkpointing, nor can a prefix (it lives in the cache checkpointing drops)
         if not m.gradient_checkpointing and not _uses_dp_sgd(config) and "prefix_tuning" not in methods_of(config):
             fixes.append("model.gradient_checkpointing = true")

@@ -24,6 +24,7 @@ import torch
 from fedleak.common.errors import FedleakError
 from fedleak.common.params import PositiveInt, Range, check_fields
 from fedleak.federated.full import FullModel
+from fedleak.federated.model import returned_cache
 from fedleak.federated.methods import (MARKERS, FullSettings, IA3Settings, PrefixTuningSettings, PromptTuningSettings,
                                       is_prompt_learning)
 
@@ -114,7 +115,7 @@ def _init_prefix(model, adapter: str, settings: AdapterSettings) -> None:
     if isinstance(bos, int):
         ids[0, 0] = bos
     out = base(input_ids=ids.to(weight.device), use_cache=True)
-    cache = out.cache if "cache" in out else out.past_key_values  # transformers 5.24 renamed it
+    cache = returned_cache(out)
     layers = [(layer.keys, layer.values) for layer in cache.layers]
     # peft reads row t as [layers x (key, value), heads, head dim] (PeftModel.get_prompt)
     rows = torch.stack([part[0].transpose(0, 1) for pair in layers for part in pair], dim=1)  # [T, 2L, heads, hd]
@@ -203,10 +204,9 @@ def activate(model, names: list[str], *, trainable: str | None = None) -> None:
 
 def _peft_state(model, adapter: str) -> AdapterState:
     """peft's saved-adapter tensors of `adapter`, never the base model's embedding (see the module note)."""
-    from peft import get_peft_model_state_dict
-
     if isinstance(model, FullModel):
         return dict(model.adapter_tensors(adapter))
+    from peft import get_peft_model_state_dict
 
     return get_peft_model_state_dict(model, adapter_name=adapter, save_embedding_layers=False)
 

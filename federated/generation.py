@@ -32,14 +32,13 @@ prompts: still deterministic given the seed, but a different sample.)
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from fedleak.federated.methods import is_prefix, prompt_positions, virtual_tokens
-from fedleak.federated.model import model_device
+from fedleak.federated.model import cache_keyword, model_device
 from fedleak.federated.prompts import pad_id, stop_ids as default_stop_ids
 
 
@@ -132,7 +131,7 @@ def _prefixed_generate(model, ids: torch.Tensor, mask: torch.Tensor, options: di
     if penalty != 1.0:
         processors.append(RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=positions + padding))
     base = model.get_base_model()
-    name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"  # 5.24 renamed it
+    name = cache_keyword(base) or "past_key_values"
     out = base.generate(input_ids=ids, attention_mask=mask, logits_processor=processors,
                         **{name: model.get_prompt(rows)}, **options)
     return out[:, ids.shape[1]:]

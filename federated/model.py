@@ -135,6 +135,23 @@ def prepare_tokenizer(tokenizer, name_or_path, prompt_format: str = "auto"):
     return tokenizer
 
 
+def cache_keyword(model) -> str | None:
+    """The keyword `model.forward` takes a key/value cache under: "cache" (transformers 5.24 renamed it) or
+    "past_key_values"; None when it takes neither (or has no readable signature)."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    return next((key for key in ("cache", "past_key_values") if key in parameters), None)
+
+
+def returned_cache(output):
+    """The key/value cache a forward pass with `use_cache=True` returned, under either name (see `cache_keyword`)."""
+    return output.cache if "cache" in output else output.get("past_key_values")
+
+
 def model_device(model) -> torch.device:
     """Where `model`'s weights are (its first parameter's device; the CPU for a model without any)."""
     return next((p.device for p in model.parameters()), torch.device("cpu"))

@@ -158,7 +158,7 @@ def prefix_cache(model, prefix: Sequence[int], examples: Sequence[Example], *, c
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
     from fedleak.federated.methods import is_prompt_learning
-    from fedleak.federated.model import model_device
+    from fedleak.federated.model import cache_keyword, model_device, returned_cache
 
     longest = max((len(e.input_ids) for e in examples), default=0)
     if not prefix or not longest or (context is not None and len(prefix) + longest > context):
@@ -169,17 +169,14 @@ def prefix_cache(model, prefix: Sequence[int], examples: Sequence[Example], *, c
     config = getattr(base, "config", None)
     if config is None or any(w < len(prefix) + longest for w in _windows(config)):
         return None
-    try:
-        parameters = inspect.signature(base.forward).parameters
-    except (TypeError, ValueError):
-        return None
-    name = next((key for key in ("cache", "past_key_values") if key in parameters), None)
+    name = cache_keyword(base)
     if name is None:
         return None
+    parameters = inspect.signature(base.forward).parameters
     ids = torch.tensor([list(prefix)], dtype=torch.long, device=model_device(model))
     keep = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}  # the head's logits are not needed
     out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **keep)
-    cache = out.cache if "cache" in out else out.get("past_key_values")  # transformers 5.24 renamed it
+    cache = returned_cache(out)
     if type(cache) is not DynamicCache or not all(
             type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) and layer.is_initialized
             and layer.keys.shape[-2] == len(prefix) for layer in cache.layers):
