@@ -179,17 +179,21 @@ def refusal(model, problems: dict[str, str]) -> str:
         "crash": f"make Opacus fail ({'; '.join(crashes)})",
     }
     from fedleak.federated.full import FullModel
+    from fedleak.federated.methods import is_prompt_learning
 
     full = isinstance(model, FullModel)
-    what = "the parameters of" if full else "LoRA on"
+    prompt = is_prompt_learning(model)
+    what = "the parameters of" if full else "the prefix in" if prompt else "LoRA on"
     parts = [f"{what} {_compress(dict.fromkeys(paths))} {reasons[kind]}" for kind, paths in by_kind.items()]
     failing = {_module_path(n).rpartition(".")[2] for n in problems}
     # Full fine-tuning's passing parameters include norms and embeddings, which are no LoRA targets.
-    passing = [] if full else [_module_path(n) for n, p in model.named_parameters() if p.requires_grad and n not in problems]
+    passing = [] if full or prompt else [_module_path(n) for n, p in model.named_parameters() if p.requires_grad and n not in problems]
     consequence = ("Opacus would clip per token and the epsilon would be wrong" if set(by_kind) == {"per token"}
                    else "Opacus cannot clip each record's gradient and the epsilon would be wrong")
     targets = _suggested_targets(model, failing, passing)
-    if full:
+    if prompt:
+        fix = "use dp_fedavg, or model.adaptation = 'lora'"
+    elif full:
         fix = ("full fine-tuning trains every parameter, these too: use dp_fedavg, or model.adaptation = 'lora'"
                + (f" with target_modules {_json_list(targets)}" if targets else ""))
     else:
@@ -222,7 +226,10 @@ def check_per_sample_gradients(model, examples, pad_id) -> None:
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not params or not examples:
         return
-    key = tuple((n, tuple(p.shape)) for n, p in params.items())
+    # The active adapters too: a prefix trains alone or behind another (FEDPIT), under the same parameter name.
+    active = getattr(model, "active_adapters", ())  # a peft property; transformers' bare models have a method
+    key = (tuple(active) if isinstance(active, (list, tuple)) else (),
+           tuple((n, tuple(p.shape)) for n, p in params.items()))
     cache = _PROBES.setdefault(model, {})
     if key not in cache:
         problems = _probe_all(model, examples, pad_id, params)

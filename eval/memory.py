@@ -145,12 +145,16 @@ def model_config(config, model_config_or_folder=None):
         return None
 
 
-def _algorithm_adapters(config) -> int:
-    """The most adapters one algorithm of the matrix holds at once (FEDPIT: a global and a local one)."""
+def _algorithm_adapters(config, *, on_together: bool = False) -> int:
+    """The most adapters one algorithm of the matrix holds at once (FEDPIT: a global and a local one), or with
+    `on_together`, keeps on at once (else 1): soft prompts and prefixes then take that many times their
+    positions, full fine-tuning holds their sum besides the copies."""
     from fedleak.common.params import instantiate
     from fedleak.federated.rounds import ALGORITHMS
     most = 1
     for spec in config.matrix.algorithms:
+        if on_together and not ALGORITHMS.get(spec.name).combines_adapters:
+            continue
         algorithm = instantiate(ALGORITHMS.get(spec.name), spec.kwargs, f"matrix.algorithms: {spec.label}")
         most = max(most, len({name for name, _ in algorithm.training_plan(1)}))
     return most
@@ -218,6 +222,9 @@ def estimate(config, model_config_or_folder=None, *, device: torch.device | str 
                else s.quantizable * per_weight + (s.params - s.quantizable) * e)
     lora, lora_in, rank = s.adapter_params(m.adapter)
     adapters = _algorithm_adapters(config) + _attack_adapters(config)  # an attack trains beside the view's
+    combined = _algorithm_adapters(config, on_together=True)
+    if m.adaptation == "full" and combined > 1:
+        adapters += 1  # the copies' sum, which trains in their place (federated/full.py)
     dp = _uses_dp_sgd(config)
     # The clients' uploads are CPU copies (adapters.get_adapter_state): on the device only on the CPU.
     uploads = config.federation.clients_per_round * lora * FP32 if device.type == "cpu" else 0
@@ -239,7 +246,7 @@ def estimate(config, model_config_or_folder=None, *, device: torch.device | str 
             return batch * length * length  # the padding mask (bool)
         return batch * a * length * length * ((FP32 + (e if e != FP32 else 0)) if training else FP32 + e)
     # a soft prompt or prefix lengthens the attended sequence
-    b, t = fed.batch_size, fed.max_length + getattr(m.adapter, "num_virtual_tokens", 0)
+    b, t = fed.batch_size, fed.max_length + getattr(m.adapter, "num_virtual_tokens", 0) * combined
     tokens = b * t
     logits_train = tokens * V * 3 * FP32  # log-softmax output, its gradient, the logits' gradient
     final = tokens * (h * e + FP32)  # the final norm's input
@@ -307,8 +314,10 @@ def check_positions(config, hf_config) -> None:
     from fedleak.eval.sweep import settings_of, variant
 
     # The longest soft prompt or prefix any variant trains (adaptations, or a sweep of model.adaptation or of its
-    # length): both take positions before the text.
+    # length), times the prompts an algorithm concatenates (FEDPIT's global and local): they take positions
+    # before the text.
     soft = max(getattr(variant(config, s).model.adapter, "num_virtual_tokens", 0) for s in settings_of(config))
+    soft *= _algorithm_adapters(config, on_together=True)
     length = config.federation.max_length
     if limit is not None and length + soft > limit:
         extra = f" plus a soft prompt's or prefix's {soft} virtual tokens" if soft else ""

@@ -7,9 +7,8 @@ against alpha reads off one line). A value equal to the configured one is the co
 itself. Every value is checked by parsing the whole config with it (as if written in the file), enters
 the training's cache key through that config, and labels the training: "fedit [alpha=0.1]".
 
-A variant can make a component impossible (FEDPIT keeps two adapters on, and peft runs one soft
-prompt at a time; DP-SGD has no per-record gradient of a soft prompt; the vocabulary attack reads
-LoRA factors): those trainings and cells are left out of that variant, and the dry run says so.
+A variant can make a component impossible (DP-SGD has no per-record gradient of a soft prompt; the
+vocabulary attack reads LoRA factors): those trainings and cells are left out of that variant, and the dry run says so.
 """
 
 from __future__ import annotations
@@ -156,14 +155,7 @@ def conflict(config, algorithm, defense) -> str | None:
 def conflict_field(config, algorithm, defense) -> tuple[str, str] | None:
     """(the matrix field at fault, "algorithms" or "defenses"; why) a training cannot run under `config`'s
     adaptation method, or None."""
-    from fedleak.federated.rounds import ALGORITHMS
-
     method = config.model.adaptation
-    if method in ("prompt_tuning", "prefix_tuning", "full") and ALGORITHMS.get(algorithm.name).combines_adapters:
-        what = "full fine-tuning has one set of weights in the model" if method == "full" else \
-            "peft runs one soft prompt or prefix"
-        return "algorithms", (f"{algorithm.name} keeps a global and a local adapter on together, and {what} at a "
-                              f"time: use model.adaptation = 'lora' or 'ia3' for it")
     # Opacus's embedding rule gives a prefix's per-record gradients (peft looks its rows up per record)
     if method in ("ia3", "prompt_tuning") and "dp_sgd" in {p.name for p in (defense.parts or (defense,))}:
         why = {"prompt_tuning": "peft computes the soft prompt once per batch, so Opacus gets no per-record "

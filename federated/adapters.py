@@ -4,6 +4,9 @@ state dicts, in peft's saved-adapter key format (full fine-tuning: the base's pa
 Client updates and aggregation work on `dict[str, torch.Tensor]` only, so a Flower
 ClientApp/ServerApp (or any other runtime) can wrap them without change. A model may hold several
 named adapters (FEDPIT's global and local ones); `activate` picks which are on and which trains.
+Several adapters on at once combine the way each method allows: LoRA's updates add up, IA3's scales
+multiply, soft prompts and prefixes are concatenated in the order named (`ConcatenatedPrompt`), full
+fine-tuning's copies add their differences from the base (`federated/full.py`).
 
 An adapter's state is its own tensors only. peft's default (`save_embedding_layers="auto"`) adds the
 whole frozen embedding when `target_modules` names `embed_tokens` or `lm_head`; on a model with tied
@@ -181,21 +184,68 @@ def owns(param_name: str, adapter: str) -> bool:
             and any(m in param_name for markers in MARKERS.values() for m in markers))
 
 
-def activate(model, names: list[str], *, trainable: str | None = None) -> None:
-    """Turn on exactly `names` (their effects combine) and let only `trainable` learn.
+class ConcatenatedPrompt(torch.nn.Module):
+    """Several soft prompts (or prefixes) as one: each part's rows, in order, the first part's first.
+
+    peft runs one prompt-learning adapter at a time; fedleak registers the concatenation of several as one
+    more adapter, named by joining theirs with "+" (`combined_prompt`), whose `num_virtual_tokens` is the sum.
+    The parts' modules are shared, not copied, and not registered as children: their embeddings train in
+    place, are listed under their own adapter's name only, and are what each adapter's state holds (a second
+    registration would also put Opacus's hooks on them twice, doubling each per-record gradient).
+
+    Args:
+        parts: the adapters' prompt encoders (peft's PromptEmbedding or PrefixEncoder without projection).
+        lengths: their `num_virtual_tokens`, in the same order.
+    """
+
+    def __init__(self, parts: list[torch.nn.Module], lengths: list[int]):
+        super().__init__()
+        self.__dict__["parts"] = tuple(parts)  # plain references, outside the module tree (see above)
+        self.lengths = list(lengths)
+
+    @property
+    def embedding(self) -> torch.nn.Embedding:
+        return self.parts[0].embedding  # peft reads the device from it
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        """indices: [batch, sum(lengths)] virtual token ids (peft's arange); returns [batch, sum(lengths), width]."""
+        out, start = [], 0
+        for part, n in zip(self.parts, self.lengths):
+            out.append(part(indices[:, start:start + n] - start))
+            start += n
+        return torch.cat(out, dim=1)
+
+
+def combined_prompt(model, names: list[str]) -> str:
+    """The adapter that runs the soft prompts (or prefixes) `names` concatenated, registered on first use.
 
     Raises:
-        FedleakError: more than one soft prompt, prefix or full copy asked for at once (one at a time).
+        FedleakError: the adapters are not all of one prompt-learning method.
     """
+    import dataclasses
+
+    name = "+".join(names)
+    configs = [model.peft_config[n] for n in names]
+    if len({c.peft_type for c in configs}) != 1 or not all(c.is_prompt_learning for c in configs):
+        raise FedleakError(f"adapters {list(names)}: only adapters of one method combine (got "
+                           f"{[str(c.peft_type.value) for c in configs]})")
+    if name not in model.peft_config:
+        lengths = [c.num_virtual_tokens for c in configs]
+        config = dataclasses.replace(configs[0], num_virtual_tokens=sum(lengths), inference_mode=False)
+        model.peft_config[name] = config
+        model.prompt_encoder[name] = ConcatenatedPrompt([model.prompt_encoder[n] for n in names], lengths)
+        model.prompt_tokens[name] = torch.arange(sum(lengths) * config.num_transformer_submodules).long()
+    return name
+
+
+def activate(model, names: list[str], *, trainable: str | None = None) -> None:
+    """Turn on exactly `names` (their effects combine, see the module note) and let only `trainable` learn."""
+    names = list(names)
     if isinstance(model, FullModel):
-        model.set_adapter(list(names))
-        model.set_trainable(trainable)
+        model.activate(names, trainable=trainable)
         return
     if is_prompt_learning(model) or any(model.peft_config[n].is_prompt_learning for n in names):
-        if len(names) != 1:
-            raise FedleakError(f"adapters {list(names)}: peft runs one soft prompt or prefix at a time; an "
-                               f"algorithm that combines adapters (fedpit) needs model.adaptation = 'lora' or 'ia3'")
-        model.set_adapter(names[0])
+        model.set_adapter(names[0] if len(names) == 1 else combined_prompt(model, names))
     else:
         model.base_model.set_adapter(list(names))
     for param_name, param in model.named_parameters():

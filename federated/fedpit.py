@@ -9,8 +9,11 @@ Each sampled client, every round:
    and uploads it (aggregated by FedAvg or the configured defense);
 3. trains its *local* adapter (kept across rounds, never uploaded) on its own records plus the
    synthetic ones, stacked on the received global adapter, which stays frozen.
-The client's final model is base + global + local with both adapters active (their LoRA deltas
-add): `client/i` is the round's aggregated global adapter plus client i's local adapter.
+The client's final model is base + global + local with both adapters active: `client/i` is the
+round's aggregated global adapter plus client i's local adapter. The paper uses LoRA, whose deltas add;
+the local adapter is always of the global's kind, and other methods combine as `adapters.activate`
+says (IA3's scales multiply, soft prompts and prefixes are concatenated, the global's first, full
+fine-tuning's copies add their differences from the base).
 
 Our choices where the paper is silent: step 3 stacks on the *received* global adapter (the one
 the client holds during the round); the upload's FedAvg weight is its number of synthetic

@@ -9,6 +9,11 @@ own parameters back (the blind baseline). Tied parameters (an input embedding sh
 head) are one tensor in every copy, so they stay tied, and a state holds them once, under the name the
 base's `named_parameters()` gives them.
 
+Several copies on at once (FEDPIT's global and local weights) combine as LoRA's updates do, by adding
+their differences from the base: the modules get base + sum(copy - base). The sum is a tensor of its own;
+when one of the copies trains, it is that copy plus the others' differences, and what it learns is written
+back into the copy (copy = sum - the others' differences) before the copy is read or the active set changes.
+
 The base is shared by every use in a process (`federated.model.shared_base_model`): `unload` puts its
 own parameters back untouched.
 """
@@ -52,30 +57,42 @@ class FullModel(torch.nn.Module):
             p.requires_grad_(False)
         self._copies: dict[str, dict[str, torch.nn.Parameter]] = {}
         self.peft_config: dict[str, FullConfig] = {}
-        self.active_adapter = adapter
+        self._active = [adapter]
+        self._trains: str | None = None
+        # Several active copies: their sum, the copy it trains for (None: none) and its tensors' versions then.
+        self._combined: dict[str, torch.nn.Parameter] | None = None
+        self._lead: str | None = None
+        self._versions: dict[str, int] = {}
         self._adapters_disabled = False
         self.add_adapter(adapter, FullConfig())
-        self.set_trainable(adapter)  # as peft's first adapter
-        self._place()
+        self.activate([adapter], trainable=adapter)  # as peft's first adapter
 
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in ("base", "_slots", "_own", "_copies"):
+            if name in ("base", "_slots", "_own", "_copies", "_combined"):
                 raise
             return getattr(self.base, name)  # config, generation_config, device, get_input_embeddings, ...
 
     # -- which tensors the base's modules hold
     def _place(self) -> None:
-        """Put the active copy (the base's own parameters when disabled) into the base's modules."""
-        tensors = self._own if self._adapters_disabled else self._copies[self.active_adapter]
+        """Put the active copy, or the active copies' sum (the base's own parameters when disabled), into the
+        base's modules."""
+        if self._adapters_disabled:
+            tensors = self._own
+        else:
+            tensors = self._combined if self._combined is not None else self._copies[self._active[0]]
         for module, attr, name in self._slots:
             module._parameters[attr] = tensors[name]
 
     @property
+    def active_adapter(self) -> str:
+        return self._active[0]
+
+    @property
     def active_adapters(self) -> list[str]:
-        return [self.active_adapter]
+        return list(self._active)
 
     def add_adapter(self, name: str, config: FullConfig) -> None:
         """A new copy of the base's own parameters named `name` (frozen until `activate` lets it train)."""
@@ -84,30 +101,70 @@ class FullModel(torch.nn.Module):
         self.peft_config[name] = config
 
     def delete_adapter(self, name: str) -> None:
-        if name == self.active_adapter:
+        if name in self._active:
             raise FedleakError(f"full fine-tuning: adapter {name!r} is active: activate another before deleting it")
         del self._copies[name], self.peft_config[name]
 
     def set_adapter(self, names: str | list[str]) -> None:
-        """Make one copy active.
-
-        Raises:
-            FedleakError: several names (one set of weights can be in the model at a time) or an unknown one.
-        """
-        names = [names] if isinstance(names, str) else list(names)
-        if len(names) != 1:
-            raise FedleakError(f"adapters {names}: full fine-tuning has one set of weights in the model at a time; "
-                               f"an algorithm that combines adapters (fedpit) needs model.adaptation = 'lora' or 'ia3'")
-        if names[0] not in self._copies:
-            raise FedleakError(f"full fine-tuning: no adapter named {names[0]!r} (have {sorted(self._copies)})")
-        self.active_adapter = names[0]
-        self._place()
+        """Make `names` active (their differences from the base add up); none trains."""
+        self.activate([names] if isinstance(names, str) else list(names), trainable=None)
 
     def set_trainable(self, trainable: str | None) -> None:
         """Let exactly the copy named `trainable` learn (None: none)."""
+        self.activate(self._active, trainable=trainable)
+
+    def activate(self, names: list[str], *, trainable: str | None) -> None:
+        """Make `names` active and let exactly `trainable` learn (None: none), in one step: the sum of several
+        copies is rebuilt once, for the copy that trains.
+
+        Raises:
+            FedleakError: no name, or one this model lacks.
+        """
+        unknown = [n for n in names if n not in self._copies]
+        if not names or unknown:
+            raise FedleakError(f"full fine-tuning: no adapter named {unknown[0] if unknown else None!r} "
+                               f"(have {sorted(self._copies)})")
+        self._sync()
+        self._active, self._trains = list(dict.fromkeys(names)), trainable
         for name, copy in self._copies.items():
-            for p in copy.values():
-                p.requires_grad_(name == trainable)
+            for p in copy.values():  # a copy in a sum trains through the sum
+                p.requires_grad_(name == trainable and len(self._active) == 1)
+        self._combine()
+        self._place()
+
+    @torch.no_grad()
+    def _differences(self, name: str, *, skip: str) -> torch.Tensor:
+        """The sum over active copies but `skip` of (copy - base) for the parameter `name`."""
+        own = self._own[name]
+        total = torch.zeros_like(own)
+        for other in self._active:
+            if other != skip:
+                total += self._copies[other][name] - own
+        return total
+
+    @torch.no_grad()
+    def _combine(self) -> None:
+        """The sum of the active copies (None for one), a trainable tensor when one of them trains."""
+        if len(self._active) == 1:
+            self._combined, self._lead = None, None
+            return
+        lead = self._trains if self._trains in self._active else None
+        first = lead or self._active[0]
+        self._combined = {n: torch.nn.Parameter(self._copies[first][n] + self._differences(n, skip=first),
+                                                requires_grad=lead is not None) for n in self._own}
+        self._lead = lead
+        self._versions = {n: p._version for n, p in self._combined.items()}
+
+    @torch.no_grad()
+    def _sync(self) -> None:
+        """Write what the sum learned back into the copy it trains for (only tensors an optimizer changed:
+        subtracting the others' differences again is exact up to rounding, which untouched ones skip)."""
+        if self._combined is None or self._lead is None:
+            return
+        for n, p in self._combined.items():
+            if p._version != self._versions[n]:
+                self._copies[self._lead][n].copy_(p - self._differences(n, skip=self._lead))
+                self._versions[n] = p._version
 
     def disable_adapter(self):
         """A context with the base model's own parameters in place (peft's `disable_adapter`)."""
@@ -132,19 +189,27 @@ class FullModel(torch.nn.Module):
 
     # -- states
     def adapter_tensors(self, name: str) -> dict[str, torch.nn.Parameter]:
-        """The copy named `name`, by parameter name in the base (its tensors, not copies of them)."""
+        """The copy named `name`, by parameter name in the base (its tensors, not copies of them; while it
+        trains inside a sum, the sum's tensors are the ones that get gradients)."""
+        if name == self._lead:
+            self._sync()
         return self._copies[name]
 
     @torch.no_grad()
     def load_adapter_tensors(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        self._sync()
         for key, p in self._copies[name].items():
             p.copy_(state[key])
+        if self._combined is not None and name in self._active:
+            self._combine()
+            self._place()
 
     def unload(self) -> torch.nn.Module:
         """The base with its own parameters back (peft's `unload`, without merging anything)."""
         for module, attr, name in self._slots:
             module._parameters[attr] = self._own[name]
         self._copies.clear()
+        self._combined = None
         return self.base
 
     # -- what runs

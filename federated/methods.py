@@ -11,14 +11,17 @@ fine-tuning every base parameter, by its name in the base model), so uploads, ag
 and checkpoints treat them alike. The differences that matter downstream:
 
 - LoRA and IA3 are layer tuners: several adapters can be on at once (LoRA's updates add up, IA3's
-  scales multiply), which FEDPIT's parameter isolation needs.
+  scales multiply), as FEDPIT's parameter isolation needs.
 - Prompt tuning prepends `num_virtual_tokens` trained input embeddings: the model's outputs gain that
-  many leading positions (`virtual_tokens` says how many to skip), and peft runs one soft prompt at a
-  time.
+  many leading positions (`virtual_tokens` says how many to skip). peft runs one soft prompt at a time;
+  several on at once are concatenated into one more adapter (`adapters.combined_prompt`), whose
+  `num_virtual_tokens` is their sum.
 - Prefix tuning puts `num_virtual_tokens` trained keys and values in every layer's attention cache: the
   outputs keep their length, but the prefix takes the first positions (`prompt_positions`), so the
-  text starts at position `num_virtual_tokens` and fits in that many fewer. One prefix at a time, too.
-- Full fine-tuning keeps one whole copy of the base's parameters per adapter name, one active at a time.
+  text starts at position `num_virtual_tokens` and fits in that many fewer. Several prefixes combine as
+  soft prompts do.
+- Full fine-tuning keeps one whole copy of the base's parameters per adapter name; several on at once
+  add their differences from the base (`federated/full.py`).
 """
 
 from __future__ import annotations

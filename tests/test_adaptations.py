@@ -132,12 +132,8 @@ def _config(tmp_path, text):
      "dp_sgd cannot train model.adaptation = 'prompt_tuning': peft computes the soft prompt once per batch"),
     ('adaptation = "ia3"\n[matrix]\ndefenses = [{ name = "dp_sgd", noise_multiplier = 1.0 }]',
      "dp_sgd cannot train model.adaptation = 'ia3': Opacus has no per-sample gradient rule"),
-    ('adaptation = "prompt_tuning"\n[matrix]\nalgorithms = ["fedpit"]',
-     "fedpit keeps a global and a local adapter on together, and peft runs one soft prompt or prefix at a time"),
     ('adaptation = "ia3"\n[matrix]\nattacks = [{ name = "vocabulary", observers = ["upload"] }]',
      "vocabulary cannot probe model.adaptation = 'ia3': it reads the span of the updates of LoRA's A factors"),
-    ('adaptation = "full"\n[matrix]\nalgorithms = ["fedpit"]',
-     "fedpit keeps a global and a local adapter on together, and full fine-tuning has one set of weights in the model"),
     ('adaptation = "full"\ndtype = "bfloat16"', "model.dtype = 'bfloat16': model.adaptation = 'full' trains the base "
                                                "weights themselves, which must be float32"),
     ('adaptation = "full"\nquantization = "4bit"', "model.quantization = '4bit': model.adaptation = 'full'"),

@@ -18,9 +18,10 @@ from fedleak.federated.training import collate, encode, sequence_losses
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_copies_switch_train_alone_and_never_combine(small_model_path):
+def test_copies_switch_and_train_alone(small_model_path):
     """A second copy (an attack's shadow or reference) starts at the base, trains alone, and leaves the view's
-    copy as it was; two copies at once and deleting the active one are refused in one line."""
+    copy as it was; an unknown copy and deleting the active one are refused in one line (copies on together:
+    tests/test_parameter_isolation.py)."""
     base, tokenizer = load_base_model(small_model_path)
     batch = collate(encode(generate_records(3, seed=5, purpose="t", private=True), tokenizer, max_length=128),
                     tokenizer.pad_token_id)
@@ -51,7 +52,7 @@ def test_copies_switch_train_alone_and_never_combine(small_model_path):
     with torch.no_grad():
         torch.testing.assert_close(sequence_losses(model, batch), seen)
     assert all(torch.equal(get_adapter_state(model)[k], view[k]) for k in view)
-    for call, expected in [(lambda: activate(model, [DEFAULT, DEFAULT]), "full fine-tuning has one set of weights"),
+    for call, expected in [(lambda: activate(model, [DEFAULT, "local"]), "no adapter named 'local'"),
                            (lambda: model.delete_adapter(DEFAULT), "is active: activate another"),
                            (lambda: set_adapter_state(model, {k: v for k, v in view.items() if "norm" not in k}),
                             "adapter lacks .* tensors")]:

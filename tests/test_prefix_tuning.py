@@ -90,8 +90,6 @@ def _config(tmp_path, text):
 
 
 @pytest.mark.parametrize("body, expected", [
-    ('[matrix]\nalgorithms = ["fedpit"]', "fedpit keeps a global and a local adapter on together, and peft runs one "
-                                         "soft prompt or prefix at a time"),
     ('[model.prefix_tuning]\nnum_virtual_tokens = 0', "model.prefix_tuning.num_virtual_tokens = 0: must be a positive"),
     ('[model.prefix_tuning]\ninit = "text"', "model.prefix_tuning.init = 'text'"),
 ])

@@ -37,24 +37,24 @@ def test_each_setting_varies_alone_and_a_variant_leaves_out_what_its_method_cann
     assert variant(config, ("federation.alpha", 0.1)).federation.alpha == 0.1
     units = all_trainings(config)
     labels = {u.label for u in units}
-    # 4 trainings per setting, but a soft prompt has no FEDPIT (two adapters on) and no DP-SGD (no per-record
-    # gradient): 4 + 1 + 4 + 4.
-    assert len(units) == 13
+    # 4 trainings per setting, but a soft prompt has no DP-SGD (no per-record gradient): 4 + 2 + 4 + 4.
+    assert len(units) == 14
     assert "fedit [adaptation=prompt_tuning]/none" in labels and "fedit [alpha=0.1]/dp_sgd(noise_multiplier=1.0)" in labels
-    assert not any("prompt_tuning" in label and ("fedpit" in label or "dp_sgd" in label) for label in labels)
+    assert "fedpit(synthetic_per_round=2) [adaptation=prompt_tuning]/none" in labels  # global and local prompts
+    assert not any("prompt_tuning" in label and "dp_sgd" in label for label in labels)
     soft_unit = next(u for u in units if u.setting == ("model.adaptation", "prompt_tuning"))
     assert [spec.name for spec, _ in attacks_of(config, soft_unit)] == ["loss"]  # vocabulary reads LoRA factors
     assert soft_unit.key()["setting"] == {"path": "model.adaptation", "value": "prompt_tuning"}
     assert soft_unit.stem == "fedit-none-adaptation=prompt_tuning-seed0"
     assert len({u.stem for u in units}) == len(units)
     notes = left_out(config)
-    assert "left out fedpit(synthetic_per_round=2) [adaptation=prompt_tuning]/none: fedpit keeps a global and a " \
-           "local adapter on together, and peft runs one soft prompt or prefix at a time: use model.adaptation = 'lora' or " \
-           "'ia3' for it" in notes
+    assert "left out fedpit(synthetic_per_round=2) [adaptation=prompt_tuning]/dp_sgd(noise_multiplier=1.0): dp_sgd " \
+           "cannot train model.adaptation = 'prompt_tuning': peft computes the soft prompt once per batch, so Opacus " \
+           "gets no per-record gradient to clip: use dp_fedavg, or model.adaptation = 'lora' or 'prefix_tuning'" in notes
     assert "left out attack vocabulary on fedit [adaptation=prompt_tuning]/none: vocabulary cannot probe " \
            "model.adaptation = 'prompt_tuning': it reads the span of the updates of LoRA's A factors (low-rank), which " \
            "other methods do not train: drop it for this method" in notes
-    assert len(notes) == 4  # fedpit/none, fedpit/dp_sgd, fedit/dp_sgd, vocabulary on fedit/none
+    assert len(notes) == 4  # fedpit/dp_sgd, fedit/dp_sgd, vocabulary on fedit/none and on fedpit/none
     # The variant's settings are in its training key; the configured training's are untouched.
     assert model_fingerprint(soft)["adaptation"] == "prompt_tuning" and "adaptation" not in model_fingerprint(config)
 
