@@ -153,3 +153,12 @@ def frontier(small_model_path, tmp_path_factory):
     from tests.frontier import Frontier
 
     return Frontier(tmp_path_factory.mktemp("frontier"))
+
+
+@pytest.fixture(scope="session")
+def flower_inprocess(small_model_path, tmp_path_factory, tiny_run_config) -> Path:
+    """The in-process run both Flower modules compare with (tests/flower_reference.py), trained once per session:
+    both modules are on one worker."""
+    from tests.flower_reference import run_inprocess
+
+    return run_inprocess(tmp_path_factory.mktemp("flower-reference"), tiny_run_config)

@@ -14,27 +14,10 @@ from safetensors.torch import load_file
 
 from fedleak.common.errors import FedleakError
 from fedleak.eval.results import validate_results
+from tests.flower_reference import MATRIX
 
-# FEDIT under FedAvg (the issue's parity case), here under a backdoor whose malicious client poisons its data on
-# the client and boosts its update on the server, and FEDPIT under DP-SGD with a budget: its local adapter,
-# synthetic records and accountant live in each node's state; FEDIT under secure aggregation, which on Flower is
-# its SecAgg+ protocol (in process: the simulated view). The robust rules and DP-FedAvg run in the same
-# `ServerSide.finish_round` on both engines, after the same uploads, so FedAvg's parity stands for them (the median
-# and DP-FedAvg ran here too until the test's time had to shrink). The Flower run also trains `crashy` (below):
-# one Simulation Engine start fewer than a run of its own.
-MATRIX = """
-[matrix]
-algorithms = ["fedit", { name = "fedpit", synthetic_per_round = 4, max_attempts = 6 }]
-defenses = ["none", { name = "dp_sgd", target_epsilon = 8.0 }, "secagg"]
-attacks = [{ name = "loss", observers = ["global", "upload", "client"], rounds = "all" }]
-scenarios = [{ name = "backdoor", clients = [1], attacks = [{ name = "backdoor", poison_rate = 1.0 },
-                                                              { name = "scaling", boost = 2.0 }] }]
-include = [
-    { algorithm = "fedit", defense = "none", scenario = "backdoor" },
-    { algorithm = "fedpit", defense = "dp_sgd", scenario = "clean" },
-    { algorithm = "fedit", defense = "secagg", scenario = "clean" },
-]
-"""
+# The matrix (tests/flower_reference.py) and its in-process run are shared with test_flower_deployment.py. The Flower
+# run also trains `crashy` (below): one Simulation Engine start fewer than a run of its own.
 CRASHY = '''
 from fedleak.federated.fedit import FedIT
 from fedleak.federated.rounds import register_algorithm
@@ -67,19 +50,16 @@ def fedleak(*args, env, timeout=600):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_run_config, env):
+def runs(tmp_path_factory, tiny_run_config, env, flower_inprocess):
     """(in-process run, Flower run); the Flower run's config adds `crashy` under no defense."""
     folder = tmp_path_factory.mktemp("flower")
-    config = folder / "run.toml"
-    config.write_text(tiny_run_config + MATRIX)
-    fedleak("run", config, "--out", folder / "inprocess", "--quiet", env=env)
     (folder / "crashy.py").write_text(CRASHY)
     with_crashy = folder / "crashy.toml"
     with_crashy.write_text('plugins = ["crashy"]\n' + tiny_run_config + MATRIX.replace(
         'algorithms = ["fedit",', 'algorithms = ["crashy", "fedit",').replace(
         "include = [", 'include = [\n    { algorithm = "crashy", defense = "none", scenario = "clean" },'))
     crashed = fedleak("run", with_crashy, "--out", folder / "flower", "--quiet", "--engine", "flower", env=env)
-    return folder / "inprocess", folder / "flower", crashed
+    return flower_inprocess, folder / "flower", crashed
 
 
 def without_crashy(run: dict) -> dict:
