@@ -33,10 +33,12 @@ from fedleak.federated.rounds import register_algorithm
 
 @register_algorithm("slow")
 class Slow(FedIT):
-    """FEDIT taking two seconds per client round: long enough for a driver to be killed mid-matrix."""
+    """FEDIT taking two seconds per client round while a file `slow-down` lies beside this plug-in: long enough
+    for a driver to be killed mid-matrix (the other runs need no wait: the same numbers without it)."""
 
     def client_round(self, ctx):
-        time.sleep(2.0)
+        if (Path(__file__).parent / "slow-down").exists():
+            time.sleep(2.0)
         if ctx.client == 0:  # a warning from inside a task: the driver's log must show it
             logging.getLogger("fedleak.plugs").warning("slow: round %d took its time", ctx.round)
         return super().client_round(ctx)
@@ -165,6 +167,7 @@ def test_the_matrix_on_a_two_node_cluster_gives_the_local_runs_results(runs, clu
 def test_a_killed_driver_resumes_without_redoing_finished_work(runs, cluster):
     folder, config, address, env = cluster
     out = folder / "resumed"
+    (folder / "slow-down").touch()  # `slow` trains long enough to be killed in
     driver = subprocess.Popen([sys.executable, "-m", "fedleak", "run", str(config), "--out", str(out), "--executor",
                                "ray", "--address", address, "--quiet"], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
@@ -178,6 +181,7 @@ def test_a_killed_driver_resumes_without_redoing_finished_work(runs, cluster):
         driver.wait(timeout=30)
     finally:
         stop(driver)
+        (folder / "slow-down").unlink()
     time.sleep(5)  # Ray kills the dead driver's tasks
     finished = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("trainings/*/evaluation.json")}
     assert "fedit-none-seed0" in finished and "slow-none-seed0" not in finished
