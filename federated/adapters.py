@@ -178,6 +178,14 @@ def adapters_enabled(model):
         model._adapters_disabled = True
 
 
+def trainable_adapter(model) -> str | None:
+    """The adapter whose parameters train now (`activate`'s `trainable`), or None."""
+    if isinstance(model, FullModel):
+        return model.trainable_adapter
+    return next((a for a in model.peft_config for n, p in model.named_parameters() if p.requires_grad and owns(n, a)),
+                None)
+
+
 def owns(param_name: str, adapter: str) -> bool:
     """Whether a peft model's parameter `param_name` belongs to the adapter named `adapter` (any method)."""
     return ((f".{adapter}." in param_name or param_name.endswith(f".{adapter}"))
@@ -229,8 +237,9 @@ def combined_prompt(model, names: list[str]) -> str:
     if len({c.peft_type for c in configs}) != 1 or not all(c.is_prompt_learning for c in configs):
         raise FedleakError(f"adapters {list(names)}: only adapters of one method combine (got "
                            f"{[str(c.peft_type.value) for c in configs]})")
-    if name not in model.peft_config:
-        lengths = [c.num_virtual_tokens for c in configs]
+    known = model.prompt_encoder[name] if name in model.peft_config else None
+    if known is None or any(a is not b for a, b in zip(known.parts, (model.prompt_encoder[n] for n in names))):
+        lengths = [c.num_virtual_tokens for c in configs]  # (again when a part was deleted and added anew)
         config = dataclasses.replace(configs[0], num_virtual_tokens=sum(lengths), inference_mode=False)
         model.peft_config[name] = config
         model.prompt_encoder[name] = ConcatenatedPrompt([model.prompt_encoder[n] for n in names], lengths)
@@ -239,8 +248,9 @@ def combined_prompt(model, names: list[str]) -> str:
 
 
 def activate(model, names: list[str], *, trainable: str | None = None) -> None:
-    """Turn on exactly `names` (their effects combine, see the module note) and let only `trainable` learn."""
-    names = list(names)
+    """Turn on exactly `names` (their effects combine, see the module note; a name given twice counts once)
+    and let only `trainable` learn."""
+    names = list(dict.fromkeys(names))
     if isinstance(model, FullModel):
         model.activate(names, trainable=trainable)
         return

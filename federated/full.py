@@ -13,6 +13,8 @@ Several copies on at once (FEDPIT's global and local weights) combine as LoRA's 
 their differences from the base: the modules get base + sum(copy - base). The sum is a tensor of its own;
 when one of the copies trains, it is that copy plus the others' differences, and what it learns is written
 back into the copy (copy = sum - the others' differences) before the copy is read or the active set changes.
+The gradient with respect to the sum is the copy's, so any optimizer step is the copy's own, except weight
+decay, which would shrink the others' differences too (fedleak's client training uses none).
 
 The base is shared by every use in a process (`federated.model.shared_base_model`): `unload` puts its
 own parameters back untouched.
@@ -59,10 +61,9 @@ class FullModel(torch.nn.Module):
         self.peft_config: dict[str, FullConfig] = {}
         self._active = [adapter]
         self._trains: str | None = None
-        # Several active copies: their sum, the copy it trains for (None: none) and its tensors' versions then.
+        # Several active copies: their sum and the copy it trains for (None: none).
         self._combined: dict[str, torch.nn.Parameter] | None = None
         self._lead: str | None = None
-        self._versions: dict[str, int] = {}
         self._adapters_disabled = False
         self.add_adapter(adapter, FullConfig())
         self.activate([adapter], trainable=adapter)  # as peft's first adapter
@@ -93,6 +94,11 @@ class FullModel(torch.nn.Module):
     @property
     def active_adapters(self) -> list[str]:
         return list(self._active)
+
+    @property
+    def trainable_adapter(self) -> str | None:
+        """The copy that trains (alone, or through the sum), or None."""
+        return self._trains if self._trains in self._active else None
 
     def add_adapter(self, name: str, config: FullConfig) -> None:
         """A new copy of the base's own parameters named `name` (frozen until `activate` lets it train)."""
@@ -145,26 +151,33 @@ class FullModel(torch.nn.Module):
     @torch.no_grad()
     def _combine(self) -> None:
         """The sum of the active copies (None for one), a trainable tensor when one of them trains."""
+        if self._combined is not None:  # the old sum out of the modules first: never two sums in memory
+            self._combined = None
+            self._place()
         if len(self._active) == 1:
-            self._combined, self._lead = None, None
+            self._lead = None
             return
         lead = self._trains if self._trains in self._active else None
         first = lead or self._active[0]
-        self._combined = {n: torch.nn.Parameter(self._copies[first][n] + self._differences(n, skip=first),
-                                                requires_grad=lead is not None) for n in self._own}
+        self._combined = {n: torch.nn.Parameter(self._summed(n, first), requires_grad=lead is not None)
+                          for n in self._own}
         self._lead = lead
-        self._versions = {n: p._version for n, p in self._combined.items()}
+
+    def _summed(self, name: str, first: str) -> torch.Tensor:
+        """The sum for the parameter `name`, from the copy `first` (one order of operations, so `_sync` can tell
+        an untouched sum bit for bit)."""
+        return self._copies[first][name] + self._differences(name, skip=first)
 
     @torch.no_grad()
     def _sync(self) -> None:
-        """Write what the sum learned back into the copy it trains for (only tensors an optimizer changed:
-        subtracting the others' differences again is exact up to rounding, which untouched ones skip)."""
+        """Write what the sum learned back into the copy it trains for: copy = sum - the others' differences.
+        Tensors equal to the sum as built are skipped (the subtraction would only add rounding to them); any
+        other is written, whatever changed it (an optimizer, fused or not, or a `.data` write)."""
         if self._combined is None or self._lead is None:
             return
         for n, p in self._combined.items():
-            if p._version != self._versions[n]:
+            if not torch.equal(p, self._summed(n, self._lead)):
                 self._copies[self._lead][n].copy_(p - self._differences(n, skip=self._lead))
-                self._versions[n] = p._version
 
     def disable_adapter(self):
         """A context with the base model's own parameters in place (peft's `disable_adapter`)."""

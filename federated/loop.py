@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from fedleak.common.errors import FedleakError
 from fedleak.common.io import atomic_write_text, sha256_bytes
 from fedleak.federated import checkpoint
-from fedleak.federated.adapters import DEFAULT, AdapterState, activate, add_peft_adapter, get_adapter_state, set_adapter_state
+from fedleak.federated.adapters import (DEFAULT, AdapterState, activate, add_peft_adapter, get_adapter_state,
+                                        set_adapter_state, trainable_adapter)
 from fedleak.federated.aggregation import nonfinite_reason
 from fedleak.federated.hooks import ClientUpdate, RoundInfo, ServerModel
 from fedleak.federated.methods import with_method_lr
@@ -80,8 +81,7 @@ class ServerTraining(ServerModel):
                           response_only=fed.response_only_loss)
         # The clients' activation and trainable flags come back afterwards (FEDPIT's rest state is not FEDIT's),
         # and the global RNG too: the server's training draws nothing the clients' runs would have drawn.
-        active = list(self.model.active_adapters)
-        trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        active, trainable = list(self.model.active_adapters), trainable_adapter(self.model)
         with torch.random.fork_rng(devices=[]):
             activate(self.model, [DEFAULT], trainable=DEFAULT)
             set_adapter_state(self.model, start)
@@ -90,9 +90,7 @@ class ServerTraining(ServerModel):
                                     pad_id=self.setup.tokenizer.pad_token_id,
                                     generator=torch_generator(self.setup.seed, "server-batches", round, purpose))
             state = get_adapter_state(self.model)
-        activate(self.model, active)
-        for name, param in self.model.named_parameters():
-            param.requires_grad = name in trainable
+        activate(self.model, active, trainable=trainable)
         return state, metrics
 
 
