@@ -115,10 +115,6 @@ class FullModel(torch.nn.Module):
         """Make `names` active (their differences from the base add up); none trains."""
         self.activate([names] if isinstance(names, str) else list(names), trainable=None)
 
-    def set_trainable(self, trainable: str | None) -> None:
-        """Let exactly the copy named `trainable` learn (None: none)."""
-        self.activate(self._active, trainable=trainable)
-
     def activate(self, names: list[str], *, trainable: str | None) -> None:
         """Make `names` active and let exactly `trainable` learn (None: none), in one step: the sum of several
         copies is rebuilt once, for the copy that trains.
@@ -159,14 +155,10 @@ class FullModel(torch.nn.Module):
             return
         lead = self._trains if self._trains in self._active else None
         first = lead or self._active[0]
-        self._combined = {n: torch.nn.Parameter(self._summed(n, first), requires_grad=lead is not None)
-                          for n in self._own}
+        # copy + differences: the order `_sync` repeats to tell an untouched sum bit for bit
+        self._combined = {n: torch.nn.Parameter(self._copies[first][n] + self._differences(n, skip=first),
+                                                requires_grad=lead is not None) for n in self._own}
         self._lead = lead
-
-    def _summed(self, name: str, first: str) -> torch.Tensor:
-        """The sum for the parameter `name`, from the copy `first` (one order of operations, so `_sync` can tell
-        an untouched sum bit for bit)."""
-        return self._copies[first][name] + self._differences(name, skip=first)
 
     @torch.no_grad()
     def _sync(self) -> None:
@@ -176,8 +168,9 @@ class FullModel(torch.nn.Module):
         if self._combined is None or self._lead is None:
             return
         for n, p in self._combined.items():
-            if not torch.equal(p, self._summed(n, self._lead)):
-                self._copies[self._lead][n].copy_(p - self._differences(n, skip=self._lead))
+            copy, others = self._copies[self._lead][n], self._differences(n, skip=self._lead)
+            if not torch.equal(p, copy + others):
+                copy.copy_(p - others)
 
     def disable_adapter(self):
         """A context with the base model's own parameters in place (peft's `disable_adapter`)."""

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from fedleak.common.errors import FedleakError
 from fedleak.defenses.dp_probe import check_per_sample_gradients
 from fedleak.eval import memory
 from fedleak.eval.config import parse_config
@@ -148,14 +149,13 @@ def test_the_checks_count_both_adapters():
                              "federation": {"batch_size": 1, "max_length": 64, **federation},
                              "matrix": {"algorithms": [algorithm], "defenses": ["none"]}})
     fedit, fedpit = (memory.estimate(config("full", a), available=1 << 40) for a in ("fedit", {"name": "fedpit"}))
-    from fedleak.eval.memory import model_config, shape_of
-
-    params = shape_of(model_config(config("full", "fedit"))).params
+    hf_config = memory.model_config(config("full", "fedit"))
+    params = memory.shape_of(hf_config).params
     assert fedpit.phases["client training"] - fedit.phases["client training"] == 2 * params * 4
-    memory.check_positions(config("prompt_tuning", "fedit", max_length=1000), model_config(config("full", "fedit")))
-    with pytest.raises(Exception, match=r"max_length = 1000 plus a soft prompt's or prefix's 40 virtual tokens "
-                                        r"exceeds the 1024 positions .* lower federation.max_length to 984"):
-        memory.check_positions(config("prompt_tuning", "fedpit", max_length=1000), model_config(config("full", "fedit")))
+    memory.check_positions(config("prompt_tuning", "fedit", max_length=1000), hf_config)
+    with pytest.raises(FedleakError, match=r"max_length = 1000 plus a soft prompt's or prefix's 40 virtual tokens "
+                                           r"exceeds the 1024 positions .* lower federation.max_length to 984"):
+        memory.check_positions(config("prompt_tuning", "fedpit", max_length=1000), hf_config)
 
 
 def test_fedpit_with_each_method_end_to_end(tmp_path, tiny_run_config):
