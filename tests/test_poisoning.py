@@ -313,10 +313,12 @@ prompts = 32
 [matrix]
 algorithms = ["fedit"]
 defenses = ["none", "median", { name = "norm_bound", max_norm = 4.0 }]
-# 2 rounds, the attacker at 4 local epochs. Measured (FedAvg ASR [interval] / false trigger / target recall; the
-# robust rules' ASR): 0.81 [0.64, 0.93] / 0.38 / 0.84, median and norm_bound 0.00 [0.00, 0.11]; at 3 rounds and 6
-# epochs (2.5x the time) 0.72 [0.53, 0.86] / 0.34 / 0.72, robust rules 0.00.
-scenarios = [{ name = "backdoor", fraction = 0.34, local_epochs = 4, attacks = [{ name = "backdoor", poison_rate = 1.0 }, "scaling"] }]
+# 2 rounds, the attacker at 8 local epochs, its update boosted 2x (as in quick.toml). FedAvg's ASR is chaotic in
+# float order (LoRA's A and B are each boosted, so their product is not, and cross terms with the honest updates
+# decide): at 4 epochs and the full replacement factor (3) it was 0.81 on one CPU and 0.06 on another (AMD EPYC),
+# 0.19 there at boost 2. At 8 epochs and boost 2, seeds 0, 1 and 2 on the EPYC gave 0.81, 0.72 and 0.78 (false
+# trigger 0.56, 0.62, 0.75), the median 0.00 on each.
+scenarios = [{ name = "backdoor", fraction = 0.34, local_epochs = 8, attacks = [{ name = "backdoor", poison_rate = 1.0 }, { name = "scaling", boost = 2.0 }] }]
 # No privacy attack; the robust rules train under the backdoor only (FedAvg's clean run is the baseline).
 exclude = [{ attack = "*" }, { defense = "!none", scenario = "clean" }]
 """
@@ -335,12 +337,13 @@ def test_model_replacement_backdoor_succeeds_under_fedavg_and_robust_rules_lower
     assert all(c["family"] == "poisoning" for c in results["cells"])
     cells = {c["defense"]: c["metrics"] for c in results["cells"]}
     fedavg = cells["none"]
-    # The clean model never answers with the target, trigger or not; FedAvg's poisoned model often does,
-    # more often with the trigger than without (heavy poisoning leaks the target into clean prompts too).
+    # The clean model never answers with the target, trigger or not; FedAvg's poisoned model mostly does. Heavy
+    # poisoning leaks the target into untriggered prompts too (0.56-0.75 above): which of the two rates is higher
+    # is within the noise of 32 prompts, so not asserted.
     clean = results["trainings"][0]["poisoning"]["backdoors"]["backdoor(poison_rate=1.0)"]
     assert clean["asr"] == clean["false_trigger_rate"] == fedavg["clean_model_asr"] == 0.0
-    assert fedavg["asr"] >= 0.3 and fedavg["asr"] > fedavg["false_trigger_rate"]
-    # With 32 prompts, 0.3 is already an effect its interval separates from the clean model's 0.
+    assert fedavg["asr"] >= 0.5 and 0 < fedavg["false_trigger_rate"] <= 1
+    # With 32 prompts, 0.5 is an effect its interval separates from the clean model's 0.
     assert fedavg["clean_model_asr_ci_high"] < fedavg["asr_ci_low"] < fedavg["asr"] < fedavg["asr_ci_high"]
     assert clean["hits"] == 0 and clean["prompts"] == 32 and clean["confidence"] == 0.95
     assert fedavg["target_recall"] > cells["median"]["target_recall"] and fedavg["clean_model_target_recall"] < 0.5
