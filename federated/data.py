@@ -3,7 +3,8 @@
 Every name, date, record number, phone number and access code below is generated from the run's
 seed; none belongs to a real person. Private records carry a patient's identifiers inside the
 text so that leaked identifiers can be counted exactly; the public corpus uses the same clinical
-templates with no patient identifiers and serves base-model pretraining. Canaries (Carlini et al.
+templates with no patient identifiers (fictitious public patients' with `public_corpus(identifiers=True)`)
+and serves base-model pretraining. Canaries (Carlini et al.
 2019, "The Secret Sharer") are secrets of one fixed format inserted with chosen repetition counts,
 with an equal number of same-format reference secrets that are never inserted.
 """
@@ -264,6 +265,34 @@ def generate_records(n: int, *, seed: int, purpose: str, private: bool) -> list[
     rng = numpy_rng(seed, purpose)
     categories = [CATEGORIES[int(i)] for i in rng.integers(len(CATEGORIES), size=n)]
     return [make_record(c, rng, f"{purpose}-{i:05d}", private=private) for i, c in enumerate(categories)]
+
+
+# With public identifiers, one pretraining record in ten more is an access-code sentence. The BPE vocabulary is
+# trained on this corpus too; without the sentences the demo's model wrote "The acc c c c of patient" for them.
+PUBLIC_ACCESS_CODE_EVERY = 10
+
+
+def public_corpus(n: int, *, seed: int, identifiers: bool) -> list[Record]:
+    """The embedded model's pretraining records: `n` public records of the clinical templates.
+
+    Without `identifiers` they name no patient (`generate_records(..., private=False)`). With them each names a
+    fictitious public patient as private records do, and n // PUBLIC_ACCESS_CODE_EVERY more records are
+    access-code sentences of the canaries' format (`Canary.text_with`) with public codes: what a real LLM's
+    pretraining holds (names, dates of birth, record and phone numbers, such sentences), never a private
+    patient's record. Names come from the same lists, so a private patient's name may also be a public one, as a
+    common name is in a real corpus; six-digit codes and eight-digit record numbers coincide only by chance.
+    Drawn from the `seed`'s "public" streams, not from a run's seed.
+    """
+    records = generate_records(n, seed=seed, purpose="public", private=identifiers)
+    if identifiers:
+        rng = numpy_rng(seed, "public-access-codes")
+        for i in range(n // PUBLIC_ACCESS_CODE_EVERY):
+            code = Canary(patient_name=make_patient(rng).name, secret=_digits(rng, Canary.SECRET_DIGITS),
+                          repetitions=0, client=None)
+            records.append(Record(instruction=code.prompt, input="", output=code.text_with(code.secret),
+                                  category=CANARY_CATEGORY, record_id=f"public-code-{i:05d}",
+                                  identifiers=(code.patient_name, code.secret)))
+    return records
 
 
 def make_canaries(*, seed: int, repetitions: Sequence[int], per_repetition: int,

@@ -1,7 +1,8 @@
 """The embedded base model: a tiny Llama built offline and cached.
 
 It is a byte-level BPE tokenizer (trained with `tokenizers`) and a small
-`LlamaConfig` model pretrained on the generator's public corpus (no patient identifiers). LoRA on
+`LlamaConfig` model pretrained on the generator's public corpus (no patient identifiers unless
+`public_identifiers`: `federated.data.public_corpus`). LoRA on
 a randomly initialised base learns nothing useful, hence the pretraining. The build is
 deterministic and cached under `FEDLEAK_CACHE` (default ~/.cache/fedleak) in a folder named by a
 hash of its settings, so later runs load it in well under a second.
@@ -45,6 +46,11 @@ class EmbeddedModelConfig:
         "help": "Longest sequence (RoPE positions) in tokens: room for FEDPIT's few-shot generation prompts."})
     public_records: PositiveInt = field(default=6000, metadata={
         "help": "Public synthetic records (no private patients) in the pretraining corpus."})
+    public_identifiers: bool = field(default=False, metadata={
+        "help": "Public records name fictitious public patients (names, dates of birth, record and phone numbers) "
+                "and one in ten more is an access-code sentence of the canaries' format, as a real LLM's "
+                "pretraining holds such text; false: the corpus names no patient, and the model cannot write a "
+                "name's rare sub-words, even copied from its prompt."})
     pretrain_steps: PositiveInt = field(default=1000, metadata={"help": "Optimiser steps of pretraining."})
     pretrain_batch_size: PositiveInt = field(default=16, metadata={"help": "Blocks per pretraining step."})
     pretrain_seq_len: PositiveInt = field(default=128, metadata={
@@ -108,10 +114,10 @@ def train_tokenizer(texts: list[str], vocab_size: int):
 
 
 def _pretrain_texts(cfg: EmbeddedModelConfig) -> list[str]:
-    from fedleak.federated.data import generate_records
+    from fedleak.federated.data import public_corpus
     from fedleak.federated.prompts import format_prompt
 
-    records = generate_records(cfg.public_records, seed=cfg.seed, purpose="public", private=False)
+    records = public_corpus(cfg.public_records, seed=cfg.seed, identifiers=cfg.public_identifiers)
     return [format_prompt(r.instruction, r.input) + r.output for r in records]
 
 

@@ -3,7 +3,7 @@ import dataclasses
 import re
 from collections import Counter
 
-from fedleak.federated.data import (CANARY_CATEGORY, CATEGORIES, generate_records, make_canaries,
+from fedleak.federated.data import (CANARY_CATEGORY, CATEGORIES, generate_records, make_canaries, public_corpus,
                                     with_canaries)
 from fedleak.federated.datasource import DataSettings, EmbeddedDataSettings, prepare_data
 
@@ -36,6 +36,24 @@ def test_public_records_name_no_patient():
     assert not re.search(r"MRN \d|555-\d{3}-\d{4}|born \d{4}", public_text)
     leaked = [ident for r in private for ident in r.identifiers[1:] if ident in public_text]
     assert leaked == []
+
+
+def test_public_corpus_with_identifiers_names_public_patients_and_writes_access_code_sentences():
+    assert public_corpus(300, seed=0, identifiers=False) == generate_records(300, seed=0, purpose="public",
+                                                                              private=False)
+    rich = public_corpus(300, seed=0, identifiers=True)
+    assert rich == public_corpus(300, seed=0, identifiers=True) and len(rich) == 330
+    people, codes = rich[:300], rich[300:]
+    assert {r.category for r in people} == set(CATEGORIES)
+    assert all(len(r.identifiers) == 4 and r.identifiers[0] in r.instruction + r.output for r in people)
+    assert all(r.category == CANARY_CATEGORY and r.identifiers[0] in r.instruction
+               and re.fullmatch(r"The access code of patient [A-Z][a-z]+ [A-Z][a-z]+ is \d{6}\.", r.output)
+               and r.output.endswith(f" {r.identifiers[1]}.") for r in codes)
+    # The run's private patients and canaries come from other streams: record numbers and codes do not repeat.
+    private = generate_records(300, seed=0, purpose="private", private=True)
+    inserted, reference = make_canaries(seed=0, repetitions=(1, 8), per_repetition=4, num_clients=3)
+    assert not {r.identifiers[2] for r in private} & {r.identifiers[2] for r in people}
+    assert not {c.secret for c in inserted + reference} & {r.identifiers[1] for r in codes}
 
 
 def test_canaries_are_inserted_with_their_repetition_counts_and_references_never():

@@ -28,6 +28,7 @@ def test_build_is_deterministic_and_cached(tmp_path, monkeypatch):
     # Other settings get another folder.
     other = EmbeddedModelConfig(**{**TINY.__dict__, "pretrain_steps": 6})
     assert other.cache_key() != TINY.cache_key()
+    assert EmbeddedModelConfig(**{**TINY.__dict__, "public_identifiers": True}).cache_key() != TINY.cache_key()
 
 
 def test_loaded_model_and_tokenizer(small_model_path):
@@ -47,6 +48,38 @@ def test_pretrained_base_predicts_the_domain_better_than_chance(small_model_path
 
     build = json.loads((small_model_path / "fedleak_build.json").read_text())
     assert build["pretrain_final_loss"] < 0.5 * math.log(build["vocab"])
+
+
+def _copied_name_logprob(folder) -> float:
+    """Mean log-probability per token of a private patient's name where the response repeats it from the prompt
+    (40 records the model never saw): how well the base model can write a name at all."""
+    from fedleak.federated.data import generate_records
+    from fedleak.federated.prompts import bos_prefix, prompt_text
+
+    model, tokenizer = load_base_model(folder)
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+    per_token = []
+    for r in generate_records(40, seed=7, purpose="probe", private=True):
+        at = r.output.find(r.identifiers[0])
+        assert at >= 0  # every template writes the name in its answer
+        head = bos_prefix(tokenizer) + encode(prompt_text(tokenizer, r.instruction, r.input))
+        head += encode(r.output[:at].rstrip(" ")) if r.output[:at].strip() else []
+        name = encode((" " if at else "") + r.identifiers[0])
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([head + name])).logits[0, len(head) - 1:-1]
+        per_token += logits.log_softmax(-1).gather(1, torch.tensor(name)[:, None]).squeeze(1).tolist()
+    return sum(per_token) / len(per_token)
+
+
+def test_public_identifiers_teach_the_base_model_to_write_names(tmp_path):
+    """Measured (40 steps on 400 records, 33 s for both builds on one thread): a copied name's tokens at -8.96
+    nats each without public identifiers (first names' sub-words never occur in that corpus), -7.22 with them;
+    at the demo's 200 steps on 2,000 records, -10.75 and -4.27 (60 records): below and above a uniform guess."""
+    small = dict(public_records=400, pretrain_steps=40)
+    plain = _copied_name_logprob(build_embedded(EmbeddedModelConfig(**small), cache_dir=tmp_path))
+    rich = _copied_name_logprob(build_embedded(EmbeddedModelConfig(**small, public_identifiers=True),
+                                               cache_dir=tmp_path))
+    assert rich > plain + 1.0
 
 
 def test_missing_local_model_is_a_clear_error(tmp_path, monkeypatch):
