@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from fedleak.reports.document import Section, Table, defense_label, fmt, is_number, view
 from fedleak.reports.merge import Merged, interval, metric_text, training_key
+from fedleak.reports.poisoning import distinguishable
 
 UPDATES = "updates"
 SERVER_VIEWS = ("upload", "global")
@@ -101,12 +102,15 @@ PII_TYPES = ("name", "mrn", "phone", "dob", "secret")
 
 
 def fedpii_rows(run: Merged) -> list[list[str]]:
-    """FedPII per training, attack setting and round: coverage with its interval, per type, the controls, queries."""
+    """FedPII per training, attack setting and round: coverage with its interval, per type, the controls, the
+    coverage against each control by their intervals (`reports.poisoning.distinguishable`), queries."""
     cells = sorted((c for c in run.of_family("extraction", every_round=True) if c.get("attack_name") == "fedpii"),
                    key=lambda c: (training_key(c), c["attack"], c["round"]))
+    versus = lambda c, control: distinguishable(interval(c, "coverage"), interval(c, control))
     return [[c["algorithm"], defense_label(c), c["attack"], fmt(c["round"]), metric_text(c, "coverage"),
              *[metric_text(c, f"coverage_{t}") for t in PII_TYPES], metric_text(c, "control_coverage"),
-             metric_text(c, "base_coverage"), fmt(c["metrics"].get("efficiency")), fmt(c["metrics"].get("queries"), 0)]
+             metric_text(c, "base_coverage"), f"{versus(c, 'control_coverage')} / {versus(c, 'base_coverage')}",
+             fmt(c["metrics"].get("efficiency")), fmt(c["metrics"].get("queries"), 0)]
             for c in cells]
 
 
@@ -147,7 +151,9 @@ def server_section(run: Merged) -> Section | None:
             "clients' identifiers written out verbatim. Coverage: the share of those identifiers recovered (95% "
             "Clopper-Pearson interval), per type; control: the same count on identifiers no client trained on "
             "(held-out patients, reference canaries); base: the same queries to the base model. Coverage is "
-            "memorisation only as far as it exceeds both controls.",
+            "memorisation only as far as it exceeds both controls: \"vs control / base\" reads \"higher\" only where "
+            "the coverage's interval lies above that control's, else \"not distinguishable\" (names and dates can be "
+            "guessed off the generator's lists; six-digit codes and record numbers practically cannot).",
             Table(["algorithm", "defense", "attack", "round", "coverage", *PII_TYPES, "control", "base model",
-                   "recovered per query", "queries"], pii)]
+                   "vs control / base", "recovered per query", "queries"], pii)]
     return Section("The curious server", blocks) if blocks else None
