@@ -3,10 +3,10 @@
 Every name, date, record number, phone number and access code below is generated from the run's
 seed; none belongs to a real person. Private records carry a patient's identifiers inside the
 text so that leaked identifiers can be counted exactly; the public corpus uses the same clinical
-templates with no patient identifiers (fictitious public patients' with `public_corpus(identifiers=True)`)
-and serves base-model pretraining. Canaries (Carlini et al.
-2019, "The Secret Sharer") are secrets of one fixed format inserted with chosen repetition counts,
-with an equal number of same-format reference secrets that are never inserted.
+templates with no patient identifiers (or fictitious public patients', `public_corpus(identifiers=True)`)
+and serves base-model pretraining. Canaries (Carlini et al. 2019, "The Secret Sharer") are secrets of
+one fixed format inserted with chosen repetition counts, with an equal number of same-format reference
+secrets that are never inserted.
 """
 
 from __future__ import annotations
@@ -278,10 +278,21 @@ def public_corpus(n: int, *, seed: int, identifiers: bool) -> list[Record]:
     Without `identifiers` they name no patient (`generate_records(..., private=False)`). With them each names a
     fictitious public patient as private records do, and n // PUBLIC_ACCESS_CODE_EVERY more records are
     access-code sentences of the canaries' format (`Canary.text_with`) with public codes: what a real LLM's
-    pretraining holds (names, dates of birth, record and phone numbers, such sentences), never a private
-    patient's record. Names come from the same lists, so a private patient's name may also be a public one, as a
-    common name is in a real corpus; six-digit codes and eight-digit record numbers coincide only by chance.
-    Drawn from the `seed`'s "public" streams, not from a run's seed.
+    pretraining holds (names, dates of birth, record and phone numbers, such sentences), never a run's private
+    record. Everything is drawn from the generator's lists and `seed`'s "public" streams, not from a run's seed,
+    so identifiers coincide with a run's only by chance: often for names and dates of birth (60 x 57 name
+    combinations, about 28,000 dates; 12 of the demo's 120 private and held-out dates at seed 0), rarely for
+    record and phone numbers (one held-out record number there). A canary
+    may share its patient's name with a public access-code sentence (at 6,000 public records, 600 sentences
+    with 549 names: 4 of the 24 inserted and 5 of the 24 reference canaries of configs/full.toml); inserted and
+    reference canaries are alike in that, so exposure's comparison between them stays fair.
+
+    Args:
+        n: public records of the clinical templates (the access-code sentences come on top).
+        seed: the embedded model's build seed (`EmbeddedModelConfig.seed`).
+        identifiers: name public patients and add the access-code sentences.
+
+    Returns the records, clinical ones first.
     """
     records = generate_records(n, seed=seed, purpose="public", private=identifiers)
     if identifiers:

@@ -2,8 +2,8 @@
 
 It is a byte-level BPE tokenizer (trained with `tokenizers`) and a small
 `LlamaConfig` model pretrained on the generator's public corpus (no patient identifiers unless
-`public_identifiers`: `federated.data.public_corpus`). LoRA on
-a randomly initialised base learns nothing useful, hence the pretraining. The build is
+`public_identifiers`: `federated.data.public_corpus`). LoRA on a randomly initialised base learns
+nothing useful, hence the pretraining. The build is
 deterministic and cached under `FEDLEAK_CACHE` (default ~/.cache/fedleak) in a folder named by a
 hash of its settings, so later runs load it in well under a second.
 """
@@ -47,10 +47,11 @@ class EmbeddedModelConfig:
     public_records: PositiveInt = field(default=6000, metadata={
         "help": "Public synthetic records (no private patients) in the pretraining corpus."})
     public_identifiers: bool = field(default=False, metadata={
-        "help": "Public records name fictitious public patients (names, dates of birth, record and phone numbers) "
-                "and one in ten more is an access-code sentence of the canaries' format, as a real LLM's "
-                "pretraining holds such text; false: the corpus names no patient, and the model cannot write a "
-                "name's rare sub-words, even copied from its prompt."})
+        "help": "Public records name fictitious public patients (names, dates of birth, record and phone numbers), "
+                "plus one access-code sentence of the canaries' format per ten records (public_records grows by "
+                "10%), as a real LLM's pretraining holds such text; names may coincide with a run's patients' and "
+                "canaries' (federated.data.public_corpus). False: the corpus names no patient, and the tests' model "
+                "(200 steps on 2,000 records) cannot write a name's sub-words, even copied from its prompt."})
     pretrain_steps: PositiveInt = field(default=1000, metadata={"help": "Optimiser steps of pretraining."})
     pretrain_batch_size: PositiveInt = field(default=16, metadata={"help": "Blocks per pretraining step."})
     pretrain_seq_len: PositiveInt = field(default=128, metadata={

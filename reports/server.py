@@ -151,9 +151,10 @@ def server_section(run: Merged) -> Section | None:
             "clients' identifiers written out verbatim. Coverage: the share of those identifiers recovered (95% "
             "Clopper-Pearson interval), per type; control: the same count on identifiers no client trained on "
             "(held-out patients, reference canaries); base: the same queries to the base model. Coverage is "
-            "memorisation only as far as it exceeds both controls: \"vs control / base\" reads \"higher\" only where "
-            "the coverage's interval lies above that control's, else \"not distinguishable\" (names and dates can be "
-            "guessed off the generator's lists; six-digit codes and record numbers practically cannot).",
+            "memorisation only as far as it exceeds both controls: \"vs control / base\" reads \"higher\" (or "
+            "\"lower\") only where the coverage's interval lies above (below) that control's, \"not "
+            "distinguishable\" where they overlap, \"n/a\" where a control did not run. Names and dates of birth can "
+            "be guessed off the generator's lists; six-digit codes and record numbers practically cannot.",
             Table(["algorithm", "defense", "attack", "round", "coverage", *PII_TYPES, "control", "base model",
                    "vs control / base", "recovered per query", "queries"], pii)]
     return Section("The curious server", blocks) if blocks else None

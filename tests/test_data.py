@@ -39,8 +39,6 @@ def test_public_records_name_no_patient():
 
 
 def test_public_corpus_with_identifiers_names_public_patients_and_writes_access_code_sentences():
-    assert public_corpus(300, seed=0, identifiers=False) == generate_records(300, seed=0, purpose="public",
-                                                                              private=False)
     rich = public_corpus(300, seed=0, identifiers=True)
     assert rich == public_corpus(300, seed=0, identifiers=True) and len(rich) == 330
     people, codes = rich[:300], rich[300:]
@@ -49,11 +47,9 @@ def test_public_corpus_with_identifiers_names_public_patients_and_writes_access_
     assert all(r.category == CANARY_CATEGORY and r.identifiers[0] in r.instruction
                and re.fullmatch(r"The access code of patient [A-Z][a-z]+ [A-Z][a-z]+ is \d{6}\.", r.output)
                and r.output.endswith(f" {r.identifiers[1]}.") for r in codes)
-    # The run's private patients and canaries come from other streams: record numbers and codes do not repeat.
+    # The public patients are the "public" stream's, not the run's private stream's drawn again.
     private = generate_records(300, seed=0, purpose="private", private=True)
-    inserted, reference = make_canaries(seed=0, repetitions=(1, 8), per_repetition=4, num_clients=3)
-    assert not {r.identifiers[2] for r in private} & {r.identifiers[2] for r in people}
-    assert not {c.secret for c in inserted + reference} & {r.identifiers[1] for r in codes}
+    assert [r.identifiers for r in people] != [r.identifiers for r in private]
 
 
 def test_canaries_are_inserted_with_their_repetition_counts_and_references_never():

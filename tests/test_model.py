@@ -50,9 +50,17 @@ def test_pretrained_base_predicts_the_domain_better_than_chance(small_model_path
     assert build["pretrain_final_loss"] < 0.5 * math.log(build["vocab"])
 
 
+def test_the_default_pretraining_corpus_is_the_one_every_cached_model_was_built_on():
+    """sha256 of the default corpus's first 300 texts, as before `public_identifiers` existed (a19e051): a change
+    here changes every embedded model and every figure measured on one; update the pin only on purpose."""
+    texts = model_module._pretrain_texts(EmbeddedModelConfig(public_records=300))
+    digest = hashlib.sha256("\0".join(texts).encode()).hexdigest()
+    assert digest == "daf14797a8b3faff4049b16cff1234993edcf60b4c550a15df09b03cd1859acd"
+
+
 def _copied_name_logprob(folder) -> float:
-    """Mean log-probability per token of a private patient's name where the response repeats it from the prompt
-    (40 records the model never saw): how well the base model can write a name at all."""
+    """Mean log-probability per token (nats) of a private patient's name where the response repeats it from the
+    prompt, over 40 records no model saw: how well the base model in `folder` can write a name at all."""
     from fedleak.federated.data import generate_records
     from fedleak.federated.prompts import bos_prefix, prompt_text
 
@@ -73,8 +81,9 @@ def _copied_name_logprob(folder) -> float:
 
 def test_public_identifiers_teach_the_base_model_to_write_names(tmp_path):
     """Measured (40 steps on 400 records, 33 s for both builds on one thread): a copied name's tokens at -8.96
-    nats each without public identifiers (first names' sub-words never occur in that corpus), -7.22 with them;
-    at the demo's 200 steps on 2,000 records, -10.75 and -4.27 (60 records): below and above a uniform guess."""
+    nats each without public identifiers (first names' sub-words never occur in that corpus), -7.22 with them.
+    The same probe over 60 records on the demo's models (200 steps on 2,000 records): -10.75 and -4.27, below
+    and above a uniform guess over their 2,000 tokens (-7.6)."""
     small = dict(public_records=400, pretrain_steps=40)
     plain = _copied_name_logprob(build_embedded(EmbeddedModelConfig(**small), cache_dir=tmp_path))
     rich = _copied_name_logprob(build_embedded(EmbeddedModelConfig(**small, public_identifiers=True),

@@ -86,15 +86,16 @@ def test_vocabulary_and_fedpii_tables():
              for c, (p, a, o) in enumerate([(0.5, 0.7, 0.6), (0.3, 0.8, 0.7)])]
     pii = [_extraction("fedpii", r, {"coverage": cov, "coverage_low": low, "coverage_high": cov + 0.1,
                                      "coverage_secret": 1.0, "control_coverage": 0.0, "control_coverage_low": 0.0,
-                                     "control_coverage_high": 0.02, "base_coverage": 0.0, "efficiency": cov / 10,
-                                     "queries": 96.0}) for r, cov, low in ((3, 0.2, 0.1), (1, 0.05, 0.0))]
+                                     "control_coverage_high": 0.02, "base_coverage": base, "base_coverage_low": base - 0.05,
+                                     "base_coverage_high": base + 0.05, "efficiency": cov / 10, "queries": 96.0})
+           for r, cov, low, base in ((3, 0.2, 0.1, 0.5), (1, 0.05, 0.0, 0.05))]
     run = merged(_results(CELLS + vocab + pii))
     (row,) = vocabulary_rows(run)
     assert row[2:] == ["upload", "2", "0.400", "0.600", "0.750", "0.880", "0.650", "0.400", "0.200"]
     rows = fedpii_rows(run)
     assert [r[3] for r in rows] == ["1", "3"]  # every round, in order
     assert rows[1][4] == "0.200 [0.100, 0.300]" and rows[1][9] == "1.000" and rows[1][-1] == "96"
-    # Above the control's interval only in round 3; the base model's coverage carries no interval here.
-    assert [r[12] for r in rows] == ["not distinguishable / n/a", "higher / n/a"]
+    # Above the held-out control's interval only in round 3, where the base model writes more (its interval is above).
+    assert [r[12] for r in rows] == ["not distinguishable / not distinguishable", "higher / lower"]
     text = render_markdown(build_document(_results(CELLS + vocab + pii)))
     assert "Cross-client PII extraction" in text and "other uploads' token AUC" in text
