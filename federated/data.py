@@ -282,10 +282,10 @@ def public_corpus(n: int, *, seed: int, identifiers: bool) -> list[Record]:
     record. Everything is drawn from the generator's lists and `seed`'s "public" streams, not from a run's seed,
     so identifiers coincide with a run's only by chance: often for names and dates of birth (60 x 57 name
     combinations, about 28,000 dates; 12 of the demo's 120 private and held-out dates at seed 0), rarely for
-    record and phone numbers (one held-out record number there). A canary
-    may share its patient's name with a public access-code sentence (at 6,000 public records, 600 sentences
-    with 549 names: 4 of the 24 inserted and 5 of the 24 reference canaries of configs/full.toml); inserted and
-    reference canaries are alike in that, so exposure's comparison between them stays fair.
+    record and phone numbers (one held-out record number there). A canary may share its patient's name with a
+    public access-code sentence (at 6,000 public records, 600 sentences with 549 names: 4 of the 24 inserted and
+    5 of the 24 reference canaries of configs/full.toml); inserted and reference canaries share that chance, so
+    exposure's comparison between them stays fair.
 
     Args:
         n: public records of the clinical templates (the access-code sentences come on top).
