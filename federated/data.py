@@ -11,7 +11,7 @@ secrets that are never inserted.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -300,9 +300,7 @@ def public_corpus(n: int, *, seed: int, identifiers: bool) -> list[Record]:
         for i in range(n // PUBLIC_ACCESS_CODE_EVERY):
             code = Canary(patient_name=make_patient(rng).name, secret=_digits(rng, Canary.SECRET_DIGITS),
                           repetitions=0, client=None)
-            records.append(Record(instruction=code.prompt, input="", output=code.text_with(code.secret),
-                                  category=CANARY_CATEGORY, record_id=f"public-code-{i:05d}",
-                                  identifiers=(code.patient_name, code.secret)))
+            records.append(replace(code.record(0), record_id=f"public-code-{i:05d}"))
     return records
 
 
