@@ -15,8 +15,8 @@ seed = 1
 pretrain_steps = 200
 public_records = 2000
 [data.embedded]
-private_records = 90
-heldout_records = 90
+private_records = 60
+heldout_records = 60
 canary_repetitions = [1, 8]
 canaries_per_repetition = 1
 [federation]
@@ -103,7 +103,7 @@ def test_results_schema_and_memorisation(run_dir):
     assert scrubbed["exposure_rep8"] < 3 < exposure["exposure_rep8"] - 2
     assert cells[("fedit", "scrub", "loss", "global", None)]["metrics"]["auc"] < auc("fedit", "global") - 0.05
     facts = next(t["sanitisation"] for t in results["trainings"] if t["defense"] == "scrub")["scrub"]
-    assert facts["records"] == facts["changed"] == 90 + 1 + 8 and facts["clients"] == 3
+    assert facts["records"] == facts["changed"] == 60 + 1 + 8 and facts["clients"] == 3
     assert facts["identifiers_left"] == 0 and facts["replaced"]["digits"] >= 9
     assert all(t["sanitisation"] is None for t in results["trainings"] if t["defense"] != "scrub")
     # FEDPIT's global adapter never trains on the canaries

@@ -57,7 +57,10 @@ def runs(tmp_path_factory, tiny_run_config, env, flower_inprocess):
     with_crashy = folder / "crashy.toml"
     with_crashy.write_text('plugins = ["crashy"]\n' + tiny_run_config + MATRIX.replace(
         'algorithms = ["fedit",', 'algorithms = ["crashy", "fedit",').replace(
-        "include = [", 'include = [\n    { algorithm = "crashy", defense = "none", scenario = "clean" },'))
+        "include = [", 'include = [\n    { algorithm = "crashy", defense = "none", scenario = "clean" },')
+        # One Ray CPU: one actor per Simulation Engine start, not two, each importing torch and peft; the three
+        # virtual SuperNodes take turns in it (a client's state lives in its node's Context, not in the actor).
+        + "[engine]\ntotal_cpus = 1\n")
     crashed = fedleak("run", with_crashy, "--out", folder / "flower", "--quiet", "--engine", "flower", env=env)
     return flower_inprocess, folder / "flower", crashed
 
