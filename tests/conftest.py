@@ -18,7 +18,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 REPO = Path(__file__).resolve().parent.parent
 
 # A small embedded build: pretrained enough for LoRA to learn and memorise, built in 25 s on a fast 2-core CPU, 67 s
-# (two threads) to 103 s (one) on a 2-core AMD EPYC; the same weights either way.
+# (two threads) to 103 s (one) on a 2-core AMD EPYC, whose two builds were bit-identical.
 SMALL_MODEL = {"pretrain_steps": 200, "public_records": 2000}
 
 
@@ -80,12 +80,13 @@ def small_model_path(model_cache):
     import torch
 
     # One build for both pytest-xdist workers: the second waits for the first's, then finds it cached. Both need the
-    # model at the session's start, so the waiting worker's core is idle: the build takes it (two threads: 67 s
-    # instead of 103 s on a 2-core AMD EPYC).
+    # model within seconds of the session's start, so the waiting worker's core is mostly idle: the build takes it
+    # (two threads: 67 s instead of 103 s on a 2-core AMD EPYC).
     with open(model_cache / ".small-model.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         before = torch.get_num_threads()
-        torch.set_num_threads(max(before, min(2, os.cpu_count() or 1)))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(before, min(2, cores)))
         try:
             return build_embedded(EmbeddedModelConfig(**SMALL_MODEL))
         finally:
@@ -123,7 +124,7 @@ def pytest_xdist_make_scheduler(config, log):
 
         def _assign_work_unit(self, node) -> None:
             # The longest units first (measured on one torch thread beside the other worker: processes ~1100 s
-            # without Ray's tests, frontier ~340 s, the end-to-end run ~490 s, the matrix runs ~330 s), so neither
+            # without Ray's tests, frontier ~340 s, the end-to-end run ~490 s, the matrix runs ~330 s; before the trims of 2ca4b7f), so neither
             # worker is left with one at the end.
             if not getattr(self, "_ordered", False):
                 rank = {unit: i for i, unit in enumerate(LONGEST_FIRST)}
