@@ -125,8 +125,7 @@ def pytest_xdist_make_scheduler(config, log):
         def _assign_work_unit(self, node) -> None:
             # The longest units first (measured on one torch thread beside the other worker, before 2ca4b7f's
             # trims: processes ~1100 s without Ray's tests, frontier ~340 s, the end-to-end run ~490 s, the matrix
-            # runs ~330 s), so neither
-            # worker is left with one at the end.
+            # runs ~330 s), so neither worker is left with one at the end.
             if not getattr(self, "_ordered", False):
                 rank = {unit: i for i, unit in enumerate(LONGEST_FIRST)}
                 ordered = sorted(self.workqueue.items(), key=lambda item: rank.get(item[0], len(rank)))
